@@ -1,0 +1,307 @@
+"""Building blocks shared by the BERT and T5 families.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`)
+so that `bert_jax.sharding` can map one rule table onto the mesh. Parameters are
+float32; `dtype` is the computation dtype (bfloat16 on TPU/GPU, float32 in tests).
+Normalisations and softmax run in float32 whatever `dtype` is: that is where
+bfloat16 loses the most.
+
+Logical names used for parameters: vocab, embed, mlp, heads, kv (per-head
+features); small tables (positions, token types, relative-position buckets,
+norm scales) use names with no sharding rule and are replicated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# Truncated normal, std 0.02: the BERT initialiser (TF truncates at 2 std, as does this).
+bert_init = nn.initializers.truncated_normal(stddev=0.02)
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # exact erf: HF BertModel
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # original BERT, T5 v1.1
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),  # HF's name for gelu_tanh
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "linear": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  """Looks up an activation by its Hugging Face / config name."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def _normalize_axes(axes: Sequence[int], ndim: int) -> tuple[int, ...]:
+  return tuple(a % ndim for a in axes)
+
+
+class DenseGeneral(nn.Module):
+  """A dense layer over one or more input axes into one or more output axes.
+
+  Kernels keep their multi-head shape (e.g. [embed, heads, kv]) rather than a
+  flattened [embed, heads * kv], so that `heads` can be sharded on its own.
+
+  Attributes:
+    features: output feature shape, e.g. (heads, head_dim).
+    axis: input axes contracted, e.g. -1 or (-2, -1).
+    kernel_axes: logical names of the kernel dimensions (input axes first).
+    use_bias: add a bias of shape `features` (logical names: kernel_axes' tail).
+  """
+  features: int | Sequence[int]
+  kernel_axes: Sequence[str]
+  axis: int | Sequence[int] = -1
+  use_bias: bool = True
+  kernel_init: Initializer = bert_init
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = _normalize_axes(axis, inputs.ndim)
+    kernel_shape = tuple(inputs.shape[a] for a in axis) + features
+    if len(self.kernel_axes) != len(kernel_shape):
+      raise ValueError(f"{self.name}: kernel_axes {self.kernel_axes} do not match kernel "
+                       f"shape {kernel_shape}")
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+        kernel_shape, self.param_dtype)
+    inputs = inputs.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    contract = (axis, tuple(range(len(axis))))
+    out = jax.lax.dot_general(inputs, kernel, (contract, ((), ())))
+    if self.use_bias:
+      bias_axes = tuple(self.kernel_axes[len(axis):])
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, bias_axes),
+                        features, self.param_dtype)
+      out = out + bias.astype(self.dtype)
+    return out
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with bias (BERT), computed in float32, axis name `norm` (replicated)."""
+  epsilon: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (features,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                      (features,), self.param_dtype)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """T5's LayerNorm: no mean subtraction, no bias, computed in float32."""
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (features,), self.param_dtype)
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return (y * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  """A lookup table; `attend` gives logits against it (tied output embeddings).
+
+  Attributes:
+    num_embeddings: rows (vocabulary size, positions, token types).
+    features: columns (hidden size).
+    axes: logical names of [rows, columns]; ('vocab', 'embed') for words.
+  """
+  num_embeddings: int
+  features: int
+  axes: tuple[str, str] = ("vocab", "embed")
+  embedding_init: Initializer = bert_init
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"{self.name}: ids must be integers, got {ids.dtype}")
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """x [..., features] -> logits [..., num_embeddings]."""
+    return jnp.einsum("...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+
+
+# ---------------------------------------------------------------------------
+# Attention masks. Padding id 0 everywhere: a segment id of 0 marks padding.
+# ---------------------------------------------------------------------------
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """[batch, q], [batch, k] -> bool [batch, 1, q, k]: same non-padding segment.
+
+  Unpacked batches pass their 0/1 padding mask as segment ids; packed ones
+  pass 1, 2, 3, ... per example, so examples never attend to each other.
+  """
+  same = query_segments[:, :, None] == key_segments[:, None, :]
+  valid = (query_segments[:, :, None] > 0) & (key_segments[:, None, :] > 0)
+  return (same & valid)[:, None, :, :]
+
+
+def causal_mask(length: int) -> Array:
+  """bool [1, 1, length, length], True where key position <= query position."""
+  idx = jnp.arange(length)
+  return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *,
+                          mask: Array | None = None, bias: Array | None = None,
+                          scale: float | None = None, dropout_rate: float = 0.0,
+                          dropout_rng: Array | None = None, deterministic: bool = True,
+                          dtype: jnp.dtype = jnp.float32) -> Array:
+  """The one attention function every model uses.
+
+  Args:
+    query: [batch, q_len, heads, head_dim]; key/value: [batch, kv_len, heads, head_dim].
+    mask: bool, broadcastable to [batch, heads, q_len, kv_len]; False = not attended.
+    bias: added to the logits, broadcastable like mask (T5's relative position bias).
+    scale: logit scale; None means 1/sqrt(head_dim) (BERT), T5 passes 1.0.
+    dropout_rate: dropout on the attention probabilities (BERT's 0.1 in training).
+
+  Without dropout this is `jax.nn.dot_product_attention`, which picks a fused
+  kernel (cuDNN flash attention on GPU) where one applies; with dropout the
+  probabilities must be materialised, so the einsum form runs instead.
+  Returns [batch, q_len, heads, head_dim].
+  """
+  if scale is None:
+    scale = query.shape[-1] ** -0.5
+  use_dropout = dropout_rate > 0.0 and not deterministic
+  if not use_dropout:
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (query.shape[0], query.shape[2], query.shape[1],
+                                     key.shape[1]))
+    if bias is not None:
+      bias = jnp.broadcast_to(bias, (query.shape[0], query.shape[2], query.shape[1],
+                                     key.shape[1])).astype(dtype)
+    return jax.nn.dot_product_attention(
+        query.astype(dtype), key.astype(dtype), value.astype(dtype),
+        bias=bias, mask=mask, scale=scale)
+  # [batch, heads, q_len, kv_len]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype)) * scale
+  logits = logits.astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(dtype))
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention with [embed, heads, kv] projections.
+
+  Attributes:
+    num_heads, head_dim: heads x head_dim need not equal the model width (T5 v1.1).
+    use_bias: BERT has biases on q/k/v/o; T5 has none.
+    scale: logit scale, None for 1/sqrt(head_dim); T5 folds it into the init and uses 1.0.
+    q_init, kv_init, out_init: initialisers (T5 scales q's std by 1/sqrt(head_dim)).
+  """
+  num_heads: int
+  head_dim: int
+  use_bias: bool = True
+  scale: float | None = None
+  dropout_rate: float = 0.0
+  q_init: Initializer = bert_init
+  kv_init: Initializer = bert_init
+  out_init: Initializer = bert_init
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *, mask: Array | None = None,
+               bias: Array | None = None, deterministic: bool = True) -> Array:
+    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
+    proj = functools.partial(
+        DenseGeneral, features=(self.num_heads, self.head_dim),
+        kernel_axes=("embed", "heads", "kv"), use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    query = proj(kernel_init=self.q_init, name="query")(inputs_q)  # [batch, q_len, heads, kv]
+    key = proj(kernel_init=self.kv_init, name="key")(inputs_kv)  # [batch, kv_len, heads, kv]
+    value = proj(kernel_init=self.kv_init, name="value")(inputs_kv)
+    query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", "act_kv"))
+    key = nn.with_logical_constraint(key, ("act_batch", "act_length", "act_heads", "act_kv"))
+    value = nn.with_logical_constraint(value, ("act_batch", "act_length", "act_heads", "act_kv"))
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng("dropout")
+    x = dot_product_attention(
+        query, key, value, mask=mask, bias=bias, scale=self.scale,
+        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic, dtype=self.dtype)
+    # [batch, q_len, heads, kv] -> [batch, q_len, embed]
+    out = DenseGeneral(
+        features=inputs_q.shape[-1], kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+        use_bias=self.use_bias, kernel_init=self.out_init, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="out")(x)
+    return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward block, plain (BERT, T5 v1.0) or gated (T5 v1.1).
+
+  With activations=('gelu_tanh', 'linear') the input goes through two
+  projections, wi_0 and wi_1, whose activated outputs are multiplied (GEGLU);
+  with one activation there is a single projection, wi.
+  """
+  mlp_dim: int
+  activations: Sequence[str] = ("gelu",)
+  use_bias: bool = True
+  dropout_rate: float = 0.0
+  kernel_init: Initializer = bert_init
+  out_init: Initializer | None = None
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """x [batch, length, embed] -> [batch, length, embed]."""
+    dense = functools.partial(DenseGeneral, use_bias=self.use_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
+    hidden = None
+    for i, act in enumerate(self.activations):
+      name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+      h = dense(features=self.mlp_dim, kernel_axes=("embed", "mlp"),
+                kernel_init=self.kernel_init, name=name)(x)
+      h = get_activation(act)(h)
+      hidden = h if hidden is None else hidden * h
+    # [batch, length, mlp]
+    hidden = nn.with_logical_constraint(hidden, ("act_batch", "act_length", "act_mlp"))
+    hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
+    out = dense(features=x.shape[-1], kernel_axes=("mlp", "embed"),
+                kernel_init=self.out_init or self.kernel_init, name="wo")(hidden)
+    return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))

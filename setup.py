@@ -1,0 +1,54 @@
+"""bert_jax: BERT-family and T5 pretraining and fine-tuning in JAX/Flax.
+
+Install for running:   pip install -e .
+Install for testing:   pip install -e ".[test]"   (CPU torch + transformers for parity tests)
+Install on a TPU VM:   pip install -e ".[tpu]"
+"""
+import setuptools
+
+# Ranges, not pins: each lower bound is the oldest release whose API we use
+# (jax.make_mesh axis_types, orbax CheckpointManager options, flax logical
+# partitioning); each upper bound stops at the next major/minor line that has
+# not been tried. The combination checked in CI is recorded in README.md.
+INSTALL_REQUIRES = [
+    "jax>=0.7,<0.11",
+    "flax>=0.11,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11,<0.13",
+    # The full tensorflow wheel (not tensorflow-cpu): tensorflow-text's in-graph
+    # tokenizers link against it. It runs on CPU; JAX owns the accelerators.
+    "tensorflow>=2.18,<2.22",
+    "tensorflow-text>=2.18,<2.22",
+    "tensorflow-datasets>=4.9.7,<5",
+    # tfds imports importlib_resources but no longer declares it.
+    "importlib_resources",
+    "sentencepiece>=0.2,<0.3",
+    "ml_collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "safetensors>=0.4",
+]
+
+EXTRAS = {
+    "tpu": ["jax[tpu]>=0.7,<0.11"],
+    # Reference implementations for the parity tests. torch is pinned to the
+    # release whose CPU wheel CI installs; an unpinned torch resolves to a
+    # multi-GB CUDA build.
+    "test": [
+        "pytest>=8",
+        "torch==2.13.0",
+        "transformers>=5,<6",
+    ],
+}
+
+setuptools.setup(
+    name="bert_jax",
+    version="0.1.0",
+    description="Pretrain and fine-tune BERT-family encoders and T5 in JAX/Flax on TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["bert_jax", "bert_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["bert-jax=bert_jax.main:run"]},
+)

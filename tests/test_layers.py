@@ -1,0 +1,80 @@
+"""Shared layers and sharding helpers: attention paths agree, masks, mesh resolution."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import sharding
+from bert_jax.models import layers
+
+
+def _qkv(seed, shape=(2, 5, 4, 8)):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, shape) for k in keys]
+
+
+def test_segment_mask_blocks_padding_and_other_segments():
+  seg = jnp.array([[1, 1, 2, 0]])
+  mask = np.asarray(layers.segment_mask(seg, seg))[0, 0]
+  expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_fused_and_einsum_attention_agree_with_mask_and_bias():
+  q, k, v = _qkv(0)
+  seg = jnp.array([[1, 1, 1, 0, 0], [1, 1, 2, 2, 0]])
+  mask = layers.segment_mask(seg, seg)
+  bias = jax.random.normal(jax.random.key(1), (1, 4, 5, 5))
+  fused = layers.dot_product_attention(q, k, v, mask=mask, bias=bias)
+  # A dropout rate of ~0 forces the einsum path while dropping nothing.
+  manual = layers.dot_product_attention(q, k, v, mask=mask, bias=bias, dropout_rate=1e-12,
+                                        dropout_rng=jax.random.key(2), deterministic=False)
+  np.testing.assert_allclose(fused, manual, atol=1e-5)
+  # Reference: plain softmax attention, valid rows only.
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + bias
+  logits = jnp.where(mask, logits, -1e30)
+  ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+  valid = np.asarray(seg > 0)
+  np.testing.assert_allclose(np.asarray(fused)[valid], np.asarray(ref)[valid], atol=1e-5)
+
+
+def test_attention_dropout_drops_and_rescales():
+  q, k, v = _qkv(3)
+  out = layers.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0),
+                                     deterministic=False)
+  det = layers.dot_product_attention(q, k, v)
+  assert not np.allclose(out, det)
+
+
+def test_parameters_carry_logical_names():
+  model = layers.MultiHeadAttention(num_heads=4, head_dim=8)
+  x = jnp.ones((2, 5, 32))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), x, x)
+  names = jax.tree.leaves(nn.get_partition_spec(boxed),
+                          is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  assert all(len(n) > 0 for n in names)
+  assert nn.get_partition_spec(boxed)["params"]["query"]["kernel"] == jax.sharding.PartitionSpec("embed", "heads", "kv")
+
+
+@pytest.mark.parametrize("data,fsdp,tensor,expected", [
+    (-1, 1, 1, (8, 1, 1)), (2, -1, 2, (2, 2, 2)), (1, 8, 1, (1, 8, 1))])
+def test_mesh_shape_fills_minus_one(data, fsdp, tensor, expected):
+  assert sharding.mesh_shape(data, fsdp, tensor, 8) == expected
+
+
+@pytest.mark.parametrize("bad", [(3, -1, 1), (-1, -1, 1), (2, 2, 1), (0, 8, 1)])
+def test_mesh_shape_rejects_bad_sizes(bad):
+  with pytest.raises(ValueError, match="mesh"):
+    sharding.mesh_shape(*bad, 8)
+
+
+def test_sharding_drops_axes_that_do_not_divide():
+  mesh = sharding.make_mesh(2, 2, 2)
+  boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((30522, 64), jnp.float32),
+                                        ("vocab", "embed")),
+           "b": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((3, 64), jnp.float32),
+                                        ("vocab", "embed"))}
+  shard = sharding.logical_to_sharding(boxed, mesh, sharding.get_rules("fsdp_tensor"))
+  assert shard["w"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  assert shard["b"].spec == jax.sharding.PartitionSpec(None, "fsdp")
