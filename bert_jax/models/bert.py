@@ -1,0 +1,431 @@
+"""BERT-family encoders (BERT, RoBERTa) and their task heads, in Flax Linen.
+
+Every module here takes the same inputs, named by the batch contract:
+
+    outputs = model.apply(
+        {'params': params},
+        encoder_input_tokens,          # int32 [batch, length]
+        encoder_type_ids=None,         # int32 [batch, length], segment A/B (0/1); default 0
+        encoder_segment_ids=None,      # int32 [batch, length], 1, 2, ... per packed example, 0 = pad
+        encoder_positions=None,        # int32 [batch, length], 0-based within each example
+        encoder_mask=None,             # [batch, length], 1 = real token, 0 = padding
+        mlm_positions=None,            # int32 [batch, max_predictions] (MLM heads only)
+        enable_dropout=False,          # True in training, with rngs={'dropout': key}
+    )
+
+`BertEncoder` returns `(hidden, pooled)`: hidden [batch, length, hidden] and
+pooled [batch, hidden] = tanh(dense(hidden[:, 0])) (None when the encoder has
+no pooler, as RoBERTa's task models). Heads return dicts:
+
+  BertForPreTraining             {'mlm_logits', 'nsp_logits' [batch, 2]}
+  BertForMaskedLM                {'mlm_logits'}
+  BertForSequenceClassification  {'logits' [batch, num_labels]} (num_labels=1: regression)
+  BertForTokenClassification     {'logits' [batch, length, num_labels]}
+  BertForQuestionAnswering       {'start_logits', 'end_logits'} [batch, length]
+
+`mlm_logits` is [batch, max_predictions, vocab] when `mlm_positions` is given
+(the hidden states are gathered first, so the vocabulary matmul runs only
+there, as original BERT does) and [batch, length, vocab] otherwise.
+
+Attention mask: with `encoder_segment_ids` (packed rows) a token attends only
+to tokens of its own segment; otherwise to the non-padding keys of its row,
+given by `encoder_mask` or, when both are None, by tokens != pad_token_id.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bert_jax.models import layers
+
+Array = jax.Array
+
+# Turc et al. 2019 sizes (layers, hidden); heads = hidden / 64, FFN = 4 x hidden.
+_PRESET_SIZES = {
+    "tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512),
+    "base": (12, 768), "large": (24, 1024),
+}
+_ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyperparameters of a BERT-family encoder.
+
+  Attributes:
+    vocab_size, hidden_size, num_layers, num_heads, intermediate_size: sizes.
+    hidden_act: 'gelu' (exact erf, Hugging Face) or 'gelu_tanh' (original BERT).
+    max_position_embeddings: rows of the position table.
+    type_vocab_size: rows of the token-type (segment A/B) table; RoBERTa has 1.
+    layer_norm_eps: LayerNorm epsilon.
+    dropout_rate: dropout on embeddings and on each sub-layer's output.
+    attention_dropout_rate: dropout on the attention probabilities.
+    pad_token_id: padding token (0 for BERT, 1 for RoBERTa checkpoints).
+    position_offset: row of the position table used for position 0. RoBERTa
+      reserves rows 0..pad_token_id, so its offset is pad_token_id + 1; with
+      an offset > 0 and no `encoder_positions`, positions count only the
+      non-padding tokens and padding tokens read row pad_token_id (as
+      Hugging Face RoBERTa does).
+    model_type: 'bert' or 'roberta': the Hugging Face naming used on export,
+      and RoBERTa's sequence classifier (dense + tanh over the first token
+      instead of the pooler).
+    dtype: computation dtype; parameters are always float32.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pad_token_id: int = 0
+  position_offset: int = 0
+  model_type: str = "bert"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
+                       f"num_heads {self.num_heads}")
+    if self.hidden_act not in _ACTIVATION_NAMES:
+      raise ValueError(f"BertConfig: unknown hidden_act {self.hidden_act!r}; choose one of "
+                       f"{list(_ACTIVATION_NAMES)}")
+    if self.model_type not in ("bert", "roberta"):
+      raise ValueError(f"BertConfig: model_type must be 'bert' or 'roberta', got "
+                       f"{self.model_type!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "BertConfig":
+    """A named size (tiny, mini, small, medium, base, large) with fields overridden."""
+    if name not in _PRESET_SIZES:
+      raise ValueError(f"unknown BERT preset {name!r}; choose one of {list(_PRESET_SIZES)}")
+    num_layers, hidden = _PRESET_SIZES[name]
+    fields = dict(num_layers=num_layers, hidden_size=hidden, num_heads=hidden // 64,
+                  intermediate_size=4 * hidden)
+    fields.update(overrides)
+    return cls.from_dict(fields)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "BertConfig":
+    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"BertConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    return cls(**dict(d))
+
+
+def _attention_mask(tokens: Array, segment_ids: Array | None, mask: Array | None,
+                    pad_token_id: int) -> Array:
+  """bool mask broadcastable to [batch, heads, q_len, kv_len]."""
+  if segment_ids is not None:
+    if mask is not None:
+      segment_ids = segment_ids * (mask > 0)
+    return layers.segment_mask(segment_ids, segment_ids)
+  valid = (tokens != pad_token_id) if mask is None else (mask > 0)
+  # Key-only mask: padding queries still attend to the real tokens (as HF
+  # does), so their outputs stay finite and comparable; they are never scored.
+  return valid[:, None, None, :]
+
+
+def _default_positions(tokens: Array, config: BertConfig) -> Array:
+  """Position-table rows when the batch gives no positions (see BertConfig)."""
+  if config.position_offset == 0:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  valid = (tokens != config.pad_token_id).astype(jnp.int32)
+  return jnp.where(valid > 0, jnp.cumsum(valid, axis=1) - 1 + config.position_offset,
+                   config.pad_token_id)
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  config: BertConfig
+
+  def setup(self):
+    cfg = self.config
+    embed = lambda n, axes: layers.Embed(n, cfg.hidden_size, axes=axes)
+    self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"))
+    self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"))
+    self.token_type_embeddings = embed(cfg.type_vocab_size, ("type", "embed"))
+    self.layer_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, tokens: Array, type_ids: Array, position_rows: Array,
+               deterministic: bool) -> Array:
+    # Summed in float32: the tables are float32 and the LayerNorm follows.
+    x = (self.word_embeddings(tokens) + self.position_embeddings(position_rows)
+         + self.token_type_embeddings(type_ids))
+    x = self.dropout(self.layer_norm(x), deterministic=deterministic)
+    # [batch, length, embed]
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+  def attend(self, x: Array) -> Array:
+    """x [..., embed] -> logits [..., vocab] against the word embedding (tied MLM output)."""
+    table = self.word_embeddings.embedding.astype(self.config.dtype)
+    return jnp.einsum("...e,ve->...v", x.astype(self.config.dtype), table)
+
+
+class BertLayer(nn.Module):
+  """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    cfg = self.config
+    h = layers.MultiHeadAttention(
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, name="attention")(
+            x, x, mask=mask, deterministic=deterministic)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="attention_norm")(x + h)
+    # BERT drops out only the MLP output, not its hidden layer (Mlp's own dropout).
+    h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
+                   dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="mlp_norm")(x + h)
+    # [batch, length, embed]
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _square_dense(features: int, dtype, name: str) -> layers.DenseGeneral:
+  # [embed, embed] kernels name their output 'mlp': one logical name may not
+  # appear twice in a kernel (both would map to the same mesh axis).
+  return layers.DenseGeneral(features, kernel_axes=("embed", "mlp"), dtype=dtype, name=name)
+
+
+class BertEncoder(nn.Module):
+  """Embeddings, `num_layers` blocks and (optionally) the pooler.
+
+  Attributes:
+    config: the BertConfig.
+    add_pooler: build the pooler (BertModel, pre-training, BERT classification).
+  """
+  config: BertConfig
+  add_pooler: bool = True
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config)
+    self.layers = [BertLayer(self.config, name=f"layer_{i}")
+                   for i in range(self.config.num_layers)]
+    if self.add_pooler:
+      self.pooler = _square_dense(self.config.hidden_size, self.config.dtype, "pooler")
+
+  def __call__(self, encoder_input_tokens: Array, encoder_type_ids: Array | None = None,
+               encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+               encoder_mask: Array | None = None, enable_dropout: bool = False
+               ) -> tuple[Array, Array | None]:
+    """Returns (hidden [batch, length, hidden], pooled [batch, hidden] or None)."""
+    cfg = self.config
+    tokens = encoder_input_tokens
+    deterministic = not enable_dropout
+    type_ids = jnp.zeros_like(tokens) if encoder_type_ids is None else encoder_type_ids
+    if encoder_positions is None:
+      rows = _default_positions(tokens, cfg)
+    else:
+      rows = encoder_positions + cfg.position_offset
+    mask = _attention_mask(tokens, encoder_segment_ids, encoder_mask, cfg.pad_token_id)
+    x = self.embeddings(tokens, type_ids, rows, deterministic)  # [batch, length, embed]
+    for layer in self.layers:
+      x = layer(x, mask, deterministic)
+    pooled = jnp.tanh(self.pooler(x[:, 0])) if self.add_pooler else None
+    return x, pooled
+
+  def attend(self, x: Array) -> Array:
+    """Logits against the word embedding, for tied MLM heads."""
+    return self.embeddings.attend(x)
+
+
+class MlmHead(nn.Module):
+  """dense + activation + LayerNorm, then logits tied to the word embedding + bias."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, encoder: BertEncoder) -> Array:
+    """hidden [batch, n, embed] -> logits [batch, n, vocab]."""
+    cfg = self.config
+    x = _square_dense(cfg.hidden_size, cfg.dtype, "transform")(hidden)
+    x = layers.get_activation(cfg.hidden_act)(x)
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(x)
+    logits = encoder.attend(x)
+    bias = self.param("output_bias",
+                      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (cfg.vocab_size,), jnp.float32)
+    logits = logits + bias.astype(logits.dtype)
+    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def _gather(hidden: Array, positions: Array) -> Array:
+  """hidden [batch, length, embed], positions [batch, n] -> [batch, n, embed]."""
+  return jnp.take_along_axis(hidden, positions[:, :, None].astype(jnp.int32), axis=1)
+
+
+def _mlm_logits(head: MlmHead, encoder: BertEncoder, hidden: Array,
+                mlm_positions: Array | None) -> Array:
+  if mlm_positions is not None:
+    hidden = _gather(hidden, mlm_positions)  # [batch, max_predictions, embed]
+  return head(hidden, encoder)
+
+
+def _classifier(num_labels: int, dtype, name: str) -> layers.DenseGeneral:
+  return layers.DenseGeneral(num_labels, kernel_axes=("embed", "classes"), dtype=dtype,
+                             name=name)
+
+
+class _EncoderModel(nn.Module):
+  """Shared calling convention of the task models; subclasses define `head`."""
+  config: BertConfig
+
+  def _encode(self, encoder: BertEncoder, tokens, type_ids, segment_ids, positions, mask,
+              enable_dropout):
+    return encoder(tokens, encoder_type_ids=type_ids, encoder_segment_ids=segment_ids,
+                   encoder_positions=positions, encoder_mask=mask,
+                   enable_dropout=enable_dropout)
+
+  def _dropout(self, x: Array, enable_dropout: bool) -> Array:
+    return nn.Dropout(self.config.dropout_rate)(x, deterministic=not enable_dropout)
+
+
+class BertForPreTraining(_EncoderModel):
+  """MLM + next-sentence (or sentence-order) prediction, as original BERT pre-training."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    encoder = BertEncoder(self.config, add_pooler=True, name="encoder")
+    hidden, pooled = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                                  encoder_segment_ids, encoder_positions, encoder_mask,
+                                  enable_dropout)
+    mlm = _mlm_logits(MlmHead(self.config, name="mlm"), encoder, hidden, mlm_positions)
+    nsp = _classifier(2, self.config.dtype, "nsp")(pooled)  # [batch, 2]
+    return {"mlm_logits": mlm, "nsp_logits": nsp}
+
+
+class BertForMaskedLM(_EncoderModel):
+  """Masked language model only (RoBERTa-style pre-training; no pooler)."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    encoder = BertEncoder(self.config, add_pooler=False, name="encoder")
+    hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                             encoder_segment_ids, encoder_positions, encoder_mask,
+                             enable_dropout)
+    return {"mlm_logits": _mlm_logits(MlmHead(self.config, name="mlm"), encoder, hidden,
+                                      mlm_positions)}
+
+
+class BertForSequenceClassification(_EncoderModel):
+  """Sentence (pair) classification; num_labels=1 gives one regression output.
+
+  BERT classifies the pooled [CLS] vector; RoBERTa (model_type='roberta') has
+  no pooler and uses its own dense + tanh over the first token instead.
+  """
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions  # accepted so every model takes the same batch
+    cfg = self.config
+    roberta = cfg.model_type == "roberta"
+    encoder = BertEncoder(cfg, add_pooler=not roberta, name="encoder")
+    hidden, pooled = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                                  encoder_segment_ids, encoder_positions, encoder_mask,
+                                  enable_dropout)
+    if roberta:
+      x = self._dropout(hidden[:, 0], enable_dropout)
+      pooled = jnp.tanh(_square_dense(cfg.hidden_size, cfg.dtype, "classifier_dense")(x))
+    x = self._dropout(pooled, enable_dropout)  # [batch, embed]
+    return {"logits": _classifier(self.num_labels, cfg.dtype, "classifier")(x)}
+
+
+class BertForTokenClassification(_EncoderModel):
+  """Per-token labels (NER); no pooler."""
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    encoder = BertEncoder(self.config, add_pooler=False, name="encoder")
+    hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                             encoder_segment_ids, encoder_positions, encoder_mask,
+                             enable_dropout)
+    x = self._dropout(hidden, enable_dropout)  # [batch, length, embed]
+    return {"logits": _classifier(self.num_labels, self.config.dtype, "classifier")(x)}
+
+
+class BertForQuestionAnswering(_EncoderModel):
+  """Extractive QA (SQuAD): start and end logits per token; no pooler."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    encoder = BertEncoder(self.config, add_pooler=False, name="encoder")
+    hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                             encoder_segment_ids, encoder_positions, encoder_mask,
+                             enable_dropout)
+    logits = _classifier(2, self.config.dtype, "qa_outputs")(hidden)  # [batch, length, 2]
+    return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
+
+
+class BertModel(_EncoderModel):
+  """The bare encoder as a task model: returns (hidden, pooled).
+
+  Its parameters live under 'encoder', as in every head, so pre-trained
+  encoder weights move between tasks as `params['encoder']`.
+  """
+  add_pooler: bool = True
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> tuple[Array, Array | None]:
+    del mlm_positions
+    encoder = BertEncoder(self.config, add_pooler=self.add_pooler, name="encoder")
+    return self._encode(encoder, encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                        encoder_positions, encoder_mask, enable_dropout)
+
+
+# Task name -> model class, for the converters and the trainer.
+TASKS = {
+    "encoder": BertModel,
+    "pretraining": BertForPreTraining,
+    "mlm": BertForMaskedLM,
+    "sequence_classification": BertForSequenceClassification,
+    "token_classification": BertForTokenClassification,
+    "question_answering": BertForQuestionAnswering,
+}
+
+
+def build(config: BertConfig, task: str = "encoder", **kwargs) -> nn.Module:
+  """The model for `task` (see TASKS); kwargs go to the head (num_labels, add_pooler)."""
+  if task not in TASKS:
+    raise ValueError(f"unknown BERT task {task!r}; choose one of {list(TASKS)}")
+  return TASKS[task](config, **kwargs)
+
+
+def task_of(model: nn.Module) -> str:
+  """Inverse of `build`: the task name of a model instance."""
+  for name, cls in TASKS.items():
+    if type(model) is cls:
+      return name
+  raise ValueError(f"{type(model).__name__} is not a BERT-family model")
