@@ -1,0 +1,413 @@
+"""Optimizers as optax transformations: schedules, AdamW/Adafactor/LAMB, regex rules.
+
+Policy is stated as regular expressions over "/"-joined parameter paths such
+as 'params/encoder/layer_3/attention/query/kernel' (big_vision style), matched
+with `re.search`:
+
+  no_decay        parameters without weight decay (norm scales, biases),
+  freeze          parameters that never change (no update, no decay, no
+                  optimizer state),
+  lr_multipliers  (regex, factor) pairs scaling the update of matching
+                  parameters, first match wins (e.g. layer-wise LR decay).
+
+Every regex must match at least one parameter, else `make_optimizer` fails
+naming it: a typo in a freeze rule must not silently freeze nothing.
+Masks depend on the tree's paths only, so the optimizer can be built from
+`jax.eval_shape` output (leaves `jax.ShapeDtypeStruct`) before any parameter
+exists. Flax `nn.Partitioned` boxes count as leaves (their `.value` is not
+part of the path).
+
+Config fields (`config.optim.*`, see `default_config`): name, learning_rate,
+schedule, warmup_steps, num_steps, end_factor, weight_decay, b1, b2, eps,
+clip_norm, decay_rate, momentum, factored, multiply_by_parameter_scale,
+clipping_threshold, min_dim_size_to_factor, no_decay, freeze, lr_multipliers.
+"""
+import math
+import re
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[Any], jax.Array]
+
+SCHEDULES = ("linear", "cosine", "rsqrt", "constant")
+OPTIMIZERS = ("adamw", "adafactor", "lamb")
+# Original BERT excludes any name containing "bias" or "LayerNorm" (its
+# output_bias too); our norms name their gain "scale".
+DEFAULT_NO_DECAY = (r"bias|scale$|(?i:norm)",)
+
+_COMMON = dict(
+    learning_rate=1e-4, schedule="linear", warmup_steps=10_000,
+    num_steps=0,  # 0: make_optimizer(num_steps=...) gives it (the run's total).
+    end_factor=0.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0,
+    decay_rate=0.8, momentum=0.0, factored=True, multiply_by_parameter_scale=True,
+    clipping_threshold=1.0, min_dim_size_to_factor=128,
+    no_decay=DEFAULT_NO_DECAY, freeze=(), lr_multipliers=())
+_PRESETS = {
+    # BERT run_pretraining.py.
+    "adamw": dict(name="adamw"),
+    # ALBERT: LAMB, lr 0.00176 at batch 4096, 3125 warmup steps.
+    "lamb": dict(name="lamb", learning_rate=0.00176, warmup_steps=3125),
+    # t5x pretraining: "constant * rsqrt_decay", base 1.0, 10k warmup, no
+    # global clipping (Adafactor clips each update's RMS to 1 itself).
+    "adafactor": dict(name="adafactor", learning_rate=1.0, schedule="rsqrt",
+                      weight_decay=0.0, clip_norm=0.0),
+}
+
+
+def default_config(name: str = "adamw") -> ml_collections.ConfigDict:
+  """Every optimizer field, with the published defaults of `name`'s model family.
+
+  adamw: BERT (lr 1e-4, linear warmup 10k then linear decay to 0, decay 0.01,
+  b1 0.9, b2 0.999, eps 1e-6, clip 1.0). lamb: ALBERT (lr 0.00176, 3125 warmup
+  steps). adafactor: t5x (lr 1.0 under rsqrt, 10k warmup, decay_rate 0.8, no
+  momentum, factored, no weight decay, no global clipping). Fields an
+  optimizer does not use are ignored by it: b1/b2/eps by adafactor,
+  decay_rate/momentum/factored/multiply_by_parameter_scale/
+  clipping_threshold/min_dim_size_to_factor by adamw and lamb.
+
+  Args:
+    name: one of OPTIMIZERS.
+
+  Returns:
+    A ConfigDict to put at `config.optim` and override field by field.
+  """
+  if name not in _PRESETS:
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
+  return ml_collections.ConfigDict({**_COMMON, **_PRESETS[name]})
+
+
+# ----------------------------------------------------------------- schedules
+
+
+def make_schedule(name: str, base_lr: float, num_steps: int | None = None,
+                  warmup_steps: int = 0, *, end_factor: float = 0.0) -> Schedule:
+  """A learning-rate schedule step -> lr (float32), step counting from 0.
+
+  With w = warmup_steps and N = num_steps:
+    linear:   base * s / w during warmup, then linear from base at w to
+              base * end_factor at N, constant after (BERT, end_factor 0).
+              Original BERT decays from step 0 instead of from w, so its lr
+              right after warmup is base * (1 - w / N); this form (Hugging
+              Face, optax) is continuous.
+    cosine:   the same warmup, then half a cosine from base at w to
+              base * end_factor at N.
+    rsqrt:    base / sqrt(max(s, w, 1)) -- t5x's "constant * rsqrt_decay":
+              flat at base / sqrt(w) until step w (0.01 for base 1.0 and w
+              10k), then decaying as 1/sqrt(s); no linear ramp, no end.
+    constant: base, after an optional linear warmup base * s / w.
+
+  Args:
+    name: one of SCHEDULES.
+    base_lr: peak learning rate (the constant factor for rsqrt).
+    num_steps: total steps N; needed by linear and cosine.
+    warmup_steps: w (>= 0).
+    end_factor: final lr as a fraction of base_lr (linear and cosine only).
+
+  Returns:
+    A function of the (integer) step usable as an optax schedule.
+  """
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULES)}")
+  if warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+  if name in ("linear", "cosine"):
+    if not num_steps or num_steps <= warmup_steps:
+      raise ValueError(f"schedule {name!r} needs num_steps > warmup_steps, got "
+                       f"num_steps={num_steps}, warmup_steps={warmup_steps}")
+  elif end_factor:
+    raise ValueError(f"end_factor applies to 'linear' and 'cosine' only, not {name!r}")
+  w = float(warmup_steps)
+
+  def warmup(step):
+    return jnp.minimum(1.0, step / w) if warmup_steps else jnp.ones_like(step)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if name == "rsqrt":
+      return base_lr / jnp.sqrt(jnp.maximum(jnp.maximum(step, w), 1.0))
+    if name == "constant":
+      return base_lr * warmup(step)
+    progress = jnp.clip((step - w) / (num_steps - w), 0.0, 1.0)
+    if name == "linear":
+      decay = 1.0 - progress
+    else:
+      decay = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    after = base_lr * (end_factor + (1.0 - end_factor) * decay)
+    return jnp.where(step < w, base_lr * warmup(step), after)
+
+  return schedule
+
+
+# ---------------------------------------------------------------- regex rules
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def path_tree(params: Any) -> Any:
+  """The tree of "/"-joined path strings, one per leaf (boxes are leaves)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "/".join(_key_name(k) for k in path), params, is_leaf=_is_box)
+
+
+def _paths(params: Any) -> list[str]:
+  return jax.tree_util.tree_leaves(path_tree(params))
+
+
+def _check_matches(patterns: Sequence[str], paths: Sequence[str], field: str) -> None:
+  for pattern in patterns:
+    try:
+      regex = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"optim.{field}: invalid regex {pattern!r}: {e}") from e
+    if not any(regex.search(p) for p in paths):
+      examples = ", ".join(paths[:4])
+      raise ValueError(f"optim.{field}: regex {pattern!r} matches no parameter "
+                       f"({len(paths)} paths, e.g. {examples})")
+
+
+def regex_mask(params: Any, patterns: Sequence[str], field: str = "mask") -> Any:
+  """Bool tree: True where any pattern matches the path; each must match one.
+
+  Args:
+    params: parameter tree (arrays, ShapeDtypeStructs or flax boxes).
+    patterns: regexes, matched with re.search.
+    field: config field named in the error when a regex matches nothing.
+
+  Returns:
+    A tree like `params` (boxes as leaves) of Python bools.
+  """
+  _check_matches(patterns, _paths(params), field)
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree.map(lambda p: any(r.search(p) for r in compiled), path_tree(params))
+
+
+def multiplier_tree(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
+  """Float tree of LR multipliers: the factor of the first matching rule, else 1.
+
+  Args:
+    params: parameter tree.
+    rules: (regex, factor) pairs; each regex must match some parameter.
+
+  Returns:
+    A tree like `params` (boxes as leaves) of Python floats.
+  """
+  rules = [(str(r), float(f)) for r, f in rules]
+  _check_matches([r for r, _ in rules], _paths(params), "lr_multipliers")
+  for regex, factor in rules:
+    if factor < 0:
+      raise ValueError(f"optim.lr_multipliers: factor {factor} for {regex!r} is negative")
+  compiled = [(re.compile(r), f) for r, f in rules]
+
+  def factor_of(path):
+    return next((f for r, f in compiled if r.search(path)), 1.0)
+
+  return jax.tree.map(factor_of, path_tree(params))
+
+
+def layerwise_lr_multipliers(num_layers: int, decay: float, *,
+                             layer_regex: str = r"(^|/)layer_{i}/",
+                             embeddings_regex: str = r"(^|/)embeddings/"
+                             ) -> list[tuple[str, float]]:
+  """Layer-wise LR decay rules for fine-tuning (ELECTRA, BEiT style).
+
+  Layer i (0 = next to the embeddings) gets decay ** (num_layers - i), the
+  embeddings decay ** (num_layers + 1); heads and pooler keep factor 1.
+
+  Args:
+    num_layers: encoder depth.
+    decay: per-layer factor in (0, 1].
+    layer_regex: regex of layer i's parameters, with `{i}` for the index.
+    embeddings_regex: regex of the embedding parameters.
+
+  Returns:
+    A list of (regex, factor) for `optim.lr_multipliers`.
+  """
+  rules = [(layer_regex.format(i=i), decay ** (num_layers - i)) for i in range(num_layers)]
+  return rules + [(embeddings_regex, decay ** (num_layers + 1))]
+
+
+# ------------------------------------------------------- custom transforms
+
+
+class GradNormState(NamedTuple):
+  """State of `clip_by_global_norm`: the gradient norm of the last update."""
+  grad_norm: jax.Array
+
+
+def clip_by_global_norm(max_norm: float | None) -> optax.GradientTransformation:
+  """optax's global-norm clipping that also records the pre-clip norm.
+
+  Args:
+    max_norm: clip threshold; 0 or None records the norm without clipping.
+
+  Returns:
+    A transformation whose state is a GradNormState (see `grad_norm`).
+  """
+  def init(params):
+    del params
+    return GradNormState(grad_norm=jnp.zeros([], jnp.float32))
+
+  def update(updates, state, params=None):
+    del state, params
+    norm = optax.tree.norm(updates).astype(jnp.float32)
+    if max_norm:
+      # Same rule as optax: scale by max_norm / norm only when norm > max_norm.
+      scale = jnp.where(norm > max_norm, max_norm / jnp.maximum(norm, 1e-30), 1.0)
+      updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+    return updates, GradNormState(grad_norm=norm)
+
+  return optax.GradientTransformation(init, update)
+
+
+def grad_norm(opt_state: Any) -> jax.Array:
+  """The global gradient norm (before clipping, frozen params excluded) of the
+  last update, read from a state made by `make_optimizer`."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    if path and getattr(path[-1], "name", None) == "grad_norm":
+      return leaf
+  raise ValueError("optimizer state has no grad_norm (not built by make_optimizer?)")
+
+
+def _scale_by_tree(factors: Any) -> optax.GradientTransformation:
+  """Multiplies each update by a constant per-parameter factor."""
+  def update(updates, state, params=None):
+    del params
+    scaled = jax.tree.map(
+        lambda f, u: u if f == 1.0 else jax.tree.map(lambda x: (x * f).astype(x.dtype), u),
+        factors, updates)
+    return scaled, state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _decay_scaled_by_lr(rate: float, schedule: Schedule) -> optax.GradientTransformation:
+  """Adds -lr(step) * rate * param to (already sign-flipped) updates."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    lr = schedule(state.count)
+    updates = jax.tree.map(lambda u, p: (u - lr * rate * p).astype(u.dtype), updates, params)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+# -------------------------------------------------------------- entry point
+
+
+def _core(cfg: Mapping[str, Any], schedule: Schedule, decay_mask: Any
+          ) -> optax.GradientTransformation:
+  """The optimizer proper, applied to trainable parameters only."""
+  name, wd = cfg["name"], float(cfg["weight_decay"])
+  if name == "adamw":
+    # Bias-corrected Adam (Loshchilov & Hutter, optax, Hugging Face); original
+    # BERT's AdamWeightDecayOptimizer omits the bias correction.
+    return optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
+                       weight_decay=wd, mask=decay_mask)
+  if name == "lamb":
+    # As in the BERT/ALBERT LAMB: parameters without decay also skip the
+    # layer-wise trust ratio (exclude_from_layer_adaptation).
+    return optax.chain(
+        optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"]),
+        optax.add_decayed_weights(wd, mask=decay_mask),
+        optax.masked(optax.scale_by_trust_ratio(), decay_mask),
+        optax.scale_by_learning_rate(schedule))
+  if name == "adafactor":
+    momentum = float(cfg["momentum"]) or None
+    clip = float(cfg["clipping_threshold"]) or None
+    tx = optax.adafactor(
+        schedule, min_dim_size_to_factor=int(cfg["min_dim_size_to_factor"]),
+        decay_rate=cfg["decay_rate"], multiply_by_parameter_scale=bool(
+            cfg["multiply_by_parameter_scale"]),
+        clipping_threshold=clip, momentum=momentum, factored=bool(cfg["factored"]))
+    if not wd:
+      return tx
+    # t5x/optax Adafactor decay is not scaled by the lr; ours is, so that
+    # weight_decay means the same thing for every optimizer.
+    return optax.chain(tx, optax.masked(_decay_scaled_by_lr(wd, schedule), decay_mask))
+  raise ValueError(f"unknown optimizer optim.name={name!r}; choose one of {list(OPTIMIZERS)}")
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+  if config is None:
+    return {}
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  return dict(config)
+
+
+def resolve_config(config: Any = None, **overrides) -> dict[str, Any]:
+  """Config fields merged over `default_config(name)`; unknown keys are errors.
+
+  Args:
+    config: ConfigDict, mapping, or None (all defaults).
+    **overrides: fields that replace those of `config`.
+
+  Returns:
+    A plain dict with every field.
+  """
+  given = {**_as_dict(config), **overrides}
+  name = given.get("name", "adamw")
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer optim.name={name!r}; choose one of {list(OPTIMIZERS)}")
+  defaults = default_config(name).to_dict()
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown optim field(s) {unknown}; valid fields: {sorted(defaults)}")
+  return {**defaults, **given}
+
+
+def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
+                   **overrides) -> tuple[optax.GradientTransformation, Schedule]:
+  """Builds the full optimizer from `config.optim`-style fields.
+
+  Chain: zero the gradients of frozen parameters -> global-norm clipping
+  (recording the norm, see `grad_norm`) -> the optimizer on trainable
+  parameters (frozen ones get a zero update and no state) -> per-parameter
+  LR multipliers. Weight decay is decoupled and scaled by the scheduled lr
+  for every optimizer and skips `no_decay` and frozen parameters.
+
+  Args:
+    config: ConfigDict/mapping of fields (see `default_config`), or None.
+    params: the parameter tree or its `jax.eval_shape` (only paths are read).
+    num_steps: total training steps; overrides `num_steps` of the config
+      (which, when 0, must be given here for linear/cosine schedules).
+    **overrides: config fields to replace.
+
+  Returns:
+    (optax transformation, schedule) -- the schedule for logging the lr.
+  """
+  cfg = resolve_config(config, **overrides)
+  steps = num_steps if num_steps is not None else (cfg["num_steps"] or None)
+  schedule = make_schedule(cfg["schedule"], float(cfg["learning_rate"]), steps,
+                           int(cfg["warmup_steps"]), end_factor=float(cfg["end_factor"]))
+  frozen = regex_mask(params, list(cfg["freeze"]), "freeze")
+  no_decay = regex_mask(params, list(cfg["no_decay"]), "no_decay")
+  decay_mask = jax.tree.map(lambda f, n: not (f or n), frozen, no_decay)
+  labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
+  if all(jax.tree.leaves(frozen)):
+    raise ValueError(f"optim.freeze {list(cfg['freeze'])} freezes every parameter")
+  parts = [
+      optax.masked(optax.set_to_zero(), frozen),
+      clip_by_global_norm(float(cfg["clip_norm"] or 0.0)),
+      optax.multi_transform({"trainable": _core(cfg, schedule, decay_mask),
+                             "frozen": optax.set_to_zero()}, labels),
+  ]
+  if cfg["lr_multipliers"]:
+    parts.append(_scale_by_tree(multiplier_tree(params, cfg["lr_multipliers"])))
+  return optax.chain(*parts), schedule
