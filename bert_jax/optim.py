@@ -205,7 +205,14 @@ def multiplier_tree(params: Any, rules: Sequence[tuple[str, float]]) -> Any:
   Returns:
     A tree like `params` (boxes as leaves) of Python floats.
   """
-  rules = [(str(r), float(f)) for r, f in rules]
+  def is_pair(rule):
+    return (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and isinstance(rule[1], (int, float)))
+  bad = [r for r in rules if not is_pair(r)]
+  if bad:
+    raise ValueError(f"optim.lr_multipliers must be a list of (regex, factor) pairs; "
+                     f"bad entries: {bad[:3]}")
+  rules = [(r, float(f)) for r, f in rules]
   _check_matches([r for r, _ in rules], _paths(params), "lr_multipliers")
   for regex, factor in rules:
     if factor < 0:
@@ -328,6 +335,13 @@ def _core(cfg: Mapping[str, Any], schedule: Schedule, decay_mask: Any
         optax.masked(optax.scale_by_trust_ratio(), decay_mask),
         optax.scale_by_learning_rate(schedule))
   if name == "adafactor":
+    # t5x Adafactor -> optax.adafactor: decay_rate, clipping_threshold,
+    # min_dim_size_to_factor, factored, multiply_by_parameter_scale keep their
+    # names; beta1 -> momentum (None = off); epsilon1 1e-30 -> eps (default);
+    # epsilon2 1e-3 -> the fixed floor of optax's parameter scale;
+    # step_offset -> decay_offset (0). Matrices and vectors get the same
+    # update as t5x; rank-3 kernels are factored over their two largest dims,
+    # where t5x with logical factor rules factors embed vs (heads, kv).
     momentum = float(cfg["momentum"]) or None
     clip = float(cfg["clipping_threshold"]) or None
     tx = optax.adafactor(
@@ -349,6 +363,11 @@ def _as_dict(config: Any) -> dict[str, Any]:
   if hasattr(config, "to_dict"):
     return config.to_dict()
   return dict(config)
+
+
+def _patterns(value: Any) -> list[str]:
+  """A regex list; a lone string is one regex, not a list of characters."""
+  return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def resolve_config(config: Any = None, **overrides) -> dict[str, Any]:
@@ -396,12 +415,12 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
   steps = num_steps if num_steps is not None else (cfg["num_steps"] or None)
   schedule = make_schedule(cfg["schedule"], float(cfg["learning_rate"]), steps,
                            int(cfg["warmup_steps"]), end_factor=float(cfg["end_factor"]))
-  frozen = regex_mask(params, list(cfg["freeze"]), "freeze")
-  no_decay = regex_mask(params, list(cfg["no_decay"]), "no_decay")
+  frozen = regex_mask(params, _patterns(cfg["freeze"]), "freeze")
+  no_decay = regex_mask(params, _patterns(cfg["no_decay"]), "no_decay")
   decay_mask = jax.tree.map(lambda f, n: not (f or n), frozen, no_decay)
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
   if all(jax.tree.leaves(frozen)):
-    raise ValueError(f"optim.freeze {list(cfg['freeze'])} freezes every parameter")
+    raise ValueError(f"optim.freeze {_patterns(cfg['freeze'])} freezes every parameter")
   parts = [
       optax.masked(optax.set_to_zero(), frozen),
       clip_by_global_norm(float(cfg["clip_norm"] or 0.0)),

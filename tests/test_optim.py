@@ -284,3 +284,72 @@ def test_works_on_abstract_and_boxed_flax_params():
                                   start["params"]["layer_norm"]["scale"])
     assert np.abs(plain["params"]["dense"]["kernel"] - start["params"]["dense"]["kernel"]).min() > 0
   np.testing.assert_allclose(schedule(1), 0.5e-4, rtol=1e-6)
+
+
+# ------------------------------------------------------- t5x Adafactor parity
+
+def numpy_t5x_adafactor(param, grads, lr, decay_rate=0.8, clip=1.0, eps1=1e-30, eps2=1e-3):
+  """The t5x Adafactor update (no momentum, no decay) for one matrix or vector."""
+  p = param.astype(np.float64)
+  v_row = v_col = v = 0.0
+  for step, g in enumerate(grads):
+    g = g.astype(np.float64)
+    beta2 = 1.0 - (step + 1.0) ** -decay_rate
+    g2 = g * g + eps1
+    if p.ndim == 2 and min(p.shape) >= 128:
+      small, large = np.argsort(p.shape)[-2], np.argsort(p.shape)[-1]
+      v_row = beta2 * v_row + (1 - beta2) * g2.mean(axis=large)
+      v_col = beta2 * v_col + (1 - beta2) * g2.mean(axis=small)
+      row = (v_row / v_row.mean()) ** -0.5
+      col = v_col ** -0.5
+      y = g * np.expand_dims(row, large) * np.expand_dims(col, small)
+    else:
+      v = beta2 * v + (1 - beta2) * g2
+      y = g * v ** -0.5
+    y = y / max(1.0, np.sqrt((y * y).mean()) / clip)
+    scale = lr * max(np.sqrt((p * p).mean()), eps2)
+    p = p - scale * y
+  return p
+
+
+def test_adafactor_defaults_match_t5x_update():
+  rng = np.random.default_rng(3)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(128, 130)).astype(np.float32)),
+                      "bias": jnp.zeros((130,), jnp.float32)}}
+  cfg = optim.default_config("adafactor")  # rsqrt, base 1.0, 10k warmup -> lr 0.01
+  tx, schedule = optim.make_optimizer(cfg, params)
+  np.testing.assert_allclose(schedule(0), 0.01, rtol=1e-6)
+  new, state = run_steps(tx, params, 3, seed=11)
+  grads = [rand_like(params, 11 + i) for i in range(3)]
+  for name in ("kernel", "bias"):
+    want = numpy_t5x_adafactor(np.asarray(params["dense"][name]),
+                               [np.asarray(g["dense"][name]) for g in grads], 0.01)
+    np.testing.assert_allclose(new["dense"][name], want, rtol=1e-4, atol=1e-7)
+  # Factored: second moments of a 128x130 kernel take 128 + 130 numbers.
+  sizes = sorted(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+  assert 128 * 130 not in sizes and 128 in sizes
+
+
+def test_configdict_fields_and_bad_rule_shapes():
+  cfg = optim.default_config("adamw")
+  cfg.lock()
+  cfg.freeze = (r"embeddings/",)
+  cfg.learning_rate = 2e-5
+  cfg.num_steps = 100
+  cfg.warmup_steps = 10
+  with pytest.raises(AttributeError):
+    cfg.lerning_rate = 1.0  # locked ConfigDict: typo caught by ml_collections
+  tx, schedule = optim.make_optimizer(cfg, tiny_params())
+  np.testing.assert_allclose(schedule(100), 0.0, atol=1e-12)
+  new, _ = run_steps(tx, tiny_params(), 1)
+  np.testing.assert_array_equal(new["encoder"]["embeddings"]["word"]["embedding"],
+                                tiny_params()["encoder"]["embeddings"]["word"]["embedding"])
+  # In a plain dict a lone string is one regex, not a list of characters.
+  tx_s, _ = optim.make_optimizer({"freeze": r"embeddings/", "warmup_steps": 0}, tiny_params(),
+                                  num_steps=10)
+  new_s, _ = run_steps(tx_s, tiny_params(), 1)
+  np.testing.assert_array_equal(new_s["encoder"]["embeddings"]["word"]["embedding"],
+                                tiny_params()["encoder"]["embeddings"]["word"]["embedding"])
+  with pytest.raises(ValueError, match="pairs"):
+    optim.make_optimizer(None, tiny_params(), num_steps=10, warmup_steps=0,
+                         lr_multipliers=("layer_0", 0.5))
