@@ -281,8 +281,16 @@ def clip_by_global_norm(max_norm: float | None) -> optax.GradientTransformation:
 
 
 def grad_norm(opt_state: Any) -> jax.Array:
-  """The global gradient norm (before clipping, frozen params excluded) of the
-  last update, read from a state made by `make_optimizer`."""
+  """The gradient norm of the last update, read from `make_optimizer`'s state.
+
+  It is the global norm before clipping, over trainable parameters only.
+
+  Args:
+    opt_state: state returned by the optimizer's init/update.
+
+  Returns:
+    A float32 scalar (0 before the first update).
+  """
   for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
     if path and getattr(path[-1], "name", None) == "grad_norm":
       return leaf

@@ -272,6 +272,9 @@ def test_works_on_abstract_and_boxed_flax_params():
   assert "params/dense/kernel" in jax.tree.leaves(optim.path_tree(abstract))
   tx, schedule = optim.make_optimizer(None, abstract, num_steps=10, warmup_steps=2,
                                       freeze=[r"layer_norm/"])
+  # The trainer derives state shardings from the abstract state.
+  abstract_state = jax.eval_shape(tx.init, nn.unbox(abstract))
+  assert optim.grad_norm(abstract_state).shape == ()
   boxed = model.init(jax.random.key(0), x)
   for params in (nn.unbox(boxed), boxed):  # the trainer may use either form
     state = jax.jit(tx.init)(params)
