@@ -240,14 +240,16 @@ def span_loss(start_logits: Array, end_logits: Array, start_positions: Array,
 
 def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weights: Array,
                  z_loss: float = 0.0, label_smoothing: float = 0.0, *,
+                 loss_normalizing_factor: float | None = None,
                  prefix: str = "seq2seq") -> tuple[Array, Metrics]:
   """T5 decoder loss: cross entropy with optional z-loss and label smoothing.
 
-  Normalisation: the returned loss is sum(w * (CE + z-loss)) / sum(w), the
-  mean per scored target token of this batch (0 if no token is scored).
-  t5x can instead divide by a fixed constant (`loss_normalizing_factor`),
-  which weights every batch by its token count; with packed batches of
-  nearly constant token count the two differ by a near-constant factor.
+  Normalisation: by default the returned loss is sum(w * (CE + z-loss)) /
+  sum(w), the mean per scored target token of this batch (0 if no token is
+  scored). With `loss_normalizing_factor` it is the sum divided by that
+  constant instead (t5x's option), which weights each batch by its token
+  count; with packed batches of nearly constant token count the two differ
+  by a near-constant factor. The metrics are sums either way.
 
   Args:
     logits: [batch, length, vocab], any float dtype.
@@ -255,6 +257,7 @@ def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weigh
     decoder_loss_weights: [batch, length], 0.0 on padding (t5x/seqio name).
     z_loss: coefficient of logsumexp(logits)**2 (t5x pretraining: 1e-4).
     label_smoothing: t5x-style smoothing (see `cross_entropy`).
+    loss_normalizing_factor: optional constant divisor of the loss sum.
     prefix: metric key prefix.
 
   Returns:
@@ -272,6 +275,41 @@ def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weigh
       f"{prefix}/count": count,
       f"{prefix}/correct": jnp.sum(w * _correct(logits, decoder_target_tokens)),
   }
+  if loss_normalizing_factor is not None:
+    if loss_normalizing_factor <= 0:
+      raise ValueError(f"loss_normalizing_factor must be > 0, got {loss_normalizing_factor}")
+    return loss_sum / loss_normalizing_factor, metrics
+  return _safe_div(loss_sum, count), metrics
+
+
+def replaced_token_loss(logits: Array, labels: Array, weights: Array | None = None, *,
+                        prefix: str = "rtd") -> tuple[Array, Metrics]:
+  """ELECTRA discriminator loss: sigmoid cross entropy per token.
+
+  Args:
+    logits: [batch, length] one logit per token (positive = replaced).
+    labels: [batch, length] 1 where the generator's sample differs from the
+      original token, else 0.
+    weights: optional [batch, length], 0.0 on padding.
+    prefix: metric key prefix.
+
+  Returns:
+    (mean loss over weighted tokens, metrics with loss_sum/count/correct);
+    ELECTRA's total is generator MLM loss + 50 x this loss.
+  """
+  if logits.shape != labels.shape:
+    raise ValueError(f"replaced_token_loss: logits shape {logits.shape} != labels shape "
+                     f"{labels.shape}")
+  w = _weights_like(labels, weights)
+  x = logits.astype(jnp.float32)
+  y = labels.astype(jnp.float32)
+  # log(1 + e^x) - x*y, written to stay finite for large |x|.
+  per_token = jax.nn.softplus(x) - x * y
+  loss_sum = jnp.sum(w * per_token)
+  count = jnp.sum(w)
+  correct = ((x > 0).astype(jnp.float32) == y).astype(jnp.float32)
+  metrics = {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+             f"{prefix}/correct": jnp.sum(w * correct)}
   return _safe_div(loss_sum, count), metrics
 
 
