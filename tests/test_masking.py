@@ -56,16 +56,13 @@ def _candidates(row):
 
 
 def _words(row):
-  """List of token-index lists: maskable tokens grouped like WordPiece '##'."""
-  words, prev = [], False
-  for i, t in enumerate(row):
-    cand = _candidates(row[i:i + 1])[0]
-    if cand and prev and CONT[0] <= t < CONT[1]:
-      words[-1].append(i)
-    elif cand:
-      words.append([i])
-    prev = cand
-  return words
+  """List of token-index arrays: maskable tokens grouped like WordPiece '##'."""
+  cand = _candidates(row)
+  prev = np.concatenate([[False], cand[:-1]])
+  cont = (row >= CONT[0]) & (row < CONT[1])
+  start = cand & (~prev | ~cont)
+  word = np.cumsum(start)
+  return [np.flatnonzero(cand & (word == k)) for k in range(1, word[-1] + 1)]
 
 
 def _check_common(tokens, out, max_pred=MAX_PRED):
@@ -130,11 +127,11 @@ def test_whole_word_masking_selects_whole_words():
   for row, pos, w, c in zip(tokens, out["mlm_positions"], out["mlm_weights"], codes):
     chosen = dict(zip(pos[:int(w.sum())].tolist(), c.tolist()))
     for word in _words(row):
-      hit = [i in chosen for i in word]
+      hit = [i in chosen for i in word.tolist()]
       assert all(hit) or not any(hit), f"partial word {word} in {sorted(chosen)}"
       if all(hit) and len(word) > 1:
         multi += 1
-        mixed += len({chosen[i] for i in word}) > 1
+        mixed += len({chosen[i] for i in word.tolist()}) > 1
   # Each sub-token draws its own outcome: P(mixed) = 1 - .8^2 - .1^2 - .1^2 = .34 for
   # two pieces, more for longer words; one draw per word would give 0.
   assert multi > 500 and mixed / multi > 0.25
@@ -191,14 +188,14 @@ def test_span_sampler_matches_geometric_table():
 
 
 def test_whole_word_spans_respect_word_boundaries():
-  tokens = _examples(400, length=256, cont_frac=0.4)
+  tokens = _examples(200, length=256, cont_frac=0.4)
   for scheme in ("span", "ngram"):
     out = _run(tokens, scheme, max_predictions=40)
     _check_common(tokens, out, max_pred=40)
     for row, pos, w in zip(tokens, out["mlm_positions"], out["mlm_weights"]):
       chosen = set(pos[:int(w.sum())].tolist())
       for word in _words(row):
-        hit = [i in chosen for i in word]
+        hit = np.isin(word, list(chosen))
         assert all(hit) or not any(hit), (scheme, word)
 
 
@@ -212,7 +209,7 @@ def test_ngram_lengths_at_most_three_words():
 
 
 def test_determinism_and_epoch_dependence():
-  tokens = _examples(50)
+  tokens = _examples(20)
   for scheme in masking.MASKING_SCHEMES:
     a, b = _run(tokens, scheme), _run(tokens, scheme)
     c = _run(tokens, scheme, epoch=1)
@@ -277,7 +274,7 @@ def test_nsp_and_sop_pairs():
   vocab = _vocab()
   a, b, r = tf.range(10, 30), tf.range(30, 50), tf.range(700, 760)
   labels = []
-  for i in range(300):
+  for i in range(200):
     out = masking.nsp_pair(a, b, r, masking.example_seed(0, 0, i), vocab, max_seq_length=40)
     tok, typ = out["encoder_input_tokens"].numpy(), out["encoder_type_ids"].numpy()
     assert len(tok) <= 40 and tok[0] == CLS and tok[-1] == SEP and (tok == SEP).sum() == 2
@@ -287,9 +284,9 @@ def test_nsp_and_sop_pairs():
     label = int(out["nsp_labels"])
     assert np.all((second >= 700) if label else (second < 50) & (second >= 30))
     labels.append(label)
-  assert 0.4 < np.mean(labels) < 0.6
+  assert 0.38 < np.mean(labels) < 0.62
   swaps = []
-  for i in range(200):
+  for i in range(120):
     out = masking.sop_pair(a, b, masking.example_seed(0, 0, i), vocab, max_seq_length=64)
     tok = out["encoder_input_tokens"].numpy()
     swapped = int(out["nsp_labels"])
@@ -297,4 +294,4 @@ def test_nsp_and_sop_pairs():
                             [[CLS], a, [SEP], b, [SEP]])
     np.testing.assert_array_equal(tok, expect)
     swaps.append(swapped)
-  assert 0.38 < np.mean(swaps) < 0.62
+  assert 0.35 < np.mean(swaps) < 0.65
