@@ -19,7 +19,7 @@ part of the path).
 
 Config fields (`config.optim.*`, see `default_config`): name, learning_rate,
 schedule, warmup_steps, num_steps, end_factor, weight_decay, b1, b2, eps,
-clip_norm, decay_rate, momentum, factored, multiply_by_parameter_scale,
+clip_norm, bias_correction, decay_rate, momentum, factored, multiply_by_parameter_scale,
 clipping_threshold, min_dim_size_to_factor, no_decay, freeze, lr_multipliers.
 """
 import math
@@ -44,6 +44,7 @@ _COMMON = dict(
     learning_rate=1e-4, schedule="linear", warmup_steps=10_000,
     num_steps=0,  # 0: make_optimizer(num_steps=...) gives it (the run's total).
     end_factor=0.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0,
+    bias_correction=True,  # False: original BERT's AdamWeightDecayOptimizer.
     decay_rate=0.8, momentum=0.0, factored=True, multiply_by_parameter_scale=True,
     clipping_threshold=1.0, min_dim_size_to_factor=128,
     no_decay=DEFAULT_NO_DECAY, freeze=(), lr_multipliers=())
@@ -66,7 +67,7 @@ def default_config(name: str = "adamw") -> ml_collections.ConfigDict:
   b1 0.9, b2 0.999, eps 1e-6, clip 1.0). lamb: ALBERT (lr 0.00176, 3125 warmup
   steps). adafactor: t5x (lr 1.0 under rsqrt, 10k warmup, decay_rate 0.8, no
   momentum, factored, no weight decay, no global clipping). Fields an
-  optimizer does not use are ignored by it: b1/b2/eps by adafactor,
+  optimizer does not use are ignored by it: b1/b2/eps/bias_correction by adafactor,
   decay_rate/momentum/factored/multiply_by_parameter_scale/
   clipping_threshold/min_dim_size_to_factor by adamw and lamb.
 
@@ -308,6 +309,26 @@ def _scale_by_tree(factors: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def _scale_by_adam_uncorrected(b1: float, b2: float, eps: float
+                               ) -> optax.GradientTransformation:
+  """Adam's m / (sqrt(v) + eps) without bias correction, as in original BERT's
+  AdamWeightDecayOptimizer (and ALBERT's LAMB)."""
+  def init(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                  nu=jax.tree.map(jnp.copy, zeros))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+    out = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype),
+                       mu, nu, updates)
+    return out, optax.ScaleByAdamState(optax.safe_int32_increment(state.count), mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 def _decay_scaled_by_lr(rate: float, schedule: Schedule) -> optax.GradientTransformation:
   """Adds -lr(step) * rate * param to (already sign-flipped) updates."""
   def init(params):
@@ -329,19 +350,18 @@ def _core(cfg: Mapping[str, Any], schedule: Schedule, decay_mask: Any
           ) -> optax.GradientTransformation:
   """The optimizer proper, applied to trainable parameters only."""
   name, wd = cfg["name"], float(cfg["weight_decay"])
-  if name == "adamw":
-    # Bias-corrected Adam (Loshchilov & Hutter, optax, Hugging Face); original
-    # BERT's AdamWeightDecayOptimizer omits the bias correction.
-    return optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"],
-                       weight_decay=wd, mask=decay_mask)
-  if name == "lamb":
-    # As in the BERT/ALBERT LAMB: parameters without decay also skip the
-    # layer-wise trust ratio (exclude_from_layer_adaptation).
-    return optax.chain(
-        optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"]),
-        optax.add_decayed_weights(wd, mask=decay_mask),
-        optax.masked(optax.scale_by_trust_ratio(), decay_mask),
-        optax.scale_by_learning_rate(schedule))
+  if name in ("adamw", "lamb"):
+    if cfg["bias_correction"]:
+      adam = optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"])
+    else:
+      adam = _scale_by_adam_uncorrected(cfg["b1"], cfg["b2"], cfg["eps"])
+    # Decay is added before the lr scaling: decoupled, lr-scaled (AdamW).
+    parts = [adam, optax.add_decayed_weights(wd, mask=decay_mask)]
+    if name == "lamb":
+      # As in the BERT/ALBERT LAMB: parameters without decay also skip the
+      # layer-wise trust ratio (exclude_from_layer_adaptation).
+      parts.append(optax.masked(optax.scale_by_trust_ratio(), decay_mask))
+    return optax.chain(*parts, optax.scale_by_learning_rate(schedule))
   if name == "adafactor":
     # t5x Adafactor -> optax.adafactor: decay_rate, clipping_threshold,
     # min_dim_size_to_factor, factored, multiply_by_parameter_scale keep their

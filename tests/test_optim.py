@@ -90,13 +90,14 @@ def test_schedule_errors():
 
 # -------------------------------------------------------------------- adamw
 
-def numpy_adamw(p, grads, lr, b1, b2, eps, wd):
+def numpy_adamw(p, grads, lr, b1, b2, eps, wd, correct=True):
   m, v = np.zeros_like(p), np.zeros_like(p)
   p = p.astype(np.float64)
   for t, g in enumerate(grads, start=1):
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    u = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps) + wd * p
+    c1, c2 = (1 - b1 ** t, 1 - b2 ** t) if correct else (1.0, 1.0)
+    u = (m / c1) / (np.sqrt(v / c2) + eps) + wd * p
     p = p - lr * u
   return p
 
@@ -118,6 +119,22 @@ def test_adamw_matches_numpy_with_and_without_decay():
   # And the bias would have moved differently had it been decayed.
   decayed = numpy_adamw(get(params), [get(g) for g in grads], lr, 0.9, 0.999, 1e-6, wd)
   assert np.abs(decayed - get(new)).max() > 1e-5
+
+
+def test_adamw_without_bias_correction_is_original_bert():
+  params = tiny_params()
+  lr, wd = 1e-2, 0.01
+  tx, _ = optim.make_optimizer(None, params, schedule="constant", warmup_steps=0,
+                               learning_rate=lr, weight_decay=wd, clip_norm=0.0,
+                               bias_correction=False)
+  new, _ = run_steps(tx, params, 3)
+  grads = [rand_like(params, 1 + i) for i in range(3)]
+  get = lambda t: np.asarray(t["encoder"]["layer_1"]["dense"]["kernel"])
+  want = numpy_adamw(get(params), [get(g) for g in grads], lr, 0.9, 0.999, 1e-6, wd,
+                     correct=False)
+  np.testing.assert_allclose(get(new), want, rtol=1e-5, atol=1e-7)
+  corrected = numpy_adamw(get(params), [get(g) for g in grads], lr, 0.9, 0.999, 1e-6, wd)
+  assert np.abs(corrected - want).max() > 1e-4  # the flag matters
 
 
 def test_default_decay_mask_excludes_bias_scale_and_norms():
@@ -204,8 +221,11 @@ def test_config_errors():
 
 # --------------------------------------------------- other optimizers, clip
 
-@pytest.mark.parametrize("name,lr", [("adafactor", 0.1), ("lamb", 0.05), ("adamw", 0.05)])
-def test_optimizers_reduce_a_quadratic(name, lr):
+@pytest.mark.parametrize("name,lr,extra", [
+    ("adafactor", 0.1, {}), ("adafactor", 0.1, {"momentum": 0.9, "weight_decay": 1e-3}),
+    ("lamb", 0.05, {}), ("lamb", 0.05, {"bias_correction": False}), ("adamw", 0.05, {}),
+])
+def test_optimizers_reduce_a_quadratic(name, lr, extra):
   params = {"w": {"kernel": jnp.full((4, 3), 2.0)}, "norm": {"scale": jnp.full((3,), -1.5)}}
   target = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32))
 
@@ -213,7 +233,8 @@ def test_optimizers_reduce_a_quadratic(name, lr):
     return jnp.sum((p["w"]["kernel"] - target) ** 2) + jnp.sum(p["norm"]["scale"] ** 2)
 
   tx, _ = optim.make_optimizer(optim.default_config(name), params, schedule="constant",
-                               warmup_steps=0, learning_rate=lr, weight_decay=0.0)
+                               warmup_steps=0, learning_rate=lr,
+                               **{"weight_decay": 0.0, **extra})
   state = tx.init(params)
 
   @jax.jit
@@ -356,3 +377,18 @@ def test_configdict_fields_and_bad_rule_shapes():
   with pytest.raises(ValueError, match="pairs"):
     optim.make_optimizer(None, tiny_params(), num_steps=10, warmup_steps=0,
                          lr_multipliers=("layer_0", 0.5))
+
+
+def test_adafactor_weight_decay_is_scaled_by_lr_and_masked():
+  params = tiny_params()
+  grads = rand_like(params, 5)
+  common = dict(num_steps=10, warmup_steps=0, schedule="constant", learning_rate=0.3)
+  tx0, _ = optim.make_optimizer(optim.default_config("adafactor"), params, **common)
+  tx1, _ = optim.make_optimizer(optim.default_config("adafactor"), params, weight_decay=0.1,
+                                **common)
+  u0, _ = tx0.update(grads, tx0.init(params), params)
+  u1, _ = tx1.update(grads, tx1.init(params), params)
+  kernel = lambda t: np.asarray(t["encoder"]["layer_0"]["dense"]["kernel"])
+  np.testing.assert_allclose(kernel(u1) - kernel(u0), -0.3 * 0.1 * kernel(params),
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(u1["mlm"]["output_bias"], u0["mlm"]["output_bias"])
