@@ -1,0 +1,1 @@
+"""Input pipelines: tokenizers, text sources, masking, span corruption, packing."""

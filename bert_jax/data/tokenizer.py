@@ -1,0 +1,438 @@
+"""Tokenizers: WordPiece (BERT vocab.txt) and SentencePiece (T5-style), in-graph.
+
+Both kinds share one small interface, `Tokenizer`, which is all the pipeline
+needs:
+  * `tokenize(texts)`: tf.string tensor -> int32 ids, traceable inside a
+    tf.data `map` (graph mode, no Python per example);
+  * `vocab_size` and the special ids (`pad_id`, `unk_id`, `cls_id`, `sep_id`,
+    `mask_id`, `eos_id`; None where the vocabulary has no such token);
+  * `special` and `word_start`: numpy bool tables over the vocabulary, for the
+    masking objectives (never mask / never sample a special id; whole-word
+    masking needs to know which pieces start a word);
+  * `require_mask_token()` and `sentinel_ids(n)`: fail early, naming the
+    vocabulary, when an objective needs a token the vocabulary lacks;
+  * `decode(ids)` and `id_to_piece(i)` for inspection.
+
+WordPiece reproduces Hugging Face's BertTokenizer (the `tokenizers` BertNormalizer
++ BertPreTokenizer + WordPiece) id for id; tf_text's own BERT normalisation is
+NOT used because it applies NFKC case folding ('ﬁ' -> 'fi', 'ß' -> 'ss', full
+width -> ASCII, '™' -> 'tm'), which Hugging Face and the original BERT do not.
+
+Invalid UTF-8: text is bytes in TensorFlow, and a corpus may hold stray
+Latin-1 or truncated bytes. Every `tokenize` call first replaces each invalid
+byte sequence with U+FFFD (which BERT normalisation then deletes and
+SentencePiece maps to its unknown piece), and adds the number of invalid bytes
+to the tokenizer's `invalid_utf8_bytes` counter (a tf.Variable, summed over all
+calls, also inside tf.data). Nothing ever raises on bad bytes.
+"""
+import glob
+import gzip
+import os
+import re
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import sentencepiece as spm
+import tensorflow as tf
+import tensorflow_text as tf_text
+
+# T5's convention: the sentinels are appended after the SentencePiece pieces,
+# <extra_id_0> last, so sentinel i is vocab_size - 1 - i.
+T5_EXTRA_IDS = 100
+_WORDPIECE_SUFFIX = "##"
+_SP_WORD_START = "\u2581"  # '▁', SentencePiece's marker of a preceding space
+
+
+def fix_utf8(texts: tf.Tensor, counter: Optional[tf.Variable] = None) -> tf.Tensor:
+  """Replaces invalid UTF-8 with U+FFFD, optionally counting the bad bytes.
+
+  Args:
+    texts: tf.string tensor of any shape.
+    counter: optional int64 tf.Variable; the number of invalid bytes (bytes that
+      belong to no valid UTF-8 sequence) is added to it.
+
+  Returns:
+    tf.string tensor of the same shape, valid UTF-8.
+  """
+  texts = tf.convert_to_tensor(texts, tf.string)
+  fixed = tf.strings.unicode_transcode(
+      texts, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
+  if counter is None:
+    return fixed
+  # Dropping the invalid sequences ('ignore') shortens a string by exactly its
+  # number of invalid bytes.
+  kept = tf.strings.unicode_transcode(texts, "UTF-8", "UTF-8", errors="ignore")
+  bad = tf.reduce_sum(tf.cast(tf.strings.length(texts) - tf.strings.length(kept), tf.int64))
+  with tf.control_dependencies([counter.assign_add(bad)]):
+    return tf.identity(fixed)
+
+
+class Tokenizer:
+  """Common interface of the in-graph tokenizers (see the module docstring).
+
+  Attributes:
+    path: the vocabulary file it was built from (named in every error).
+    pieces: tuple of str, the piece of every id (length vocab_size).
+    vocab_size: number of ids, sentinels (extra ids) included.
+    pad_id, unk_id, cls_id, sep_id, mask_id, eos_id: int or None.
+    num_extra_ids: number of T5 sentinels at the top of the vocabulary.
+    special: np.bool_ [vocab_size]; ids never to be masked nor used as random
+      replacements (pad, unk, cls, sep, mask, eos, control pieces, sentinels,
+      BERT's bracketed [unusedN] slots).
+    word_start: np.bool_ [vocab_size]; True for pieces that begin a word
+      (WordPiece: no '##' prefix; SentencePiece: a '▁' prefix). Special ids
+      count as word starts (each is a word of its own).
+    invalid_utf8_bytes: int64 tf.Variable, invalid input bytes seen so far.
+  """
+
+  def __init__(self, path: str, pieces: Sequence[str], *, pad_id, unk_id,
+               cls_id=None, sep_id=None, mask_id=None, eos_id=None,
+               num_extra_ids=0, special=None, word_start=None):
+    self.path = str(path)
+    self.pieces = tuple(pieces)
+    self.vocab_size = len(self.pieces)
+    if pad_id != 0:
+      raise ValueError(f"{self.path}: the padding id must be 0 (batch contract), "
+                       f"this vocabulary has pad id {pad_id}")
+    self.pad_id, self.unk_id = pad_id, unk_id
+    self.cls_id, self.sep_id, self.mask_id, self.eos_id = cls_id, sep_id, mask_id, eos_id
+    self.num_extra_ids = num_extra_ids
+    self.special = np.asarray(special, bool)
+    for i in (pad_id, unk_id, cls_id, sep_id, mask_id, eos_id):
+      if i is not None:
+        self.special[i] = True
+    self.word_start = np.asarray(word_start, bool) | self.special
+    self.special.setflags(write=False)
+    self.word_start.setflags(write=False)
+    self.invalid_utf8_bytes = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                          name="invalid_utf8_bytes")
+
+  def tokenize(self, texts) -> Union[tf.Tensor, tf.RaggedTensor]:
+    """Token ids of each string, without [CLS]/[SEP]/EOS.
+
+    Args:
+      texts: tf.string scalar or 1-D tensor (or Python str / list of str).
+
+    Returns:
+      For a 1-D input of n strings, an int32 RaggedTensor [n, (ids)]; for a
+      scalar, an int32 Tensor [ids].
+    """
+    texts = tf.convert_to_tensor(texts, tf.string)
+    if texts.shape.rank == 0:
+      return self.tokenize(texts[tf.newaxis])[0]
+    if texts.shape.rank != 1:
+      raise ValueError(f"tokenize takes a scalar or 1-D string tensor, got shape {texts.shape}")
+    return self._encode(fix_utf8(texts, self.invalid_utf8_bytes))
+
+  def _encode(self, texts: tf.Tensor) -> tf.RaggedTensor:
+    raise NotImplementedError
+
+  def id_to_piece(self, i: int) -> str:
+    """The vocabulary piece of id `i`."""
+    return self.pieces[int(i)]
+
+  def decode(self, ids) -> str:
+    """Readable text for a sequence of ids (padding dropped), for inspection."""
+    raise NotImplementedError
+
+  def require_mask_token(self) -> int:
+    """The [MASK] id; raises ValueError naming the vocabulary if it has none."""
+    if self.mask_id is None:
+      raise ValueError(
+          f"masked-LM objective needs a [MASK] token, but the vocabulary {self.path} "
+          "has none (train one with train_sentencepiece(..., bert_special_tokens=True) "
+          "or use a BERT vocab.txt)")
+    return self.mask_id
+
+  def sentinel_ids(self, n: int) -> np.ndarray:
+    """Ids of T5 sentinels <extra_id_0> .. <extra_id_{n-1}>: vocab_size-1 counting down.
+
+    Raises:
+      ValueError naming the vocabulary if it has fewer than n extra ids (more
+      spans than sentinels would silently reuse ordinary tokens).
+    """
+    if n > self.num_extra_ids:
+      raise ValueError(
+          f"span corruption needs {n} sentinel ids but the vocabulary {self.path} has "
+          f"{self.num_extra_ids} extra ids (load a SentencePiece model with "
+          f"extra_ids >= {n}, or shorten the inputs so fewer spans are made)")
+    return np.arange(self.vocab_size - 1, self.vocab_size - 1 - n, -1, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------
+# WordPiece
+# ----------------------------------------------------------------------------
+
+# Hugging Face's BertNormalizer(clean_text=True) deletes NUL, U+FFFD and every
+# "other" character except tab/newline/CR (Cc, Cf, Co; Cs cannot occur in
+# valid UTF-8 and RE2 has no class for unassigned Cn), then maps whitespace
+# (Rust's White_Space: Zs, tab/LF/CR, U+2028/9) to a space.
+_CONTROL_RE = r"[\x00-\x08\x0B\x0C\x0E-\x1F\x7F-\x9F\p{Cf}\p{Co}\x{FFFD}]"
+_WHITESPACE_RE = r"[\t\n\r\p{Zs}\x{2028}\x{2029}]"
+# CJK ideographs become words of their own (BERT's _is_chinese_char ranges).
+_CJK_RE = (r"([\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}"
+           r"\x{2B740}-\x{2B81F}\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}])")
+# BertPreTokenizer: ASCII punctuation plus every Unicode P* character is a word.
+_PUNCT_RE = r"[!-/:-@\[-`{-~\p{P}]"
+
+
+class WordPieceTokenizer(Tokenizer):
+  """BERT WordPiece from a vocab.txt, equal to Hugging Face's BertTokenizer.
+
+  Text is normalised as BertNormalizer does (clean control characters, space
+  out CJK ideographs; with lower_case also NFD + strip accents (Mn) + simple
+  per-character lower-casing), split on spaces and punctuation, and each word
+  is split greedily longest-match-first into pieces; a word longer than
+  `max_chars_per_word` characters or with no segmentation is one [UNK].
+  Bracketed strings such as "[MASK]" in raw text are ordinary text here.
+  """
+
+  def __init__(self, vocab_path: str, *, lower_case: bool = True,
+               max_chars_per_word: int = 100, unk_token: str = "[UNK]"):
+    """Loads `vocab_path` (one piece per line, id = line number).
+
+    Args:
+      vocab_path: BERT vocab.txt.
+      lower_case: True for uncased vocabularies (lower-case and strip accents),
+        False for cased ones.
+      max_chars_per_word: longer words become [UNK] (Hugging Face's 100).
+      unk_token: the unknown piece.
+    """
+    if not os.path.isfile(vocab_path):
+      raise FileNotFoundError(f"WordPiece vocabulary {vocab_path} does not exist")
+    with open(vocab_path, encoding="utf-8") as f:
+      pieces = [line.rstrip("\n") for line in f]
+    if not pieces:
+      raise ValueError(f"WordPiece vocabulary {vocab_path} is empty")
+    index = {}
+    for i, p in enumerate(pieces):
+      index.setdefault(p, i)
+    if unk_token not in index:
+      raise ValueError(f"WordPiece vocabulary {vocab_path} has no unknown token {unk_token!r}")
+    bracketed = re.compile(r"^\[[^\[\]]+\]$")
+    super().__init__(
+        vocab_path, pieces, pad_id=index.get("[PAD]"), unk_id=index[unk_token],
+        cls_id=index.get("[CLS]"), sep_id=index.get("[SEP]"), mask_id=index.get("[MASK]"),
+        special=[bool(bracketed.match(p)) for p in pieces],
+        word_start=[not p.startswith(_WORDPIECE_SUFFIX) for p in pieces])
+    self.lower_case = lower_case
+    self.max_chars_per_word = max_chars_per_word
+    self._unk_token = unk_token
+    # Words reach it already split and bounded in characters, so its byte
+    # limit (4 bytes per character at most) never fires on its own.
+    self._wordpiece = tf_text.FastWordpieceTokenizer(
+        vocab=pieces, suffix_indicator=_WORDPIECE_SUFFIX,
+        max_bytes_per_word=4 * max_chars_per_word, token_out_type=tf.int32,
+        unknown_token=unk_token, no_pretokenization=True)
+
+  def normalize(self, texts: tf.Tensor) -> tf.Tensor:
+    """BertNormalizer in graph: [n] valid-UTF-8 strings -> [n] normalised strings."""
+    texts = tf.strings.regex_replace(texts, _CONTROL_RE, "")
+    texts = tf.strings.regex_replace(texts, _WHITESPACE_RE, " ")
+    texts = tf.strings.regex_replace(texts, _CJK_RE, r" \1 ")
+    if self.lower_case:
+      # Hugging Face strips accents before lower-casing, character by character.
+      texts = tf_text.normalize_utf8(texts, "NFD")
+      texts = tf.strings.regex_replace(texts, r"\p{Mn}", "")
+      # ICU lower-cases a word-final capital sigma to 'ς'; Rust's per-character
+      # to_lowercase (Hugging Face) always gives 'σ'.
+      texts = tf.strings.regex_replace(texts, "\u03a3", "\u03c3")
+      texts = tf.strings.lower(texts, encoding="utf-8")
+    return texts
+
+  def _encode(self, texts: tf.Tensor) -> tf.RaggedTensor:
+    words = tf_text.regex_split(self.normalize(texts), " +|" + _PUNCT_RE, _PUNCT_RE)
+    flat = words.flat_values  # [total_words]
+    too_long = tf.strings.length(flat, unit="UTF8_CHAR") > self.max_chars_per_word
+    flat = tf.where(too_long, self._unk_token, flat)
+    pieces = self._wordpiece.tokenize(flat)  # [total_words, (pieces)]
+    return words.with_flat_values(pieces).merge_dims(1, 2)  # [n, (ids)]
+
+  def decode(self, ids) -> str:
+    """Joins pieces, gluing '##' continuations; drops padding."""
+    out = []
+    for i in np.asarray(ids).reshape(-1):
+      if i == self.pad_id:
+        continue
+      p = self.pieces[int(i)]
+      if p.startswith(_WORDPIECE_SUFFIX) and out:
+        out[-1] += p[len(_WORDPIECE_SUFFIX):]
+      else:
+        out.append(p)
+    return " ".join(out)
+
+
+# ----------------------------------------------------------------------------
+# SentencePiece
+# ----------------------------------------------------------------------------
+
+_BERT_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]")
+
+
+def _extra_id_piece(i: int) -> str:
+  return f"<extra_id_{i}>"
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece .model, with T5 sentinels appended after its pieces.
+
+  Ids 0 .. n-1 are the model's own pieces; ids n .. n+extra_ids-1 are the
+  sentinels, <extra_id_0> being the last id (vocab_size - 1) and counting down,
+  exactly as T5's vocabulary; `vocab_size` = n + extra_ids.
+  """
+
+  def __init__(self, model_path: str, *, extra_ids: int = T5_EXTRA_IDS):
+    """Loads `model_path`.
+
+    Args:
+      model_path: a SentencePiece .model file; its pad id must be 0.
+      extra_ids: number of T5 sentinels appended (100 in T5; 0 for none).
+    """
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"SentencePiece model {model_path} does not exist")
+    with open(model_path, "rb") as f:
+      proto = f.read()
+    try:
+      sp = spm.SentencePieceProcessor(model_proto=proto)
+    except RuntimeError as e:
+      raise ValueError(f"{model_path} is not a SentencePiece model: {e}") from e
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    clash = [p for p in pieces if re.fullmatch(r"<extra_id_\d+>", p)]
+    if extra_ids and clash:
+      raise ValueError(f"SentencePiece model {model_path} already contains sentinel "
+                       f"pieces ({clash[:3]}...); load it with extra_ids=0")
+    pieces += [_extra_id_piece(i) for i in reversed(range(extra_ids))]
+    special = [sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) for i in range(n)]
+    special += [True] * extra_ids
+
+    def user_id(token):
+      # piece_to_id answers the unknown id for an absent piece.
+      i = sp.piece_to_id(token)
+      return None if i == sp.unk_id() else i
+
+    super().__init__(
+        model_path, pieces, pad_id=sp.pad_id(), unk_id=sp.unk_id(),
+        cls_id=user_id("[CLS]"), sep_id=user_id("[SEP]"), mask_id=user_id("[MASK]"),
+        eos_id=None if sp.eos_id() < 0 else sp.eos_id(), num_extra_ids=extra_ids,
+        special=special,
+        word_start=[p.startswith(_SP_WORD_START) for p in pieces])
+    self._sp = sp
+    self._num_model_pieces = n
+    self._tf_sp = tf_text.SentencepieceTokenizer(model=proto, out_type=tf.int32)
+
+  def _encode(self, texts: tf.Tensor) -> tf.RaggedTensor:
+    return self._tf_sp.tokenize(texts)
+
+  def decode(self, ids) -> str:
+    """SentencePiece detokenisation, sentinels shown as <extra_id_i>; drops padding."""
+    out, run = [], []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if i == self.pad_id:
+        continue
+      if i < self._num_model_pieces:
+        run.append(i)
+        continue
+      if run:
+        out.append(self._sp.decode(run))
+        run = []
+      out.append(self.pieces[i])
+    if run:
+      out.append(self._sp.decode(run))
+    return " ".join(out)
+
+
+def _iter_lines(inputs: Union[str, Sequence[str], Iterable[str]]) -> Iterable[str]:
+  """Non-blank lines of files/globs (plain or .gz), or the strings themselves."""
+  if isinstance(inputs, str):
+    inputs = [inputs]
+  inputs = list(inputs) if isinstance(inputs, (list, tuple)) else inputs
+  if isinstance(inputs, list) and all(isinstance(x, (str, os.PathLike)) for x in inputs):
+    paths = []
+    for pattern in map(str, inputs):
+      matched = sorted(glob.glob(pattern))
+      if not matched:
+        raise FileNotFoundError(f"tokenizer training input {pattern} matches no file")
+      paths += matched
+    def lines():
+      for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+          for line in f:
+            if line.strip():
+              yield line.rstrip("\n")
+    return lines()
+  return (s for s in inputs if s.strip())
+
+
+def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
+                        model_type: str = "unigram", extra_ids: int = T5_EXTRA_IDS,
+                        bert_special_tokens: bool = False,
+                        character_coverage: float = 0.9995,
+                        input_sentence_size: int = 1_000_000, seed: int = 0,
+                        num_threads: Optional[int] = None) -> str:
+  """Trains a SentencePiece model on text (the `bert-jax train-tokenizer` command).
+
+  Special ids: pad=0 always (the batch contract). T5 style (default): eos=1,
+  unk=2, no bos, and `extra_ids` sentinels are NOT part of the model but
+  appended after it when loaded (SentencePieceTokenizer(path, extra_ids=...)),
+  so <extra_id_0> = vocab_size + extra_ids - 1. With bert_special_tokens:
+  unk=1, [CLS]=2, [SEP]=3, [MASK]=4, no bos/eos. [CLS]/[SEP]/[MASK] are
+  control symbols rather than user-defined ones: a literal "[MASK]" in the
+  corpus then stays text instead of becoming the mask id (a label leak).
+
+  Args:
+    inputs: a path or glob (plain or .gz text, one sentence or paragraph per
+      line), a list of them, or any iterable of str (e.g. paragraphs from
+      bert_jax.data.sources.iter_paragraphs).
+    model_prefix: writes `<model_prefix>.model` and `<model_prefix>.vocab`.
+    vocab_size: pieces in the SentencePiece model itself (T5: 32000); the
+      loaded tokenizer's vocab_size adds `extra_ids`.
+    model_type: 'unigram' (T5) or 'bpe', 'char', 'word'.
+    extra_ids: sentinels the tokenizer should be loaded with; only checked here
+      (must be >= 0) and recorded in the log line, since T5 keeps them outside
+      the model.
+    bert_special_tokens: reserve [CLS] [SEP] [MASK] for BERT-style pretraining.
+    character_coverage: fraction of characters covered by the model.
+    input_sentence_size: at most this many lines are sampled (shuffled) for
+      training; 0 uses all.
+    seed: seed of that sampling (SentencePiece's own random source).
+    num_threads: trainer threads (default: all cores).
+
+  Returns:
+    The path of the written .model file.
+  """
+  if extra_ids < 0:
+    raise ValueError(f"extra_ids must be >= 0, got {extra_ids}")
+  if model_type not in ("unigram", "bpe", "char", "word"):
+    raise ValueError(f"model_type must be unigram, bpe, char or word, got {model_type!r}")
+  lines = _iter_lines(inputs)
+  ids = (dict(pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+              control_symbols=",".join(_BERT_SPECIAL_TOKENS))
+         if bert_special_tokens else dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  spm.set_random_generator_seed(seed)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type=model_type, character_coverage=character_coverage,
+      input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+      num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **ids)
+  return model_prefix + ".model"
+
+
+def load_tokenizer(path: str, *, lower_case: bool = True,
+                   extra_ids: int = T5_EXTRA_IDS) -> Tokenizer:
+  """WordPiece for a .txt vocabulary, SentencePiece for a .model file.
+
+  A folder is searched for vocab.txt, then spiece.model / sentencepiece.model.
+  `lower_case` applies to WordPiece, `extra_ids` to SentencePiece.
+  """
+  if os.path.isdir(path):
+    for name in ("vocab.txt", "spiece.model", "sentencepiece.model"):
+      if os.path.isfile(os.path.join(path, name)):
+        return load_tokenizer(os.path.join(path, name), lower_case=lower_case,
+                              extra_ids=extra_ids)
+    raise FileNotFoundError(f"no vocab.txt or spiece.model in folder {path}")
+  if path.endswith(".model"):
+    return SentencePieceTokenizer(path, extra_ids=extra_ids)
+  return WordPieceTokenizer(path, lower_case=lower_case)
