@@ -1,0 +1,251 @@
+"""Packing variable-length examples into fixed-length rows, and the padding path.
+
+Packed rows follow the batch contract (DESIGN.md): `*_segment_ids` number the
+examples of a row 1, 2, 3, ... (0 = padding) and `*_positions` restart at 0 for
+each example, so attention and position embeddings never cross examples.
+
+Packing is greedy and sequential (what t5x/seqio's trim_and_pack does within
+its buffer): examples are appended to the current row while every stream still
+fits; the first that does not closes the row and opens the next. Order is kept
+and nothing is dropped; an example longer than a row is truncated to the row
+(its tokens beyond the row length, and MLM predictions pointing there, are
+lost). Rows are built with `Dataset.scan`, so packing runs in one tf.data
+thread; put it after the parallel per-example maps.
+
+Encoder-only (MLM):  pack_mlm / pad_mlm
+  in:  encoder_input_tokens [n], optional encoder_type_ids [n], mlm_positions,
+       mlm_targets, mlm_weights [P_ex] (from masking.mask_tokens; SpanBERT's
+       sbo_left_positions / sbo_right_positions are carried too).
+  out: encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+       encoder_positions [seq_length]; mlm_* [max_predictions] with positions
+       offset into the row.
+Encoder-decoder:     pack_seq2seq / pad_seq2seq
+  in:  inputs [n], targets [m] (e.g. span_corruption.span_corruption).
+  out: encoder_input_tokens, encoder_segment_ids, encoder_positions
+       [inputs_length]; decoder_input_tokens (targets shifted right, 0 at the
+       start of every example), decoder_target_tokens, decoder_loss_weights,
+       decoder_segment_ids, decoder_positions [targets_length].
+"""
+from typing import Dict, Sequence, Tuple
+
+import tensorflow as tf
+
+_MLM_KEYS = ("mlm_positions", "mlm_targets", "mlm_weights")
+_SBO_KEYS = ("sbo_left_positions", "sbo_right_positions")
+_LAST = "_last"  # marks the end-of-data element that flushes the last row
+
+# stream name -> (feature keys, row length, whether it gets segment ids/positions)
+Streams = Dict[str, Tuple[Sequence[str], int, bool]]
+
+
+def _write(buffer, value, start, length):
+  """buffer[start:start + len(value)] = value, with static shapes."""
+  n = tf.size(value)
+  idx = tf.range(length)
+  inside = (idx >= start) & (idx < start + n)
+  placed = tf.roll(tf.pad(value, [[0, length - n]]), start, 0)
+  return tf.where(inside, placed, buffer), inside
+
+
+def _empty_state(streams: Streams, spec):
+  state = {"num": tf.constant(0, tf.int32)}
+  for name, (keys, length, segmented) in streams.items():
+    state[name + "/fill"] = tf.constant(0, tf.int32)
+    for k in keys:
+      state[k] = tf.zeros([length], spec[k].dtype)
+    if segmented:
+      state[name + "_segment_ids"] = tf.zeros([length], tf.int32)
+      state[name + "_positions"] = tf.zeros([length], tf.int32)
+  return state
+
+
+def _greedy_pack(dataset: tf.data.Dataset, streams: Streams,
+                 offsets: Dict[str, str]) -> tf.data.Dataset:
+  """Packs trimmed examples (every feature 1-D, unpadded, fits its row).
+
+  Args:
+    dataset: dict elements; keys of one stream share their length.
+    streams: stream name -> (keys, row length, segmented).
+    offsets: key -> stream whose fill is added to the key's values (positions
+      that must point into the packed row).
+
+  Returns:
+    Dataset of packed rows (keys, plus <stream>_segment_ids/_positions).
+  """
+  spec = dataset.element_spec
+  empty = _empty_state(streams, spec)
+  sentinel = {k: tf.zeros([0], s.dtype) for k, s in spec.items()}
+  sentinel[_LAST] = tf.constant(True)
+  data = dataset.map(lambda x: {**x, _LAST: tf.constant(False)})
+  data = data.concatenate(tf.data.Dataset.from_tensors(sentinel))
+
+  def step(state, ex):
+    last = ex[_LAST]
+    sizes = {name: tf.size(ex[keys[0]]) for name, (keys, _, _) in streams.items()}
+    fits = tf.reduce_all(tf.stack(
+        [state[name + "/fill"] + sizes[name] <= length
+         for name, (_, length, _) in streams.items()]))
+    emit = (last | tf.logical_not(fits)) & (state["num"] > 0)
+    row = {k: v for k, v in state.items() if "/" not in k and k != "num"}
+    # A full row restarts from empty before this example goes in.
+    base = tf.nest.map_structure(lambda e, s: tf.where(fits, s, e), empty, state)
+    new = dict(base, num=base["num"] + 1)
+    for name, (keys, length, segmented) in streams.items():
+      fill = base[name + "/fill"]
+      for k in keys:
+        value = ex[k]
+        if k in offsets:
+          value += tf.cast(base[offsets[k] + "/fill"], value.dtype)
+        new[k], inside = _write(base[k], value, fill, length)
+      if segmented:
+        seg_key, pos_key = name + "_segment_ids", name + "_positions"
+        new[seg_key] = tf.where(inside, new["num"], base[seg_key])
+        new[pos_key] = tf.where(inside, tf.range(length) - fill, base[pos_key])
+      new[name + "/fill"] = fill + sizes[name]
+    return new, (row, emit)
+
+  return (data.scan(empty, step)
+          .filter(lambda row, emit: emit)
+          .map(lambda row, emit: row))
+
+
+def _trim_mlm(ex, seq_length: int, max_predictions: int):
+  """Unpadded MLM example cut to the row: tokens to seq_length, predictions inside it."""
+  if "nsp_labels" in ex:
+    raise ValueError("pack_mlm cannot pack examples with nsp_labels (one label per row); "
+                     "use pad_mlm for NSP/SOP data")
+  tokens = ex["encoder_input_tokens"][:seq_length]
+  tokens = tf.boolean_mask(tokens, tf.not_equal(tokens, 0))  # drop padding from masking
+  n = tf.size(tokens)
+  types = ex.get("encoder_type_ids", tf.zeros_like(ex["encoder_input_tokens"]))
+  keep = (ex["mlm_weights"] > 0) & (ex["mlm_positions"] < n)
+  out = dict(encoder_input_tokens=tokens, encoder_type_ids=types[:n])
+  for k in _MLM_KEYS + _SBO_KEYS:
+    if k in ex:
+      out[k] = tf.boolean_mask(ex[k], keep)[:max_predictions]
+  return out
+
+
+def pack_mlm(dataset: tf.data.Dataset, seq_length: int,
+             max_predictions: int) -> tf.data.Dataset:
+  """Packs masked examples into rows of seq_length tokens and max_predictions slots.
+
+  A row closes when the next example's tokens or its predictions do not fit.
+  Examples are cut to seq_length tokens (predictions beyond dropped) and to
+  max_predictions predictions. NSP/SOP examples are refused (use pad_mlm).
+
+  Args:
+    dataset: elements from masking.mask_tokens (+ encoder_type_ids).
+    seq_length: row length in tokens.
+    max_predictions: mlm_* width of a packed row (e.g. round(0.15 * seq_length)
+      plus a margin, since several examples share it).
+
+  Returns:
+    Dataset of packed rows in the batch-contract form.
+  """
+  missing = [k for k in ("encoder_input_tokens",) + _MLM_KEYS if k not in dataset.element_spec]
+  if missing:
+    raise ValueError(f"pack_mlm needs the features {missing} (from masking.mask_tokens)")
+  data = dataset.map(lambda ex: _trim_mlm(ex, seq_length, max_predictions))
+  mlm_keys = [k for k in _MLM_KEYS + _SBO_KEYS if k in data.element_spec]
+  streams = {"encoder": (("encoder_input_tokens", "encoder_type_ids"), seq_length, True),
+             "mlm": (tuple(mlm_keys), max_predictions, False)}
+  offsets = {k: "encoder" for k in ("mlm_positions",) + _SBO_KEYS if k in mlm_keys}
+  return _greedy_pack(data, streams, offsets)
+
+
+def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
+  """No-packing path: one example per row, padded (or cut) to seq_length.
+
+  Segment ids are 1 on real tokens, positions count from 0, so models can use
+  the same attention path as for packed rows. Other features (mlm_*, sbo_*,
+  nsp_labels) pass through; predictions beyond seq_length get weight 0.
+
+  Args:
+    dataset: elements with encoder_input_tokens [n] (+ optional
+      encoder_type_ids and mlm_*/nsp_labels).
+    seq_length: row length.
+
+  Returns:
+    Dataset with static [seq_length] encoder_* features.
+  """
+  def pad(ex):
+    ex = dict(ex)
+    tokens = ex["encoder_input_tokens"][:seq_length]
+    n = tf.size(tokens)
+    types = ex.get("encoder_type_ids", tf.zeros_like(ex["encoder_input_tokens"]))[:n]
+    real = tf.not_equal(tf.pad(tokens, [[0, seq_length - n]]), 0)
+    ex["encoder_input_tokens"] = tf.ensure_shape(
+        tf.pad(tokens, [[0, seq_length - n]]), [seq_length])
+    ex["encoder_type_ids"] = tf.ensure_shape(tf.pad(types, [[0, seq_length - n]]), [seq_length])
+    ex["encoder_segment_ids"] = tf.cast(real, tf.int32)
+    ex["encoder_positions"] = tf.where(real, tf.range(seq_length), 0)
+    if "mlm_weights" in ex:
+      ex["mlm_weights"] = tf.where(ex["mlm_positions"] < seq_length, ex["mlm_weights"], 0.0)
+    return ex
+
+  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _decoder_features(ex):
+  """Adds decoder_input_tokens (shift right per example) and loss weights."""
+  targets = ex.pop("decoder_target_tokens")
+  seg, pos = ex["decoder_segment_ids"], ex["decoder_positions"]
+  shifted = tf.pad(targets[:-1], [[1, 0]])
+  ex["decoder_input_tokens"] = tf.where((pos == 0) | (seg == 0), 0, shifted)
+  ex["decoder_target_tokens"] = targets
+  ex["decoder_loss_weights"] = tf.cast(seg > 0, tf.float32)
+  return ex
+
+
+def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
+                 targets_length: int) -> tf.data.Dataset:
+  """Packs {inputs, targets} examples into encoder/decoder rows.
+
+  A row closes when the next example's inputs or targets do not fit. Inputs
+  and targets longer than a row are cut to it (keeping the front, so a cut
+  sequence loses its EOS, as with t5's trim).
+
+  Args:
+    dataset: elements {"inputs": int [n], "targets": int [m]}.
+    inputs_length: encoder row length.
+    targets_length: decoder row length.
+
+  Returns:
+    Dataset of packed rows with encoder_* and decoder_* features.
+  """
+  def trim(ex):
+    return dict(encoder_input_tokens=tf.cast(ex["inputs"][:inputs_length], tf.int32),
+                decoder_target_tokens=tf.cast(ex["targets"][:targets_length], tf.int32))
+
+  streams = {"encoder": (("encoder_input_tokens",), inputs_length, True),
+             "decoder": (("decoder_target_tokens",), targets_length, True)}
+  return _greedy_pack(dataset.map(trim), streams, {}).map(_decoder_features)
+
+
+def pad_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
+                targets_length: int) -> tf.data.Dataset:
+  """No-packing path for {inputs, targets}: one example per row, padded or cut.
+
+  Args:
+    dataset: elements {"inputs": int [n], "targets": int [m]}.
+    inputs_length: encoder row length.
+    targets_length: decoder row length.
+
+  Returns:
+    Dataset with the same features as pack_seq2seq, one example per row.
+  """
+  def pad(ex):
+    out = {}
+    for name, key, length in (("encoder", "inputs", inputs_length),
+                              ("decoder", "targets", targets_length)):
+      x = tf.cast(ex[key][:length], tf.int32)
+      n = tf.size(x)
+      inside = tf.range(length) < n
+      tokens = tf.ensure_shape(tf.pad(x, [[0, length - n]]), [length])
+      out["encoder_input_tokens" if name == "encoder" else "decoder_target_tokens"] = tokens
+      out[name + "_segment_ids"] = tf.cast(inside, tf.int32)
+      out[name + "_positions"] = tf.where(inside, tf.range(length), 0)
+    return _decoder_features(out)
+
+  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
