@@ -295,3 +295,29 @@ def test_nsp_and_sop_pairs():
     np.testing.assert_array_equal(tok, expect)
     swaps.append(swapped)
   assert 0.35 < np.mean(swaps) < 0.65
+
+
+def test_whole_word_masking_with_real_wordpiece_vocab(minilm_dir):
+  from bert_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.load_tokenizer(str(minilm_dir))
+  vocab = masking.VocabInfo.from_tokenizer(tok)
+  text = ("Unbelievably, the hippopotamuses were photosynthesizing "
+          "extraordinarily incomprehensible antidisestablishmentarianism.")
+  ids = tf.cast(tok.tokenize(text), tf.int64)  # int64 input is accepted too
+  a = tf.concat([[tok.cls_id], ids[:12]], 0)
+  tokens = tf.concat([a, [tok.sep_id], ids[12:], [tok.sep_id]], 0)
+  pieces = [tok.id_to_piece(i) for i in tokens.numpy()]
+  assert sum(p.startswith("##") for p in pieces) >= 5, pieces
+  starts = [i for i, p in enumerate(pieces) if not p.startswith("##")]
+  words = [list(range(s, e)) for s, e in zip(starts, starts[1:] + [len(pieces)])]
+  ds = tf.data.Dataset.range(200).map(
+      lambda i: masking.mask_tokens(tokens, masking.example_seed(0, 0, i), vocab,
+                                    max_predictions=6, scheme="whole_word",
+                                    mask_prob=0.0, random_prob=1.0))
+  for out in ds.as_numpy_iterator():
+    chosen = set(out["mlm_positions"][out["mlm_weights"] > 0].tolist())
+    assert chosen and not chosen & {0, 13, len(pieces) - 1}, "[CLS]/[SEP] never masked"
+    for w in words:
+      assert {i in chosen for i in w} != {True, False}, ([pieces[i] for i in w], chosen)
+    replaced = out["encoder_input_tokens"][sorted(chosen)]
+    assert not any(tok.special[replaced]), "random replacement is a special id"

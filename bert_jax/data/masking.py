@@ -105,6 +105,22 @@ class VocabInfo:
     ws = None if word_start is None else np.asarray(word_start, bool)
     return cls(vocab_size, pad_id, cls_id, sep_id, mask_id, table, ws)
 
+  @classmethod
+  def from_tokenizer(cls, tokenizer) -> "VocabInfo":
+    """VocabInfo of a bert_jax.data.tokenizer.Tokenizer (its special/word_start tables).
+
+    Raises:
+      ValueError: naming the missing token when the vocabulary lacks
+        [CLS], [SEP] or [MASK].
+    """
+    missing = [n for n in ("cls_id", "sep_id", "mask_id") if getattr(tokenizer, n) is None]
+    if missing:
+      raise ValueError(f"masked-LM pretraining needs {missing} but the vocabulary "
+                       f"{getattr(tokenizer, 'path', '?')} has none")
+    return cls.create(tokenizer.vocab_size, pad_id=tokenizer.pad_id, cls_id=tokenizer.cls_id,
+                      sep_id=tokenizer.sep_id, mask_id=tokenizer.mask_id,
+                      special=tokenizer.special, word_start=tokenizer.word_start)
+
   def __post_init__(self):
     if np.shape(self.special) != (self.vocab_size,):
       raise ValueError(f"VocabInfo.special has shape {np.shape(self.special)}, "
@@ -313,7 +329,7 @@ def mask_tokens(tokens, seed, vocab: VocabInfo, *, max_predictions: int,
   if not 0 <= mask_prob + random_prob <= 1 or min(mask_prob, random_prob) < 0:
     raise ValueError(f"mask_prob={mask_prob} and random_prob={random_prob} must be >= 0 "
                      "and sum to <= 1 (keep is the rest)")
-  tokens = tf.convert_to_tensor(tokens, tf.int32)
+  tokens = tf.cast(tokens, tf.int32)  # tokenizers may give int64
   budget = num_to_predict(tokens, vocab.pad_id, max_predictions, rate)
   s_select, s_outcome, s_random = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
