@@ -203,3 +203,27 @@ def test_bert_base_sharded_on_fsdp_tensor_mesh_matches_unsharded():
   plain = jax.jit(lambda p: model.apply({"params": p}, tokens, mlm_positions=positions))(host)
   plain = plain["mlm_logits"]
   np.testing.assert_allclose(np.asarray(sharded_out), np.asarray(plain), atol=1e-4)
+
+
+def test_remat_keeps_parameters_outputs_and_gradients():
+  tokens = _tokens()
+  cfg = {**TINY, "num_layers": 1}
+  plain = bert.BertForMaskedLM(bert.BertConfig(**cfg))
+  remat = bert.BertForMaskedLM(bert.BertConfig(**cfg, remat=True))
+  params = _init(plain, tokens)
+  assert jax.tree.structure(params) == jax.tree.structure(_init(remat, tokens))
+
+  def loss(model, p):
+    logits = model.apply({"params": p}, tokens)["mlm_logits"]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+  grads = [jax.jit(jax.grad(lambda p, m=m: loss(m, p)))(params) for m in (plain, remat)]
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_dtype_given_by_name():
+  cfg = bert.BertConfig.from_dict({"dtype": "bfloat16", "num_layers": 1})
+  assert cfg.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="dtype 'float8_weird'"):
+    bert.BertConfig(dtype="float8_weird")

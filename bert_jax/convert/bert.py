@@ -290,9 +290,8 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
     raise CheckpointError(f"{source}: unsupported model_type {model_type!r} for the BERT "
                           f"family; supported: {list(MODEL_TYPES)}")
   config = _config_from_hf(hf_config, source, dtype)
-  ckpt_task = _task_from_hf(hf_config, source) if hf_config.get("architectures") else None
-  if task is None:
-    task = ckpt_task or "encoder"
+  ckpt_task = _task_from_hf(hf_config, source)
+  task = task or ckpt_task
   _rename_old_layer_norms(state)
   base = model_type if any(k.startswith(model_type + ".") for k in state.keys()) else ""
   kwargs = {}
@@ -326,7 +325,12 @@ def handles(model) -> bool:
 
 
 def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
-  """`(config.json dict, tensors)` that transformers' Bert*/Roberta* loads."""
+  """`(config.json dict, tensors)` that transformers' Bert*/Roberta* loads.
+
+  The tied MLM decoder is not written (transformers ties it on load). A bare
+  encoder built without a pooler exports hidden states faithfully, but
+  transformers' BertModel always has a pooler and initialises it randomly.
+  """
   cfg: bert.BertConfig = model.config
   task = bert.task_of(model)
   prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
@@ -335,9 +339,8 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
     raise CheckpointError(f"cannot export to Hugging Face {cfg.model_type}: it needs "
                           f"position_offset={expected_offset}, the model has "
                           f"{cfg.position_offset}")
-  arch = next(a for a, (mt, t) in ARCHITECTURES.items() if mt == cfg.model_type and t == task
-              ) if (cfg.model_type, task) in ARCHITECTURES.values() else None
-  if arch is None:
+  archs = [a for a, key in ARCHITECTURES.items() if key == (cfg.model_type, task)]
+  if not archs:
     raise CheckpointError(f"no Hugging Face {prefix} architecture for task {task!r}")
   base = cfg.model_type if task != "encoder" else ""
   entries = list(_encoder_entries(cfg, _HFNames(), base, _uses_pooler(model)))
@@ -351,7 +354,7 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
     value = value.reshape(_matrix_shape(value.shape, entry._replace(transposed=False)))
     tensors[entry.name] = value.T if entry.transposed else value
   hf = {
-      "architectures": [arch], "model_type": cfg.model_type,
+      "architectures": archs, "model_type": cfg.model_type,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "intermediate_size": cfg.intermediate_size, "hidden_act": _ACT_TO_HF[cfg.hidden_act],

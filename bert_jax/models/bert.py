@@ -73,7 +73,10 @@ class BertConfig:
     model_type: 'bert' or 'roberta': the Hugging Face naming used on export,
       and RoBERTa's sequence classifier (dense + tanh over the first token
       instead of the pooler).
-    dtype: computation dtype; parameters are always float32.
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (less memory for long sequences / large models).
+    dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16');
+      parameters are always float32.
   """
   vocab_size: int = 30522
   hidden_size: int = 768
@@ -89,9 +92,14 @@ class BertConfig:
   pad_token_id: int = 0
   position_offset: int = 0
   model_type: str = "bert"
+  remat: bool = False
   dtype: Any = jnp.float32
 
   def __post_init__(self):
+    try:  # config files give names ('bfloat16'); the dataclass is frozen
+      object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    except TypeError as e:
+      raise ValueError(f"BertConfig: unknown dtype {self.dtype!r}") from e
     if self.hidden_size % self.num_heads:
       raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
                        f"num_heads {self.num_heads}")
@@ -217,8 +225,9 @@ class BertEncoder(nn.Module):
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config)
-    self.layers = [BertLayer(self.config, name=f"layer_{i}")
-                   for i in range(self.config.num_layers)]
+    # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
+    block = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
+    self.layers = [block(self.config, name=f"layer_{i}") for i in range(self.config.num_layers)]
     if self.add_pooler:
       self.pooler = _square_dense(self.config.hidden_size, self.config.dtype, "pooler")
 
