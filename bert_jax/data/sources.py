@@ -1,0 +1,331 @@
+"""Text sources: local files, offline tfds datasets, and a built-in English corpus.
+
+A source is named by a spec string:
+  * a path or glob of text files, plain or gzip (`.gz`): one paragraph per
+    line, a blank line between documents (the layout of BERT's
+    create_pretraining_data input and of WikiExtractor dumps);
+  * `tfds:NAME[/CONFIG][:VERSION]:TEXT_KEY`, e.g. `tfds:c4/en:text`: a
+    TensorFlow Datasets dataset already prepared under `data_dir` (default
+    $TFDS_DATA_DIR or ~/tensorflow_datasets). It is read from its folder with
+    `tfds.builder_from_directory`, so nothing is ever downloaded and an
+    unprepared name fails at once. One example is one document; its text is
+    split into paragraphs at newlines;
+  * `builtin:NAME`: real English prose that comes with Python itself, so the
+    quick start needs no download and the project ships no third-party text
+    (see BUILTIN_CORPORA).
+
+Every source becomes the same thing: a tf.data.Dataset whose elements are
+documents, each a 1-D tf.string tensor [num_paragraphs] of stripped, non-blank
+paragraphs (at least one), in a fixed order (files sorted by name, then line
+order; tfds in its stored order). NSP/SOP pairing takes segments from these
+paragraphs; splitting over-long paragraphs is the pipeline's job.
+
+Invalid UTF-8 bytes are replaced by U+FFFD (see tokenizer.fix_utf8) and counted
+in `TextSource.invalid_utf8_bytes` as the dataset is read; they never raise.
+"""
+import dataclasses
+import glob
+import gzip
+import os
+import re
+from typing import Callable, Iterator, List, Optional
+
+import tensorflow as tf
+
+from bert_jax.data import tokenizer as tokenizer_lib
+
+# Lines are grouped into documents this many at a time (one vectorised step
+# instead of one tf.data step per line).
+_LINES_PER_CHUNK = 1024
+
+
+@dataclasses.dataclass
+class TextSource:
+  """An opened, validated source; `documents()` builds its tf.data pipeline.
+
+  Attributes:
+    spec: the spec string it was opened from.
+    description: what it reads, for logs.
+    invalid_utf8_bytes: int64 tf.Variable, invalid bytes replaced so far
+      (grows as the dataset is iterated; every pass counts again).
+  """
+  spec: str
+  description: str
+  _make: Callable[[tf.Variable], tf.data.Dataset] = dataclasses.field(repr=False)
+  invalid_utf8_bytes: Optional[tf.Variable] = dataclasses.field(repr=False, default=None)
+
+  def documents(self) -> tf.data.Dataset:
+    """Dataset of documents: each a tf.string [num_paragraphs], fixed order."""
+    ds = self._make(self.invalid_utf8_bytes)
+    # Rows of a ragged batch come out with a (rank-0) RaggedTensorSpec; passing
+    # them through a map makes every source's element spec a plain TensorSpec.
+    return ds.map(lambda doc: tf.ensure_shape(doc, [None]))
+
+  def iter_documents(self) -> Iterator[List[str]]:
+    """The same documents in Python, as lists of paragraph strings."""
+    for doc in self.documents().as_numpy_iterator():
+      yield [p.decode("utf-8") for p in doc]
+
+
+def open_source(spec: str, *, data_dir: Optional[str] = None,
+                split: str = "train") -> TextSource:
+  """Validates `spec` now (missing/empty files, unprepared tfds) and opens it.
+
+  Args:
+    spec: a file path or glob, `tfds:...` or `builtin:...` (module docstring).
+    data_dir: tfds data folder (tfds specs only).
+    split: tfds split, e.g. 'train' or 'validation' (tfds specs only).
+
+  Returns:
+    A TextSource.
+
+  Raises:
+    FileNotFoundError / ValueError naming the path, dataset, split or key.
+  """
+  if spec.startswith("tfds:"):
+    description, make = _open_tfds(spec, data_dir, split)
+  elif spec.startswith("builtin:"):
+    description, make = _open_builtin(spec)
+  else:
+    description, make = _open_files(spec)
+  counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="invalid_utf8_bytes")
+  return TextSource(spec, description, make, counter)
+
+
+def iter_paragraphs(spec: str, **kwargs) -> Iterator[str]:
+  """Every paragraph of a source in order (e.g. to train a tokenizer on it)."""
+  for doc in open_source(spec, **kwargs).iter_documents():
+    yield from doc
+
+
+def shard(ds: tf.data.Dataset, process_index: int, process_count: int) -> tf.data.Dataset:
+  """Host `process_index`'s share: elements i with i % process_count == index.
+
+  The shares of all hosts are disjoint and together are the whole dataset.
+  Shard before shuffling or repeating so every host agrees on the order.
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} must be in [0, process_count "
+                     f"{process_count})")
+  return ds.shard(process_count, process_index)
+
+
+# ----------------------------------------------------------------------------
+# Local text files
+# ----------------------------------------------------------------------------
+
+def _expand_files(spec: str) -> List[str]:
+  if glob.has_magic(spec):
+    paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    if not paths:
+      raise FileNotFoundError(f"text source glob {spec} matches no file")
+    return paths
+  if os.path.isdir(spec):
+    raise ValueError(f"text source {spec} is a folder; name its files with a glob, "
+                     f"e.g. {os.path.join(spec, '*.txt')}")
+  if not os.path.isfile(spec):
+    raise FileNotFoundError(f"text source file {spec} does not exist")
+  return [spec]
+
+
+def _check_not_empty(path: str) -> None:
+  """Raises unless the file holds a non-blank line (reads up to the first one)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      for line in f:
+        if line.strip():
+          return
+  except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+    raise ValueError(f"cannot read text file {path}: {e}") from e
+  raise ValueError(f"text file {path} is empty (no non-blank line)")
+
+
+def _group_lines(carry: tf.Tensor, lines: tf.Tensor):
+  """scan step: appends a chunk of lines to the open document, emits finished ones.
+
+  Args:
+    carry: [m] paragraphs of the document still open from earlier chunks.
+    lines: [n] next lines; a blank line ends a document.
+
+  Returns:
+    (new carry [k], finished documents RaggedTensor [docs, (paragraphs)]).
+  """
+  lines = tf.concat([carry, lines], axis=0)  # [m + n]
+  blank = tf.equal(lines, "")
+  index = tf.range(tf.size(lines))
+  last_blank = tf.reduce_max(tf.where(blank, index, -1))
+  done, blank_done = lines[:last_blank + 1], blank[:last_blank + 1]
+  doc_of_line = tf.cumsum(tf.cast(blank_done, tf.int64), exclusive=True)
+  docs = tf.RaggedTensor.from_value_rowids(
+      tf.boolean_mask(done, ~blank_done), tf.boolean_mask(doc_of_line, ~blank_done),
+      nrows=tf.reduce_sum(tf.cast(blank_done, tf.int64)))
+  # Consecutive blank lines make empty documents: drop them.
+  docs = tf.ragged.boolean_mask(docs, docs.row_lengths() > 0)
+  return lines[last_blank + 1:], docs
+
+
+def _open_files(spec: str):
+  paths = _expand_files(spec)
+  for path in paths:
+    _check_not_empty(path)
+
+  def file_documents(path, counter):
+    compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+    lines = tf.data.TextLineDataset(path, compression_type=compression)
+    # A blank line at the end closes the file's last document.
+    lines = lines.concatenate(tf.data.Dataset.from_tensors(tf.constant("")))
+    lines = lines.batch(_LINES_PER_CHUNK).map(
+        lambda chunk: tf.strings.strip(tokenizer_lib.fix_utf8(chunk, counter)))
+    docs = lines.scan(tf.zeros([0], tf.string), _group_lines)
+    return docs.unbatch()
+
+  def make(counter):
+    files = tf.data.Dataset.from_tensor_slices(paths)
+    return files.flat_map(lambda path: file_documents(path, counter))
+
+  return f"{len(paths)} text file(s) matching {spec}", make
+
+
+# ----------------------------------------------------------------------------
+# TensorFlow Datasets (offline only)
+# ----------------------------------------------------------------------------
+
+_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+def _tfds_folder(name: str, data_dir: str) -> str:
+  """data_dir/NAME[/CONFIG]/VERSION of a prepared dataset (newest version if none given)."""
+  name, _, version = name.partition(":")
+  base = os.path.join(data_dir, *name.split("/"))
+  if version:
+    candidates = [version] if os.path.isfile(
+        os.path.join(base, version, "dataset_info.json")) else []
+  else:
+    candidates = sorted(
+        (v for v in (os.listdir(base) if os.path.isdir(base) else [])
+         if _VERSION_RE.match(v) and os.path.isfile(os.path.join(base, v, "dataset_info.json"))),
+        key=lambda v: tuple(map(int, v.split("."))))
+  if candidates:
+    return os.path.join(base, candidates[-1])
+  import tensorflow_datasets as tfds
+  known = name.split("/")[0] in tfds.list_builders(with_community_datasets=False)
+  raise FileNotFoundError(
+      f"tfds dataset {name}{':' + version if version else ''} is not prepared in data_dir "
+      f"{data_dir} (no {os.path.join(base, version or '<version>', 'dataset_info.json')}); "
+      + ("it is a tfds dataset name, but bert_jax never downloads: prepare it first, e.g. "
+         f"`tfds build {_tfds_build_args(name)} --data_dir={data_dir}`" if known else
+         f"and {name.split('/')[0]!r} is not a known tfds dataset name"))
+
+
+def _tfds_build_args(name: str) -> str:
+  dataset, _, config = name.partition("/")
+  return f"{dataset} --config={config}" if config else dataset
+
+
+def _open_tfds(spec: str, data_dir: Optional[str], split: str):
+  body = spec[len("tfds:"):]
+  name, sep, key = body.rpartition(":")
+  if not sep or not name or not key or _VERSION_RE.match(key):
+    raise ValueError(f"tfds source {spec!r} must be tfds:NAME[/CONFIG][:VERSION]:TEXT_KEY, "
+                     "e.g. tfds:c4/en:text")
+  data_dir = os.path.expanduser(
+      data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+  folder = _tfds_folder(name, data_dir)
+  import tensorflow_datasets as tfds
+  builder = tfds.builder_from_directory(folder)
+  if split not in builder.info.splits:
+    raise ValueError(f"tfds dataset {name} in {folder} has no split {split!r}; it has "
+                     f"{sorted(builder.info.splits)}")
+  if key not in builder.info.features:
+    raise ValueError(f"tfds dataset {name} has no feature {key!r}; it has "
+                     f"{sorted(builder.info.features)}")
+  if builder.info.splits[split].num_examples == 0:
+    raise ValueError(f"tfds dataset {name} split {split} in {folder} is empty")
+
+  def make(counter):
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+
+    def paragraphs(example):
+      text = tokenizer_lib.fix_utf8(example[key], counter)
+      paras = tf.strings.strip(tf.strings.split(text, "\n"))
+      return tf.boolean_mask(paras, tf.not_equal(paras, ""))  # [num_paragraphs]
+
+    return ds.map(paragraphs).filter(lambda doc: tf.size(doc) > 0)
+
+  return f"tfds {name} split {split} from {folder}", make
+
+
+# ----------------------------------------------------------------------------
+# Built-in corpora (text that ships with Python)
+# ----------------------------------------------------------------------------
+
+def _prose_paragraphs(text: str) -> List[str]:
+  """Blank-line separated blocks, each joined into one line; rules dropped."""
+  out = []
+  for block in re.split(r"\n\s*\n", text):
+    lines = [l.strip() for l in block.splitlines()
+             if l.strip() and not re.fullmatch(r"[\W_]+", l.strip())]
+    if lines:
+      out.append(" ".join(lines))
+  return out
+
+
+def _pydoc_topics() -> List[List[str]]:
+  from pydoc_data import topics  # the text of help('topic'), shipped with CPython
+  docs = (_prose_paragraphs(topics.topics[k]) for k in sorted(topics.topics))
+  return [d for d in docs if d]
+
+
+def _stdlib_docstrings(min_words: int = 8) -> List[List[str]]:
+  import ast
+  import sysconfig
+  root = sysconfig.get_paths()["stdlib"]
+  docs = []
+  for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+    rel = os.path.relpath(path, root).split(os.sep)
+    if rel[0] in ("site-packages", "dist-packages", "test", "idlelib") or "tests" in rel:
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        text = ast.get_docstring(node)
+        if text and len(text.split()) >= min_words:
+          docs.append(_prose_paragraphs(text))
+  return [d for d in docs if d]
+
+
+# name -> (loader, description). Word counts are for CPython 3.11.
+BUILTIN_CORPORA = {
+    "pydoc_topics": (_pydoc_topics,
+                     "CPython's pydoc_data topics: the Python Language Reference sections "
+                     "shown by help(), 79 documents, about 65k words (PSF licence, part of "
+                     "every Python install)"),
+    "stdlib_docstrings": (_stdlib_docstrings,
+                          "docstrings (>= 8 words) of the Python standard library sources, "
+                          "one document each, about 6k documents and 250k words; takes "
+                          "~10 s to parse"),
+}
+
+
+def _open_builtin(spec: str):
+  name = spec[len("builtin:"):]
+  if name not in BUILTIN_CORPORA:
+    raise ValueError(f"unknown builtin corpus {name!r} in {spec!r}; choose one of "
+                     f"{sorted(BUILTIN_CORPORA)}")
+  loader, description = BUILTIN_CORPORA[name]
+  docs = loader()
+  if not docs:
+    raise ValueError(f"builtin corpus {name} is empty in this Python installation")
+  ragged = tf.ragged.constant(docs, dtype=tf.string)  # [docs, (paragraphs)]
+
+  def make(counter):
+    # The text is valid UTF-8 by construction; the counter stays untouched.
+    del counter
+    return tf.data.Dataset.from_tensor_slices(ragged)
+
+  return description, make
