@@ -146,10 +146,14 @@ def corpus_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def t5_style(corpus_file):
-  model = tok_lib.train_sentencepiece(
+  tok = tok_lib.train_sentencepiece(
       [str(corpus_file)], str(corpus_file.parent / "t5"), 600,
       input_sentence_size=6000, num_threads=2)
-  return tok_lib.SentencePieceTokenizer(model, extra_ids=100)
+  assert tok.path == str(corpus_file.parent / "t5.model")
+  # Loading the file again with the same extra ids gives the same vocabulary.
+  again = tok_lib.load_tokenizer(tok.path, extra_ids=100)
+  assert again.pieces == tok.pieces and (again.special == tok.special).all()
+  return tok
 
 
 def test_sentencepiece_t5_layout(t5_style):
@@ -183,10 +187,9 @@ def test_sentencepiece_tokenize_matches_python_and_decodes(t5_style):
 
 
 def test_sentencepiece_bert_special_tokens(corpus_file):
-  model = tok_lib.train_sentencepiece(
+  tok = tok_lib.train_sentencepiece(
       str(corpus_file), str(corpus_file.parent / "bert"), 500, extra_ids=0,
       bert_special_tokens=True, model_type="bpe", input_sentence_size=6000, num_threads=2)
-  tok = tok_lib.load_tokenizer(model, extra_ids=0)
   assert isinstance(tok, tok_lib.SentencePieceTokenizer)
   assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
   assert tok.vocab_size == 500 and tok.eos_id is None
@@ -198,6 +201,20 @@ def test_sentencepiece_bert_special_tokens(corpus_file):
     tok.sentinel_ids(1)
 
 
-def test_train_rejects_glob_matching_nothing(tmp_path):
+def test_train_rejects_bad_inputs(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing-here"):
     tok_lib.train_sentencepiece(str(tmp_path / "nothing-here*.txt"), str(tmp_path / "m"), 100)
+  with pytest.raises(ValueError, match="m.model failed.*vocab_size=5000"):
+    tok_lib.train_sentencepiece(iter(["a few words", "not enough"]), str(tmp_path / "m"), 5000)
+
+
+def test_wordpiece_equals_hf_on_wikipedia(minilm_dir, shared_data):
+  vocab = str(minilm_dir / "vocab.txt")
+  with gzip.open(shared_data / "wiki_en" / "valid.txt.gz", "rt", encoding="utf-8") as f:
+    paragraphs = [line.strip() for line in f if line.strip()]
+  assert len(paragraphs) > 5000
+  got = tok_lib.WordPieceTokenizer(vocab).tokenize(tf.constant(paragraphs)).to_list()
+  rust = _hf_bert(vocab, True).backend_tokenizer
+  want = [e.ids for e in rust.encode_batch(paragraphs, add_special_tokens=False)]
+  diff = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+  assert not diff, f"{len(diff)} paragraphs differ, first: {paragraphs[diff[0]][:200]!r}"

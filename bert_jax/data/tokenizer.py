@@ -120,7 +120,7 @@ class Tokenizer:
     texts = tf.convert_to_tensor(texts, tf.string)
     if texts.shape.rank == 0:
       return self.tokenize(texts[tf.newaxis])[0]
-    if texts.shape.rank != 1:
+    if texts.shape.rank not in (1, None):
       raise ValueError(f"tokenize takes a scalar or 1-D string tensor, got shape {texts.shape}")
     return self._encode(fix_utf8(texts, self.invalid_utf8_bytes))
 
@@ -343,7 +343,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def _iter_lines(inputs: Union[str, Sequence[str], Iterable[str]]) -> Iterable[str]:
-  """Non-blank lines of files/globs (plain or .gz), or the strings themselves."""
+  """Non-blank lines of files/globs (str, list or tuple), or of an iterable of text."""
   if isinstance(inputs, str):
     inputs = [inputs]
   inputs = list(inputs) if isinstance(inputs, (list, tuple)) else inputs
@@ -370,7 +370,7 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
                         bert_special_tokens: bool = False,
                         character_coverage: float = 0.9995,
                         input_sentence_size: int = 1_000_000, seed: int = 0,
-                        num_threads: Optional[int] = None) -> str:
+                        num_threads: Optional[int] = None) -> "SentencePieceTokenizer":
   """Trains a SentencePiece model on text (the `bert-jax train-tokenizer` command).
 
   Special ids: pad=0 always (the batch contract). T5 style (default): eos=1,
@@ -383,15 +383,15 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
 
   Args:
     inputs: a path or glob (plain or .gz text, one sentence or paragraph per
-      line), a list of them, or any iterable of str (e.g. paragraphs from
-      bert_jax.data.sources.iter_paragraphs).
+      line) or a list/tuple of them; any other iterable (a generator, e.g.
+      bert_jax.data.sources.iter_paragraphs(spec)) yields the text itself.
     model_prefix: writes `<model_prefix>.model` and `<model_prefix>.vocab`.
     vocab_size: pieces in the SentencePiece model itself (T5: 32000); the
       loaded tokenizer's vocab_size adds `extra_ids`.
     model_type: 'unigram' (T5) or 'bpe', 'char', 'word'.
-    extra_ids: sentinels the tokenizer should be loaded with; only checked here
-      (must be >= 0) and recorded in the log line, since T5 keeps them outside
-      the model.
+    extra_ids: sentinels appended by the returned tokenizer. T5 keeps them
+      outside the .model file, so load it later with the same number:
+      SentencePieceTokenizer(path, extra_ids=extra_ids).
     bert_special_tokens: reserve [CLS] [SEP] [MASK] for BERT-style pretraining.
     character_coverage: fraction of characters covered by the model.
     input_sentence_size: at most this many lines are sampled (shuffled) for
@@ -400,7 +400,12 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
     num_threads: trainer threads (default: all cores).
 
   Returns:
-    The path of the written .model file.
+    The trained model loaded as a SentencePieceTokenizer (`.path` is the
+    written .model file, `.vocab_size` counts the sentinels).
+
+  Raises:
+    ValueError naming `model_prefix` when SentencePiece refuses (e.g. no text,
+    or a vocab_size the corpus cannot fill).
   """
   if extra_ids < 0:
     raise ValueError(f"extra_ids must be >= 0, got {extra_ids}")
@@ -412,12 +417,16 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
          if bert_special_tokens else dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   spm.set_random_generator_seed(seed)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
-      model_type=model_type, character_coverage=character_coverage,
-      input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-      num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **ids)
-  return model_prefix + ".model"
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **ids)
+  except RuntimeError as e:
+    raise ValueError(f"SentencePiece training of {model_prefix}.model failed "
+                     f"(vocab_size={vocab_size}): {e}") from e
+  return SentencePieceTokenizer(model_prefix + ".model", extra_ids=extra_ids)
 
 
 def load_tokenizer(path: str, *, lower_case: bool = True,
