@@ -21,6 +21,7 @@ HAND_STRINGS = [
     "a" * 150 + " " + "é" * 60 + " ok",
     "emoji 😀 ok \u0300start combining",
     "numbers 3.14 1,000 $5 #hash @user under_score",
+    "soft\u00adhyphen ideographic\u3000space हिन्दी العربية Ελληνικά ﻿bom",
     "",
     "   ",
 ]
@@ -168,6 +169,14 @@ def test_sentencepiece_t5_layout(t5_style):
     tok.sentinel_ids(101)
   with pytest.raises(ValueError, match=r"\[MASK\].*t5.model"):
     tok.require_mask_token()
+
+
+def test_sentencepiece_survives_invalid_utf8(t5_style):
+  before = int(t5_style.invalid_utf8_bytes.numpy())
+  ids = t5_style.tokenize(tf.constant([b"ok \xff then", b"fine"])).to_list()
+  assert int(t5_style.invalid_utf8_bytes.numpy()) - before == 1
+  assert ids[1] == t5_style.tokenize("fine").numpy().tolist()
+  assert ids[0] == t5_style.tokenize("ok \ufffd then").numpy().tolist()
 
 
 def test_sentencepiece_tokenize_matches_python_and_decodes(t5_style):
