@@ -19,7 +19,12 @@ TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermedia
 
 
 def _init(model, tokens, seed=0):
-  return flax.linen.unbox(model.init(jax.random.key(seed), tokens))["params"]
+  """Random float32 params of `model` (numpy: jax's initialisers are slow to compile)."""
+  shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"]
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
+                       ).astype(np.float32), shapes)
 
 
 def _tokens(batch=2, length=9, seed=0, vocab=97):
@@ -112,7 +117,8 @@ def test_padding_mask_defaults_and_explicit_mask_agree():
 
 
 def test_dropout_needs_rng_and_changes_outputs():
-  model = bert.BertForSequenceClassification(bert.BertConfig(**TINY))
+  # One layer: every dropout site compiles its own random-bits kernel, which is slow on CPU.
+  model = bert.BertForSequenceClassification(bert.BertConfig(**{**TINY, "num_layers": 1}))
   tokens = _tokens()
   params = _init(model, tokens)
   det = model.apply({"params": params}, tokens)["logits"]
@@ -156,7 +162,8 @@ def test_bfloat16_computation_keeps_float32_params_and_is_close():
   model32 = bert.BertForPreTraining(cfg)
   params = _init(model32, tokens)
   model16 = bert.BertForPreTraining(bert.BertConfig(**TINY, dtype=jnp.bfloat16))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(_init(model16, tokens)))
+  boxed = jax.eval_shape(model16.init, jax.random.key(0), tokens)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(flax.linen.unbox(boxed)))
   out32 = model32.apply({"params": params}, tokens)
   out16 = model16.apply({"params": params}, tokens)
   assert out16["mlm_logits"].dtype == jnp.bfloat16
@@ -183,6 +190,8 @@ def test_bert_base_sharded_on_fsdp_tensor_mesh_matches_unsharded():
     params = flax.linen.unbox(boxed)["params"]
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t, mlm_positions=positions))
     sharded_out = apply(params, tokens)["mlm_logits"]
+    # The activation constraints reach the compiled program (not silently dropped).
+    assert "sharding_constraint" in apply.lower(params, tokens).as_text()
 
   layer = params["encoder"]["layer_0"]
   big = {

@@ -8,6 +8,8 @@ checkpoint, and exports loaded back into transformers.
 import json
 import logging
 
+import flax
+import jax
 import numpy as np
 import pytest
 
@@ -152,7 +154,9 @@ def test_other_task_gets_fresh_head_with_warning(tmp_path, caplog):
   np.testing.assert_array_equal(
       params["encoder"]["layer_1"]["mlp"]["wo"]["kernel"],
       mlm_params["encoder"]["layer_1"]["mlp"]["wo"]["kernel"])
-  assert params["classifier"]["kernel"].shape == (64, 2)
+  kernel = np.asarray(params["classifier"]["kernel"])
+  assert kernel.shape == (64, 2) and 0.01 < kernel.std() < 0.03  # BERT's init, std 0.02
+  assert not np.asarray(params["classifier"]["bias"]).any()
 
 
 # ---------------------------------------------------------------------------
@@ -253,8 +257,6 @@ def test_import_export_round_trip_through_transformers(tmp_path):
     ("mlm", {}, True), ("sequence_classification", {"num_labels": 2}, True),
 ])
 def test_bert_jax_model_exports_to_transformers(tmp_path, task, kwargs, roberta):
-  import jax
-  import flax
   extra = dict(pad_token_id=1, position_offset=2, model_type="roberta", type_vocab_size=1,
                max_position_embeddings=42) if roberta else {}
   cfg = bert.BertConfig(**{**dict(vocab_size=99, hidden_size=64, num_layers=2, num_heads=4,
@@ -262,12 +264,13 @@ def test_bert_jax_model_exports_to_transformers(tmp_path, task, kwargs, roberta)
   model = bert.build(cfg, task, **kwargs)
   ids, types, mask = _batch(pad=cfg.pad_token_id)
   types = None if roberta else types
-  params = flax.linen.unbox(model.init(jax.random.key(1), ids))["params"]
-  # Non-trivial norms and biases, so a mis-mapped one cannot hide behind 1s and 0s.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten([x + 0.02 * jax.random.normal(k, x.shape)
-                              for x, k in zip(leaves, keys)])
+  # Random values everywhere (norms and biases too, so a mis-mapped one cannot
+  # hide behind 1s and 0s); numpy, because jax's initialisers are slow to compile.
+  shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
+  rng = np.random.RandomState(1)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
+                       ).astype(np.float32), shapes)
   out = bert_jax.save_pretrained(model, params, tmp_path / "out")
   config = json.loads((out / "config.json").read_text())
   reloaded, info = getattr(transformers, config["architectures"][0]).from_pretrained(

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert.hf import CheckpointError, StateDict
-from bert_jax.models import bert
+from bert_jax.models import bert, layers
 
 MODEL_TYPES = ("bert", "roberta")
 
@@ -203,9 +203,14 @@ def _params_from_state(model, entries: list[Entry], state: StateDict,
   if fresh:
     logging.warning("%s: newly initialised (not in the checkpoint): %s", state.source,
                     ", ".join("/".join(p) for p in fresh))
-    init = flax.traverse_util.flatten_dict(flax.linen.unbox(
-        model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"])
-    flat.update({p: np.asarray(init[p]) for p in fresh})
+    # BERT's head initialisation, per parameter: initialising the whole model
+    # (BERT-large on a host) just to get a classifier would be wasteful.
+    keys = jax.random.split(jax.random.key(0), len(fresh))
+    for key, path in zip(keys, fresh):
+      shape = shapes[path].shape
+      flat[path] = (np.ones(shape, np.float32) if path[-1] == "scale" else
+                    np.asarray(layers.bert_init(key, shape, jnp.float32))
+                    if path[-1] in ("kernel", "embedding") else np.zeros(shape, np.float32))
   return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
