@@ -57,6 +57,15 @@ def test_preset_overrides_and_errors_name_the_cause():
     bert.build(bert.BertConfig.preset("tiny"), "ner")
 
 
+def test_sequence_longer_than_position_table_is_an_error():
+  model = bert.BertModel(bert.BertConfig(**TINY))  # 24 positions
+  with pytest.raises(ValueError, match="sequence length 25 exceeds the model's 24 positions"):
+    jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 25), jnp.int32))
+  roberta = bert.BertModel(bert.BertConfig(**TINY, pad_token_id=1, position_offset=2))
+  with pytest.raises(ValueError, match="23 exceeds the model's 22 positions"):
+    jax.eval_shape(roberta.init, jax.random.key(0), jnp.ones((1, 23), jnp.int32))
+
+
 def test_every_parameter_has_logical_names_and_float32():
   model = bert.BertForPreTraining(bert.BertConfig(**TINY, dtype=jnp.bfloat16))
   boxed = jax.eval_shape(model.init, jax.random.key(0), _tokens())

@@ -7,6 +7,7 @@ checkpoint, and exports loaded back into transformers.
 """
 import json
 import logging
+import re
 
 import flax
 import jax
@@ -163,22 +164,22 @@ def test_other_task_gets_fresh_head_with_warning(tmp_path, caplog):
 # (c) Original TF BERT checkpoint (bert_config.json + bert_model.ckpt.*).
 # ---------------------------------------------------------------------------
 def _tf_name(hf_name: str) -> tuple[str, bool]:
-  """Original TF name of a transformers BertForPreTraining tensor, and whether to transpose."""
-  special = {"cls.predictions.bias": ("cls/predictions/output_bias", False),
-             "cls.seq_relationship.weight": ("cls/seq_relationship/output_weights", False),
-             "cls.seq_relationship.bias": ("cls/seq_relationship/output_bias", False)}
+  """Original TF name of a transformers Bert* tensor, and whether to transpose it."""
+  # run_pretraining.py / run_classifier.py / run_squad.py heads: [out, in] output_weights.
+  special = {"cls.predictions.bias": "cls/predictions/output_bias",
+             "cls.seq_relationship.weight": "cls/seq_relationship/output_weights",
+             "cls.seq_relationship.bias": "cls/seq_relationship/output_bias",
+             "classifier.weight": "output_weights", "classifier.bias": "output_bias",
+             "qa_outputs.weight": "cls/squad/output_weights",
+             "qa_outputs.bias": "cls/squad/output_bias"}
   if hf_name in special:
-    return special[hf_name]
-  parts = hf_name.split(".")
-  parts = [f"layer_{parts[i + 1]}" if p == "layer" and i + 1 < len(parts) and
-           parts[i + 1].isdigit() else p for i, p in enumerate(parts)]
-  parts = [p for i, p in enumerate(parts) if not (p.isdigit() and parts[i - 1].startswith("layer_"))]
-  last, owner = parts[-1], parts[-2]
-  if owner == "LayerNorm":
-    return "/".join(parts[:-1] + ["gamma" if last == "weight" else "beta"]), False
-  if owner.endswith("embeddings"):
-    return "/".join(parts[:-1]), False
-  return "/".join(parts[:-1] + ["kernel" if last == "weight" else "bias"]), last == "weight"
+    return special[hf_name], False
+  *owner, last = re.sub(r"\.layer\.(\d+)\.", r".layer_\1.", hf_name).split(".")
+  if owner[-1] == "LayerNorm":
+    return "/".join(owner + ["gamma" if last == "weight" else "beta"]), False
+  if owner[-1].endswith("embeddings"):
+    return "/".join(owner), False
+  return "/".join(owner + ["kernel" if last == "weight" else "bias"]), last == "weight"
 
 
 def _write_tf_checkpoint(folder, tensors: dict):
@@ -194,9 +195,8 @@ def _write_tf_checkpoint(folder, tensors: dict):
   assert (folder / "bert_model.ckpt.index").is_file()
 
 
-def test_original_tf_checkpoint_matches_transformers(tmp_path):
-  # Original BERT's "gelu" is the tanh form: transformers calls it gelu_new.
-  reference, _ = _random_hf(transformers.BertForPreTraining, tmp_path, hidden_act="gelu_new")
+def _tf_folder(reference, folder):
+  """Writes `reference`'s weights as an original TF BERT folder; returns the tensors."""
   tensors = {}
   for name, value in reference.state_dict().items():
     if "position_ids" in name or "decoder" in name:
@@ -204,33 +204,53 @@ def test_original_tf_checkpoint_matches_transformers(tmp_path):
     tf_name, transpose = _tf_name(name)
     value = value.numpy()
     tensors[tf_name] = np.ascontiguousarray(value.T if transpose else value)
-  assert "bert/encoder/layer_1/attention/self/query/kernel" in tensors
   # Optimiser slots and the step counter sit in real checkpoints; they are skipped.
   tensors["bert/pooler/dense/kernel/adam_m"] = np.zeros((64, 64), np.float32)
   tensors["global_step"] = np.int64(1000)
-  folder = tmp_path / "tf_bert"
   _write_tf_checkpoint(folder, tensors)
   (folder / "bert_config.json").write_text(json.dumps({
       "vocab_size": 99, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
       "intermediate_size": 128, "max_position_embeddings": 40, "hidden_act": "gelu",
       "type_vocab_size": 2, "hidden_dropout_prob": 0.1,
       "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02}))
+  return tensors
 
-  model, params = bert_jax.from_pretrained(folder)
-  assert isinstance(model, bert.BertForPreTraining)
-  assert model.config.hidden_act == "gelu_tanh"
+
+@pytest.mark.parametrize("cls_name,config,outputs", [
+    ("BertForPreTraining", {}, {"mlm_logits": "prediction_logits",
+                                "nsp_logits": "seq_relationship_logits"}),
+    ("BertForSequenceClassification", {"num_labels": 3}, {"logits": "logits"}),
+    ("BertForQuestionAnswering", {}, {"start_logits": "start_logits",
+                                      "end_logits": "end_logits"}),
+])
+def test_original_tf_checkpoint_matches_transformers(tmp_path, cls_name, config, outputs):
+  # Original BERT's "gelu" is the tanh form: transformers calls it gelu_new.
+  reference, _ = _random_hf(getattr(transformers, cls_name), tmp_path, hidden_act="gelu_new",
+                            **config)
+  tensors = _tf_folder(reference, tmp_path / "tf_bert")
+  assert "bert/encoder/layer_1/attention/self/query/kernel" in tensors
+
+  model, params = bert_jax.from_pretrained(tmp_path / "tf_bert")  # head picked from the names
+  assert type(model).__name__ == cls_name and model.config.hidden_act == "gelu_tanh"
   ids, types, mask = _batch()
   ours = _ours(model, params, ids, types)
   theirs = _hf(reference, ids, types, mask)
-  _close(ours["mlm_logits"], theirs.prediction_logits)
-  _close(ours["nsp_logits"], theirs.seq_relationship_logits)
+  assert set(ours) == set(outputs)
+  for key, attr in outputs.items():
+    _close(ours[key], getattr(theirs, attr))
 
-  # A missing tensor names itself and the checkpoint.
+
+def test_original_tf_checkpoint_missing_tensor(tmp_path):
+  reference, _ = _random_hf(transformers.BertForPreTraining, tmp_path)
+  tensors = _tf_folder(reference, tmp_path / "tf_bert")
   del tensors["bert/encoder/layer_1/output/dense/bias"]
   broken = tmp_path / "tf_broken"
   _write_tf_checkpoint(broken, tensors)
-  (broken / "bert_config.json").write_text((folder / "bert_config.json").read_text())
+  (broken / "bert_config.json").write_text((tmp_path / "tf_bert" / "bert_config.json").read_text())
   with pytest.raises(CheckpointError, match=r"bert_model\.ckpt.*layer_1/output/dense/bias"):
+    bert_jax.from_pretrained(broken)
+  (broken / "bert_config.json").unlink()
+  with pytest.raises(CheckpointError, match="config.json"):
     bert_jax.from_pretrained(broken)
 
 

@@ -239,6 +239,13 @@ class BertEncoder(nn.Module):
     cfg = self.config
     tokens = encoder_input_tokens
     deterministic = not enable_dropout
+    # An out-of-range position would read NaN (jnp.take fills), not fail: check here.
+    if tokens.shape[1] + cfg.position_offset > cfg.max_position_embeddings:
+      raise ValueError(
+          f"sequence length {tokens.shape[1]} exceeds the model's "
+          f"{cfg.max_position_embeddings - cfg.position_offset} positions "
+          f"(max_position_embeddings={cfg.max_position_embeddings}, "
+          f"position_offset={cfg.position_offset})")
     type_ids = jnp.zeros_like(tokens) if encoder_type_ids is None else encoder_type_ids
     if encoder_positions is None:
       rows = _default_positions(tokens, cfg)
