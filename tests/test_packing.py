@@ -36,9 +36,11 @@ def _unpack(row, key, seg_key):
   return [row[key][seg == s] for s in range(1, seg.max() + 1)]
 
 
-def test_pack_mlm_roundtrip():
+@pytest.mark.parametrize("block_size", [1024, 7])
+def test_pack_mlm_roundtrip(block_size):
   ds, examples = _mlm_examples(120)
-  rows = list(packing.pack_mlm(ds, seq_length=64, max_predictions=12).as_numpy_iterator())
+  rows = list(packing.pack_mlm(ds, seq_length=64, max_predictions=12,
+                               block_size=block_size).as_numpy_iterator())
   assert len(rows) < len(examples) / 2, "rows hold several examples"
   got = []
   for row in rows:
@@ -85,6 +87,22 @@ def test_pack_mlm_truncates_overlong_examples():
     assert np.all(r["mlm_positions"][w] < 16)
 
 
+def test_next_fit_fills_rows_in_order():
+  lengths = [5, 3, 4, 8, 1, 1, 6, 2]
+  ds = tf.data.Dataset.from_generator(
+      lambda: (dict(inputs=np.full(n, n, np.int32), targets=np.ones(1, np.int32))
+               for n in lengths),
+      output_signature=dict(inputs=tf.TensorSpec([None], tf.int32),
+                            targets=tf.TensorSpec([None], tf.int32)))
+  rows = list(packing.pack_seq2seq(ds, 8, 4).as_numpy_iterator())
+  # Next-fit: [5 3] [4] [8] [1 1 6] [2]; a 4th target in a row would not fit.
+  got = [r["encoder_input_tokens"][r["encoder_segment_ids"] > 0].tolist() for r in rows]
+  assert got == [[5] * 5 + [3] * 3, [4] * 4, [8] * 8, [1, 1] + [6] * 6, [2, 2]]
+  assert rows[3]["encoder_segment_ids"].tolist() == [1, 2, 3, 3, 3, 3, 3, 3]
+  assert rows[3]["encoder_positions"].tolist() == [0, 0, 0, 1, 2, 3, 4, 5]
+  assert rows[3]["decoder_segment_ids"].tolist() == [1, 2, 3, 0]
+
+
 def test_pad_mlm():
   ds, examples = _mlm_examples(10)
   rows = list(packing.pad_mlm(ds, 48).as_numpy_iterator())
@@ -128,9 +146,10 @@ def _check_decoder(row):
       assert inp[i] == tgt[i - 1] and seg[i - 1] == seg[i]
 
 
-def test_pack_seq2seq_roundtrip():
+@pytest.mark.parametrize("block_size", [1024, 5])
+def test_pack_seq2seq_roundtrip(block_size):
   ds, examples = _seq2seq_examples(80)
-  rows = list(packing.pack_seq2seq(ds, 64, 24).as_numpy_iterator())
+  rows = list(packing.pack_seq2seq(ds, 64, 24, block_size=block_size).as_numpy_iterator())
   inputs, targets = [], []
   for r in rows:
     assert r["encoder_input_tokens"].shape == (64,) and r["decoder_target_tokens"].shape == (24,)

@@ -4,13 +4,15 @@ Packed rows follow the batch contract (DESIGN.md): `*_segment_ids` number the
 examples of a row 1, 2, 3, ... (0 = padding) and `*_positions` restart at 0 for
 each example, so attention and position embeddings never cross examples.
 
-Packing is greedy and sequential (what t5x/seqio's trim_and_pack does within
-its buffer): examples are appended to the current row while every stream still
-fits; the first that does not closes the row and opens the next. Order is kept
-and nothing is dropped; an example longer than a row is truncated to the row
-(its tokens beyond the row length, and MLM predictions pointing there, are
-lost). Rows are built with `Dataset.scan`, so packing runs in one tf.data
-thread; put it after the parallel per-example maps.
+Packing is greedy (next-fit, what t5x/seqio's trim_and_pack does within its
+buffer): blocks of `block_size` consecutive examples are packed independently
+and in parallel; within a block, examples go into the current row while every
+stream still fits, and the first that does not closes the row and opens the
+next. Order is kept and nothing is dropped (but examples with no encoder
+tokens, which hold nothing to train on); an example longer than a row is
+truncated to the row (its tokens beyond the row length, and MLM predictions
+pointing there, are lost). Only the last row of each block may be emptier than
+packing the whole stream at once would leave it.
 
 Encoder-only (MLM):  pack_mlm / pad_mlm
   in:  encoder_input_tokens [n], optional encoder_type_ids [n], mlm_positions,
@@ -32,81 +34,97 @@ import tensorflow as tf
 
 _MLM_KEYS = ("mlm_positions", "mlm_targets", "mlm_weights")
 _SBO_KEYS = ("sbo_left_positions", "sbo_right_positions")
-_LAST = "_last"  # marks the end-of-data element that flushes the last row
-
 # stream name -> (feature keys, row length, whether it gets segment ids/positions)
 Streams = Dict[str, Tuple[Sequence[str], int, bool]]
 
 
-def _write(buffer, value, start, length):
-  """buffer[start:start + len(value)] = value, with static shapes."""
-  n = tf.size(value)
-  idx = tf.range(length)
-  inside = (idx >= start) & (idx < start + n)
-  placed = tf.roll(tf.pad(value, [[0, length - n]]), start, 0)
-  return tf.where(inside, placed, buffer), inside
+def _assign_rows(lengths, caps):
+  """Next-fit: row index and start offset of each example of a block.
+
+  Args:
+    lengths: int32 [K, S], tokens of each example in each stream.
+    caps: int32 [S], row length of each stream.
+
+  Returns:
+    (rows [K], starts [K, S]).
+  """
+  def step(carry, lens):
+    row, _, end = carry
+    fits = tf.reduce_all(end + lens <= caps)
+    start = tf.where(fits, end, tf.zeros_like(end))
+    return tf.where(fits, row, row + 1), start, start + lens
+
+  zeros = tf.zeros_like(caps)
+  rows, starts, _ = tf.scan(step, lengths, initializer=(tf.constant(0), zeros, zeros))
+  return rows, starts
 
 
-def _empty_state(streams: Streams, spec):
-  state = {"num": tf.constant(0, tf.int32)}
-  for name, (keys, length, segmented) in streams.items():
-    state[name + "/fill"] = tf.constant(0, tf.int32)
-    for k in keys:
-      state[k] = tf.zeros([length], spec[k].dtype)
+def _pack_block(block, streams: Streams, offsets: Dict[str, str]):
+  """Packs one padded block of K examples into [num_rows, length] features."""
+  names = list(streams)
+  caps = tf.constant([streams[n][1] for n in names], tf.int32)
+  lengths = tf.stack([block[n + "/len"] for n in names], 1)  # [K, S]
+  rows, starts = _assign_rows(lengths, caps)
+  num_rows = rows[-1] + 1
+  k = tf.range(tf.size(rows))
+  # Segment number inside the row: 1 for the row's first example, then 2, ...
+  first_in_row = tf.math.unsorted_segment_min(k, rows, num_rows)
+  segment = k - tf.gather(first_in_row, rows) + 1  # [K]
+  out = {}
+  for s, name in enumerate(names):
+    keys, length, segmented = streams[name]
+    width = tf.shape(block[keys[0]])[1]
+    j = tf.range(width)[None, :]  # [1, width]
+    valid = j < lengths[:, s:s + 1]  # [K, width]
+    where = tf.stack([tf.broadcast_to(rows[:, None], tf.shape(valid)),
+                      starts[:, s:s + 1] + j], -1)
+    index = tf.boolean_mask(where, valid)  # [n, 2]
+
+    def scatter(values):
+      return tf.scatter_nd(index, tf.boolean_mask(values, valid), [num_rows, length])
+
+    for key in keys:
+      values = block[key]
+      if key in offsets:
+        shift = starts[:, names.index(offsets[key])][:, None]
+        values += tf.cast(shift, values.dtype)
+      out[key] = scatter(values)
     if segmented:
-      state[name + "_segment_ids"] = tf.zeros([length], tf.int32)
-      state[name + "_positions"] = tf.zeros([length], tf.int32)
-  return state
+      out[name + "_segment_ids"] = scatter(tf.broadcast_to(segment[:, None], tf.shape(valid)))
+      out[name + "_positions"] = scatter(tf.broadcast_to(j, tf.shape(valid)))
+  return out
 
 
-def _greedy_pack(dataset: tf.data.Dataset, streams: Streams,
-                 offsets: Dict[str, str]) -> tf.data.Dataset:
+def _greedy_pack(dataset: tf.data.Dataset, streams: Streams, offsets: Dict[str, str],
+                 block_size: int) -> tf.data.Dataset:
   """Packs trimmed examples (every feature 1-D, unpadded, fits its row).
+
+  Blocks of `block_size` consecutive examples are packed independently, in
+  parallel, each greedily (next-fit, order kept); only the last row of a block
+  may be emptier than greedy packing of the whole stream would leave it.
 
   Args:
     dataset: dict elements; keys of one stream share their length.
     streams: stream name -> (keys, row length, segmented).
-    offsets: key -> stream whose fill is added to the key's values (positions
-      that must point into the packed row).
+    offsets: key -> stream whose start offset is added to the key's values
+      (positions that must point into the packed row).
+    block_size: examples per block.
 
   Returns:
     Dataset of packed rows (keys, plus <stream>_segment_ids/_positions).
   """
-  spec = dataset.element_spec
-  empty = _empty_state(streams, spec)
-  sentinel = {k: tf.zeros([0], s.dtype) for k, s in spec.items()}
-  sentinel[_LAST] = tf.constant(True)
-  data = dataset.map(lambda x: {**x, _LAST: tf.constant(False)})
-  data = data.concatenate(tf.data.Dataset.from_tensors(sentinel))
+  def add_lengths(ex):
+    return {**ex, **{n + "/len": tf.size(ex[keys[0]]) for n, (keys, _, _) in streams.items()}}
 
-  def step(state, ex):
-    last = ex[_LAST]
-    sizes = {name: tf.size(ex[keys[0]]) for name, (keys, _, _) in streams.items()}
-    fits = tf.reduce_all(tf.stack(
-        [state[name + "/fill"] + sizes[name] <= length
-         for name, (_, length, _) in streams.items()]))
-    emit = (last | tf.logical_not(fits)) & (state["num"] > 0)
-    row = {k: v for k, v in state.items() if "/" not in k and k != "num"}
-    # A full row restarts from empty before this example goes in.
-    base = tf.nest.map_structure(lambda e, s: tf.where(fits, s, e), empty, state)
-    new = dict(base, num=base["num"] + 1)
-    for name, (keys, length, segmented) in streams.items():
-      fill = base[name + "/fill"]
-      for k in keys:
-        value = ex[k]
-        if k in offsets:
-          value += tf.cast(base[offsets[k] + "/fill"], value.dtype)
-        new[k], inside = _write(base[k], value, fill, length)
-      if segmented:
-        seg_key, pos_key = name + "_segment_ids", name + "_positions"
-        new[seg_key] = tf.where(inside, new["num"], base[seg_key])
-        new[pos_key] = tf.where(inside, tf.range(length) - fill, base[pos_key])
-      new[name + "/fill"] = fill + sizes[name]
-    return new, (row, emit)
-
-  return (data.scan(empty, step)
-          .filter(lambda row, emit: emit)
-          .map(lambda row, emit: row))
+  keys = [k for keys, _, _ in streams.values() for k in keys]
+  first = next(iter(streams)) + "/len"
+  return (dataset.map(lambda ex: add_lengths({k: ex[k] for k in keys}),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .filter(lambda ex: ex[first] > 0)  # an empty example would leave a hole
+          .padded_batch(block_size)
+          .map(lambda b: _pack_block(b, streams, offsets), num_parallel_calls=tf.data.AUTOTUNE,
+               deterministic=True)
+          .unbatch())
 
 
 def _trim_mlm(ex, seq_length: int, max_predictions: int):
@@ -126,8 +144,8 @@ def _trim_mlm(ex, seq_length: int, max_predictions: int):
   return out
 
 
-def pack_mlm(dataset: tf.data.Dataset, seq_length: int,
-             max_predictions: int) -> tf.data.Dataset:
+def pack_mlm(dataset: tf.data.Dataset, seq_length: int, max_predictions: int,
+             block_size: int = 1024) -> tf.data.Dataset:
   """Packs masked examples into rows of seq_length tokens and max_predictions slots.
 
   A row closes when the next example's tokens or its predictions do not fit.
@@ -139,6 +157,7 @@ def pack_mlm(dataset: tf.data.Dataset, seq_length: int,
     seq_length: row length in tokens.
     max_predictions: mlm_* width of a packed row (e.g. round(0.15 * seq_length)
       plus a margin, since several examples share it).
+    block_size: examples packed together (see module docstring).
 
   Returns:
     Dataset of packed rows in the batch-contract form.
@@ -146,12 +165,13 @@ def pack_mlm(dataset: tf.data.Dataset, seq_length: int,
   missing = [k for k in ("encoder_input_tokens",) + _MLM_KEYS if k not in dataset.element_spec]
   if missing:
     raise ValueError(f"pack_mlm needs the features {missing} (from masking.mask_tokens)")
-  data = dataset.map(lambda ex: _trim_mlm(ex, seq_length, max_predictions))
+  data = dataset.map(lambda ex: _trim_mlm(ex, seq_length, max_predictions),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   mlm_keys = [k for k in _MLM_KEYS + _SBO_KEYS if k in data.element_spec]
   streams = {"encoder": (("encoder_input_tokens", "encoder_type_ids"), seq_length, True),
              "mlm": (tuple(mlm_keys), max_predictions, False)}
   offsets = {k: "encoder" for k in ("mlm_positions",) + _SBO_KEYS if k in mlm_keys}
-  return _greedy_pack(data, streams, offsets)
+  return _greedy_pack(data, streams, offsets, block_size)
 
 
 def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
@@ -184,7 +204,7 @@ def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
       ex["mlm_weights"] = tf.where(ex["mlm_positions"] < seq_length, ex["mlm_weights"], 0.0)
     return ex
 
-  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _decoder_features(ex):
@@ -198,8 +218,8 @@ def _decoder_features(ex):
   return ex
 
 
-def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
-                 targets_length: int) -> tf.data.Dataset:
+def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int, targets_length: int,
+                 block_size: int = 1024) -> tf.data.Dataset:
   """Packs {inputs, targets} examples into encoder/decoder rows.
 
   A row closes when the next example's inputs or targets do not fit. Inputs
@@ -210,6 +230,7 @@ def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
     dataset: elements {"inputs": int [n], "targets": int [m]}.
     inputs_length: encoder row length.
     targets_length: decoder row length.
+    block_size: examples packed together (see module docstring).
 
   Returns:
     Dataset of packed rows with encoder_* and decoder_* features.
@@ -220,7 +241,9 @@ def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
 
   streams = {"encoder": (("encoder_input_tokens",), inputs_length, True),
              "decoder": (("decoder_target_tokens",), targets_length, True)}
-  return _greedy_pack(dataset.map(trim), streams, {}).map(_decoder_features)
+  data = dataset.map(trim, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return _greedy_pack(data, streams, {}, block_size).map(
+      _decoder_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def pad_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
@@ -248,4 +271,4 @@ def pad_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
       out[name + "_positions"] = tf.where(inside, tf.range(length), 0)
     return _decoder_features(out)
 
-  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
