@@ -286,6 +286,26 @@ def _span_boundaries(selected, group):
   return tf.gather(first, key) - 1, tf.gather(last, key) + 1
 
 
+def _apply_outcomes(tokens, selected, span_of_token, vocab: VocabInfo, mask_prob: float,
+                    random_prob: float, seed_outcome, seed_random):
+  """80/10/10: [MASK], a random ordinary id, or the token itself, at selected tokens.
+
+  One uniform draw per token, or per span when `span_of_token` (span index
+  per token) is given: then all tokens of a span share the outcome (SpanBERT),
+  though each randomly replaced token gets its own random id.
+  """
+  length = tf.size(tokens)
+  u = tf.random.stateless_uniform([length], seed_outcome)
+  if span_of_token is not None:
+    u = tf.gather(u, tf.maximum(span_of_token, 0))
+  ordinary = tf.constant(vocab.ordinary_ids)
+  random_ids = tf.gather(ordinary, tf.random.stateless_uniform(
+      [length], seed_random, 0, ordinary.shape[0], tf.int32))
+  replaced = tf.where(u < mask_prob, vocab.mask_id,
+                      tf.where(u < mask_prob + random_prob, random_ids, tokens))
+  return tf.where(selected, replaced, tokens)
+
+
 def mask_tokens(tokens, seed, vocab: VocabInfo, *, max_predictions: int,
                 scheme: str = "token", rate: float = 0.15, mask_prob: float = 0.8,
                 random_prob: float = 0.1, span_probs: Optional[np.ndarray] = None):
@@ -354,17 +374,8 @@ def mask_tokens(tokens, seed, vocab: VocabInfo, *, max_predictions: int,
     selected = span_of_token > 0
     group = span_of_token - 1  # attempt index of the span
 
-  # One uniform per token, or per span (indexed by attempt) for SpanBERT.
-  length = tf.size(tokens)
-  u = tf.random.stateless_uniform([length], s_outcome)
-  if scheme == "span":
-    u = tf.gather(u, tf.maximum(group, 0))
-  ordinary = tf.constant(vocab.ordinary_ids)
-  random_ids = tf.gather(ordinary, tf.random.stateless_uniform(
-      [length], s_random, 0, ordinary.shape[0], tf.int32))
-  replaced = tf.where(u < mask_prob, vocab.mask_id,
-                      tf.where(u < mask_prob + random_prob, random_ids, tokens))
-  masked = tf.where(selected, replaced, tokens)
+  masked = _apply_outcomes(tokens, selected, group if scheme == "span" else None, vocab,
+                           mask_prob, random_prob, s_outcome, s_random)
 
   # [max_predictions] gathered form; positions come out ascending.
   positions = tf.cast(tf.where(selected)[:, 0], tf.int32)
