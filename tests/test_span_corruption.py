@@ -16,6 +16,13 @@ def test_input_and_target_lengths(inputs_length, tokens_length, targets_length):
   assert sc.compute_input_and_target_lengths(inputs_length) == (tokens_length, targets_length)
 
 
+def test_lengths_at_half_density_match_t5():
+  # t5 trims one raw token at density 0.5 so targets do not outgrow inputs.
+  tokens_length, targets_length = sc.compute_input_and_target_lengths(512, 0.5, 3.0)
+  assert targets_length <= 512
+  assert sc._lengths_for(tokens_length, 0.5, 3.0)[0] <= 512
+
+
 def _mask(length, i):
   return sc.random_spans_noise_mask(tf.constant(length), masking.example_seed(0, 0, i)).numpy()
 

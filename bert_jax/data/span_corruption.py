@@ -46,11 +46,15 @@ def compute_input_and_target_lengths(inputs_length: int, noise_density: float = 
   """
   if inputs_length < 2:
     raise ValueError(f"inputs_length={inputs_length} leaves no room for a token and EOS")
-  tokens_length = inputs_length - 1
+  tokens_length = inputs_length  # where t5 starts the search, kept for equality
   while _lengths_for(tokens_length + 1, noise_density, mean_noise_span_length)[0] \
       <= inputs_length:
     tokens_length += 1
-  targets = _lengths_for(tokens_length, noise_density, mean_noise_span_length)[1]
+  inputs, targets = _lengths_for(tokens_length, noise_density, mean_noise_span_length)[:2]
+  # t5 does this too: at density 0.5 targets would exceed inputs by one token.
+  if noise_density == 0.5 and targets > inputs:
+    tokens_length -= 1
+    targets -= 1
   return tokens_length, targets
 
 
