@@ -96,10 +96,8 @@ def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> It
   j = lambda *parts: n.sep.join(p for p in parts if p)
   enc = ("encoder",)
   emb = enc + ("embeddings",)
-  for ours, theirs in (("word_embeddings", "word_embeddings"),
-                       ("position_embeddings", "position_embeddings"),
-                       ("token_type_embeddings", "token_type_embeddings")):
-    yield n.embed(emb + (ours,), j(base, "embeddings", theirs))
+  for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+    yield n.embed(emb + (table,), j(base, "embeddings", table))
   yield from n.norm(emb + ("layer_norm",), j(base, "embeddings", "LayerNorm"))
   for i in range(cfg.num_layers):
     ours, theirs = enc + (f"layer_{i}",), j(base, "encoder", n.layer(i))
