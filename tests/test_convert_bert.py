@@ -105,6 +105,28 @@ def test_masked_lm_all_positions_and_gathered_positions(tmp_path):
   _close(gathered, rows)
 
 
+def test_legacy_pytorch_bin_with_gamma_beta_and_tied_copy(tmp_path):
+  # Early PyTorch BERT checkpoints: pytorch_model.bin, LayerNorm gamma/beta,
+  # the tied decoder stored as a copy, the position_ids buffer saved.
+  reference, folder = _random_hf(transformers.BertForMaskedLM, tmp_path)
+  state = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma",
+                  re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v.clone()
+           for k, v in reference.state_dict().items()}
+  state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+  state["bert.embeddings.position_ids"] = torch.arange(40)[None]
+  assert "bert.encoder.layer.0.output.LayerNorm.gamma" in state
+  (folder / "model.safetensors").unlink()
+  torch.save(state, folder / "pytorch_model.bin")
+  model, params = bert_jax.from_pretrained(folder)
+  ids, types, mask = _batch()
+  _close(_ours(model, params, ids, types)["mlm_logits"], _hf(reference, ids, types, mask).logits)
+  # A decoder copy that differs from the embedding cannot be represented: error.
+  state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1.0
+  torch.save(state, folder / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match="cls.predictions.decoder.weight' differs"):
+    bert_jax.from_pretrained(folder)
+
+
 @pytest.mark.parametrize("cls_name,config,outputs", [
     ("BertForPreTraining", {}, {"mlm_logits": "prediction_logits",
                                 "nsp_logits": "seq_relationship_logits"}),
