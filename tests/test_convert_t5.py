@@ -178,3 +178,14 @@ def test_unknown_head_tensor_is_an_error(tmp_path):
                                          np.zeros((4, 32), np.float32)}))
   with pytest.raises(CheckpointError, match="classification_head.dense.weight"):
     bert_jax.from_pretrained(tmp_path)
+
+
+def test_mt5_model_type_loads_with_the_same_names(tmp_path):
+  hf = _hf_model("1.1", untie=True)
+  hf.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config.update(model_type="mt5", architectures=["MT5ForConditionalGeneration"])
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  model, params = bert_jax.from_pretrained(tmp_path)
+  assert isinstance(model, t5.T5Model) and not model.config.tie_word_embeddings
+  np.testing.assert_allclose(_ours(model, params), _hf_logits(hf), atol=1e-4, rtol=0)

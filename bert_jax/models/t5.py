@@ -116,7 +116,7 @@ class T5Config:
       raise ValueError(f"unknown T5 preset {name!r}; choose one of {list(_PRESETS)}")
     d_model, d_ff, heads, num_layers, family = _PRESETS[name]
     fields = dict(family, d_model=d_model, d_ff=d_ff, num_heads=heads,
-                  d_kv=d_model // heads if name.startswith("t5_v1_0") or "tiny" in name else 64,
+                  d_kv=16 if name.endswith("tiny") else 64,
                   num_encoder_layers=num_layers, num_decoder_layers=num_layers)
     fields.update(overrides)
     return cls.from_dict(fields)
