@@ -108,6 +108,9 @@ def test_cached_decoding_matches_full_forward(version):
     np.testing.assert_allclose(logits[:, 0], full[:, i], atol=1e-5, rtol=0, err_msg=f"step {i}")
   # A stale cache would make later steps differ: check it really advanced.
   assert int(cache["decoder"]["cache_index"]) == dec.shape[1]
+  with pytest.raises(ValueError, match="one token per call"):
+    model.apply({"params": params, "cache": cache}, encoded, enc, dec[:, :2], decode=True,
+                method=t5.T5Model.decode, mutable=["cache"])
 
 
 def test_packed_examples_equal_each_alone():

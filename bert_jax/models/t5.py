@@ -28,7 +28,9 @@ Incremental decoding (t5x style):
                                  mutable=["cache"])
       cache = vars["cache"]
 
-Step i's logits equal position i of the teacher-forced forward pass.
+Step i's logits equal position i of the teacher-forced forward pass. The
+cache holds max_length steps; a step beyond it is not detected inside jit
+(the write index is clamped), so callers stop at max_length.
 `T5EncoderModel` is the encoder half alone (same parameter names, so it loads
 the `shared` and `encoder` subtrees of a full checkpoint) and returns hidden
 states [batch, length, d_model].
