@@ -149,7 +149,7 @@ def test_whole_word_skips_words_that_do_not_fit():
 def test_span_masking_spans_and_lengths():
   # Long runs of single-piece words, so spans are rarely clipped at a run end.
   rng = np.random.default_rng(3)
-  tokens = rng.integers(5, CONT[0], (600, 512)).astype(np.int32)
+  tokens = rng.integers(5, CONT[0], (400, 512)).astype(np.int32)
   tokens[:, 0], tokens[:, -1] = CLS, SEP
   out = _run(tokens, "span", max_predictions=80)
   codes = _check_common(tokens, out, max_pred=80)
@@ -185,6 +185,49 @@ def test_span_sampler_matches_geometric_table():
   # 3 sigma of a 22% share over 50k draws is ~0.006.
   np.testing.assert_allclose(hist, probs, atol=0.006)
   assert abs(draws.mean() - 3.797) < 0.05
+
+
+def _sequential_spans(anchor, span_len, lengths, run, budget, truncate):
+  """Plain attempt-by-attempt span selection, the semantics _greedy_spans vectorises."""
+  num = len(lengths)
+  run_end = [max(j for j in range(num) if run[j] == run[w]) + 1 for w in range(num)]
+  owner, used = [0] * num, 0
+  for i in range(num):
+    if used >= budget:
+      break
+    span = range(anchor[i], min(anchor[i] + span_len[i], run_end[anchor[i]]))
+    if any(owner[w] for w in span):
+      continue
+    fit, total = [], used
+    for w in span:
+      if total + lengths[w] > budget:
+        break
+      fit.append(w)
+      total += lengths[w]
+    if fit and (truncate or len(fit) == len(span)):
+      for w in fit:
+        owner[w] = i + 1
+      used = total
+  return owner
+
+
+def test_vectorised_span_selection_equals_sequential():
+  rng = np.random.default_rng(11)
+  vec = tf.TensorSpec([None], tf.int32)
+  greedy = {t: tf.function(lambda a, s, l, r, b, t=t: masking._greedy_spans(a, s, l, r, b, t),
+                           input_signature=[vec] * 4 + [tf.TensorSpec([], tf.int32)])
+            for t in (True, False)}
+  for case in range(300):
+    num = int(rng.integers(1, 50))
+    lengths = rng.integers(1, 4, num).astype(np.int32)
+    run = np.cumsum(rng.random(num) < 0.1).astype(np.int32) + 1
+    anchor = rng.permutation(num).astype(np.int32)
+    span_len = rng.integers(1, 11, num).astype(np.int32)
+    budget = int(rng.integers(1, 30))
+    for truncate in (True, False):
+      got = greedy[truncate](anchor, span_len, lengths, run, budget).numpy()
+      want = _sequential_spans(anchor, span_len, lengths, run, budget, truncate)
+      assert got.tolist() == want, (case, truncate)
 
 
 def test_whole_word_spans_respect_word_boundaries():

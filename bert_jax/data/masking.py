@@ -243,34 +243,72 @@ def _select_spans(words, budget, probs: np.ndarray, truncate: bool, seed):
   (SpanBERT) or is skipped (ALBERT n-grams, like whole words in BERT).
 
   Returns:
-    (span_of_word [W] int32: 1 + attempt index of the span holding the word,
-     0 if none; the attempt index keys the per-span random draws).
+    span_of_word [W] int32: 1 + attempt index of the span holding the word,
+    0 if none; the attempt index keys the per-span random draws.
   """
-  num_words = words["num_words"]
-  lengths, run = words["lengths"], words["run"]
   s_order, s_len = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  num_words = words["num_words"]
   order = tf.argsort(tf.random.stateless_uniform([num_words], s_order))
   span_len = sample_span_lengths(num_words, probs, s_len)  # [W] one per attempt
+  return _greedy_spans(order, span_len, words["lengths"], words["run"], budget, truncate)
+
+
+def _greedy_spans(anchor, span_len, lengths, run, budget, truncate: bool):
+  """The sequential attempt-by-attempt selection, computed in vectorised rounds.
+
+  Attempt i covers words [lo_i, hi_i). Each round settles, in attempt order,
+  every attempt up to the first one that overlaps an attempt accepted in the
+  same round or overflows the budget; attempts overlapping spans of earlier
+  rounds are rejected on the spot. So rounds = conflicts + overflows + 1, a
+  few per example, instead of one loop step per attempt.
+
+  Args:
+    anchor: int32 [A] first word of each attempt, in visiting order.
+    span_len: int32 [A] drawn length in words.
+    lengths: int32 [W] tokens per word.
+    run: int32 [W] run id of each word (non-decreasing).
+    budget: int32 scalar, most tokens to select.
+    truncate: keep the fitting words of an overflowing span (else skip it).
+
+  Returns:
+    span_of_word [W] int32 (1 + accepted attempt index, 0 = not selected).
+  """
+  num_words = tf.size(lengths)
   idx = tf.range(num_words)
+  run_end = tf.math.unsorted_segment_max(idx, run, tf.reduce_max(tf.concat([run, [0]], 0)) + 1) + 1
+  lo = anchor
+  hi = tf.minimum(anchor + span_len, tf.gather(run_end, tf.gather(run, anchor)))
+  before = tf.pad(tf.cumsum(lengths), [[1, 0]])  # [W + 1] tokens before each word
+  tokens = tf.gather(before, hi) - tf.gather(before, lo)  # [A]
+  cover = (lo[:, None] <= idx[None, :]) & (idx[None, :] < hi[:, None])  # [A, W]
+  overlap = (lo[:, None] < hi[None, :]) & (lo[None, :] < hi[:, None])  # [A, A]
+  earlier_overlap = overlap & (idx[None, :] < idx[:, None])  # j before i
 
-  def body(i, used, span_of_word):
-    anchor = order[i]
-    in_span = ((idx >= anchor) & (idx < anchor + span_len[i])
-               & tf.equal(run, tf.gather(run, anchor)))
-    overlap = tf.reduce_any(in_span & (span_of_word > 0))
-    cum = tf.cumsum(tf.where(in_span, lengths, 0))
-    fit = in_span & (cum <= budget - used)
-    fits = tf.reduce_any(fit) if truncate else tf.reduce_all(fit == in_span)
-    take = fit & tf.logical_not(overlap) & fits
-    used += tf.reduce_sum(tf.where(take, lengths, 0))
-    return i + 1, used, tf.where(take, i + 1, span_of_word)
+  def body(span_of_word, alive, left):
+    taken = tf.pad(tf.cumsum(tf.cast(span_of_word > 0, tf.int32)), [[1, 0]])
+    alive &= tf.gather(taken, hi) == tf.gather(taken, lo)  # no word already taken
+    conflict = alive & tf.reduce_any(earlier_overlap & alive[None, :], axis=1)
+    cum = tf.cumsum(tf.where(alive, tokens, 0))
+    over = alive & (cum > left)
+    first = tf.reduce_min(tf.where(conflict | over, idx, num_words))
+    accept = alive & (idx < first)
+    left -= tf.reduce_sum(tf.where(accept, tokens, 0))
+    owner = tf.reduce_max(tf.where(accept[:, None] & cover, idx[:, None] + 1, 0), axis=0)
+    span_of_word = tf.maximum(span_of_word, owner)
+    if truncate:  # SpanBERT keeps the whole words of an overflowing span that fit
+      f = tf.minimum(first, num_words - 1)
+      cut = (tf.gather(cover, f) & (tf.gather(before, idx + 1) - before[lo[f]] <= left)
+             & (first < num_words) & tf.logical_not(conflict[f]))
+      span_of_word = tf.where(cut, f + 1, span_of_word)
+      left -= tf.reduce_sum(tf.where(cut, lengths, 0))
+    return span_of_word, alive & (idx > first), left
 
-  def cond(i, used, span_of_word):
+  def cond(span_of_word, alive, left):
     del span_of_word
-    return (i < num_words) & (used < budget)
+    return (left > 0) & tf.reduce_any(alive)
 
-  _, _, span_of_word = tf.while_loop(
-      cond, body, (0, 0, tf.zeros([num_words], tf.int32)))
+  span_of_word, _, _ = tf.while_loop(
+      cond, body, (tf.zeros([num_words], tf.int32), tf.ones([num_words], tf.bool), budget))
   return span_of_word
 
 
