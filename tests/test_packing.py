@@ -177,3 +177,36 @@ def test_pad_seq2seq():
     assert r["decoder_input_tokens"][0] == 0 and r["decoder_segment_ids"].max() == 1
     np.testing.assert_array_equal(r["encoder_input_tokens"][:len(ex["inputs"])],
                                   ex["inputs"][:64])
+
+
+def test_pipelines_compose_with_static_shapes():
+  vocab = masking.VocabInfo.create(500, pad_id=0, cls_id=2, sep_id=3, mask_id=4,
+                                   word_start=np.ones(500, bool))
+  docs = tf.data.Dataset.range(40).map(
+      lambda i: tf.cast(tf.range(5, 5 + 30 + i % 20) % 490 + 5, tf.int32))
+  # BERT: NSP pairs -> whole-word masking -> padding -> batches.
+  pairs = docs.enumerate().map(lambda i, d: masking.nsp_pair(
+      d[:10], d[10:], d[::-1], masking.example_seed(1, 0, i), vocab, max_seq_length=32))
+  bert = packing.pad_mlm(pairs.enumerate().map(lambda i, ex: {**ex, **masking.mask_tokens(
+      ex["encoder_input_tokens"], masking.example_seed(2, 0, i), vocab, max_predictions=5,
+      scheme="whole_word")}), 32).batch(8, drop_remainder=True)
+  spec = bert.element_spec
+  for k in ("encoder_input_tokens", "encoder_type_ids", "encoder_segment_ids",
+            "encoder_positions"):
+    assert spec[k].shape.as_list() == [8, 32], k
+  assert spec["mlm_positions"].shape.as_list() == [8, 5] and spec["nsp_labels"].shape == [8]
+  assert len(list(bert)) == 5
+  # T5: concat + split -> span corruption -> packing -> batches.
+  tokens_length, targets_length = sc.compute_input_and_target_lengths(64)
+  chunks = sc.concat_and_split(docs, tokens_length, batch_size=16)
+  t5 = packing.pack_seq2seq(chunks.enumerate().map(lambda i, t: sc.span_corruption(
+      t, masking.example_seed(3, 0, i), vocab_size=500)), 64, targets_length)
+  batches = list(t5.batch(2, drop_remainder=True).as_numpy_iterator())
+  spec = t5.batch(2, drop_remainder=True).element_spec
+  assert spec["encoder_input_tokens"].shape.as_list() == [2, 64]
+  assert spec["decoder_input_tokens"].shape.as_list() == [2, targets_length]
+  assert batches and all(b["decoder_loss_weights"].dtype == np.float32 for b in batches)
+  # Full-length chunks fill a row exactly: inputs_length and targets_length tokens.
+  full = [b for b in batches if b["encoder_segment_ids"][0].max() == 1]
+  assert any((f["encoder_segment_ids"][0] > 0).sum() == 64 and
+             (f["decoder_segment_ids"][0] > 0).sum() == targets_length for f in full)

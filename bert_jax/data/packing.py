@@ -194,9 +194,9 @@ def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
     tokens = ex["encoder_input_tokens"][:seq_length]
     n = tf.size(tokens)
     types = ex.get("encoder_type_ids", tf.zeros_like(ex["encoder_input_tokens"]))[:n]
-    real = tf.not_equal(tf.pad(tokens, [[0, seq_length - n]]), 0)
     ex["encoder_input_tokens"] = tf.ensure_shape(
         tf.pad(tokens, [[0, seq_length - n]]), [seq_length])
+    real = tf.not_equal(ex["encoder_input_tokens"], 0)
     ex["encoder_type_ids"] = tf.ensure_shape(tf.pad(types, [[0, seq_length - n]]), [seq_length])
     ex["encoder_segment_ids"] = tf.cast(real, tf.int32)
     ex["encoder_positions"] = tf.where(real, tf.range(seq_length), 0)
