@@ -1,0 +1,416 @@
+"""Pretraining input pipeline: source -> tokens -> objective -> padded, sharded batches.
+
+Deterministic and exactly resumable (DESIGN.md, Data). Structure:
+
+  * Data shards. Document i of the source goes to data shard i % num_shards;
+    each shard is an independent tf.data pipeline. Global batch b is the
+    concatenation, in shard order, of every shard's batch b of
+    batch_size / num_shards examples. Host p of P runs only the contiguous
+    shards [p*S/P, (p+1)*S/P), so the hosts' local batches concatenated in
+    host order are exactly the single-host global batch.
+  * Per shard and epoch: the shard's documents are shuffled by a stateless
+    block shuffle (each block of `shuffle_buffer` consecutive documents is
+    permuted with a seed from (seed, epoch, shard, block); it moves documents
+    as locally as a tf.data shuffle buffer would, but needs no global seed and
+    can start at any block). The shuffled documents are cut into groups of
+    `group_size`; group g holds epoch documents [g*group_size, (g+1)*group_size).
+    Each group is tokenized and cut into raw examples on its own (see
+    bert_jax.data.examples), in a deterministic parallel map, then unbatched;
+    every example carries its provenance (epoch, g, k = index within group).
+  * Per example: seed = masking.example_seed(seed, epoch, index) with
+    index = (g * num_shards + shard) * 2**24 + k (unique per epoch while a
+    group makes < 2**24 examples), then the objective and padding to the
+    batch contract. Epochs repeat forever with new shuffles and new masks.
+
+Position (what the trainer saves in its checkpoint): a JSON-ready dict
+  {"num_shards": S, "group_size": G,
+   "shard": [ids...], "epoch": [...], "group": [...], "offset": [...]}
+one entry per data shard the iterator runs. (epoch, group, offset) says: the
+shard's next example is example number `offset` of the stream that starts at
+group `group` of epoch `epoch` (offset may run past that group into later
+ones). After a batch it is the provenance of the shard's last example, with
+offset k + 1. Resuming skips the raw documents before the group (before any
+tokenization), rebuilds that group and drops `offset` examples. Positions are
+keyed by shard id, so `merge_positions` of all hosts' positions lets a run
+restart with another process_count.
+"""
+import dataclasses
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from bert_jax.data import examples as examples_lib
+from bert_jax.data import masking
+from bert_jax.data import packing
+from bert_jax.data import sources
+from bert_jax.data import span_corruption as span_lib
+from bert_jax.data import tokenizer as tokenizer_lib
+
+OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop", "span_corruption")
+_K_BITS = 24  # examples per group < 2**24 (index layout of the example seed)
+_PROVENANCE = ("_epoch", "_group", "_k")
+# Salts keeping the shuffle and group draws apart from the per-example seeds
+# (example indices are >= 0; these are negative).
+_SHUFFLE_SALT = -1
+_GROUP_SALT = -(1 << 40)
+# The eval stream uses another seed, so held-out masks never equal training ones.
+_EVAL_SEED_OFFSET = 0x5EED
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` sub-config (locked). The run seed and the global batch size live
+  elsewhere (config.seed, config.train.batch_size) and are passed as arguments."""
+  c = ml_collections.ConfigDict()
+  c.source = "builtin:pydoc_topics"  # file path/glob, 'tfds:NAME[/CONFIG]:KEY', 'builtin:NAME'
+  c.data_dir = ""  # tfds data folder ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.split = "train"  # tfds split
+  c.tokenizer = ""  # vocab.txt (WordPiece) or .model (SentencePiece), or a folder
+  c.lower_case = True  # WordPiece: uncased vocabulary
+  c.objective = "mlm"  # 'mlm' (RoBERTa full sentences) | 'mlm_nsp' | 'mlm_sop' | 'span_corruption'
+  c.masking = "token"  # 'token' | 'whole_word' | 'span' (SpanBERT) | 'ngram' (ALBERT)
+  c.mask_rate = 0.15  # fraction of tokens predicted
+  c.mask_prob = 0.8  # chosen token -> [MASK]
+  c.random_prob = 0.1  # chosen token -> random token (the rest stays)
+  c.seq_length = 128  # encoder length; span_corruption: inputs length (e.g. 512)
+  c.max_predictions = 20  # width of mlm_positions/targets/weights
+  c.noise_density = 0.15  # span corruption
+  c.mean_noise_span_length = 3.0  # span corruption
+  c.extra_ids = 100  # sentinels appended to a SentencePiece vocabulary
+  c.group_size = 64  # documents tokenized and chunked together (resume unit)
+  c.num_shards = 8  # data shards (fixes the stream; a multiple of the host count)
+  c.shuffle = True  # shuffle documents per epoch
+  c.shuffle_buffer = 1024  # documents per shuffle block
+  c.lock()
+  return c
+
+
+@dataclasses.dataclass
+class _Plan:
+  """A validated config with its tokenizer, source and derived lengths."""
+  cfg: Any
+  seed: int
+  tokenizer: Any
+  vocab: Optional[masking.VocabInfo]
+  source: sources.TextSource
+  documents: Optional[tf.data.Dataset] = None  # built once, reused by every shard
+  tokens_length: int = 0  # span corruption raw chunk length
+  targets_length: int = 0  # span corruption decoder length
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ValueError(message)
+
+
+def _validate(cfg, seed: int) -> _Plan:
+  """Checks the config against the objective's needs; opens tokenizer and source."""
+  _check(cfg.objective in OBJECTIVES,
+         f"data.objective={cfg.objective!r} is unknown; choose one of {OBJECTIVES}")
+  _check(cfg.masking in masking.MASKING_SCHEMES,
+         f"data.masking={cfg.masking!r} is unknown; choose one of {masking.MASKING_SCHEMES}")
+  for key in ("group_size", "num_shards", "shuffle_buffer", "max_predictions"):
+    _check(cfg[key] >= 1, f"data.{key}={cfg[key]} must be >= 1")
+  _check(0 < cfg.mask_rate <= 1, f"data.mask_rate={cfg.mask_rate} must be in (0, 1]")
+  _check(bool(cfg.tokenizer), "data.tokenizer is empty: give a vocab.txt or a .model path")
+  tok = tokenizer_lib.load_tokenizer(cfg.tokenizer, lower_case=cfg.lower_case,
+                                     extra_ids=cfg.extra_ids)
+  plan = _Plan(cfg, int(seed), tok, None, None)
+  if cfg.objective == "span_corruption":
+    _check(cfg.seq_length >= 4, f"data.seq_length={cfg.seq_length} is too small for "
+           "span_corruption (need >= 4)")
+    _check(tok.eos_id is not None, f"data.objective='span_corruption' needs an EOS id but "
+           f"the vocabulary {tok.path} has none (use a T5-style SentencePiece model)")
+    plan.tokens_length, plan.targets_length = span_lib.compute_input_and_target_lengths(
+        cfg.seq_length, cfg.noise_density, cfg.mean_noise_span_length)
+    try:
+      span_lib.check_sentinel_budget(plan.tokens_length, tok.num_extra_ids,
+                                     cfg.noise_density, cfg.mean_noise_span_length)
+    except ValueError as e:
+      raise ValueError(f"data.extra_ids={cfg.extra_ids}, data.seq_length={cfg.seq_length} "
+                       f"with vocabulary {tok.path}: {e}") from e
+  else:
+    least = 3 if cfg.objective == "mlm" else 5  # [CLS] x [SEP] / [CLS] a [SEP] b [SEP]
+    _check(cfg.seq_length >= least, f"data.seq_length={cfg.seq_length} is too small for "
+           f"data.objective={cfg.objective!r} (need >= {least})")
+    tok.require_mask_token()
+    plan.vocab = masking.VocabInfo.from_tokenizer(tok)
+  plan.source = sources.open_source(cfg.source, data_dir=cfg.data_dir or None,
+                                    split=cfg.split)
+  # A shard without documents would make its pipeline loop forever on empty
+  # epochs; reading num_shards documents finds that (and an empty source) now.
+  plan.documents = plan.source.documents()
+  found = sum(1 for _ in plan.documents.take(cfg.num_shards))
+  _check(found > 0, f"data.source={cfg.source!r} has no documents")
+  _check(found == cfg.num_shards,
+         f"data.source={cfg.source!r} has only {found} documents, fewer than "
+         f"data.num_shards={cfg.num_shards}: some data shards would be empty")
+  return plan
+
+
+def _shuffled_documents(plan: _Plan, docs: tf.data.Dataset, epoch, shard,
+                        start_doc) -> tf.data.Dataset:
+  """The shard's documents of one epoch in shuffled order, from document `start_doc`."""
+  cfg = plan.cfg
+  if not cfg.shuffle:
+    return docs.skip(start_doc)
+  block = cfg.shuffle_buffer
+  first_block = start_doc // block
+  base = masking.example_seed(plan.seed, epoch, _SHUFFLE_SALT - shard)
+
+  def permute(b, rows):
+    seed = tf.random.experimental.stateless_fold_in(base, b)
+    order = tf.argsort(tf.random.stateless_uniform([rows.nrows()], seed))
+    return tf.gather(rows, order)
+
+  blocks = docs.skip(first_block * block).ragged_batch(block)
+  return (blocks.enumerate(start=first_block).map(_no_autograph(permute)).unbatch()
+          .skip(start_doc - first_block * block))
+
+
+def _no_autograph(fn):
+  # These functions have no tensor-dependent Python control flow; skipping
+  # AutoGraph's source conversion saves seconds of tracing per iterator.
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
+  """One group of raw documents -> dict of [C, ...] raw examples with provenance."""
+  cfg, tok = plan.cfg, plan.tokenizer
+  doc_ids = examples_lib.tokenize_documents(tok, docs)  # [G', (ids)]
+  if cfg.objective == "mlm":
+    out = dict(tokens=examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id))
+  elif cfg.objective == "span_corruption":
+    out = dict(tokens=examples_lib.t5_examples(doc_ids, plan.tokens_length))
+  elif cfg.objective == "mlm_sop":
+    out = examples_lib.sop_examples(doc_ids, cfg.seq_length)
+  else:
+    seed = masking.example_seed(plan.seed, epoch, _GROUP_SALT - (g * cfg.num_shards + shard))
+    out = examples_lib.nsp_examples(doc_ids, cfg.seq_length, seed)
+  c = out["tokens"].nrows()
+  out["_epoch"] = tf.fill([c], tf.cast(epoch, tf.int64))
+  out["_group"] = tf.fill([c], tf.cast(g, tf.int64))
+  out["_k"] = tf.range(c, dtype=tf.int64)
+  return out
+
+
+def _example_features(plan: _Plan, ex, shard):
+  """Objective + padding of one raw example; provenance passes through."""
+  cfg = plan.cfg
+  index = (ex["_group"] * cfg.num_shards + shard) * (1 << _K_BITS) + ex["_k"]
+  seed = masking.example_seed(plan.seed, ex["_epoch"], index)
+  raw = {k: (tf.ensure_shape(v, [None]) if k in ("tokens", "random_tokens") else v)
+         for k, v in ex.items() if not k.startswith("_")}
+  out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
+                                     vocab=plan.vocab, tokenizer=plan.tokenizer)
+  if cfg.objective == "span_corruption":
+    # packing.pad_seq2seq builds new dicts (it would drop the provenance), so
+    # it pads this one example as a one-element dataset.
+    one = tf.data.Dataset.from_tensors(out)
+    out = packing.pad_seq2seq(one, cfg.seq_length, plan.targets_length).get_single_element()
+  out.update({k: ex[k] for k in _PROVENANCE})
+  return out
+
+
+def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
+  """Padded examples of one epoch of one shard, from group `start_group` on."""
+  cfg = plan.cfg
+  docs = plan.documents.shard(cfg.num_shards, shard)
+  docs = _shuffled_documents(plan, docs, epoch, shard, start_group * cfg.group_size)
+  groups = docs.ragged_batch(cfg.group_size).enumerate(start=start_group)
+  ds = groups.map(_no_autograph(lambda g, d: _group_examples(plan, g, d, epoch, shard)),
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  ds = ds.map(_no_autograph(lambda ex: _example_features(plan, ex, shard)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if cfg.objective != "span_corruption":
+    ds = packing.pad_mlm(ds, cfg.seq_length)
+  return ds
+
+
+def _shard_stream(plan: _Plan, shard, epoch, group, offset, repeat_epoch: bool = False):
+  """Endless example stream of one shard, resumed at (epoch, group, offset).
+
+  All arguments may be tensors, so one trace serves every shard. With
+  `repeat_epoch` the same epoch (same shuffle and masks) repeats forever.
+  """
+  epochs = (tf.data.Dataset.from_tensors(epoch).repeat() if repeat_epoch
+            else tf.data.Dataset.range(epoch, 1 << 62))
+  first = tf.cast(epoch, tf.int64)
+  stream = epochs.flat_map(lambda e: _epoch_examples(
+      plan, shard, e, tf.where(tf.equal(e, first), tf.cast(group, tf.int64), 0)))
+  return stream.skip(offset)
+
+
+def _host_batches(plan: _Plan, shards: List[int], start: Dict[int, tuple], per_shard: int,
+                  repeat_epoch: bool = False) -> tf.data.Dataset:
+  """Host-local batches: each shard's batch of per_shard examples, in shard order."""
+  starts = np.array([start[s] for s in shards], np.int64).reshape(len(shards), 3)
+  units = tf.data.Dataset.from_tensor_slices(
+      (np.array(shards, np.int64), starts[:, 0], starts[:, 1], starts[:, 2]))
+  # Round-robin over the shards (one batch each in turn): one trace of the
+  # per-shard pipeline, whatever the number of shards.
+  ds = units.interleave(
+      lambda s, e, g, o: _shard_stream(plan, s, e, g, o, repeat_epoch).batch(
+          per_shard, drop_remainder=True),
+      cycle_length=len(shards), block_length=1, num_parallel_calls=len(shards),
+      deterministic=True)
+  ds = ds.batch(len(shards), drop_remainder=True)
+
+  def merge(batch):  # [shards, per_shard, ...] -> [shards * per_shard, ...]
+    return {k: tf.reshape(v, tf.concat([[-1], tf.shape(v)[2:]], 0)) for k, v in batch.items()}
+
+  ds = ds.map(merge).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _host_shards(num_shards: int, batch_size: int, process_index: int,
+                 process_count: int) -> List[int]:
+  """The data shards host `process_index` runs; checks divisibility."""
+  if batch_size % num_shards:
+    raise ValueError(f"batch_size={batch_size} is not divisible by "
+                     f"data.num_shards={num_shards}")
+  if process_count < 1 or num_shards % process_count:
+    raise ValueError(f"data.num_shards={num_shards} is not divisible by "
+                     f"process_count={process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+  per_host = num_shards // process_count
+  return list(range(process_index * per_host, (process_index + 1) * per_host))
+
+
+def _numpy_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
+class TrainIterator:
+  """Endless iterator of host-local batches (dicts of numpy arrays).
+
+  Attributes:
+    position: the data position after the last batch returned (module
+      docstring); save it in the checkpoint and pass it back to
+      make_train_iterator to continue with exactly the next batch.
+    shards: the data shards this host runs.
+    tokenizer: the tokenizer in use.
+  """
+
+  def __init__(self, plan: _Plan, shards: List[int], per_shard: int,
+               start: Dict[int, tuple]):
+    self.tokenizer = plan.tokenizer
+    self.shards = shards
+    self._per_shard = per_shard
+    self._cfg = plan.cfg
+    self._next = dict(start)  # shard -> (epoch, group, offset)
+    self._it = _host_batches(plan, shards, start, per_shard).as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._it)
+    for j, s in enumerate(self.shards):
+      last = (j + 1) * self._per_shard - 1
+      self._next[s] = (int(batch["_epoch"][last]), int(batch["_group"][last]),
+                       int(batch["_k"][last]) + 1)
+    return _numpy_batch(batch)
+
+  @property
+  def position(self) -> Dict[str, Any]:
+    return _make_position(self._cfg, self._next)
+
+
+def _make_position(cfg, per_shard: Dict[int, tuple]) -> Dict[str, Any]:
+  ids = sorted(per_shard)
+  return {"num_shards": int(cfg.num_shards), "group_size": int(cfg.group_size),
+          "shard": ids, "epoch": [per_shard[s][0] for s in ids],
+          "group": [per_shard[s][1] for s in ids], "offset": [per_shard[s][2] for s in ids]}
+
+
+def merge_positions(positions: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+  """Joins the positions saved by several hosts into one (keyed by shard id)."""
+  if not positions:
+    raise ValueError("merge_positions needs at least one position")
+  per_shard = {}
+  for p in positions:
+    for key in ("num_shards", "group_size"):
+      if p[key] != positions[0][key]:
+        raise ValueError(f"positions disagree on {key}: {p[key]} vs {positions[0][key]}")
+    for s, e, g, o in zip(p["shard"], p["epoch"], p["group"], p["offset"]):
+      per_shard[int(s)] = (int(e), int(g), int(o))
+  cfg = ml_collections.ConfigDict(dict(num_shards=positions[0]["num_shards"],
+                                       group_size=positions[0]["group_size"]))
+  return _make_position(cfg, per_shard)
+
+
+def _start_of(cfg, position: Optional[Dict[str, Any]], shards: List[int]) -> Dict[int, tuple]:
+  """(epoch, group, offset) per shard from a saved position (or the start)."""
+  if position is None:
+    return {s: (0, 0, 0) for s in shards}
+  for key in ("num_shards", "group_size"):
+    if int(np.asarray(position[key])) != cfg[key]:
+      raise ValueError(f"the saved data position has {key}={position[key]} but "
+                       f"data.{key}={cfg[key]}: the stream would differ, cannot resume")
+  saved = {int(s): (int(e), int(g), int(o)) for s, e, g, o in zip(
+      position["shard"], position["epoch"], position["group"], position["offset"])}
+  missing = [s for s in shards if s not in saved]
+  if missing:
+    raise ValueError(f"the saved data position has no entry for data shards {missing} "
+                     "(merge all hosts' positions with merge_positions)")
+  return {s: saved[s] for s in shards}
+
+
+def make_train_iterator(data_config, *, seed: int, batch_size: int, process_index: int = 0,
+                        process_count: int = 1,
+                        position: Optional[Dict[str, Any]] = None) -> TrainIterator:
+  """Endless, deterministic, resumable iterator of this host's training batches.
+
+  Args:
+    data_config: the `data` config (default_data_config()).
+    seed: run seed (config.seed).
+    batch_size: GLOBAL batch size (config.train.batch_size).
+    process_index: this host (jax.process_index()).
+    process_count: number of hosts (jax.process_count()).
+    position: a position saved from TrainIterator.position (this host's or
+      merged over hosts); None starts at the beginning.
+
+  Returns:
+    A TrainIterator; each batch holds batch_size / process_count examples in
+    the batch-contract names (DESIGN.md).
+
+  Raises:
+    ValueError naming the config key / number on a bad config or position.
+  """
+  shards = _host_shards(data_config.num_shards, batch_size, process_index, process_count)
+  plan = _validate(data_config, seed)
+  start = _start_of(data_config, position, shards)
+  return TrainIterator(plan, shards, batch_size // data_config.num_shards, start)
+
+
+def make_eval_iterator(data_config, *, seed: int, batch_size: int, num_batches: int,
+                       process_index: int = 0,
+                       process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """A fixed, finite set of batches for held-out loss: identical on every call.
+
+  Uses epoch 0 and the seed `seed + 0x5EED`, so its masks differ from the
+  training stream's; a corpus with fewer examples than needed is repeated
+  with the SAME masks (the epoch stays 0).
+
+  Args:
+    data_config: the `data` config of the held-out source.
+    seed: run seed.
+    batch_size: global batch size.
+    num_batches: number of batches yielded.
+    process_index: this host.
+    process_count: number of hosts.
+
+  Returns:
+    Iterator of num_batches host-local batches (dicts of numpy arrays).
+  """
+  shards = _host_shards(data_config.num_shards, batch_size, process_index, process_count)
+  plan = _validate(data_config, seed + _EVAL_SEED_OFFSET)
+  start = {s: (0, 0, 0) for s in shards}
+  ds = _host_batches(plan, shards, start, batch_size // data_config.num_shards,
+                     repeat_epoch=True).take(num_batches)
+  return (_numpy_batch(b) for b in ds.as_numpy_iterator())

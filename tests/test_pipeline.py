@@ -1,0 +1,312 @@
+"""Tests of the pretraining pipeline: determinism, exact resume, hosts, batch contract."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from bert_jax.data import pipeline
+from bert_jax.data import tokenizer as tokenizer_lib
+
+_WORDS = (
+    "the of and to in is was for on are with as his they be at one have this from or had by "
+    "word but what some we can out other were all there when up use your how said an each "
+    "she which do their time if will way about many then them write would like so these her "
+    "long make thing see him two has look more day could go come did number sound no most "
+    "people my over know water than call first who may down side been now find any new work "
+    "part take get place made live where after back little only round man year came show "
+    "every good me give our under name very through just form sentence great think say help "
+    "low line differ turn cause much mean before move right boy old too same tell does set "
+    "three want air well also play small end put home read hand port large spell add even "
+    "land here must big high such follow act why ask men change went light kind off need "
+    "house picture try us again animal point mother world near build self earth father").split()
+
+
+def _document(rng, words_per_doc):
+  """A few paragraphs of random sentences, about `words_per_doc` words in all."""
+  paras, left = [], words_per_doc
+  while left > 0:
+    n = min(left, rng.randint(8, 30))
+    words = [rng.choice(_WORDS) for _ in range(n)]
+    paras.append(" ".join(words).capitalize() + ".")
+    left -= n
+  return paras
+
+
+def _write_corpus(path, docs):
+  with open(path, "w") as f:
+    f.write("\n\n".join("\n".join(d) for d in docs) + "\n")
+  return str(path)
+
+
+def _docs(seed, num_docs, lo=20, hi=60):
+  rng = random.Random(seed)
+  return [_document(rng, rng.randint(lo, hi)) for _ in range(num_docs)]
+
+
+@pytest.fixture(scope="module")
+def corpus_docs():
+  return _docs(0, 48)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, corpus_docs):
+  return _write_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt", corpus_docs)
+
+
+@pytest.fixture(scope="module")
+def t5_model(tmp_path_factory, corpus):
+  folder = tmp_path_factory.mktemp("spm")
+  tok = tokenizer_lib.train_sentencepiece(corpus, str(folder / "t5"), vocab_size=120,
+                                          extra_ids=100, seed=0, num_threads=1)
+  return tok.path
+
+
+def _config(tokenizer, source, **overrides):
+  cfg = pipeline.default_data_config()
+  cfg.tokenizer = str(tokenizer)
+  cfg.source = source
+  cfg.seq_length = 32
+  cfg.max_predictions = 6
+  cfg.group_size = 2
+  cfg.num_shards = 2
+  cfg.shuffle_buffer = 2
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _vocab(minilm_dir):
+  return minilm_dir / "vocab.txt"
+
+
+def test_determinism_and_dynamic_masks(minilm_dir, corpus):
+  cfg = _config(_vocab(minilm_dir), corpus)
+  first = _take(pipeline.make_train_iterator(cfg, seed=3, batch_size=4), 3)
+  again = _take(pipeline.make_train_iterator(cfg, seed=3, batch_size=4), 3)
+  other = _take(pipeline.make_train_iterator(cfg, seed=4, batch_size=4), 3)
+  for a, b in zip(first, again):
+    _assert_same(a, b)
+  assert any(not np.array_equal(a["encoder_input_tokens"], c["encoder_input_tokens"])
+             for a, c in zip(first, other))
+
+  # Without shuffling, epoch 1 holds the same raw examples as epoch 0: the
+  # unmasked originals agree, the masks do not.
+  cfg.shuffle = False
+  def originals_and_masks(epoch):
+    pos = {"num_shards": 2, "group_size": 2, "shard": [0, 1], "epoch": [epoch, epoch],
+           "group": [0, 0], "offset": [0, 0]}
+    it = pipeline.make_train_iterator(cfg, seed=3, batch_size=4, position=pos)
+    b = next(it)
+    orig = b["encoder_input_tokens"].copy()
+    rows = np.arange(4)[:, None].repeat(cfg.max_predictions, 1)
+    w = b["mlm_weights"] > 0
+    orig[rows[w], b["mlm_positions"][w]] = b["mlm_targets"][w]
+    return orig, b["mlm_positions"]
+  orig0, pos0 = originals_and_masks(0)
+  orig1, pos1 = originals_and_masks(1)
+  np.testing.assert_array_equal(orig0, orig1)
+  assert not np.array_equal(pos0, pos1)
+
+
+def _resume_config(objective, minilm_dir, t5_model, corpus):
+  if objective == "span_corruption":
+    # One document per group: SentencePiece pieces are short, so a group makes
+    # many examples. shuffle_buffer == group_size (see below).
+    return _config(t5_model, corpus, objective=objective, seq_length=64, group_size=1,
+                   shuffle_buffer=1)
+  return _config(_vocab(minilm_dir), corpus, objective=objective)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp", "span_corruption"])
+def test_exact_resume_skips_raw_documents(objective, minilm_dir, t5_model, corpus,
+                                          corpus_docs, tmp_path):
+  cfg = _resume_config(objective, minilm_dir, t5_model, corpus)
+  it = pipeline.make_train_iterator(cfg, seed=7, batch_size=4)
+  batches = _take(it, 3)
+  position = json.loads(json.dumps(it.position))  # what a checkpoint stores
+  batches += _take(it, 4)
+  assert min(position["group"]) >= 1, position  # else nothing would be skipped
+  assert max(it.position["epoch"]) == 0  # the poisoned documents come back in epoch 1
+
+  # The documents before each shard's resume group are replaced by other,
+  # longer text (150 words, the originals have 20-60): if the resumed pipeline
+  # tokenized them and skipped examples instead of raw documents, the examples
+  # after them would shift. shuffle_buffer == group_size, so the skipped
+  # documents are exactly the shard's first group * group_size documents.
+  rng = random.Random(99)
+  poisoned = []
+  for i, doc in enumerate(corpus_docs):
+    shard = i % cfg.num_shards
+    skipped = i // cfg.num_shards < position["group"][shard] * cfg.group_size
+    poisoned.append(_document(rng, 150) if skipped else doc)
+  cfg.source = _write_corpus(tmp_path / "poisoned.txt", poisoned)
+  resumed = pipeline.make_train_iterator(cfg, seed=7, batch_size=4, position=position)
+  for want, got in zip(batches[3:], _take(resumed, 4)):
+    _assert_same(want, got)
+  assert resumed.position == it.position
+
+
+def test_hosts_split_the_global_batch(minilm_dir, corpus):
+  cfg = _config(_vocab(minilm_dir), corpus, objective="mlm_sop", num_shards=4)
+  whole = pipeline.make_train_iterator(cfg, seed=1, batch_size=8)
+  hosts = [pipeline.make_train_iterator(cfg, seed=1, batch_size=8, process_index=p,
+                                        process_count=2) for p in range(2)]
+  assert hosts[0].shards == [0, 1] and hosts[1].shards == [2, 3]
+  for _ in range(3):
+    g = next(whole)
+    parts = [next(h) for h in hosts]
+    assert parts[0]["encoder_input_tokens"].shape == (4, 32)
+    _assert_same(g, {k: np.concatenate([p[k] for p in parts]) for k in g})
+    rows = [set(map(tuple, p["encoder_input_tokens"])) for p in parts]
+    assert not rows[0] & rows[1]
+  # The hosts' positions, merged, resume a single-host run at the same batch.
+  merged = pipeline.merge_positions([h.position for h in hosts])
+  assert merged == whole.position
+  single = pipeline.make_train_iterator(cfg, seed=1, batch_size=8, position=merged)
+  _assert_same(next(whole), next(single))
+
+
+def test_mlm_batch_contract(minilm_dir, corpus, corpus_docs):
+  # One shard, one group holding every document, no shuffle: the originals of
+  # consecutive examples, joined, are the documents' ids separated by [SEP].
+  cfg = _config(_vocab(minilm_dir), corpus, num_shards=1, group_size=64, shuffle=False,
+                max_predictions=8)
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=4)
+  tok = it.tokenizer
+  stream = []
+  for _ in range(5):
+    b = next(it)
+    assert b["encoder_input_tokens"].shape == (4, 32)
+    assert b["mlm_positions"].shape == (4, 8)
+    for k, v in b.items():
+      assert v.dtype == (np.float32 if k == "mlm_weights" else np.int32), k
+    tokens, w = b["encoder_input_tokens"], b["mlm_weights"]
+    np.testing.assert_array_equal(b["encoder_segment_ids"], (tokens != 0).astype(np.int32))
+    np.testing.assert_array_equal(b["mlm_positions"][w == 0], 0)
+    np.testing.assert_array_equal(b["mlm_targets"][w == 0], 0)
+    assert np.all(w.sum(1) == np.round(32 * 0.15))
+    for row in range(4):
+      orig = tokens[row].copy()
+      p, t = b["mlm_positions"][row][w[row] > 0], b["mlm_targets"][row][w[row] > 0]
+      assert not tok.special[t].any()
+      # Unpredicted tokens never show [MASK]; predicted ones are mostly masked.
+      others = np.ones(32, bool)
+      others[p] = False
+      assert not np.any(tokens[row][others] == tok.mask_id)
+      orig[p] = t
+      n = int((orig != 0).sum())
+      assert orig[0] == tok.cls_id and orig[n - 1] == tok.sep_id
+      stream += orig[1:n - 1].tolist()
+  masked = [b["encoder_input_tokens"][r][b["mlm_positions"][r][b["mlm_weights"][r] > 0]]
+            for r in range(4)]
+  assert np.mean(np.concatenate(masked) == tok.mask_id) > 0.5
+  want = []
+  for doc in corpus_docs:
+    want += [tok.sep_id] + np.concatenate(tok.tokenize(doc).numpy()).tolist()
+  assert len(stream) > 4 * 30 * 4
+  assert stream == want[1:len(stream) + 1]
+
+
+def test_nsp_batch_contract(minilm_dir, corpus):
+  cfg = _config(_vocab(minilm_dir), corpus, objective="mlm_nsp", masking="whole_word")
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=8)
+  tok = it.tokenizer
+  labels = []
+  for _ in range(4):
+    b = next(it)
+    assert b["nsp_labels"].shape == (8,) and b["nsp_labels"].dtype == np.int32
+    labels += b["nsp_labels"].tolist()
+    for row in range(8):
+      tokens, types = b["encoder_input_tokens"][row], b["encoder_type_ids"][row]
+      n = int((tokens != 0).sum())
+      assert np.all(tokens[n:] == 0) and tokens[0] == tok.cls_id
+      seps = np.flatnonzero(tokens == tok.sep_id)
+      assert len(seps) == 2 and seps[-1] == n - 1
+      # Types: 0 through the first [SEP], 1 on B and its [SEP], 0 on padding.
+      np.testing.assert_array_equal(types[:seps[0] + 1], 0)
+      np.testing.assert_array_equal(types[seps[0] + 1:n], 1)
+      np.testing.assert_array_equal(types[n:], 0)
+  assert set(labels) == {0, 1}
+
+
+def test_span_corruption_lengths(t5_model, corpus):
+  cfg = _config(t5_model, corpus, objective="span_corruption", seq_length=512,
+                num_shards=1, group_size=48)
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=2)
+  b = next(it)
+  assert b["encoder_input_tokens"].shape == (2, 512)
+  assert b["decoder_target_tokens"].shape == (2, 114)
+  assert b["decoder_loss_weights"].dtype == np.float32
+  tok = it.tokenizer
+  sentinel = tok.vocab_size - tok.num_extra_ids
+  for row in range(2):
+    inputs, targets = b["encoder_input_tokens"][row], b["decoder_target_tokens"][row]
+    # A full chunk: 568 raw tokens split between inputs and targets, each
+    # ending with one EOS; both rows fill their lengths exactly.
+    raw = [x for x in np.concatenate([inputs, targets]) if 0 < x < sentinel and x != tok.eos_id]
+    assert len(raw) == 568
+    assert inputs[-1] == tok.eos_id and targets[-1] == tok.eos_id
+    np.testing.assert_array_equal(b["decoder_input_tokens"][row][1:], targets[:-1])
+
+
+def test_eval_iterator_is_fixed_and_finite(minilm_dir, corpus):
+  cfg = _config(_vocab(minilm_dir), corpus)
+  one = list(pipeline.make_eval_iterator(cfg, seed=0, batch_size=4, num_batches=3))
+  two = list(pipeline.make_eval_iterator(cfg, seed=0, batch_size=4, num_batches=3))
+  assert len(one) == 3
+  for a, b in zip(one, two):
+    _assert_same(a, b)
+  train = next(pipeline.make_train_iterator(cfg, seed=0, batch_size=4))
+  assert not np.array_equal(train["encoder_input_tokens"], one[0]["encoder_input_tokens"])
+
+
+def test_bad_input(minilm_dir, corpus, t5_model, tmp_path):
+  vocab = _vocab(minilm_dir)
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  with pytest.raises(ValueError, match="empty"):
+    pipeline.make_train_iterator(_config(vocab, str(empty)), seed=0, batch_size=4)
+  with pytest.raises(ValueError, match="data.objective='electra'"):
+    pipeline.make_train_iterator(_config(vocab, corpus, objective="electra"), seed=0,
+                                 batch_size=4)
+  with pytest.raises(ValueError, match="data.masking='random'"):
+    pipeline.make_train_iterator(_config(vocab, corpus, masking="random"), seed=0,
+                                 batch_size=4)
+  no_mask = tmp_path / "vocab.txt"
+  no_mask.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + _WORDS) + "\n")
+  with pytest.raises(ValueError, match=r"\[MASK\]"):
+    pipeline.make_train_iterator(_config(no_mask, corpus), seed=0, batch_size=4)
+  with pytest.raises(ValueError, match="extra_ids=2"):
+    pipeline.make_train_iterator(
+        _config(t5_model, corpus, objective="span_corruption", seq_length=512, extra_ids=2),
+        seed=0, batch_size=4)
+  with pytest.raises(ValueError, match="EOS"):
+    pipeline.make_train_iterator(_config(vocab, corpus, objective="span_corruption"),
+                                 seed=0, batch_size=4)
+  with pytest.raises(ValueError, match="seq_length=4"):
+    pipeline.make_train_iterator(_config(vocab, corpus, objective="mlm_nsp", seq_length=4),
+                                 seed=0, batch_size=4)
+  with pytest.raises(ValueError, match="batch_size=5 .*num_shards=2"):
+    pipeline.make_train_iterator(_config(vocab, corpus), seed=0, batch_size=5)
+  with pytest.raises(ValueError, match="num_shards=2 .*process_count=3"):
+    pipeline.make_train_iterator(_config(vocab, corpus), seed=0, batch_size=4,
+                                 process_count=3)
+  one_doc = _write_corpus(tmp_path / "one.txt", [["Just one document here."]])
+  with pytest.raises(ValueError, match="fewer than data.num_shards=2"):
+    pipeline.make_train_iterator(_config(vocab, one_doc), seed=0, batch_size=4)
+  bad_position = {"num_shards": 4, "group_size": 2, "shard": [0], "epoch": [0], "group": [0],
+                  "offset": [0]}
+  with pytest.raises(ValueError, match="num_shards=4"):
+    pipeline.make_train_iterator(_config(vocab, corpus), seed=0, batch_size=4,
+                                 position=bad_position)
