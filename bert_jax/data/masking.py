@@ -395,8 +395,10 @@ def mask_tokens(tokens, seed, vocab: VocabInfo, *, max_predictions: int,
     # Every word is one token: a random set of `budget` candidates, no loop.
     cand = tf.logical_not(tf.gather(tf.constant(vocab.special), tokens))
     scores = tf.where(cand, tf.random.stateless_uniform(tf.shape(tokens), s_select), -1.0)
-    rank = tf.argsort(tf.argsort(scores, direction="DESCENDING"))
-    selected = cand & (rank < budget)  # [L]
+    top = tf.math.top_k(scores, tf.minimum(budget, tf.size(tokens)), sorted=True)
+    chosen = tf.boolean_mask(top.indices, top.values >= 0.0)  # never a non-candidate
+    selected = tf.scatter_nd(chosen[:, None], tf.ones_like(chosen, tf.bool),
+                             tf.shape(tokens))  # [L]
   elif scheme == "whole_word":
     words = _word_structure(tokens, vocab)
     taken = _select_words(words["lengths"], budget, s_select)
