@@ -177,6 +177,10 @@ def test_pad_seq2seq():
     assert r["decoder_input_tokens"][0] == 0 and r["decoder_segment_ids"].max() == 1
     np.testing.assert_array_equal(r["encoder_input_tokens"][:len(ex["inputs"])],
                                   ex["inputs"][:64])
+  # One example at a time, extra keys kept (e.g. provenance of a resumable pipeline).
+  one = packing.pad_seq2seq_example(dict(examples[0], index=tf.constant(7)), 64, 24)
+  assert int(one["index"]) == 7 and "inputs" not in one
+  np.testing.assert_array_equal(one["decoder_input_tokens"], rows[0]["decoder_input_tokens"])
 
 
 def test_pipelines_compose_with_static_shapes():

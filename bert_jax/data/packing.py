@@ -14,14 +14,14 @@ truncated to the row (its tokens beyond the row length, and MLM predictions
 pointing there, are lost). Only the last row of each block may be emptier than
 packing the whole stream at once would leave it.
 
-Encoder-only (MLM):  pack_mlm / pad_mlm
+Encoder-only (MLM):  pack_mlm / pad_mlm (pad_mlm_example for one example)
   in:  encoder_input_tokens [n], optional encoder_type_ids [n], mlm_positions,
        mlm_targets, mlm_weights [P_ex] (from masking.mask_tokens; SpanBERT's
        sbo_left_positions / sbo_right_positions are carried too).
   out: encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
        encoder_positions [seq_length]; mlm_* [max_predictions] with positions
        offset into the row.
-Encoder-decoder:     pack_seq2seq / pad_seq2seq
+Encoder-decoder:     pack_seq2seq / pad_seq2seq (pad_seq2seq_example)
   in:  inputs [n], targets [m] (e.g. span_corruption.span_corruption).
   out: encoder_input_tokens, encoder_segment_ids, encoder_positions
        [inputs_length]; decoder_input_tokens (targets shifted right, 0 at the
@@ -174,12 +174,38 @@ def pack_mlm(dataset: tf.data.Dataset, seq_length: int, max_predictions: int,
   return _greedy_pack(data, streams, offsets, block_size)
 
 
-def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
-  """No-packing path: one example per row, padded (or cut) to seq_length.
+def pad_mlm_example(ex, seq_length: int):
+  """Pads (or cuts) one MLM example to seq_length; other features pass through.
 
   Segment ids are 1 on real tokens, positions count from 0, so models can use
-  the same attention path as for packed rows. Other features (mlm_*, sbo_*,
-  nsp_labels) pass through; predictions beyond seq_length get weight 0.
+  the same attention path as for packed rows. mlm_*, sbo_*, nsp_labels and
+  any other keys pass through; predictions beyond seq_length get weight 0.
+
+  Args:
+    ex: dict with encoder_input_tokens [n] (+ optional encoder_type_ids,
+      mlm_*, nsp_labels, ...).
+    seq_length: row length.
+
+  Returns:
+    The dict with static [seq_length] encoder_* features.
+  """
+  ex = dict(ex)
+  tokens = ex["encoder_input_tokens"][:seq_length]
+  n = tf.size(tokens)
+  types = ex.get("encoder_type_ids", tf.zeros_like(ex["encoder_input_tokens"]))[:n]
+  ex["encoder_input_tokens"] = tf.ensure_shape(
+      tf.pad(tokens, [[0, seq_length - n]]), [seq_length])
+  real = tf.not_equal(ex["encoder_input_tokens"], 0)
+  ex["encoder_type_ids"] = tf.ensure_shape(tf.pad(types, [[0, seq_length - n]]), [seq_length])
+  ex["encoder_segment_ids"] = tf.cast(real, tf.int32)
+  ex["encoder_positions"] = tf.where(real, tf.range(seq_length), 0)
+  if "mlm_weights" in ex:
+    ex["mlm_weights"] = tf.where(ex["mlm_positions"] < seq_length, ex["mlm_weights"], 0.0)
+  return ex
+
+
+def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
+  """No-packing path: `pad_mlm_example` on every element (one example per row).
 
   Args:
     dataset: elements with encoder_input_tokens [n] (+ optional
@@ -189,22 +215,8 @@ def pad_mlm(dataset: tf.data.Dataset, seq_length: int) -> tf.data.Dataset:
   Returns:
     Dataset with static [seq_length] encoder_* features.
   """
-  def pad(ex):
-    ex = dict(ex)
-    tokens = ex["encoder_input_tokens"][:seq_length]
-    n = tf.size(tokens)
-    types = ex.get("encoder_type_ids", tf.zeros_like(ex["encoder_input_tokens"]))[:n]
-    ex["encoder_input_tokens"] = tf.ensure_shape(
-        tf.pad(tokens, [[0, seq_length - n]]), [seq_length])
-    real = tf.not_equal(ex["encoder_input_tokens"], 0)
-    ex["encoder_type_ids"] = tf.ensure_shape(tf.pad(types, [[0, seq_length - n]]), [seq_length])
-    ex["encoder_segment_ids"] = tf.cast(real, tf.int32)
-    ex["encoder_positions"] = tf.where(real, tf.range(seq_length), 0)
-    if "mlm_weights" in ex:
-      ex["mlm_weights"] = tf.where(ex["mlm_positions"] < seq_length, ex["mlm_weights"], 0.0)
-    return ex
-
-  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.map(lambda ex: pad_mlm_example(ex, seq_length),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _decoder_features(ex):
@@ -246,9 +258,34 @@ def pack_seq2seq(dataset: tf.data.Dataset, inputs_length: int, targets_length: i
       _decoder_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def pad_seq2seq_example(ex, inputs_length: int, targets_length: int):
+  """Pads (or cuts) one {inputs, targets} example; other keys pass through.
+
+  Args:
+    ex: dict with inputs int [n] and targets int [m] (+ any other keys).
+    inputs_length: encoder row length.
+    targets_length: decoder row length.
+
+  Returns:
+    dict with the features of pack_seq2seq (one example: segment id 1) in
+    place of inputs/targets.
+  """
+  out = {k: v for k, v in ex.items() if k not in ("inputs", "targets")}
+  for name, key, length in (("encoder", "inputs", inputs_length),
+                            ("decoder", "targets", targets_length)):
+    x = tf.cast(ex[key][:length], tf.int32)
+    n = tf.size(x)
+    inside = tf.range(length) < n
+    tokens = tf.ensure_shape(tf.pad(x, [[0, length - n]]), [length])
+    out["encoder_input_tokens" if name == "encoder" else "decoder_target_tokens"] = tokens
+    out[name + "_segment_ids"] = tf.cast(inside, tf.int32)
+    out[name + "_positions"] = tf.where(inside, tf.range(length), 0)
+  return _decoder_features(out)
+
+
 def pad_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
                 targets_length: int) -> tf.data.Dataset:
-  """No-packing path for {inputs, targets}: one example per row, padded or cut.
+  """No-packing path for {inputs, targets}: `pad_seq2seq_example` on every element.
 
   Args:
     dataset: elements {"inputs": int [n], "targets": int [m]}.
@@ -258,17 +295,5 @@ def pad_seq2seq(dataset: tf.data.Dataset, inputs_length: int,
   Returns:
     Dataset with the same features as pack_seq2seq, one example per row.
   """
-  def pad(ex):
-    out = {}
-    for name, key, length in (("encoder", "inputs", inputs_length),
-                              ("decoder", "targets", targets_length)):
-      x = tf.cast(ex[key][:length], tf.int32)
-      n = tf.size(x)
-      inside = tf.range(length) < n
-      tokens = tf.ensure_shape(tf.pad(x, [[0, length - n]]), [length])
-      out["encoder_input_tokens" if name == "encoder" else "decoder_target_tokens"] = tokens
-      out[name + "_segment_ids"] = tf.cast(inside, tf.int32)
-      out[name + "_positions"] = tf.where(inside, tf.range(length), 0)
-    return _decoder_features(out)
-
-  return dataset.map(pad, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return dataset.map(lambda ex: pad_seq2seq_example(ex, inputs_length, targets_length),
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
