@@ -32,7 +32,14 @@ ones). After a batch it is the provenance of the shard's last example, with
 offset k + 1. Resuming skips the raw documents before the group (before any
 tokenization), rebuilds that group and drops `offset` examples. Positions are
 keyed by shard id, so `merge_positions` of all hosts' positions lets a run
-restart with another process_count.
+restart with another process_count. There is no `start_step` shortcut: only
+the saved position resumes exactly.
+
+Limits: every data shard must yield examples; a shard whose documents all
+make none (e.g. only one-token documents with mlm_nsp) would loop over empty
+epochs forever. Construction checks only that each shard has a document.
+Each shard reads the whole source and keeps its share (ds.shard), so reading
+(not tokenizing) is repeated once per data shard a host runs.
 """
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -189,6 +196,13 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
     seed = masking.example_seed(plan.seed, epoch, _GROUP_SALT - (g * cfg.num_shards + shard))
     out = examples_lib.nsp_examples(doc_ids, cfg.seq_length, seed)
   c = out["tokens"].nrows()
+  # The example seed index reserves _K_BITS bits for k (see module docstring).
+  check = tf.debugging.assert_less(
+      c, tf.constant(1 << _K_BITS, c.dtype),
+      message=f"a group of data.group_size={cfg.group_size} documents made >= 2**{_K_BITS} "
+      "examples; lower data.group_size")
+  with tf.control_dependencies([check]):
+    c = tf.identity(c)
   out["_epoch"] = tf.fill([c], tf.cast(epoch, tf.int64))
   out["_group"] = tf.fill([c], tf.cast(g, tf.int64))
   out["_k"] = tf.range(c, dtype=tf.int64)
