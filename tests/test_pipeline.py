@@ -168,13 +168,16 @@ def test_hosts_split_the_global_batch(minilm_dir, corpus):
   hosts = [pipeline.make_train_iterator(cfg, seed=1, batch_size=8, process_index=p,
                                         process_count=2) for p in range(2)]
   assert hosts[0].shards == [0, 1] and hosts[1].shards == [2, 3]
+  labels = []
   for _ in range(3):
     g = next(whole)
+    labels += g["nsp_labels"].tolist()  # SOP: 1 = swapped
     parts = [next(h) for h in hosts]
     assert parts[0]["encoder_input_tokens"].shape == (4, 32)
     _assert_same(g, {k: np.concatenate([p[k] for p in parts]) for k in g})
     rows = [set(map(tuple, p["encoder_input_tokens"])) for p in parts]
     assert not rows[0] & rows[1]
+  assert set(labels) == {0, 1}
   # The hosts' positions, merged, are the single-host position (which resumes
   # exactly, test_exact_resume_skips_raw_documents).
   merged = pipeline.merge_positions([h.position for h in hosts])
