@@ -218,13 +218,10 @@ def _example_features(plan: _Plan, ex, shard):
          for k, v in ex.items() if not k.startswith("_")}
   out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
                                      vocab=plan.vocab, tokenizer=plan.tokenizer)
-  if cfg.objective == "span_corruption":
-    # packing.pad_seq2seq builds new dicts (it would drop the provenance), so
-    # it pads this one example as a one-element dataset.
-    one = tf.data.Dataset.from_tensors(out)
-    out = packing.pad_seq2seq(one, cfg.seq_length, plan.targets_length).get_single_element()
   out.update({k: ex[k] for k in _PROVENANCE})
-  return out
+  if cfg.objective == "span_corruption":
+    return packing.pad_seq2seq_example(out, cfg.seq_length, plan.targets_length)
+  return packing.pad_mlm_example(out, cfg.seq_length)
 
 
 def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
@@ -237,8 +234,6 @@ def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
   ds = ds.map(_no_autograph(lambda ex: _example_features(plan, ex, shard)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if cfg.objective != "span_corruption":
-    ds = packing.pad_mlm(ds, cfg.seq_length)
   return ds
 
 
