@@ -9,6 +9,7 @@ so a misspelt field is an error that names it.
 """
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,11 +32,16 @@ FLAGS = flags.FLAGS
 
 
 def _inspect(config) -> None:
-  from bert_jax.data import inspect, pipeline
-  data = pipeline.Pipeline(config.data, seed=config.seed, batch_size=config.train.batch_size)
+  from bert_jax.data import inspect, pipeline, tokenizer
+  if not config.data.tokenizer:
+    out_dir = FLAGS.workdir or tempfile.mkdtemp(prefix="bert_jax_tokenizer_")
+    config.data.tokenizer = tokenizer.train_for_source(config.data, out_dir)
+    print(f"trained tokenizer {config.data.tokenizer}")
+  data = pipeline.make_train_iterator(config.data, seed=config.seed,
+                                      batch_size=config.train.batch_size)
   batches = []
-  for i, (batch, _) in zip(range(FLAGS.num_batches), data.train_iterator()):
-    print(f"=== batch {i + 1}")
+  for i, batch in zip(range(FLAGS.num_batches), data):
+    print(f"=== batch {i + 1} (data position after it: {data.position})")
     print(inspect.format_batch(batch, data.tokenizer, FLAGS.num_examples))
     batches.append(batch)
   if FLAGS.out:

@@ -445,3 +445,24 @@ def load_tokenizer(path: str, *, lower_case: bool = True,
   if path.endswith(".model"):
     return SentencePieceTokenizer(path, extra_ids=extra_ids)
   return WordPieceTokenizer(path, lower_case=lower_case)
+
+
+def train_for_source(data_config, out_dir: str) -> str:
+  """Trains (once) a SentencePiece model on `data_config.source`; returns its path.
+
+  For configs whose `data.tokenizer` is empty, e.g. the quick start on a
+  builtin corpus: BERT-style objectives get [CLS]/[SEP]/[MASK] and no extra
+  ids, span corruption gets T5's layout with `data.extra_ids` sentinels. The
+  model is written to `out_dir/spm_<objective>_<vocab_size>.model` and reused
+  when already there, so a restarted run tokenizes exactly as before.
+  """
+  from bert_jax.data import sources  # sources imports this module
+  t5_style = data_config.objective == "span_corruption"
+  prefix = os.path.join(out_dir, f"spm_{data_config.objective}_{data_config.vocab_size}")
+  if not os.path.isfile(prefix + ".model"):
+    paragraphs = sources.iter_paragraphs(data_config.source, data_dir=data_config.data_dir or None,
+                                         split=data_config.split)
+    train_sentencepiece(paragraphs, prefix, data_config.vocab_size,
+                        extra_ids=data_config.extra_ids if t5_style else 0,
+                        bert_special_tokens=not t5_style)
+  return prefix + ".model"
