@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bert_jax.data import batch_masking
 from bert_jax.data import masking
 
 V = 1000
@@ -364,3 +365,88 @@ def test_whole_word_masking_with_real_wordpiece_vocab(minilm_dir):
       assert {i in chosen for i in w} != {True, False}, ([pieces[i] for i in w], chosen)
     replaced = out["encoder_input_tokens"][sorted(chosen)]
     assert not any(tok.special[replaced]), "random replacement is a special id"
+
+
+# --- batched 'token' masking (bert_jax.data.batch_masking) ---
+
+def _run_batch(tokens, seeds, max_predictions=MAX_PRED, **kw):
+  out = batch_masking.mask_tokens_batch(tf.constant(tokens), tf.constant(seeds, tf.int64),
+                                        _vocab(), max_predictions=max_predictions, **kw)
+  return {k: v.numpy() for k, v in out.items()}
+
+
+def _seeds(n, epoch=0, run_seed=7):
+  return batch_masking.example_seeds(run_seed, epoch, tf.range(n)).numpy()
+
+
+def test_example_seeds_equal_example_seed():
+  got = batch_masking.example_seeds(11, 3, tf.constant([0, 5, 1 << 30], tf.int64)).numpy()
+  for row, i in zip(got, [0, 5, 1 << 30]):
+    np.testing.assert_array_equal(row, masking.example_seed(11, 3, i).numpy())
+
+
+def test_batch_token_masking_statistics():
+  tokens = _examples(3000)
+  out = _run_batch(tokens, _seeds(len(tokens)))
+  assert out["mlm_weights"].dtype == np.float32 and out["mlm_positions"].dtype == np.int32
+  codes = np.concatenate(_check_common(tokens, out))
+  for row, w in zip(tokens, out["mlm_weights"]):
+    assert int(w.sum()) == min(_expected_budget(row), int(_candidates(row).sum()))
+  real = (tokens != PAD).sum()
+  assert abs(out["mlm_weights"].sum() / real - 0.15) < 0.01
+  frac = np.bincount(codes, minlength=3) / len(codes)
+  assert abs(frac[0] - 0.8) < 0.012 and abs(frac[1] - 0.1) < 0.008 and abs(frac[2] - 0.1) < 0.008
+  # Random replacements spread over the ordinary ids (not a few favourites).
+  pos, num = out["mlm_positions"], out["mlm_weights"].sum(1).astype(int)
+  new = np.concatenate([inp[p[:n]] for inp, p, n in zip(out["encoder_input_tokens"], pos, num)])
+  old = np.concatenate([row[p[:n]] for row, p, n in zip(tokens, pos, num)])
+  rand = new[(new != MASK) & (new != old)]
+  ordinary = len(_vocab().ordinary_ids)
+  assert len(rand) > 3 * ordinary and len(np.unique(rand)) > 0.9 * ordinary
+  # Every maskable position is chosen about equally often (no position bias).
+  hits = np.zeros(128)
+  for p, n in zip(pos, num):
+    hits[p[:n]] += 1
+  cand = np.array([_candidates(r) for r in tokens]).sum(0)
+  rate = hits[1:60] / cand[1:60]
+  assert rate.std() / rate.mean() < 0.1
+
+
+def test_batch_masking_small_budget_and_outcome_probabilities():
+  tokens = _examples(800, length=32)
+  out = _run_batch(tokens, _seeds(len(tokens)), max_predictions=3, mask_prob=0.5,
+                   random_prob=0.3)
+  codes = np.concatenate(_check_common(tokens, out, max_pred=3))
+  for row, w in zip(tokens, out["mlm_weights"]):
+    assert int(w.sum()) == min(_expected_budget(row, 3), int(_candidates(row).sum()))
+  frac = np.bincount(codes, minlength=3) / len(codes)
+  assert abs(frac[0] - 0.5) < 0.04 and abs(frac[1] - 0.3) < 0.04 and abs(frac[2] - 0.2) < 0.04
+
+
+def test_batch_masking_rows_are_independent_and_deterministic():
+  tokens = _examples(16, length=64)
+  seeds = _seeds(16)
+  whole = _run_batch(tokens, seeds)
+  np.testing.assert_equal(whole, _run_batch(tokens, seeds))  # deterministic
+  for i in (0, 5, 15):  # alone, and padded to another length
+    alone = _run_batch(tokens[i:i + 1], seeds[i:i + 1])
+    longer = _run_batch(np.pad(tokens[i:i + 1], [[0, 0], [0, 40]]), seeds[i:i + 1])
+    for k in whole:
+      np.testing.assert_array_equal(alone[k][0], whole[k][i])
+      np.testing.assert_array_equal(longer[k][0][:64] if k == "encoder_input_tokens"
+                                    else longer[k][0], whole[k][i])
+  other = _run_batch(tokens, _seeds(16, epoch=1))
+  assert (other["mlm_positions"] != whole["mlm_positions"]).any(axis=1).mean() > 0.9
+
+
+def test_batch_masking_edge_rows():
+  # A row with nothing maskable, a row shorter than max_predictions, all padding.
+  tokens = np.zeros((3, 8), np.int32)
+  tokens[0, :3] = [CLS, SEP, SEP]
+  tokens[1, :5] = [CLS, 9, 10, 11, SEP]
+  out = _run_batch(tokens, _seeds(3), max_predictions=20)
+  assert out["mlm_positions"].shape == (3, 20)
+  np.testing.assert_array_equal(out["mlm_weights"].sum(1), [0, 1, 0])
+  np.testing.assert_array_equal(out["encoder_input_tokens"][[0, 2]], tokens[[0, 2]])
+  with pytest.raises(ValueError, match="mask_prob"):
+    _run_batch(tokens, _seeds(3), mask_prob=0.9, random_prob=0.2)

@@ -1,0 +1,155 @@
+"""Vectorised ('token' scheme) masked-LM masking of a whole [batch, length] block.
+
+`masking.mask_tokens` works on one example inside a per-example tf.data map;
+the per-element map overhead and the per-example stateless RNG calls made it
+slower than a numpy collator. `mask_tokens_batch` masks a padded batch with a
+handful of elementwise ops, with the same contract per row.
+
+Randomness is counter based: every random number is a pure function of (the
+row's own [2] seed, position, stream), computed as the splitmix64 output
+  mix(key + (2 * position + stream + 1) * 0x9E3779B97F4A7C15),
+  key = mix(seed[1] ^ mix(seed[0] ^ salt))
+with 64-bit unsigned integer ops (mix = the splitmix64 / Stafford "Mix13"
+finaliser). So a row's mask does not depend on which other rows share its
+batch, nor on the padded length, and the pipeline stays reproducible and
+exactly resumable. The masks differ from `mask_tokens` for the same seed (a
+different generator), with the same distribution.
+
+Selection of exactly the per-row budget: each maskable token gets a unique
+int64 score (40 random bits above its position), non-maskable ones -1;
+top_k(max_predictions) then keeps the first `budget` of the sorted choices.
+"""
+import tensorflow as tf
+
+from bert_jax.data import masking
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+# Keeps this generator's streams apart from other uses of the same seed.
+_SALT = 0x6D61736B5F746F6B  # "mask_tok"
+_POS_BITS = 20  # positions < 2**20 share an int64 score with 40 random bits
+
+
+def _u64(value: int):
+  return tf.constant(value, tf.uint64)
+
+
+def _mix(z):
+  """splitmix64 finaliser on uint64 tensors (a bijection with good avalanche)."""
+  shr = tf.bitwise.right_shift
+  z = tf.bitwise.bitwise_xor(z, shr(z, _u64(30))) * _u64(_MIX1)
+  z = tf.bitwise.bitwise_xor(z, shr(z, _u64(27))) * _u64(_MIX2)
+  return tf.bitwise.bitwise_xor(z, shr(z, _u64(31)))
+
+
+def row_keys(seeds):
+  """[batch, 2] int seeds (e.g. masking.example_seed per row) -> [batch] uint64 keys."""
+  seeds = tf.bitcast(tf.cast(seeds, tf.int64), tf.uint64)  # two's complement bits
+  inner = _mix(tf.bitwise.bitwise_xor(seeds[:, 0], _u64(_SALT)))
+  return _mix(tf.bitwise.bitwise_xor(seeds[:, 1], inner))
+
+
+def random_bits(keys, length, stream: int):
+  """uint64 [batch, length]: 64 random bits per (row key, position, stream in {0, 1})."""
+  counter = tf.range(tf.cast(length, tf.int64), dtype=tf.int64) * 2 + (stream + 1)
+  counter = tf.bitcast(counter, tf.uint64) * _u64(_GOLDEN)  # [length]
+  return _mix(keys[:, None] + counter[None, :])
+
+
+def num_to_predict_batch(tokens, pad_id: int, max_predictions: int, rate: float):
+  """Per row min(max_predictions, max(1, round(len * rate))), len = non-pad tokens.
+
+  Same rule (half-to-even on float64) as masking.num_to_predict.
+  """
+  length = tf.reduce_sum(tf.cast(tf.not_equal(tokens, pad_id), tf.float64), axis=1)
+  n = tf.cast(tf.round(length * rate), tf.int32)
+  return tf.minimum(max_predictions, tf.maximum(1, n))  # [batch]
+
+
+def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_predictions: int,
+                      rate: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1):
+  """'token'-scheme masked-LM masking of a padded batch, one seed per row.
+
+  Per row the contract of masking.mask_tokens(scheme='token'): budget
+  num_to_predict (never more than the maskable tokens); special ids and
+  padding never chosen; each chosen token becomes [MASK] with `mask_prob`, a
+  uniform random ordinary id with `random_prob`, else stays itself.
+
+  Args:
+    tokens: int [batch, length] ids, trailing padding (pad_id) allowed;
+      length < 2**20.
+    seeds: int [batch, 2], one stateless seed per row (masking.example_seed).
+    vocab: vocabulary facts.
+    max_predictions: width of the mlm_* outputs.
+    rate: fraction of (non-pad) tokens to predict.
+    mask_prob: probability of [MASK] for a chosen token.
+    random_prob: probability of a random ordinary id; keep = the rest.
+
+  Returns:
+    dict: encoder_input_tokens int32 [batch, length]; mlm_positions (ascending),
+    mlm_targets int32 [batch, max_predictions]; mlm_weights float32
+    [batch, max_predictions] (1.0 real, 0.0 padding slots, whose position and
+    target are 0).
+  """
+  if not 0 <= mask_prob + random_prob <= 1 or min(mask_prob, random_prob) < 0:
+    raise ValueError(f"mask_prob={mask_prob} and random_prob={random_prob} must be >= 0 "
+                     "and sum to <= 1 (keep is the rest)")
+  if max_predictions < 1:
+    raise ValueError(f"max_predictions={max_predictions} must be >= 1")
+  tokens = tf.cast(tokens, tf.int32)  # [batch, length]
+  length = tf.shape(tokens)[1]
+  budget = num_to_predict_batch(tokens, vocab.pad_id, max_predictions, rate)  # [batch]
+  keys = row_keys(seeds)  # [batch]
+  bits = random_bits(keys, length, 0)  # [batch, length]
+  cand = tf.logical_not(tf.gather(tf.constant(vocab.special), tokens))
+
+  # Unique scores: random high bits, position as tie-break in the low bits.
+  pos = tf.range(length, dtype=tf.int64)
+  score = tf.bitwise.bitwise_or(
+      tf.bitwise.left_shift(tf.cast(tf.bitwise.right_shift(bits, _u64(24)), tf.int64),
+                            tf.constant(_POS_BITS, tf.int64)), pos[None, :])
+  score = tf.where(cand, score, -1)
+  k = tf.minimum(max_predictions, length)
+  top = tf.math.top_k(score, k, sorted=True)  # [batch, k]
+  valid = (tf.range(k)[None, :] < budget[:, None]) & (top.values >= 0)
+  big = tf.cast(length, tf.int32)
+  positions = tf.sort(tf.where(valid, top.indices, big), axis=1)  # ascending, invalid last
+  real = positions < big
+  positions = tf.where(real, positions, 0)
+  # The lowest accepted score marks exactly the chosen tokens (scores are unique).
+  kth = tf.reduce_min(tf.where(valid, top.values, tf.int64.max), axis=1)  # [batch]
+  selected = cand & (score >= kth[:, None])  # [batch, length]
+
+  # 80/10/10 from 24 low bits of the same draw (independent of the high bits
+  # used for the score) and a second stream for the replacement id.
+  u = tf.cast(tf.bitwise.bitwise_and(bits, _u64((1 << 24) - 1)), tf.float32) / float(1 << 24)
+  ordinary = tf.constant(vocab.ordinary_ids)
+  high = tf.bitwise.right_shift(random_bits(keys, length, 1), _u64(32))
+  pick = tf.bitwise.right_shift(high * _u64(len(vocab.ordinary_ids)), _u64(32))  # Lemire
+  random_ids = tf.gather(ordinary, tf.cast(pick, tf.int32))
+  replaced = tf.where(u < mask_prob, vocab.mask_id,
+                      tf.where(u < mask_prob + random_prob, random_ids, tokens))
+  masked = tf.where(selected, replaced, tokens)
+
+  pad = [[0, 0], [0, tf.maximum(max_predictions - k, 0)]]
+  targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
+  weights = tf.cast(real, tf.float32)
+  return dict(encoder_input_tokens=masked,
+              mlm_positions=tf.pad(positions, pad),
+              mlm_targets=tf.pad(targets, pad),
+              mlm_weights=tf.pad(weights, pad))
+
+
+def example_seeds(seed, epoch, indices):
+  """Vectorised masking.example_seed: [n] indices -> [n, 2] int64 seeds.
+
+  Equal row by row to example_seed(seed, epoch, index): fold_in(s, d) is
+  [one draw from s, d], so the first word only depends on (seed, epoch)
+  (checked by the tests against example_seed).
+  """
+  base = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
+  s = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
+  first = tf.random.stateless_uniform([], s, minval=None, maxval=None, dtype=tf.int64)
+  indices = tf.cast(indices, tf.int64)
+  return tf.stack([tf.fill(tf.shape(indices), first), indices], axis=1)
