@@ -317,3 +317,19 @@ def test_bad_input(minilm_dir, corpus, t5_model, tmp_path):
   with pytest.raises(ValueError, match="num_shards=4"):
     pipeline.make_train_iterator(_config(vocab, corpus), seed=0, batch_size=4,
                                  position=bad_position)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_sop"])
+def test_batched_masks_do_not_depend_on_batch_size(objective, minilm_dir, corpus):
+  # 'token' masking runs on whole batches; each row is keyed by its own
+  # example seed, so the same example gets the same mask at any batch size.
+  cfg = _config(_vocab(minilm_dir), corpus, objective=objective, num_shards=1)
+  small = pipeline.make_train_iterator(cfg, seed=2, batch_size=2)
+  large = pipeline.make_train_iterator(cfg, seed=2, batch_size=6)
+  a = [next(small) for _ in range(6)]
+  b = [next(large) for _ in range(2)]
+  for k in a[0]:
+    np.testing.assert_array_equal(np.concatenate([x[k] for x in a]),
+                                  np.concatenate([x[k] for x in b]), err_msg=k)
+  w = np.concatenate([x["mlm_weights"] for x in a])
+  assert (w.sum(1) > 0).all()

@@ -142,7 +142,7 @@ def _split_point(tokens, seed):
   return tokens[:cut], tokens[cut:]
 
 
-def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
+def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer, mask: bool = True):
   """Applies the objective to one raw example; returns unpadded features.
 
   Args:
@@ -152,6 +152,8 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
     cfg: the data config (masking, rates, lengths).
     vocab: masking.VocabInfo (MLM objectives) or None.
     tokenizer: the tokenizer (span corruption: vocab_size, eos_id).
+    mask: MLM objectives: apply masking.mask_tokens here. False leaves the
+      tokens unmasked (no mlm_* keys) for batch_masking after batching.
 
   Returns:
     MLM: encoder_input_tokens [n'], mlm_* [max_predictions] (+ encoder_type_ids,
@@ -174,6 +176,8 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
     a, b = _split_point(tokens, s_split)
     extra = masking.sop_pair(a, b, s_pair, vocab, max_seq_length=cfg.seq_length)
     tokens = extra.pop("encoder_input_tokens")
+  if not mask:
+    return dict(encoder_input_tokens=tokens, **extra)
   out = masking.mask_tokens(
       tokens, s_mask, vocab, max_predictions=cfg.max_predictions, scheme=cfg.masking,
       rate=cfg.mask_rate, mask_prob=cfg.mask_prob, random_prob=cfg.random_prob)

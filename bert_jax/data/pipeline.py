@@ -21,6 +21,12 @@ Deterministic and exactly resumable (DESIGN.md, Data). Structure:
     index = (g * num_shards + shard) * 2**24 + k (unique per epoch while a
     group makes < 2**24 examples), then the objective and padding to the
     batch contract. Epochs repeat forever with new shuffles and new masks.
+  * 'token' masking (the default) runs after batching instead: each shard's
+    padded batch is masked at once by batch_masking.mask_tokens_batch, every
+    row keyed by its own example seed (so a row's mask does not depend on its
+    batch neighbours and resume stays exact). For objective 'mlm' the seeds
+    and the padding are computed in the group map too, so no per-example map
+    runs at all. Other schemes mask per example with masking.mask_tokens.
 
 Position (what the trainer saves in its checkpoint): a JSON-ready dict
   {"num_shards": S, "group_size": G,
@@ -48,6 +54,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from bert_jax.data import batch_masking
 from bert_jax.data import examples as examples_lib
 from bert_jax.data import masking
 from bert_jax.data import packing
@@ -73,7 +80,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.source = "builtin:pydoc_topics"  # file path/glob, 'tfds:NAME[/CONFIG]:KEY', 'builtin:NAME'
   c.data_dir = ""  # tfds data folder ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.split = "train"  # tfds split
-  c.tokenizer = ""  # vocab.txt (WordPiece) or .model (SentencePiece), or a folder
+  c.tokenizer = ""  # vocab.txt (WordPiece) or .model (SentencePiece), or a folder;
+  #                   '' = train a SentencePiece model on `source` (tokenizer.train_for_source)
+  c.vocab_size = 8000  # pieces of that trained model (unused when `tokenizer` is set)
   c.lower_case = True  # WordPiece: uncased vocabulary
   c.objective = "mlm"  # 'mlm' (RoBERTa full sentences) | 'mlm_nsp' | 'mlm_sop' | 'span_corruption'
   c.masking = "token"  # 'token' | 'whole_word' | 'span' (SpanBERT) | 'ngram' (ALBERT)
@@ -182,11 +191,23 @@ def _no_autograph(fn):
   return tf.autograph.experimental.do_not_convert(fn)
 
 
+def _batch_masked(cfg) -> bool:
+  """Whether masking runs on whole batches (batch_masking) rather than per example."""
+  return cfg.objective != "span_corruption" and cfg.masking == "token"
+
+
 def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
-  """One group of raw documents -> dict of [C, ...] raw examples with provenance."""
+  """One group of raw documents -> dict of [C, ...] raw examples with provenance.
+
+  For objective 'mlm' with batched masking the examples come out final but
+  unmasked: encoder_input_tokens padded to [C, seq_length] and `_seed` [C, 2].
+  """
   cfg, tok = plan.cfg, plan.tokenizer
   doc_ids = examples_lib.tokenize_documents(tok, docs)  # [G', (ids)]
-  if cfg.objective == "mlm":
+  if cfg.objective == "mlm" and _batch_masked(cfg):
+    chunks = examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id)
+    out = dict(tokens=chunks.to_tensor(shape=[None, cfg.seq_length]))  # pad id 0
+  elif cfg.objective == "mlm":
     out = dict(tokens=examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id))
   elif cfg.objective == "span_corruption":
     out = dict(tokens=examples_lib.t5_examples(doc_ids, plan.tokens_length))
@@ -195,7 +216,9 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   else:
     seed = masking.example_seed(plan.seed, epoch, _GROUP_SALT - (g * cfg.num_shards + shard))
     out = examples_lib.nsp_examples(doc_ids, cfg.seq_length, seed)
-  c = out["tokens"].nrows()
+  tokens = out["tokens"]
+  c = (tokens.nrows() if isinstance(tokens, tf.RaggedTensor)
+       else tf.shape(tokens, out_type=tf.int64)[0])
   # The example seed index reserves _K_BITS bits for k (see module docstring).
   check = tf.debugging.assert_less(
       c, tf.constant(1 << _K_BITS, c.dtype),
@@ -206,6 +229,10 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   out["_epoch"] = tf.fill([c], tf.cast(epoch, tf.int64))
   out["_group"] = tf.fill([c], tf.cast(g, tf.int64))
   out["_k"] = tf.range(c, dtype=tf.int64)
+  if cfg.objective == "mlm" and _batch_masked(cfg):
+    index = (tf.cast(g, tf.int64) * cfg.num_shards + shard) * (1 << _K_BITS) + out["_k"]
+    out["_seed"] = batch_masking.example_seeds(plan.seed, epoch, index)
+    out["encoder_input_tokens"] = out.pop("tokens")
   return out
 
 
@@ -217,8 +244,11 @@ def _example_features(plan: _Plan, ex, shard):
   raw = {k: (tf.ensure_shape(v, [None]) if k in ("tokens", "random_tokens") else v)
          for k, v in ex.items() if not k.startswith("_")}
   out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
-                                     vocab=plan.vocab, tokenizer=plan.tokenizer)
+                                     vocab=plan.vocab, tokenizer=plan.tokenizer,
+                                     mask=not _batch_masked(cfg))
   out.update({k: ex[k] for k in _PROVENANCE})
+  if _batch_masked(cfg):
+    out["_seed"] = seed
   if cfg.objective == "span_corruption":
     return packing.pad_seq2seq_example(out, cfg.seq_length, plan.targets_length)
   return packing.pad_mlm_example(out, cfg.seq_length)
@@ -232,9 +262,27 @@ def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
   groups = docs.ragged_batch(cfg.group_size).enumerate(start=start_group)
   ds = groups.map(_no_autograph(lambda g, d: _group_examples(plan, g, d, epoch, shard)),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  if cfg.objective == "mlm" and _batch_masked(cfg):
+    return ds  # already padded, masked after batching
   ds = ds.map(_no_autograph(lambda ex: _example_features(plan, ex, shard)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds
+
+
+def _mask_batch(plan: _Plan, batch):
+  """Batched 'token' masking of one shard's padded batch (keyed by `_seed` per row)."""
+  cfg = plan.cfg
+  tokens = batch["encoder_input_tokens"]  # [batch, seq_length], unmasked
+  out = dict(batch)
+  out.update(batch_masking.mask_tokens_batch(
+      tokens, out.pop("_seed"), plan.vocab, max_predictions=cfg.max_predictions,
+      rate=cfg.mask_rate, mask_prob=cfg.mask_prob, random_prob=cfg.random_prob))
+  if "encoder_segment_ids" not in out:  # the 'mlm' rows skipped pad_mlm_example
+    real = tf.not_equal(tokens, 0)
+    out["encoder_type_ids"] = tf.zeros_like(tokens)
+    out["encoder_segment_ids"] = tf.cast(real, tf.int32)
+    out["encoder_positions"] = tf.where(real, tf.range(cfg.seq_length)[None, :], 0)
+  return out
 
 
 def _shard_stream(plan: _Plan, shard, epoch, group, offset, repeat_epoch: bool = False):
@@ -259,9 +307,14 @@ def _host_batches(plan: _Plan, shards: List[int], start: Dict[int, tuple], per_s
       (np.array(shards, np.int64), starts[:, 0], starts[:, 1], starts[:, 2]))
   # Round-robin over the shards (one batch each in turn): one trace of the
   # per-shard pipeline, whatever the number of shards.
+  def shard_batches(s, e, g, o):
+    ds = _shard_stream(plan, s, e, g, o, repeat_epoch).batch(per_shard, drop_remainder=True)
+    if _batch_masked(plan.cfg):
+      ds = ds.map(_no_autograph(lambda b: _mask_batch(plan, b)))
+    return ds
+
   ds = units.interleave(
-      lambda s, e, g, o: _shard_stream(plan, s, e, g, o, repeat_epoch).batch(
-          per_shard, drop_remainder=True),
+      shard_batches,
       cycle_length=len(shards), block_length=1, num_parallel_calls=len(shards),
       deterministic=True)
   ds = ds.batch(len(shards), drop_remainder=True)
