@@ -50,11 +50,22 @@ def row_keys(seeds):
   return _mix(tf.bitwise.bitwise_xor(seeds[:, 1], inner))
 
 
-def random_bits(keys, length, stream: int):
-  """uint64 [batch, length]: 64 random bits per (row key, position, stream in {0, 1})."""
-  counter = tf.range(tf.cast(length, tf.int64), dtype=tf.int64) * 2 + (stream + 1)
-  counter = tf.bitcast(counter, tf.uint64) * _u64(_GOLDEN)  # [length]
-  return _mix(keys[:, None] + counter[None, :])
+def random_bits(keys, positions, stream: int):
+  """uint64 random bits per (row key, position, stream in {0, 1}).
+
+  Args:
+    keys: uint64 [batch] row keys.
+    positions: int [length] (the same for every row) or [batch, k].
+    stream: 0 or 1.
+
+  Returns:
+    uint64 [batch, length] or [batch, k].
+  """
+  counter = tf.cast(positions, tf.int64) * 2 + (stream + 1)
+  counter = tf.bitcast(counter, tf.uint64) * _u64(_GOLDEN)
+  if counter.shape.rank == 1:
+    counter = counter[None, :]
+  return _mix(keys[:, None] + counter)
 
 
 def num_to_predict_batch(tokens, pad_id: int, max_predictions: int, rate: float):
@@ -101,10 +112,10 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
   length = tf.shape(tokens)[1]
   budget = num_to_predict_batch(tokens, vocab.pad_id, max_predictions, rate)  # [batch]
   keys = row_keys(seeds)  # [batch]
-  bits = random_bits(keys, length, 0)  # [batch, length]
+  bits = random_bits(keys, tf.range(length), 0)  # [batch, length]
   cand = tf.logical_not(tf.gather(tf.constant(vocab.special), tokens))
 
-  # Unique scores: random high bits, position as tie-break in the low bits.
+  # Unique scores: 40 random high bits, position as tie-break in the low bits.
   pos = tf.range(length, dtype=tf.int64)
   score = tf.bitwise.bitwise_or(
       tf.bitwise.left_shift(tf.cast(tf.bitwise.right_shift(bits, _u64(24)), tf.int64),
@@ -113,32 +124,34 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
   k = tf.minimum(max_predictions, length)
   top = tf.math.top_k(score, k, sorted=True)  # [batch, k]
   valid = (tf.range(k)[None, :] < budget[:, None]) & (top.values >= 0)
-  big = tf.cast(length, tf.int32)
-  positions = tf.sort(tf.where(valid, top.indices, big), axis=1)  # ascending, invalid last
-  real = positions < big
+  positions = tf.sort(tf.where(valid, top.indices, length), axis=1)  # ascending, invalid last
+  real = positions < length  # [batch, k]
   positions = tf.where(real, positions, 0)
-  # The lowest accepted score marks exactly the chosen tokens (scores are unique).
-  kth = tf.reduce_min(tf.where(valid, top.values, tf.int64.max), axis=1)  # [batch]
-  selected = cand & (score >= kth[:, None])  # [batch, length]
+  targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
 
-  # 80/10/10 from 24 low bits of the same draw (independent of the high bits
-  # used for the score) and a second stream for the replacement id.
-  u = tf.cast(tf.bitwise.bitwise_and(bits, _u64((1 << 24) - 1)), tf.float32) / float(1 << 24)
-  ordinary = tf.constant(vocab.ordinary_ids)
-  high = tf.bitwise.right_shift(random_bits(keys, length, 1), _u64(32))
-  pick = tf.bitwise.right_shift(high * _u64(len(vocab.ordinary_ids)), _u64(32))  # Lemire
-  random_ids = tf.gather(ordinary, tf.cast(pick, tf.int32))
-  replaced = tf.where(u < mask_prob, vocab.mask_id,
-                      tf.where(u < mask_prob + random_prob, random_ids, tokens))
-  masked = tf.where(selected, replaced, tokens)
+  # 80/10/10 only at the k slots: the outcome from 24 low bits of the
+  # position's selection draw (independent of the high bits of its score),
+  # the replacement id from stream 1 (multiply-shift into the ordinary ids).
+  chosen_bits = random_bits(keys, positions, 0)  # [batch, k]
+  u = tf.cast(tf.bitwise.bitwise_and(chosen_bits, _u64((1 << 24) - 1)), tf.float32)
+  u /= float(1 << 24)
+  high = tf.bitwise.right_shift(random_bits(keys, positions, 1), _u64(32))
+  pick = tf.bitwise.right_shift(high * _u64(len(vocab.ordinary_ids)), _u64(32))
+  random_ids = tf.gather(tf.constant(vocab.ordinary_ids), tf.cast(pick, tf.int32))
+  new = tf.where(u < mask_prob, vocab.mask_id,
+                 tf.where(u < mask_prob + random_prob, random_ids, targets))
+  # Unused slots write into an extra column that is cut off again (real
+  # positions are distinct, so the scatter has no conflicting writes).
+  rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(positions))
+  cols = tf.where(real, positions, length)
+  masked = tf.tensor_scatter_nd_update(tf.pad(tokens, [[0, 0], [0, 1]]),
+                                       tf.stack([rows, cols], -1), new)[:, :length]
 
   pad = [[0, 0], [0, tf.maximum(max_predictions - k, 0)]]
-  targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
-  weights = tf.cast(real, tf.float32)
   return dict(encoder_input_tokens=masked,
               mlm_positions=tf.pad(positions, pad),
               mlm_targets=tf.pad(targets, pad),
-              mlm_weights=tf.pad(weights, pad))
+              mlm_weights=tf.pad(tf.cast(real, tf.float32), pad))
 
 
 def example_seeds(seed, epoch, indices):
