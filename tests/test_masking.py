@@ -450,3 +450,37 @@ def test_batch_masking_edge_rows():
   np.testing.assert_array_equal(out["encoder_input_tokens"][[0, 2]], tokens[[0, 2]])
   with pytest.raises(ValueError, match="mask_prob"):
     _run_batch(tokens, _seeds(3), mask_prob=0.9, random_prob=0.2)
+
+
+def test_batch_whole_word_masking():
+  tokens = _examples(1500, cont_frac=0.4)
+  seeds = _seeds(len(tokens))
+  out = _run_batch(tokens, seeds, scheme="whole_word")
+  codes = _check_common(tokens, out)
+  mixed = multi = 0
+  for row, pos, w, c in zip(tokens, out["mlm_positions"], out["mlm_weights"], codes):
+    chosen = dict(zip(pos[:int(w.sum())].tolist(), c.tolist()))
+    left = _expected_budget(row) - len(chosen)
+    for word in _words(row):
+      hit = [i in chosen for i in word.tolist()]
+      assert all(hit) or not any(hit), f"partial word {word} in {sorted(chosen)}"
+      # Greedy take-if-it-fits: no skipped word fits what is left at the end.
+      assert any(hit) or len(word) > left, (word, left)
+      if all(hit) and len(word) > 1:
+        multi += 1
+        mixed += len({chosen[i] for i in word.tolist()}) > 1
+  assert multi > 500 and mixed / multi > 0.25  # one outcome draw per sub-token
+  frac = np.bincount(np.concatenate(codes), minlength=3) / len(np.concatenate(codes))
+  assert abs(frac[0] - 0.8) < 0.015 and abs(frac[1] - 0.1) < 0.01
+  # Row independence and determinism hold for this scheme too.
+  for i in (3, 700):
+    alone = _run_batch(tokens[i:i + 1], seeds[i:i + 1], scheme="whole_word")
+    for k in out:
+      np.testing.assert_array_equal(alone[k][0], out[k][i])
+  # The skipping rule: budget 2, a 9-piece word and a 1-piece word.
+  row = np.array([CLS, 10] + [600] * 8 + [20, SEP], np.int32)[None].repeat(200, 0)
+  skip = _run_batch(row, _seeds(200), scheme="whole_word")
+  assert set(skip["mlm_positions"][skip["mlm_weights"] > 0].tolist()) == {10}
+  np.testing.assert_array_equal(skip["mlm_weights"].sum(1), 1)
+  with pytest.raises(ValueError, match="span"):
+    _run_batch(row, _seeds(200), scheme="span")

@@ -29,6 +29,7 @@ _MIX2 = 0x94D049BB133111EB
 # Keeps this generator's streams apart from other uses of the same seed.
 _SALT = 0x6D61736B5F746F6B  # "mask_tok"
 _POS_BITS = 20  # positions < 2**20 share an int64 score with 40 random bits
+BATCH_SCHEMES = ("token", "whole_word")
 
 
 def _u64(value: int):
@@ -78,21 +79,93 @@ def num_to_predict_batch(tokens, pad_id: int, max_predictions: int, rate: float)
   return tf.minimum(max_predictions, tf.maximum(1, n))  # [batch]
 
 
-def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_predictions: int,
-                      rate: float = 0.15, mask_prob: float = 0.8, random_prob: float = 0.1):
-  """'token'-scheme masked-LM masking of a padded batch, one seed per row.
+def _scores(bits, cand):
+  """int64 scores: 40 random high bits above the position (unique), -1 off `cand`."""
+  pos = tf.range(tf.shape(bits)[1], dtype=tf.int64)
+  score = tf.bitwise.bitwise_or(
+      tf.bitwise.left_shift(tf.cast(tf.bitwise.right_shift(bits, _u64(24)), tf.int64),
+                            tf.constant(_POS_BITS, tf.int64)), pos[None, :])
+  return tf.where(cand, score, -1)
 
-  Per row the contract of masking.mask_tokens(scheme='token'): budget
+
+def _select_tokens(bits, cand, budget, k):
+  """'token': the `budget` best-scored candidates -> (positions ascending, real) [batch, k]."""
+  top = tf.math.top_k(_scores(bits, cand), k, sorted=True)  # [batch, k]
+  valid = (tf.range(k)[None, :] < budget[:, None]) & (top.values >= 0)
+  length = tf.shape(cand)[1]
+  positions = tf.sort(tf.where(valid, top.indices, length), axis=1)  # invalid last
+  return positions, positions < length
+
+
+def _select_whole_words(tokens, bits, cand, budget, k, vocab: masking.VocabInfo):
+  """'whole_word': words in random order, each taken if it still fits (BERT wwm).
+
+  The per-row greedy pass runs in vectorised rounds for the whole batch (as
+  masking._select_words): a round takes every row's longest fitting prefix of
+  undecided words and drops its first overflowing word.
+  """
+  if vocab.word_start is None:
+    raise ValueError("whole-word masking needs VocabInfo.word_start "
+                     "(the word-start table from the tokenizer)")
+  batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+  idx = tf.range(length)
+  prev = tf.pad(cand[:, :-1], [[0, 0], [1, 0]])
+  start = cand & (tf.gather(tf.constant(vocab.word_start), tokens) | ~prev)  # [batch, length]
+  # Start position of the word holding each token: its word number indexes
+  # the row's start positions in ascending order.
+  word_num = tf.cumsum(tf.cast(start, tf.int32), axis=1) - 1  # [batch, length]
+  starts = tf.sort(tf.where(start, idx[None, :], length), axis=1)
+  word_start = tf.where(word_num >= 0,
+                        tf.gather(starts, tf.maximum(word_num, 0), batch_dims=1), -1)
+  in_word = cand & (word_start >= 0)
+  flat = tf.where(in_word, word_start + (tf.range(batch) * length)[:, None],
+                  batch * length)
+  lengths = tf.reshape(tf.math.unsorted_segment_sum(
+      tf.ones([batch * length], tf.int32), tf.reshape(flat, [-1]), batch * length + 1)[:-1],
+      [batch, length])  # tokens per word, at its start position
+  order = tf.argsort(_scores(bits, start), axis=1, direction="DESCENDING")
+  shuffled = tf.gather(tf.where(start, lengths, 0), order, batch_dims=1)  # visiting order
+  alive0 = tf.gather(start, order, batch_dims=1)
+
+  def body(taken, alive, left):
+    alive &= shuffled <= left[:, None]  # can never fit again
+    cum = tf.cumsum(tf.where(alive, shuffled, 0), axis=1)
+    fit = alive & (cum <= left[:, None])
+    first_over = tf.reduce_min(tf.where(alive & ~fit, idx[None, :], length), axis=1)
+    left -= tf.reduce_sum(tf.where(fit, shuffled, 0), axis=1)
+    return taken | fit, alive & (idx[None, :] > first_over[:, None]), left
+
+  def cond(taken, alive, left):
+    del taken
+    return tf.reduce_any((left[:, None] > 0) & alive)
+
+  taken, _, _ = tf.while_loop(cond, body, (tf.zeros_like(alive0), alive0, budget))
+  taken_at = tf.gather(taken, tf.argsort(order, axis=1), batch_dims=1)  # by start position
+  selected = in_word & tf.gather(taken_at, tf.maximum(word_start, 0), batch_dims=1)
+  # <= budget <= k selected tokens: the k smallest positions, ascending.
+  top = tf.math.top_k(tf.where(selected, length - idx[None, :], -1), k, sorted=True)
+  real = top.values >= 0
+  return tf.where(real, top.indices, length), real
+
+
+def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_predictions: int,
+                      scheme: str = "token", rate: float = 0.15, mask_prob: float = 0.8,
+                      random_prob: float = 0.1):
+  """Masked-LM masking of a padded batch ('token' or 'whole_word'), one seed per row.
+
+  Per row the contract of masking.mask_tokens for the same scheme: budget
   num_to_predict (never more than the maskable tokens); special ids and
-  padding never chosen; each chosen token becomes [MASK] with `mask_prob`, a
-  uniform random ordinary id with `random_prob`, else stays itself.
+  padding never chosen; whole_word takes whole words in random order,
+  skipping a word that no longer fits; each chosen token becomes [MASK] with
+  `mask_prob`, a uniform random ordinary id with `random_prob`, else stays.
 
   Args:
     tokens: int [batch, length] ids, trailing padding (pad_id) allowed;
       length < 2**20.
     seeds: int [batch, 2], one stateless seed per row (masking.example_seed).
-    vocab: vocabulary facts.
+    vocab: vocabulary facts (whole_word needs vocab.word_start).
     max_predictions: width of the mlm_* outputs.
+    scheme: 'token' or 'whole_word' (BATCH_SCHEMES).
     rate: fraction of (non-pad) tokens to predict.
     mask_prob: probability of [MASK] for a chosen token.
     random_prob: probability of a random ordinary id; keep = the rest.
@@ -103,6 +176,9 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
     [batch, max_predictions] (1.0 real, 0.0 padding slots, whose position and
     target are 0).
   """
+  if scheme not in BATCH_SCHEMES:
+    raise ValueError(f"scheme={scheme!r} has no batched masking; expected one of "
+                     f"{BATCH_SCHEMES} (use masking.mask_tokens per example)")
   if not 0 <= mask_prob + random_prob <= 1 or min(mask_prob, random_prob) < 0:
     raise ValueError(f"mask_prob={mask_prob} and random_prob={random_prob} must be >= 0 "
                      "and sum to <= 1 (keep is the rest)")
@@ -114,19 +190,12 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
   keys = row_keys(seeds)  # [batch]
   bits = random_bits(keys, tf.range(length), 0)  # [batch, length]
   cand = tf.logical_not(tf.gather(tf.constant(vocab.special), tokens))
-
-  # Unique scores: 40 random high bits, position as tie-break in the low bits.
-  pos = tf.range(length, dtype=tf.int64)
-  score = tf.bitwise.bitwise_or(
-      tf.bitwise.left_shift(tf.cast(tf.bitwise.right_shift(bits, _u64(24)), tf.int64),
-                            tf.constant(_POS_BITS, tf.int64)), pos[None, :])
-  score = tf.where(cand, score, -1)
   k = tf.minimum(max_predictions, length)
-  top = tf.math.top_k(score, k, sorted=True)  # [batch, k]
-  valid = (tf.range(k)[None, :] < budget[:, None]) & (top.values >= 0)
-  positions = tf.sort(tf.where(valid, top.indices, length), axis=1)  # ascending, invalid last
-  real = positions < length  # [batch, k]
-  positions = tf.where(real, positions, 0)
+  if scheme == "token":
+    positions, real = _select_tokens(bits, cand, budget, k)
+  else:
+    positions, real = _select_whole_words(tokens, bits, cand, budget, k, vocab)
+  positions = tf.where(real, positions, 0)  # [batch, k]
   targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
 
   # 80/10/10 only at the k slots: the outcome from 24 low bits of the
@@ -148,10 +217,11 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
                                        tf.stack([rows, cols], -1), new)[:, :length]
 
   pad = [[0, 0], [0, tf.maximum(max_predictions - k, 0)]]
-  return dict(encoder_input_tokens=masked,
-              mlm_positions=tf.pad(positions, pad),
-              mlm_targets=tf.pad(targets, pad),
-              mlm_weights=tf.pad(tf.cast(real, tf.float32), pad))
+  width = [None, max_predictions]
+  return dict(encoder_input_tokens=tf.ensure_shape(masked, tokens.shape),
+              mlm_positions=tf.ensure_shape(tf.pad(positions, pad), width),
+              mlm_targets=tf.ensure_shape(tf.pad(targets, pad), width),
+              mlm_weights=tf.ensure_shape(tf.pad(tf.cast(real, tf.float32), pad), width))
 
 
 def example_seeds(seed, epoch, indices):

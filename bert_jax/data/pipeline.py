@@ -21,12 +21,13 @@ Deterministic and exactly resumable (DESIGN.md, Data). Structure:
     index = (g * num_shards + shard) * 2**24 + k (unique per epoch while a
     group makes < 2**24 examples), then the objective and padding to the
     batch contract. Epochs repeat forever with new shuffles and new masks.
-  * 'token' masking (the default) runs after batching instead: each shard's
-    padded batch is masked at once by batch_masking.mask_tokens_batch, every
-    row keyed by its own example seed (so a row's mask does not depend on its
-    batch neighbours and resume stays exact). For objective 'mlm' the seeds
+  * 'token' (the default) and 'whole_word' masking run after batching
+    instead: each shard's padded batch is masked at once by
+    batch_masking.mask_tokens_batch, every row keyed by its own example seed
+    (so a row's mask does not depend on its batch neighbours and resume
+    stays exact). For objective 'mlm' the seeds
     and the padding are computed in the group map too, so no per-example map
-    runs at all. Other schemes mask per example with masking.mask_tokens.
+    runs at all. 'span' / 'ngram' mask per example with masking.mask_tokens.
 
 Position (what the trainer saves in its checkpoint): a JSON-ready dict
   {"num_shards": S, "group_size": G,
@@ -193,7 +194,7 @@ def _no_autograph(fn):
 
 def _batch_masked(cfg) -> bool:
   """Whether masking runs on whole batches (batch_masking) rather than per example."""
-  return cfg.objective != "span_corruption" and cfg.masking == "token"
+  return cfg.objective != "span_corruption" and cfg.masking in batch_masking.BATCH_SCHEMES
 
 
 def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
@@ -270,13 +271,13 @@ def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
 
 
 def _mask_batch(plan: _Plan, batch):
-  """Batched 'token' masking of one shard's padded batch (keyed by `_seed` per row)."""
+  """Batched masking of one shard's padded batch (keyed by `_seed` per row)."""
   cfg = plan.cfg
   tokens = batch["encoder_input_tokens"]  # [batch, seq_length], unmasked
   out = dict(batch)
   out.update(batch_masking.mask_tokens_batch(
       tokens, out.pop("_seed"), plan.vocab, max_predictions=cfg.max_predictions,
-      rate=cfg.mask_rate, mask_prob=cfg.mask_prob, random_prob=cfg.random_prob))
+      scheme=cfg.masking, rate=cfg.mask_rate, mask_prob=cfg.mask_prob, random_prob=cfg.random_prob))
   if "encoder_segment_ids" not in out:  # the 'mlm' rows skipped pad_mlm_example
     real = tf.not_equal(tokens, 0)
     out["encoder_type_ids"] = tf.zeros_like(tokens)
