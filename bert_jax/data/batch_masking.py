@@ -1,4 +1,4 @@
-"""Vectorised ('token' scheme) masked-LM masking of a whole [batch, length] block.
+"""Vectorised masked-LM masking ('token', 'whole_word') of a [batch, length] block.
 
 `masking.mask_tokens` works on one example inside a per-example tf.data map;
 the per-element map overhead and the per-example stateless RNG calls made it
@@ -15,9 +15,11 @@ batch, nor on the padded length, and the pipeline stays reproducible and
 exactly resumable. The masks differ from `mask_tokens` for the same seed (a
 different generator), with the same distribution.
 
-Selection of exactly the per-row budget: each maskable token gets a unique
-int64 score (40 random bits above its position), non-maskable ones -1;
-top_k(max_predictions) then keeps the first `budget` of the sorted choices.
+Selection of exactly the per-row budget ('token'): each maskable token gets a
+unique int64 score (40 random bits above its position), non-maskable ones
+-1; top_k(max_predictions) then keeps the first `budget` of the sorted
+choices. 'whole_word' scores each word at its first piece, visits the words
+in score order and takes each that still fits, in vectorised rounds.
 """
 import tensorflow as tf
 
