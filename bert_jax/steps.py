@@ -180,7 +180,8 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
 
 def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
                          example_batch_shapes: Mapping[str, Any], mesh: Mesh, rules,
-                         rng: Any) -> tuple[TrainState, TrainState]:
+                         rng: Any, *, compiler_options: dict[str, Any] | None = None
+                         ) -> tuple[TrainState, TrainState]:
   """A fresh TrainState created directly in its sharded layout.
 
   eval_shape of the init gives the logical axis names of every parameter;
@@ -197,6 +198,7 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
     mesh: the ('data', 'fsdp', 'tensor') mesh.
     rules: logical-axis rules, e.g. `sharding.get_rules('fsdp')`.
     rng: int seed or PRNG key; split into the init key and the state's rng.
+    compiler_options: XLA options for this compilation (see `make_train_step`).
 
   Returns:
     (state, state_shardings): float32 params whatever the model's compute
@@ -221,7 +223,7 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
         step=replicated, params=param_shardings, rng=replicated,
         opt_state=opt_state_shardings(abstract.opt_state, abstract.params, param_shardings,
                                       mesh))
-    state = jax.jit(init_fn, out_shardings=shardings)(rng)
+    state = jax.jit(init_fn, out_shardings=shardings, compiler_options=compiler_options)(rng)
   return state, shardings
 
 
@@ -395,7 +397,7 @@ def _in_context(fn: Callable, mesh: Mesh, rules) -> Callable:
   caller happens to be in.
   """
   def wrapped(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules or ()):
       return fn(*args)
   return wrapped
 
@@ -403,7 +405,8 @@ def _in_context(fn: Callable, mesh: Mesh, rules) -> Callable:
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: str,
                     state_shardings: TrainState, batch_sharding: NamedSharding, *,
                     rules, num_microbatches: int = 1, z_loss: float = 0.0,
-                    schedule: Callable[[Array], Array] | None = None) -> Callable:
+                    schedule: Callable[[Array], Array] | None = None,
+                    compiler_options: dict[str, Any] | None = None) -> Callable:
   """`train_step` jitted with explicit shardings and the state donated.
 
   Args:
@@ -411,6 +414,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
     state_shardings: from `create_sharded_state`.
     batch_sharding: sharding of every batch feature (`sharding.batch_sharding`).
     rules: the logical-axis rules the state was created with.
+    compiler_options: XLA options of this jit (e.g. TPU scheduler flags; the
+      tests lower CPU optimisation to compile faster).
 
   Returns:
     A jitted `(state, batch) -> (state, metrics)`; the input state's buffers
@@ -424,11 +429,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
   return jax.jit(_in_context(step, mesh, rules),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=compiler_options)
 
 
 def make_eval_step(model: nn.Module, objective: str, param_shardings: Any,
-                   batch_sharding: NamedSharding, *, rules, z_loss: float = 0.0) -> Callable:
+                   batch_sharding: NamedSharding, *, rules, z_loss: float = 0.0,
+                   compiler_options: dict[str, Any] | None = None) -> Callable:
   """`eval_step` jitted with explicit shardings: `(params, batch) -> metrics`.
 
   Args:
@@ -436,6 +442,7 @@ def make_eval_step(model: nn.Module, objective: str, param_shardings: Any,
     param_shardings: `state_shardings.params` from `create_sharded_state`.
     batch_sharding: sharding of every batch feature.
     rules: the logical-axis rules the state was created with.
+    compiler_options: XLA options of this jit.
 
   Returns:
     The jitted eval step; its metrics are replicated scalars.
@@ -445,4 +452,4 @@ def make_eval_step(model: nn.Module, objective: str, param_shardings: Any,
   step = functools.partial(eval_step, model=model, objective=objective, z_loss=z_loss)
   return jax.jit(_in_context(step, mesh, rules),
                  in_shardings=(param_shardings, batch_sharding),
-                 out_shardings=NamedSharding(mesh, P()))
+                 out_shardings=NamedSharding(mesh, P()), compiler_options=compiler_options)
