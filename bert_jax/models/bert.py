@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax import models
 from bert_jax.models import layers
 
 Array = jax.Array
@@ -128,11 +129,7 @@ class BertConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "BertConfig":
     """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"BertConfig: unknown field(s) {unknown}; valid fields: {sorted(known)}")
-    return cls(**dict(d))
+    return models.config_from_dict(cls, d)
 
 
 def _attention_mask(tokens: Array, segment_ids: Array | None, mask: Array | None,

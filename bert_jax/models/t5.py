@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax import models
 from bert_jax.models import layers
 
 Array = jax.Array
@@ -126,11 +127,7 @@ class T5Config:
   @classmethod
   def from_dict(cls, d: dict) -> "T5Config":
     """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"T5Config: unknown field(s) {unknown}; valid fields: {sorted(known)}")
-    return cls(**dict(d))
+    return models.config_from_dict(cls, d)
 
 
 # ---------------------------------------------------------------------------
