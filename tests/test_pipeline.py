@@ -334,3 +334,72 @@ def test_batched_masks_do_not_depend_on_batch_size(objective, scheme, minilm_dir
                                   np.concatenate([x[k] for x in b]), err_msg=k)
   w = np.concatenate([x["mlm_weights"] for x in a])
   assert (w.sum(1) > 0).all()
+
+
+def test_shard_without_examples_raises(minilm_dir, tmp_path):
+  # mlm_nsp skips chunks of < 2 ids: a corpus of one-word documents makes no
+  # example at all; next() must raise (not loop over empty epochs forever).
+  source = _write_corpus(tmp_path / "words.txt", [[w] for w in _WORDS[:8]])
+  cfg = _config(_vocab(minilm_dir), source, objective="mlm_nsp")
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=4)
+  with pytest.raises(ValueError, match=r"(?s)empty data shard.*words\.txt.*'mlm_nsp'"):
+    next(it)
+  with pytest.raises(ValueError, match="empty data shard"):
+    next(pipeline.make_eval_iterator(cfg, seed=0, batch_size=4, num_batches=2))
+
+
+def test_stats_count_overlong_paragraphs_and_one_token_documents(minilm_dir, tmp_path):
+  rng = random.Random(3)
+  docs = [[" ".join(rng.choice(_WORDS) for _ in range(8))] for _ in range(6)]
+  docs[1].append(" ".join(rng.choice(_WORDS) for _ in range(60)))  # 3 over-long
+  docs[4].insert(0, " ".join(rng.choice(_WORDS) for _ in range(45)))
+  docs[5].append(" ".join(rng.choice(_WORDS) for _ in range(90)))
+  docs += [["the"], ["of"]]  # 2 one-token documents
+  source = _write_corpus(tmp_path / "stats.txt", docs)
+  # One shard, one group: the counters advance by whole epochs (prefetching
+  # may have run several), so each is a multiple of the corpus' count.
+  cfg = _config(_vocab(minilm_dir), source, objective="mlm_nsp", num_shards=1,
+                group_size=16)
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=2)
+  next(it)
+  stats = it.stats
+  assert stats["overlong_paragraphs"] > 0
+  assert stats["overlong_paragraphs"] % 3 == 0
+  assert stats["skipped_one_token_documents"] == stats["overlong_paragraphs"] // 3 * 2
+  assert stats["invalid_utf8_bytes"] == 0
+
+
+def test_file_sources_are_split_by_file_between_hosts(minilm_dir, tmp_path):
+  # 4 files, 4 data shards: file j -> shard j; host p of 2 reads files 2p, 2p+1.
+  folder = tmp_path / "files"
+  folder.mkdir()
+  docs = _docs(11, 24)
+  for j in range(4):
+    _write_corpus(folder / f"part-{j}.txt", docs[j * 6:(j + 1) * 6])
+  cfg = _config(_vocab(minilm_dir), str(folder / "part-*.txt"), num_shards=4)
+  whole = pipeline.make_train_iterator(cfg, seed=1, batch_size=8)
+  wanted = _take(whole, 3)
+  # Each host runs on a copy where the OTHER host's files hold other text:
+  # its batches stay the same only if it reads nothing but its own files.
+  poisoned = tmp_path / "poisoned"
+  poisoned.mkdir()
+  parts = []
+  for p in range(2):
+    for j in range(4):
+      text = (folder / f"part-{j}.txt").read_text()
+      if j // 2 != p:  # the other host's file
+        text = "\n\n".join(f"Poison {j} document {i} with other words." for i in range(9))
+      (poisoned / f"part-{j}.txt").write_text(text + "\n")
+    cfg.source = str(poisoned / "part-*.txt")
+    host = pipeline.make_train_iterator(cfg, seed=1, batch_size=8, process_index=p,
+                                        process_count=2)
+    assert host.shards == [2 * p, 2 * p + 1]
+    parts.append(_take(host, 3))
+  for g, a, b in zip(wanted, *parts):
+    _assert_same(g, {k: np.concatenate([a[k], b[k]]) for k in g})
+  # Exact resume in file mode.
+  cfg.source = str(folder / "part-*.txt")
+  position = json.loads(json.dumps(whole.position))
+  resumed = pipeline.make_train_iterator(cfg, seed=1, batch_size=8, position=position)
+  for want, got in zip(_take(whole, 3), _take(resumed, 3)):
+    _assert_same(want, got)

@@ -72,6 +72,28 @@ def test_empty_or_unreadable_files_are_clear_errors(tmp_path, name, content):
     sources.open_source(str(tmp_path / "*"))
 
 
+def test_files_subset_opens_only_those_files(tmp_path):
+  for name in ("c.txt", "a.txt", "b.txt"):
+    (tmp_path / name).write_text(f"{name} one\n\n{name} two\n")
+  spec = str(tmp_path / "*.txt")
+  assert sources.list_files(spec) == [str(tmp_path / n) for n in ("a.txt", "b.txt", "c.txt")]
+  assert sources.list_files("builtin:pydoc_topics") is None
+  (tmp_path / "b.txt").write_bytes(b"")  # empty: an error only if b.txt is opened
+  with pytest.raises(ValueError, match="b.txt is empty"):
+    sources.open_source(spec)
+  source = sources.open_source(spec, files=[str(tmp_path / "c.txt"), str(tmp_path / "a.txt")])
+  assert source.files == [str(tmp_path / "c.txt"), str(tmp_path / "a.txt")]
+  assert _docs(source) == [["c.txt one"], ["c.txt two"], ["a.txt one"], ["a.txt two"]]
+  # documents(files=...) reads a subset of those, also from a tensor.
+  picked = source.documents(files=tf.constant([str(tmp_path / "a.txt")]))
+  assert [[p.decode() for p in d] for d in picked.as_numpy_iterator()] == [
+      ["a.txt one"], ["a.txt two"]]
+  with pytest.raises(ValueError, match="not a file source"):
+    sources.open_source("builtin:pydoc_topics", files=["x.txt"])
+  with pytest.raises(ValueError, match="not a file source"):
+    sources.open_source("builtin:pydoc_topics").documents(files=["x.txt"])
+
+
 def test_real_wikipedia_validation_file(shared_data):
   path = shared_data / "wiki_en" / "valid.txt.gz"
   with gzip.open(path, "rt", encoding="utf-8") as f:

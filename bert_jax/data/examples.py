@@ -34,15 +34,19 @@ from bert_jax.data import masking
 from bert_jax.data import span_corruption as span_lib
 
 
-def tokenize_documents(tokenizer, docs: tf.RaggedTensor) -> tf.RaggedTensor:
+def tokenize_documents(tokenizer, docs: tf.RaggedTensor, return_paragraph_lengths: bool = False):
   """[G, (paragraphs)] strings -> [G', (ids)] int32, a document's paragraphs joined.
 
-  Documents with no ids are dropped (G' <= G).
+  Documents with no ids are dropped (G' <= G). With `return_paragraph_lengths`
+  also returns int64 [P] ids per paragraph (for the pipeline's statistics).
   """
   ids = tokenizer.tokenize(docs.flat_values)  # [P, (ids)]
   per_doc = docs.with_flat_values(ids).merge_dims(1, 2)  # [G, (ids)]
   per_doc = tf.cast(per_doc, tf.int32)
-  return tf.ragged.boolean_mask(per_doc, per_doc.row_lengths() > 0)
+  per_doc = tf.ragged.boolean_mask(per_doc, per_doc.row_lengths() > 0)
+  if return_paragraph_lengths:
+    return per_doc, tf.cast(ids.row_lengths(), tf.int64)
+  return per_doc
 
 
 def _split_stream(flat: tf.Tensor, length: int) -> tf.RaggedTensor:

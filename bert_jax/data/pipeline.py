@@ -2,8 +2,13 @@
 
 Deterministic and exactly resumable (DESIGN.md, Data). Structure:
 
-  * Data shards. Document i of the source goes to data shard i % num_shards;
-    each shard is an independent tf.data pipeline. Global batch b is the
+  * Data shards. A file source (path/glob) with at least num_shards files
+    is split by whole FILES: file j (sorted by name) goes to data shard
+    j % num_shards, and a host opens only the files of its shards ("file
+    mode"). Otherwise (fewer files, tfds, builtin) document i of the source
+    goes to data shard i % num_shards and every host reads the whole source
+    ("document mode", logged once). Either map ignores the host count.
+    Each shard is an independent tf.data pipeline. Global batch b is the
     concatenation, in shard order, of every shard's batch b of
     batch_size / num_shards examples. Host p of P runs only the contiguous
     shards [p*S/P, (p+1)*S/P), so the hosts' local batches concatenated in
@@ -42,13 +47,17 @@ keyed by shard id, so `merge_positions` of all hosts' positions lets a run
 restart with another process_count. There is no `start_step` shortcut: only
 the saved position resumes exactly.
 
-Limits: every data shard must yield examples; a shard whose documents all
-make none (e.g. only one-token documents with mlm_nsp) would loop over empty
-epochs forever. Construction checks only that each shard has a document.
-Each shard reads the whole source and keeps its share (ds.shard), so reading
-(not tokenizing) is repeated once per data shard a host runs.
+Every data shard must yield examples: an epoch (begun at its first group)
+of a shard whose documents all make none (e.g. only one-token documents with
+mlm_nsp) raises a ValueError naming the shard, source and objective from
+next(), instead of looping over empty epochs forever.
+In document mode each shard reads the whole source and keeps its share
+(ds.shard), so reading (not tokenizing) is repeated once per data shard a host
+runs; file mode reads each file once. A shard's document index (shuffle
+blocks, groups, resume) counts within its own document stream.
 """
 import dataclasses
+import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import ml_collections
@@ -64,6 +73,8 @@ from bert_jax.data import span_corruption as span_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 
 OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop", "span_corruption")
+# Counters of TrainIterator.stats (besides the source's invalid_utf8_bytes).
+STATS = ("overlong_paragraphs", "skipped_one_token_documents")
 _K_BITS = 24  # examples per group < 2**24 (index layout of the example seed)
 _PROVENANCE = ("_epoch", "_group", "_k")
 # Salts keeping the shuffle and group draws apart from the per-example seeds
@@ -72,6 +83,8 @@ _SHUFFLE_SALT = -1
 _GROUP_SALT = -(1 << 40)
 # The eval stream uses another seed, so held-out masks never equal training ones.
 _EVAL_SEED_OFFSET = 0x5EED
+_EMPTY_EPOCH = "empty data shard"
+_LOGGED_WHOLE_SOURCE = set()  # sources already logged as read whole by every host
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -111,9 +124,12 @@ class _Plan:
   tokenizer: Any
   vocab: Optional[masking.VocabInfo]
   source: sources.TextSource
-  documents: Optional[tf.data.Dataset] = None  # built once, reused by every shard
+  documents: Optional[tf.data.Dataset] = None  # document mode: built once, used by every shard
+  shard_files: Optional[List[List[str]]] = None  # file mode: the files of each data shard
   tokens_length: int = 0  # span corruption raw chunk length
   targets_length: int = 0  # span corruption decoder length
+  chunk_length: int = 0  # ids per raw example chunk (over-long paragraph threshold)
+  stats: Dict[str, tf.Variable] = dataclasses.field(default_factory=dict)
 
 
 def _check(ok: bool, message: str):
@@ -121,8 +137,12 @@ def _check(ok: bool, message: str):
     raise ValueError(message)
 
 
-def _validate(cfg, seed: int) -> _Plan:
-  """Checks the config against the objective's needs; opens tokenizer and source."""
+def _validate(cfg, seed: int, shards: Sequence[int]) -> _Plan:
+  """Checks the config against the objective's needs; opens tokenizer and source.
+
+  `shards` are the data shards this host runs: in file mode only their files
+  are opened.
+  """
   _check(cfg.objective in OBJECTIVES,
          f"data.objective={cfg.objective!r} is unknown; choose one of {OBJECTIVES}")
   _check(cfg.masking in masking.MASKING_SCHEMES,
@@ -153,8 +173,31 @@ def _validate(cfg, seed: int) -> _Plan:
            f"data.objective={cfg.objective!r} (need >= {least})")
     tok.require_mask_token()
     plan.vocab = masking.VocabInfo.from_tokenizer(tok)
+  plan.chunk_length = {"mlm": cfg.seq_length - 2, "span_corruption": plan.tokens_length}.get(
+      cfg.objective, cfg.seq_length - 3)
+  plan.stats = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in STATS}
+  _open_documents(plan, shards)
+  return plan
+
+
+def _open_documents(plan: _Plan, shards: Sequence[int]):
+  """Opens the source: whole files per data shard if it has enough, else documents."""
+  cfg = plan.cfg
+  files = sources.list_files(cfg.source)
+  if files is not None and len(files) >= cfg.num_shards:
+    # File mode: file j -> shard j % num_shards. Every file has a document
+    # (open_source checks), so no shard is empty.
+    plan.shard_files = [files[s::cfg.num_shards] for s in range(cfg.num_shards)]
+    plan.source = sources.open_source(
+        cfg.source, files=[f for s in shards for f in plan.shard_files[s]])
+    return
   plan.source = sources.open_source(cfg.source, data_dir=cfg.data_dir or None,
                                     split=cfg.split)
+  if cfg.num_shards > 1 and cfg.source not in _LOGGED_WHOLE_SOURCE:
+    _LOGGED_WHOLE_SOURCE.add(cfg.source)
+    logging.info("data.source=%r has fewer than data.num_shards=%d files (or is not a file "
+                 "source): documents are assigned to data shards one by one, so every "
+                 "host reads the whole source", cfg.source, cfg.num_shards)
   # A shard without documents would make its pipeline loop forever on empty
   # epochs; reading num_shards documents finds that (and an empty source) now.
   plan.documents = plan.source.documents()
@@ -163,7 +206,6 @@ def _validate(cfg, seed: int) -> _Plan:
   _check(found == cfg.num_shards,
          f"data.source={cfg.source!r} has only {found} documents, fewer than "
          f"data.num_shards={cfg.num_shards}: some data shards would be empty")
-  return plan
 
 
 def _shuffled_documents(plan: _Plan, docs: tf.data.Dataset, epoch, shard,
@@ -204,7 +246,13 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   unmasked: encoder_input_tokens padded to [C, seq_length] and `_seed` [C, 2].
   """
   cfg, tok = plan.cfg, plan.tokenizer
-  doc_ids = examples_lib.tokenize_documents(tok, docs)  # [G', (ids)]
+  doc_ids, para_lengths = examples_lib.tokenize_documents(
+      tok, docs, return_paragraph_lengths=True)  # [G', (ids)], [P]
+  counts = [plan.stats["overlong_paragraphs"].assign_add(
+      tf.math.count_nonzero(para_lengths > plan.chunk_length))]
+  if cfg.objective in ("mlm_nsp", "mlm_sop"):  # chunks of < 2 ids make no example
+    counts.append(plan.stats["skipped_one_token_documents"].assign_add(
+        tf.math.count_nonzero(tf.equal(doc_ids.row_lengths(), 1))))
   if cfg.objective == "mlm" and _batch_masked(cfg):
     chunks = examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id)
     out = dict(tokens=chunks.to_tensor(shape=[None, cfg.seq_length]))  # pad id 0
@@ -225,7 +273,7 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
       c, tf.constant(1 << _K_BITS, c.dtype),
       message=f"a group of data.group_size={cfg.group_size} documents made >= 2**{_K_BITS} "
       "examples; lower data.group_size")
-  with tf.control_dependencies([check]):
+  with tf.control_dependencies([check] + counts):
     c = tf.identity(c)
   out["_epoch"] = tf.fill([c], tf.cast(epoch, tf.int64))
   out["_group"] = tf.fill([c], tf.cast(g, tf.int64))
@@ -258,16 +306,58 @@ def _example_features(plan: _Plan, ex, shard):
 def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
   """Padded examples of one epoch of one shard, from group `start_group` on."""
   cfg = plan.cfg
-  docs = plan.documents.shard(cfg.num_shards, shard)
+  if plan.shard_files is None:
+    docs = plan.documents.shard(cfg.num_shards, shard)
+  else:  # `shard` is a tensor (one trace serves all shards): look its files up
+    table = tf.ragged.constant(plan.shard_files, dtype=tf.string)
+    docs = plan.source.documents(files=tf.gather(table, shard))
   docs = _shuffled_documents(plan, docs, epoch, shard, start_group * cfg.group_size)
   groups = docs.ragged_batch(cfg.group_size).enumerate(start=start_group)
   ds = groups.map(_no_autograph(lambda g, d: _group_examples(plan, g, d, epoch, shard)),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = _check_not_empty(plan, ds, shard, epoch, start_group).unbatch()
   if cfg.objective == "mlm" and _batch_masked(cfg):
     return ds  # already padded, masked after batching
   ds = ds.map(_no_autograph(lambda ex: _example_features(plan, ex, shard)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds
+
+
+def _empty_like(spec):
+  """A value of `spec` (dense or ragged-rank-1, leading dimension free) with 0 rows."""
+  if isinstance(spec, tf.RaggedTensorSpec):
+    inner = [d or 0 for d in spec.shape[2:]]
+    return tf.RaggedTensor.from_row_splits(tf.zeros([0] + inner, spec.dtype),
+                                           tf.zeros([1], spec.row_splits_dtype))
+  return tf.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype)
+
+
+def _check_not_empty(plan: _Plan, groups: tf.data.Dataset, shard, epoch,
+                     start_group) -> tf.data.Dataset:
+  """Raises at the end of an epoch begun at group 0 whose groups made no example.
+
+  Otherwise such a shard would loop over empty epochs forever (a silent hang).
+  A marker element with 0 rows ends the epoch; a scan over the groups (not
+  the examples) counts rows, so the check costs one add per group.
+  """
+  cfg = plan.cfg
+  marker = tf.data.Dataset.from_tensors(
+      (True, tf.nest.map_structure(_empty_like, groups.element_spec)))
+  flagged = groups.map(lambda d: (False, d)).concatenate(marker)
+  message = (f"{_EMPTY_EPOCH}: a whole epoch of a data shard made no example with "
+             f"data.source={cfg.source!r} and data.objective={cfg.objective!r} (its "
+             "documents are all too short, e.g. one-token documents under mlm_nsp/mlm_sop, "
+             "whose chunks of < 2 ids are skipped); data shard, epoch:")
+
+  def count(total, element):
+    end, d = element
+    total += tf.size(d["_k"], out_type=tf.int64)
+    ok = tf.logical_or(tf.logical_not(end), tf.logical_or(total > 0, start_group > 0))
+    check = tf.debugging.Assert(ok, [message, shard, epoch])
+    with tf.control_dependencies([check]):
+      return tf.identity(total), d
+
+  return flagged.scan(tf.constant(0, tf.int64), _no_autograph(count))
 
 
 def _mask_batch(plan: _Plan, batch):
@@ -348,6 +438,27 @@ def _numpy_batch(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return {k: v for k, v in batch.items() if not k.startswith("_")}
 
 
+def _next_batch(it) -> Dict[str, np.ndarray]:
+  """next(it), with the in-graph empty-shard assertion turned into a ValueError."""
+  try:
+    return next(it)
+  except tf.errors.InvalidArgumentError as e:
+    if _EMPTY_EPOCH not in e.message:
+      raise
+    line = next(l for l in e.message.splitlines() if _EMPTY_EPOCH in l)
+    line = line[line.index(_EMPTY_EPOCH):].replace("\\'", "'").replace(":] [", ": [")
+    raise ValueError(line) from None
+
+
+def _eval_batches(it) -> Iterator[Dict[str, np.ndarray]]:
+  while True:
+    try:
+      batch = _next_batch(it)
+    except StopIteration:
+      return
+    yield _numpy_batch(batch)
+
+
 class TrainIterator:
   """Endless iterator of host-local batches (dicts of numpy arrays).
 
@@ -357,6 +468,12 @@ class TrainIterator:
       make_train_iterator to continue with exactly the next batch.
     shards: the data shards this host runs.
     tokenizer: the tokenizer in use.
+    stats: dict of counts so far, for logs: `overlong_paragraphs` (paragraphs
+      with more ids than one example's chunk, split across examples),
+      `skipped_one_token_documents` (mlm_nsp / mlm_sop: documents of one id,
+      which make no example) and the source's `invalid_utf8_bytes`. They
+      count what the pipeline has processed, prefetching included, and every
+      epoch counts again.
   """
 
   def __init__(self, plan: _Plan, shards: List[int], per_shard: int,
@@ -366,13 +483,14 @@ class TrainIterator:
     self._per_shard = per_shard
     self._cfg = plan.cfg
     self._next = dict(start)  # shard -> (epoch, group, offset)
+    self._stats = dict(plan.stats, invalid_utf8_bytes=plan.source.invalid_utf8_bytes)
     self._it = _host_batches(plan, shards, start, per_shard).as_numpy_iterator()
 
   def __iter__(self):
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    batch = next(self._it)
+    batch = _next_batch(self._it)
     for j, s in enumerate(self.shards):
       last = (j + 1) * self._per_shard - 1
       self._next[s] = (int(batch["_epoch"][last]), int(batch["_group"][last]),
@@ -382,6 +500,10 @@ class TrainIterator:
   @property
   def position(self) -> Dict[str, Any]:
     return _make_position(self._cfg, self._next)
+
+  @property
+  def stats(self) -> Dict[str, int]:
+    return {k: int(v.numpy()) for k, v in self._stats.items()}
 
 
 def _make_position(cfg, per_shard: Dict[int, tuple]) -> Dict[str, Any]:
@@ -446,7 +568,7 @@ def make_train_iterator(data_config, *, seed: int, batch_size: int, process_inde
     ValueError naming the config key / number on a bad config or position.
   """
   shards = _host_shards(data_config.num_shards, batch_size, process_index, process_count)
-  plan = _validate(data_config, seed)
+  plan = _validate(data_config, seed, shards)
   start = _start_of(data_config, position, shards)
   return TrainIterator(plan, shards, batch_size // data_config.num_shards, start)
 
@@ -472,8 +594,8 @@ def make_eval_iterator(data_config, *, seed: int, batch_size: int, num_batches: 
     Iterator of num_batches host-local batches (dicts of numpy arrays).
   """
   shards = _host_shards(data_config.num_shards, batch_size, process_index, process_count)
-  plan = _validate(data_config, seed + _EVAL_SEED_OFFSET)
+  plan = _validate(data_config, seed + _EVAL_SEED_OFFSET, shards)
   start = {s: (0, 0, 0) for s in shards}
   ds = _host_batches(plan, shards, start, batch_size // data_config.num_shards,
                      repeat_epoch=True).take(num_batches)
-  return (_numpy_batch(b) for b in ds.as_numpy_iterator())
+  return _eval_batches(ds.as_numpy_iterator())

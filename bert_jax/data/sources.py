@@ -28,7 +28,7 @@ import glob
 import gzip
 import os
 import re
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import tensorflow as tf
 
@@ -48,15 +48,24 @@ class TextSource:
     description: what it reads, for logs.
     invalid_utf8_bytes: int64 tf.Variable, invalid bytes replaced so far
       (grows as the dataset is iterated; every pass counts again).
+    files: the sorted paths of a file source (None for tfds / builtin).
   """
   spec: str
   description: str
-  _make: Callable[[tf.Variable], tf.data.Dataset] = dataclasses.field(repr=False)
+  _make: Callable[..., tf.data.Dataset] = dataclasses.field(repr=False)
   invalid_utf8_bytes: Optional[tf.Variable] = dataclasses.field(repr=False, default=None)
+  files: Optional[List[str]] = None
 
-  def documents(self) -> tf.data.Dataset:
-    """Dataset of documents: each a tf.string [num_paragraphs], fixed order."""
-    ds = self._make(self.invalid_utf8_bytes)
+  def documents(self, files=None) -> tf.data.Dataset:
+    """Dataset of documents: each a tf.string [num_paragraphs], fixed order.
+
+    Args:
+      files: file sources only: read just these paths (a list or a 1-D
+        tf.string tensor, e.g. a subset of `files`), in the given order.
+    """
+    if files is not None and self.files is None:
+      raise ValueError(f"source {self.spec!r} is not a file source; it has no files to pick")
+    ds = self._make(self.invalid_utf8_bytes, files)
     # Rows of a ragged batch come out with a (rank-0) RaggedTensorSpec; passing
     # them through a map makes every source's element spec a plain TensorSpec.
     return ds.map(lambda doc: tf.ensure_shape(doc, [None]))
@@ -67,14 +76,23 @@ class TextSource:
       yield [p.decode("utf-8") for p in doc]
 
 
-def open_source(spec: str, *, data_dir: Optional[str] = None,
-                split: str = "train") -> TextSource:
+def list_files(spec: str) -> Optional[List[str]]:
+  """The sorted paths a file spec names (None for `tfds:` / `builtin:` specs)."""
+  if spec.startswith(("tfds:", "builtin:")):
+    return None
+  return _expand_files(spec)
+
+
+def open_source(spec: str, *, data_dir: Optional[str] = None, split: str = "train",
+                files: Optional[Sequence[str]] = None) -> TextSource:
   """Validates `spec` now (missing/empty files, unprepared tfds) and opens it.
 
   Args:
     spec: a file path or glob, `tfds:...` or `builtin:...` (module docstring).
     data_dir: tfds data folder (tfds specs only).
     split: tfds split, e.g. 'train' or 'validation' (tfds specs only).
+    files: file specs only: open (and check) just these paths, e.g. the
+      share of list_files(spec) one host reads; None = all of them.
 
   Returns:
     A TextSource.
@@ -82,14 +100,20 @@ def open_source(spec: str, *, data_dir: Optional[str] = None,
   Raises:
     FileNotFoundError / ValueError naming the path, dataset, split or key.
   """
+  paths = None
+  if files is not None and spec.startswith(("tfds:", "builtin:")):
+    raise ValueError(f"source {spec!r} is not a file source; `files` cannot pick from it")
   if spec.startswith("tfds:"):
     description, make = _open_tfds(spec, data_dir, split)
   elif spec.startswith("builtin:"):
     description, make = _open_builtin(spec)
   else:
-    description, make = _open_files(spec)
+    paths = _expand_files(spec) if files is None else list(files)
+    if not paths:
+      raise ValueError(f"text source {spec}: `files` is empty")
+    description, make = _open_files(spec, paths)
   counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="invalid_utf8_bytes")
-  return TextSource(spec, description, make, counter)
+  return TextSource(spec, description, make, counter, paths)
 
 
 def iter_paragraphs(spec: str, **kwargs) -> Iterator[str]:
@@ -165,8 +189,7 @@ def _group_lines(carry: tf.Tensor, lines: tf.Tensor):
   return lines[last_blank + 1:], docs
 
 
-def _open_files(spec: str):
-  paths = _expand_files(spec)
+def _open_files(spec: str, paths: List[str]):
   for path in paths:
     _check_not_empty(path)
 
@@ -180,8 +203,8 @@ def _open_files(spec: str):
     docs = lines.scan(tf.zeros([0], tf.string), _group_lines)
     return docs.unbatch()
 
-  def make(counter):
-    files = tf.data.Dataset.from_tensor_slices(paths)
+  def make(counter, subset=None):
+    files = tf.data.Dataset.from_tensor_slices(paths if subset is None else subset)
     return files.flat_map(lambda path: file_documents(path, counter))
 
   return f"{len(paths)} text file(s) matching {spec}", make
@@ -243,7 +266,8 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
   if builder.info.splits[split].num_examples == 0:
     raise ValueError(f"tfds dataset {name} split {split} in {folder} is empty")
 
-  def make(counter):
+  def make(counter, subset=None):
+    del subset  # not a file source (TextSource.documents checks)
     ds = builder.as_dataset(split=split, shuffle_files=False)
 
     def paragraphs(example):
@@ -323,9 +347,9 @@ def _open_builtin(spec: str):
     raise ValueError(f"builtin corpus {name} is empty in this Python installation")
   ragged = tf.ragged.constant(docs, dtype=tf.string)  # [docs, (paragraphs)]
 
-  def make(counter):
+  def make(counter, subset=None):
     # The text is valid UTF-8 by construction; the counter stays untouched.
-    del counter
+    del counter, subset
     return tf.data.Dataset.from_tensor_slices(ragged)
 
   return description, make
