@@ -125,7 +125,8 @@ class Tokenizer:
     return self._encode(fix_utf8(texts, self.invalid_utf8_bytes))
 
   def _encode(self, texts: tf.Tensor) -> tf.RaggedTensor:
-    raise NotImplementedError
+    # Abstract: WordPieceTokenizer and SentencePieceTokenizer each define it.
+    raise NotImplementedError(f"{type(self).__name__} must define _encode")
 
   def id_to_piece(self, i: int) -> str:
     """The vocabulary piece of id `i`."""
@@ -133,7 +134,7 @@ class Tokenizer:
 
   def decode(self, ids) -> str:
     """Readable text for a sequence of ids (padding dropped), for inspection."""
-    raise NotImplementedError
+    raise NotImplementedError(f"{type(self).__name__} must define decode")
 
   def require_mask_token(self) -> int:
     """The [MASK] id; raises ValueError naming the vocabulary if it has none."""
