@@ -178,6 +178,50 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any,
   return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
+             example_batch_shapes: Mapping[str, Any]) -> Callable[[Array], TrainState]:
+  """key -> a fresh TrainState (float32 params whatever the compute dtype)."""
+  def init_fn(key):
+    init_key, state_key = jax.random.split(key)
+    inputs = model_inputs(model, _dummy_batch(example_batch_shapes))
+    params = model.init({"params": init_key, "dropout": init_key}, **inputs)["params"]
+    params = _as_float32(_unbox(params))
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=state_key)
+  return init_fn
+
+
+def abstract_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
+                           example_batch_shapes: Mapping[str, Any], mesh: Mesh, rules
+                           ) -> tuple[TrainState, TrainState]:
+  """The TrainState's shapes and shardings, without computing anything.
+
+  Restoring a checkpoint needs exactly this: orbax reads each array straight
+  into the shards of the CURRENT mesh (which may differ from the one that
+  saved it), so a resumed run never materialises a throw-away init.
+
+  Args:
+    model, tx, example_batch_shapes, mesh, rules: see `create_sharded_state`.
+
+  Returns:
+    (abstract, shardings): a TrainState of `jax.ShapeDtypeStruct`s that
+    carry their sharding, and the same tree of NamedShardings.
+  """
+  boxed = _boxed_params(model, example_batch_shapes)
+  param_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
+  with nn.logical_axis_rules(()):
+    abstract = jax.eval_shape(_init_fn(model, tx, example_batch_shapes),
+                              jax.random.PRNGKey(0))
+  replicated = NamedSharding(mesh, P())
+  shardings = TrainState(
+      step=replicated, params=param_shardings, rng=replicated,
+      opt_state=opt_state_shardings(abstract.opt_state, abstract.params, param_shardings,
+                                    mesh))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return abstract, shardings
+
+
 def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
                          example_batch_shapes: Mapping[str, Any], mesh: Mesh, rules,
                          rng: Any, *, compiler_options: dict[str, Any] | None = None
@@ -204,26 +248,10 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
     (state, state_shardings): float32 params whatever the model's compute
     dtype, and a TrainState of NamedShardings for jit in/out_shardings.
   """
-  rng = _raw_key(rng)
-  boxed = _boxed_params(model, example_batch_shapes)
-  param_shardings = sharding.logical_to_sharding(boxed, mesh, rules)
-
-  def init_fn(key):
-    init_key, state_key = jax.random.split(key)
-    inputs = model_inputs(model, _dummy_batch(example_batch_shapes))
-    params = model.init({"params": init_key, "dropout": init_key}, **inputs)["params"]
-    params = _as_float32(_unbox(params))
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=state_key)
-
+  _, shardings = abstract_sharded_state(model, tx, example_batch_shapes, mesh, rules)
   with nn.logical_axis_rules(()):
-    abstract = jax.eval_shape(init_fn, rng)
-    replicated = NamedSharding(mesh, P())
-    shardings = TrainState(
-        step=replicated, params=param_shardings, rng=replicated,
-        opt_state=opt_state_shardings(abstract.opt_state, abstract.params, param_shardings,
-                                      mesh))
-    state = jax.jit(init_fn, out_shardings=shardings, compiler_options=compiler_options)(rng)
+    state = jax.jit(_init_fn(model, tx, example_batch_shapes), out_shardings=shardings,
+                    compiler_options=compiler_options)(_raw_key(rng))
   return state, shardings
 
 
