@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: features, post-processing and metrics (GLUE, NER, SQuAD, text-to-text)."""
