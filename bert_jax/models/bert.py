@@ -269,9 +269,15 @@ class MlmHead(nn.Module):
     """hidden [batch, n, embed] -> logits [batch, n, vocab]."""
     cfg = self.config
     x = _square_dense(cfg.hidden_size, cfg.dtype, "transform")(hidden)
+    # Pin the transform's output to the batch layout before the nonlinearity.
+    # Left to the partitioner, fsdp_tensor keeps it split over 'tensor' and
+    # XLA (jax 0.10.2, CPU SPMD) then computes a WRONG gradient of the
+    # transform kernel through the tied projection (tests/test_steps.py has
+    # the minimal repro, still failing without this constraint).
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     x = layers.get_activation(cfg.hidden_act)(x)
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(x)
-    logits = encoder.attend(x)
+    logits = encoder.attend(x)  # [batch, n, vocab]
     bias = self.param("output_bias",
                       nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                       (cfg.vocab_size,), jnp.float32)
