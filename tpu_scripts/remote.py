@@ -1,0 +1,220 @@
+"""Shell scripts run on the TPU workers, and parsers for what they print.
+
+Each script is one string passed as `gcloud ... ssh --command=...`, run by the
+worker's shell in $HOME. Scripts print marker lines (`BERT_JAX_CHECK ...`) so
+the local side can read the result of every worker from gcloud's merged output.
+
+Process matching: the job is found with `pgrep -f` on the regex in `JOB_PATTERN`.
+It is written with bracket classes (`bert_jax[.]main`) so it never matches the
+text of the very shell command that contains it: a plain `pkill -f bert_jax.main`
+run through ssh kills its own shell.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Sequence
+
+JOB_PATTERN = "bert_jax[.]main|bin/bert-ja[x]"
+LOCKFILE = "/tmp/libtpu_lockfile"
+TARBALL = "bert_jax_src.tar.gz"
+_METADATA_WORKER = ("http://metadata.google.internal/computeMetadata/v1/instance/"
+                    "attributes/agent-worker-number")
+
+
+def home_path(path: str) -> str:
+  """A shell word for `path`: absolute as is, else under "$HOME" (quoted safely)."""
+  if path.startswith("/"):
+    return shlex.quote(path)
+  return '"$HOME"/' + shlex.quote(path.removeprefix("~/"))
+
+
+def _pgrep() -> str:
+  return f"pgrep -f {shlex.quote(JOB_PATTERN)}"
+
+
+def _rm_lockfile() -> str:
+  # A killed JAX process leaves the lock behind and the next start fails with
+  # "TPU in use" (jax-ml/jax#10192); /tmp is sticky, so another user's needs sudo.
+  return f"rm -f {LOCKFILE} 2>/dev/null || sudo rm -f {LOCKFILE}"
+
+
+def setup_script(remote_dir: str, venv: str, python: str, pip_extra: Sequence[str]) -> str:
+  """Unpacks the uploaded checkout and installs it with the [tpu] extra in a venv.
+
+  Idempotent: the code folder is replaced as a whole (no stale files), the venv
+  is reused when it works, and pip skips what is already installed.
+  """
+  code, new, env = home_path(remote_dir), home_path(remote_dir + ".new"), home_path(venv)
+  py = shlex.quote(python)
+  lines = [
+      "set -e",
+      f"rm -rf {new} && mkdir -p {new} && tar -xzf \"$HOME\"/{TARBALL} -C {new}",
+      f"rm -rf {code} && mv {new} {code}",
+      # Ubuntu images may lack ensurepip; a half-made venv has no pip.
+      f"if [ ! -x {env}/bin/pip ]; then rm -rf {env}; {py} -m venv {env} || "
+      f"{{ sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && "
+      f"{py} -m venv {env}; }}; fi",
+      f"{env}/bin/pip install -q --upgrade pip",
+      f"cd {code} && {env}/bin/pip install -q -e '.[tpu]'",
+  ]
+  if pip_extra:
+    lines.append(f"{env}/bin/pip install -q {shlex.join(pip_extra)}")
+  lines.append("echo BERT_JAX_SETUP_DONE $(hostname)")
+  return "\n".join(lines)
+
+
+def check_code(devices: int, workers: int) -> str:
+  """Python that prints a BERT_JAX_CHECK line and exits 3 on unexpected counts."""
+  return "\n".join([
+      "import sys, jax",
+      # On a pod every worker must join before device_count() sees the slice.
+      f"if {workers} > 1: jax.distributed.initialize()",
+      "n, p = jax.device_count(), jax.process_count()",
+      "print(f'BERT_JAX_CHECK process={jax.process_index()} processes={p} devices={n} '",
+      "      f'local_devices={jax.local_device_count()} kind={jax.devices()[0].device_kind!r}')",
+      f"sys.exit(0 if (n, p) == ({devices}, {workers}) else 3)",
+  ])
+
+
+def check_script(venv: str, devices: int, workers: int) -> str:
+  """Checks jax.device_count() and jax.process_count() on every worker.
+
+  Skipped (with a marker) where a job already holds the TPU: the check would
+  fail with "TPU in use" and must not stop a running job.
+  """
+  return "\n".join([
+      f"if {_pgrep()} >/dev/null; then echo BERT_JAX_CHECK_SKIPPED job running on "
+      "$(hostname); exit 0; fi",
+      _rm_lockfile(),
+      f"timeout 600 {home_path(venv)}/bin/python -c {shlex.quote(check_code(devices, workers))}",
+  ])
+
+
+def stop_script(grace_seconds: int) -> str:
+  """Stops this project's jobs (SIGTERM, then SIGKILL) and removes the TPU lock."""
+  pgrep, pattern = _pgrep(), shlex.quote(JOB_PATTERN)
+  return "\n".join([
+      f"if {pgrep} >/dev/null; then",
+      f"  echo stopping $({pgrep} | tr '\\n' ' ') on $(hostname)",
+      f"  pkill -TERM -f {pattern} || true",
+      # SIGTERM lets the trainer save a checkpoint before it exits.
+      f"  for i in $(seq {int(grace_seconds)}); do {pgrep} >/dev/null || break; sleep 1; done",
+      f"  pkill -KILL -f {pattern} || true",
+      "fi",
+      _rm_lockfile(),
+      "echo BERT_JAX_STOPPED $(hostname)",
+  ])
+
+
+def launch_script(remote_dir: str, venv: str, log_dir: str, train_argv: Sequence[str],
+                  env: Sequence[str]) -> str:
+  """Starts `bert-jax ...` detached from the ssh session, logging to LOG_DIR/train.log.
+
+  The exit status lands in LOG_DIR/exit_code so status/recover can tell a
+  finished run from a crashed or killed one.
+  """
+  logs = home_path(log_dir)
+  assigns = []
+  for item in env:
+    key, sep, value = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+      raise ValueError(f"ENV entry {item!r} is not KEY=VALUE")
+    assigns.append(f"{key}={shlex.quote(value)}")
+  job = " ".join([*assigns, f"{home_path(venv)}/bin/bert-jax",
+                  *(shlex.quote(a) for a in train_argv)])
+  inner = f"{job}; echo $? > {logs}/exit_code"
+  return "\n".join([
+      "set -e",
+      f"mkdir -p {logs} && rm -f {logs}/exit_code",
+      f"cd {home_path(remote_dir)}",
+      f"echo \"=== launch $(date -u +%FT%TZ)\" >> {logs}/train.log",
+      f"printf '%s\\n' {shlex.quote(shlex.join(train_argv))} >> {logs}/train.log",
+      # setsid + nohup + closed fds: the job outlives the ssh session.
+      f"setsid nohup bash -c {shlex.quote(inner)} >> {logs}/train.log 2>&1 < /dev/null &",
+      "echo BERT_JAX_LAUNCHED pid=$! on $(hostname)",
+  ])
+
+
+def _job_state(log_dir: str) -> str:
+  logs = home_path(log_dir)
+  return (f"if {_pgrep()} >/dev/null; then job=running; "
+          f"elif [ -f {logs}/exit_code ]; then job=exited:$(cat {logs}/exit_code); "
+          "else job=stopped; fi")
+
+
+def job_script(log_dir: str) -> str:
+  """Prints `BERT_JAX_JOB running|exited:N|stopped`."""
+  return f"{_job_state(log_dir)}\necho BERT_JAX_JOB $job"
+
+
+def status_script(log_dir: str, local_metrics: str | None) -> str:
+  """Prints one BERT_JAX_STATUS line per worker (+ the last metrics line if local)."""
+  log = f"{home_path(log_dir)}/train.log"
+  lines = [
+      f"w=$(curl -s -m 2 -H 'Metadata-Flavor: Google' {_METADATA_WORKER} 2>/dev/null || true)",
+      "case $w in ''|*[!0-9]*) w=$(hostname);; esac",
+      _job_state(log_dir),
+      f"last=$(grep -a step {log} 2>/dev/null | tail -n 1 | tr -d '\\r' | cut -c1-400)",
+      f"[ -n \"$last\" ] || last=$(tail -n 1 {log} 2>/dev/null | tr -d '\\r' | cut -c1-400)",
+      "echo \"BERT_JAX_STATUS worker=$w job=$job last=$last\"",
+  ]
+  if local_metrics:
+    path = home_path(local_metrics)
+    lines.append(f"[ -f {path} ] && echo \"BERT_JAX_METRICS $(tail -n 1 {path})\" || true")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Parsers of the marker lines.
+# ---------------------------------------------------------------------------
+
+def parse_checks(output: str) -> tuple[list[dict[str, int]], int]:
+  """Reads BERT_JAX_CHECK lines: ([{process, processes, devices}], skipped count)."""
+  checks = []
+  for m in re.finditer(r"BERT_JAX_CHECK process=(\d+) processes=(\d+) devices=(\d+)", output):
+    checks.append({"process": int(m[1]), "processes": int(m[2]), "devices": int(m[3])})
+  return checks, output.count("BERT_JAX_CHECK_SKIPPED")
+
+
+def parse_job(output: str) -> str | None:
+  """'running', 'exited:N' or 'stopped' from job_script output; None if absent."""
+  m = re.search(r"BERT_JAX_JOB (running|stopped|exited:-?\d+)", output)
+  return m[1] if m else None
+
+
+_NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+
+
+def parse_progress(text: str) -> dict[str, float]:
+  """step / loss / tokens_per_sec from a metrics JSON line or a log line."""
+  start = text.find("{")
+  if start >= 0:
+    try:
+      record = json.loads(text[start:])
+      if isinstance(record, dict):
+        return {k: record[k] for k in ("step", "loss", "tokens_per_sec")
+                if isinstance(record.get(k), (int, float))}
+    except json.JSONDecodeError:
+      pass
+  found = {}
+  for key, regex in (("step", r"\bstep\b\W{0,3}" + _NUMBER),
+                     ("loss", r"\bloss\b\W{0,3}" + _NUMBER),
+                     ("tokens_per_sec", r"tokens(?:_per_sec|/s|_per_second)\W{0,3}" + _NUMBER)):
+    m = re.search(regex, text)
+    if m:
+      found[key] = float(m[1])
+  return found
+
+
+def format_progress(progress: dict[str, float]) -> str:
+  """'step 1200 loss 2.3412 tokens/s 1.23e+05' from parse_progress output."""
+  parts = []
+  if "step" in progress:
+    parts.append(f"step {int(progress['step'])}")
+  if "loss" in progress:
+    parts.append(f"loss {progress['loss']:.4f}")
+  if "tokens_per_sec" in progress:
+    parts.append(f"tokens/s {progress['tokens_per_sec']:.4g}")
+  return " ".join(parts)
