@@ -1,0 +1,812 @@
+"""Extractive question answering (SQuAD v1.1 and v2.0): data, post-processing, metrics.
+
+The pieces, in the order a fine-tuning run uses them:
+
+  data = read_squad("dev-v1.1.json")                     # examples + counts + offset problems
+  feats = make_features(data.examples, tokenizer)         # numpy windows, batch contract names
+  ...  model -> start_logits, end_logits, each [len(feats), max_seq_length]
+  preds = postprocess(data.examples, feats, start_logits, end_logits, tokenizer,
+                      version_2=data.version_2)
+  scores = evaluate(data, preds.texts)                    # official EM / F1 (x 100)
+  write_predictions("predictions.json", preds.texts)
+
+Windows follow original BERT's run_squad: the context is split into
+whitespace words (with a char -> word map), each word is WordPiece-tokenized on
+its own, the answer's words become a sub-token span that is then narrowed to
+the sub-tokens of the answer text itself; each window is
+`[CLS] query [SEP] doc-window [SEP]` (type ids 0 then 1), windows start every
+`doc_stride` sub-tokens, and the answer label is its position in the window, or
+0 ([CLS]) when the answer is not wholly inside it or the question has none.
+A doc token seen by several windows is scored only in the window where it has
+the most context (min(left, right) + 0.01 * window length).
+
+The metrics reproduce the official evaluation scripts (evaluate-v1.1.py and
+evaluate-v2.0.py): answers are lower-cased, stripped of ASCII punctuation and
+of the articles a/an/the, whitespace collapsed; EM and F1 take the maximum over
+the gold answers. For v2.0 an unanswerable question's gold is [""], so it
+scores 1 only when the prediction is empty too. Questions without a
+prediction score 0 and are counted in `missing`.
+"""
+import collections
+import dataclasses
+import gzip
+import json
+import logging
+import re
+import string
+import unicodedata
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+
+_log = logging.getLogger(__name__)
+
+
+class SquadFormatError(ValueError):
+  """A SQuAD file that is not valid JSON or lacks a required key (names both)."""
+
+
+# ----------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Paragraph:
+  """A context split into whitespace words, shared by all of its questions.
+
+  Attributes:
+    context: the original text.
+    words: whitespace-separated words (run_squad's doc_tokens).
+    char_to_word: int32 [len(context)], the word of each character; whitespace
+      belongs to the word before it (-1 before the first word).
+  """
+  context: str
+  words: tuple
+  char_to_word: np.ndarray
+
+
+@dataclasses.dataclass(eq=False)
+class SquadExample:
+  """One question with its paragraph and gold answers.
+
+  Attributes:
+    qas_id: the question id (the key of the predictions file).
+    question: the question text.
+    paragraph: the Paragraph it is asked about.
+    answers: gold answer texts (empty for a v2.0 impossible question).
+    answer_starts: their character offsets in the context, as given in the file.
+    is_impossible: v2.0 question with no answer.
+    start_word, end_word: word span of the training answer (the first answer
+      whose text is found at its offset or, failing that, elsewhere in the
+      context); -1 when impossible or when no answer could be located.
+    label_text: the text of that answer ('' when none).
+    title: the article title.
+  """
+  qas_id: str
+  question: str
+  paragraph: Paragraph
+  answers: tuple
+  answer_starts: tuple
+  is_impossible: bool = False
+  start_word: int = -1
+  end_word: int = -1
+  label_text: str = ""
+  title: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetMismatch:
+  """A gold answer whose `answer_start` does not point at its text.
+
+  Attributes:
+    qas_id: the question.
+    answer_index: which of its answers.
+    answer_start: the offset in the file.
+    text: the answer text.
+    found_at: the occurrence of `text` in the context nearest to
+      `answer_start` (used instead), or -1 when the context lacks it.
+  """
+  qas_id: str
+  answer_index: int
+  answer_start: int
+  text: str
+  found_at: int
+
+
+@dataclasses.dataclass(eq=False)
+class SquadData:
+  """A parsed SQuAD file.
+
+  Attributes:
+    path: the file read.
+    version_2: True for SQuAD v2.0 (impossible questions, null answers).
+    examples: every question, in file order.
+    num_articles, num_paragraphs, num_answers: counts in the file.
+    offset_mismatches: answers whose offset does not match their text.
+    unlocated: answerable examples none of whose answers could be placed in the
+      context words (no training label; make_features(training=True) drops them).
+  """
+  path: str
+  version_2: bool
+  examples: list
+  num_articles: int
+  num_paragraphs: int
+  num_answers: int
+  offset_mismatches: list
+  unlocated: list
+
+  @property
+  def num_questions(self) -> int:
+    return len(self.examples)
+
+
+def _is_whitespace(c: str) -> bool:
+  # run_squad's definition (U+202F, the narrow no-break space, included).
+  return c in " \t\r\n" or ord(c) == 0x202F
+
+
+def split_words(context: str) -> Paragraph:
+  """Splits `context` into whitespace words with the char -> word map."""
+  words, char_to_word, prev_space = [], [], True
+  for c in context:
+    if _is_whitespace(c):
+      prev_space = True
+    else:
+      if prev_space:
+        words.append(c)
+      else:
+        words[-1] += c
+      prev_space = False
+    char_to_word.append(len(words) - 1)
+  return Paragraph(context, tuple(words), np.asarray(char_to_word, np.int32))
+
+
+def _get(obj, key: str, where: str, path: str, kind=None):
+  """obj[key], or a SquadFormatError naming the file, the location and the key."""
+  if not isinstance(obj, dict):
+    raise SquadFormatError(f"{path}: {where} should be a JSON object, got {type(obj).__name__}")
+  if key not in obj:
+    raise SquadFormatError(f"{path}: {where} has no key {key!r}")
+  value = obj[key]
+  if kind is not None and not isinstance(value, kind):
+    raise SquadFormatError(f"{path}: {where}[{key!r}] should be {kind.__name__}, "
+                           f"got {type(value).__name__}")
+  return value
+
+
+def _nearest_occurrence(context: str, text: str, start: int) -> int:
+  best = -1
+  i = context.find(text)
+  while i >= 0:
+    if best < 0 or abs(i - start) < abs(best - start):
+      best = i
+    i = context.find(text, i + 1)
+  return best
+
+
+def _place_answer(paragraph: Paragraph, text: str, start: int):
+  """(start_word, end_word) of an answer at char `start`, or None (run_squad's check)."""
+  if not text.strip():
+    return None
+  s = int(paragraph.char_to_word[start])
+  e = int(paragraph.char_to_word[start + len(text) - 1])
+  covered = " ".join(paragraph.words[max(s, 0):e + 1])
+  if s < 0 or covered.find(" ".join(text.split())) < 0:
+    return None
+  return s, e
+
+
+def _read_question(qa, where, path, paragraph, title, version_2, mismatches):
+  """One SquadExample from a `qas` entry; appends offset problems to `mismatches`."""
+  qas_id = str(_get(qa, "id", where, path))
+  question = _get(qa, "question", where, path, str)
+  raw = _get(qa, "answers", where, path, list)
+  impossible = bool(qa.get("is_impossible", False)) if version_2 else False
+  if impossible:
+    raw = []  # v2.0 files may list answers for impossible questions: not gold
+  elif not raw:
+    raise SquadFormatError(f"{path}: {where} (id {qas_id}) has no answers and is not "
+                           "marked is_impossible")
+  texts, starts, span, label = [], [], None, ""
+  for j, ans in enumerate(raw):
+    a_where = f"{where}.answers[{j}]"
+    text = _get(ans, "text", a_where, path, str)
+    start = _get(ans, "answer_start", a_where, path, int)
+    texts.append(text)
+    starts.append(start)
+    context = paragraph.context
+    at = start
+    if start < 0 or not text.strip() or context[start:start + len(text)] != text:
+      at = _nearest_occurrence(context, text, start) if text.strip() else -1
+      mismatches.append(OffsetMismatch(qas_id, j, start, text, at))
+    if span is None and at >= 0:
+      span = _place_answer(paragraph, text, at)
+      label = text if span is not None else ""
+  s, e = span if span is not None else (-1, -1)
+  return SquadExample(qas_id, question, paragraph, tuple(texts), tuple(starts), impossible,
+                      s, e, label, title)
+
+
+def _load_json(path: str):
+  opener = gzip.open if str(path).endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise SquadFormatError(f"{path} is not valid JSON: {e}") from e
+  except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+    raise SquadFormatError(f"{path} cannot be read as (gzipped) UTF-8 JSON: {e}") from e
+
+
+def read_squad(path: str, *, version_2: Optional[bool] = None,
+               max_mismatch_fraction: float = 0.01) -> SquadData:
+  """Reads a SQuAD v1.1 / v2.0 JSON file (plain or .gz).
+
+  Answers whose `answer_start` does not point at their text are counted in
+  `offset_mismatches`, logged as a warning, and placed at the nearest
+  occurrence of the text when there is one.
+
+  Args:
+    path: the file.
+    version_2: True/False to force the format; None detects it from the
+      "version" field ("v2.0") or the presence of "is_impossible".
+    max_mismatch_fraction: more mismatched answers than this fraction of all
+      answers is an error (the file is likely broken or not SQuAD).
+
+  Returns:
+    SquadData.
+
+  Raises:
+    SquadFormatError naming the file (and the location and key) for invalid
+    JSON, a missing key, a wrong type, or too many offset mismatches.
+  """
+  path = str(path)
+  root = _load_json(path)
+  articles = _get(root, "data", "the top level", path, list)
+  if version_2 is None:
+    version_2 = str(root.get("version", "")).lstrip("v").startswith("2") or any(
+        "is_impossible" in qa for a in articles if isinstance(a, dict)
+        for p in a.get("paragraphs", ()) if isinstance(p, dict) for qa in p.get("qas", ())
+        if isinstance(qa, dict))
+  examples, mismatches, num_paragraphs = [], [], 0
+  for i, article in enumerate(articles):
+    title = str(article.get("title", "")) if isinstance(article, dict) else ""
+    paragraphs = _get(article, "paragraphs", f"data[{i}]", path, list)
+    for k, para in enumerate(paragraphs):
+      where = f"data[{i}].paragraphs[{k}]"
+      paragraph = split_words(_get(para, "context", where, path, str))
+      num_paragraphs += 1
+      for q, qa in enumerate(_get(para, "qas", where, path, list)):
+        examples.append(_read_question(qa, f"{where}.qas[{q}]", path, paragraph, title,
+                                       version_2, mismatches))
+  num_answers = sum(len(ex.answers) for ex in examples)
+  unlocated = [ex.qas_id for ex in examples if not ex.is_impossible and ex.start_word < 0]
+  if mismatches:
+    lost = sum(m.found_at < 0 for m in mismatches)
+    _log.warning("%s: %d of %d answers have an answer_start that does not match their text "
+                 "(%d placed at the nearest occurrence, %d not in the context), e.g. %s",
+                 path, len(mismatches), num_answers, len(mismatches) - lost, lost, mismatches[0])
+    if len(mismatches) > max_mismatch_fraction * max(num_answers, 1):
+      raise SquadFormatError(
+          f"{path}: {len(mismatches)} of {num_answers} answers do not match their "
+          f"answer_start offset (more than max_mismatch_fraction={max_mismatch_fraction}), "
+          f"first: {mismatches[0]}")
+  if unlocated:
+    _log.warning("%s: %d answerable questions have no answer that can be placed in the "
+                 "context (no training label), e.g. id %s", path, len(unlocated), unlocated[0])
+  return SquadData(path, bool(version_2), examples, len(articles), num_paragraphs,
+                   num_answers, mismatches, unlocated)
+
+
+# ----------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class SquadFeatures:
+  """Windows of all examples: the batch arrays plus bookkeeping kept outside it.
+
+  Attributes:
+    batch: int32 arrays named by the batch contract: `encoder_input_tokens`,
+      `encoder_type_ids` [n, max_seq_length] and `start_positions`,
+      `end_positions` [n] (0 = [CLS]: no answer inside this window).
+    example_index: int32 [n], index of each window's example in the list given.
+    token_to_orig: int32 [n, max_seq_length], word index (in the paragraph) of
+      each doc token; -1 for [CLS], query, [SEP] and padding.
+    token_is_max_context: bool [n, max_seq_length], True where this window is
+      the one where that doc token has the most context.
+    num_dropped: training only: answerable examples left out because their
+      answer could not be placed.
+  """
+  batch: dict
+  example_index: np.ndarray
+  token_to_orig: np.ndarray
+  token_is_max_context: np.ndarray
+  num_dropped: int = 0
+
+  def __len__(self) -> int:
+    return len(self.example_index)
+
+
+def doc_spans(num_tokens: int, max_tokens: int, doc_stride: int) -> list:
+  """(start, length) of each window over `num_tokens` doc tokens (run_squad's rule).
+
+  A window holds at most `max_tokens`; the next one starts `doc_stride` later
+  (or right after it, if it was shorter); the last one reaches the end. An
+  empty document still gets one empty window, so every question is answered.
+  """
+  spans, start = [], 0
+  while True:
+    length = min(num_tokens - start, max_tokens)
+    spans.append((start, length))
+    if start + length >= num_tokens:
+      return spans
+    start += min(length, doc_stride)
+
+
+def max_context_window(spans: Sequence, num_tokens: int) -> np.ndarray:
+  """int [num_tokens]: the window in which each doc token has the most context.
+
+  Score of token p in window (s, l): min(p - s, s + l - 1 - p) + 0.01 * l; ties
+  go to the earlier window, as in run_squad's _check_is_max_context.
+  """
+  pos = np.arange(num_tokens)
+  best = np.full(num_tokens, -1)
+  best_score = np.full(num_tokens, -np.inf)
+  for w, (s, l) in enumerate(spans):
+    score = np.minimum(pos - s, s + l - 1 - pos) + 0.01 * l
+    better = (pos >= s) & (pos < s + l) & (score > best_score)
+    best[better] = w
+    best_score[better] = score[better]
+  return best
+
+
+def _tokenize_many(tokenizer, texts: Sequence[str]) -> list:
+  """Token ids of each text, in one in-graph call: list of int32 arrays."""
+  if not texts:
+    return []
+  ragged = tokenizer.tokenize(list(texts))
+  flat = ragged.flat_values.numpy().astype(np.int32)
+  splits = ragged.row_splits.numpy()
+  return [flat[splits[i]:splits[i + 1]] for i in range(len(texts))]
+
+
+def _improve_span(doc: list, start: int, end: int, answer: list):
+  """The sub-span of doc[start:end+1] equal to the answer's own tokens, if any.
+
+  Words such as "1895," hold the answer "1895" and more: the word span is
+  narrowed to the leftmost sub-span tokenised exactly as the answer text, as
+  run_squad's _improve_answer_span does; the word span stays when none is.
+  """
+  n = len(answer)
+  for s in range(start, end + 1):
+    e = s + n - 1
+    if e <= end and doc[s:e + 1] == answer:
+      return s, e
+  return start, end
+
+
+def _doc_tokens(paragraph: Paragraph, word_ids: list):
+  """Sub-tokens of a paragraph, their word index, and each word's first sub-token."""
+  lengths = np.array([len(w) for w in word_ids], np.int64)
+  tokens = np.concatenate(word_ids).astype(np.int32) if word_ids else np.zeros(0, np.int32)
+  tok_to_word = np.repeat(np.arange(len(word_ids), dtype=np.int32), lengths)
+  word_to_tok = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+  return tokens, tok_to_word, word_to_tok
+
+
+def _answer_tokens(ex: SquadExample, doc: np.ndarray, word_to_tok: np.ndarray,
+                   answer_ids: np.ndarray):
+  """(start, end) sub-token span of the example's training answer, or None."""
+  if ex.is_impossible or ex.start_word < 0:
+    return None
+  start = int(word_to_tok[ex.start_word])
+  end = int(word_to_tok[ex.end_word + 1]) - 1  # last sub-token of the end word
+  if end < start:
+    return None
+  return _improve_span(doc.tolist(), start, end, answer_ids.tolist())
+
+
+def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length: int = 384,
+                  doc_stride: int = 128, max_query_length: int = 64,
+                  training: bool = False) -> SquadFeatures:
+  """Windows `[CLS] query [SEP] doc [SEP]` of every example (see the module docstring).
+
+  Args:
+    examples: from read_squad.
+    tokenizer: a WordPieceTokenizer (needs [CLS] and [SEP]).
+    max_seq_length: window length, padding included.
+    doc_stride: distance between window starts, in doc sub-tokens.
+    max_query_length: the question is cut to this many sub-tokens.
+    training: leave out answerable examples whose answer cannot be placed
+      (counted in `num_dropped`); otherwise they stay, labelled 0.
+
+  Returns:
+    SquadFeatures.
+  """
+  if tokenizer.cls_id is None or tokenizer.sep_id is None:
+    raise ValueError(f"SQuAD features need [CLS] and [SEP]; vocabulary {tokenizer.path} lacks them")
+  if max_seq_length - max_query_length - 3 <= 0:
+    raise ValueError(f"max_seq_length={max_seq_length} leaves no room for the document after "
+                     f"max_query_length={max_query_length} and 3 special tokens")
+  if doc_stride <= 0:
+    raise ValueError(f"doc_stride must be positive, got {doc_stride}")
+  paragraphs = list({id(ex.paragraph): ex.paragraph for ex in examples}.values())
+  texts = [w for p in paragraphs for w in p.words]
+  texts += [ex.question for ex in examples] + [ex.label_text for ex in examples]
+  ids = _tokenize_many(tokenizer, texts)
+  docs, k = {}, 0
+  for p in paragraphs:
+    docs[id(p)] = _doc_tokens(p, ids[k:k + len(p.words)])
+    k += len(p.words)
+  questions, answers = ids[k:k + len(examples)], ids[k + len(examples):]
+
+  rows = collections.defaultdict(list)
+  dropped = 0
+  for i, ex in enumerate(examples):
+    doc, tok_to_word, word_to_tok = docs[id(ex.paragraph)]
+    answer = _answer_tokens(ex, doc, word_to_tok, answers[i])
+    if training and answer is None and not ex.is_impossible:
+      dropped += 1
+      continue
+    query = questions[i][:max_query_length]
+    offset = len(query) + 2  # [CLS] query [SEP]
+    spans = doc_spans(len(doc), max_seq_length - len(query) - 3, doc_stride)
+    best = max_context_window(spans, len(doc))
+    for w, (s, l) in enumerate(spans):
+      tokens = np.zeros(max_seq_length, np.int32)  # [length]
+      tokens[:offset + l + 1] = np.concatenate(
+          [[tokenizer.cls_id], query, [tokenizer.sep_id], doc[s:s + l], [tokenizer.sep_id]])
+      types = np.zeros(max_seq_length, np.int32)
+      types[offset:offset + l + 1] = 1
+      to_orig = np.full(max_seq_length, -1, np.int32)
+      to_orig[offset:offset + l] = tok_to_word[s:s + l]
+      is_max = np.zeros(max_seq_length, bool)
+      is_max[offset:offset + l] = best[s:s + l] == w
+      start = end = 0
+      if answer is not None and answer[0] >= s and answer[1] < s + l:
+        start, end = answer[0] - s + offset, answer[1] - s + offset
+      for name, value in (("tokens", tokens), ("types", types), ("to_orig", to_orig),
+                          ("is_max", is_max), ("start", start), ("end", end), ("example", i)):
+        rows[name].append(value)
+  if dropped:
+    _log.warning("make_features: %d of %d answerable examples dropped from training: their "
+                 "answer could not be placed in the context", dropped,
+                 sum(not ex.is_impossible for ex in examples))
+  length = max_seq_length
+
+  def stacked(name, dtype, shape):
+    return np.asarray(rows[name], dtype).reshape(shape)
+  batch = {
+      "encoder_input_tokens": stacked("tokens", np.int32, (-1, length)),
+      "encoder_type_ids": stacked("types", np.int32, (-1, length)),
+      "start_positions": stacked("start", np.int32, (-1,)),
+      "end_positions": stacked("end", np.int32, (-1,)),
+  }
+  return SquadFeatures(batch, stacked("example", np.int32, (-1,)),
+                       stacked("to_orig", np.int32, (-1, length)),
+                       stacked("is_max", bool, (-1, length)), dropped)
+
+
+# ----------------------------------------------------------------------------
+# Post-processing: logits -> answer text
+# ----------------------------------------------------------------------------
+
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+               (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def _is_punctuation(c: str) -> bool:
+  o = ord(c)
+  return (33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126
+          or unicodedata.category(c).startswith("P"))
+
+
+class _CharTable(dict):
+  """str.translate table filled on first use of each character (C-speed afterwards)."""
+
+  def __init__(self, fn):
+    super().__init__()
+    self._fn = fn
+
+  def __missing__(self, ordinal: int) -> str:
+    self[ordinal] = self._fn(chr(ordinal))
+    return self[ordinal]
+
+
+def _clean_char(c: str) -> str:
+  cat = unicodedata.category(c)
+  if c == "\ufffd" or (cat in ("Cc", "Cf", "Co") and c not in "\t\n\r"):
+    return ""
+  if c in "\t\n\r\u2028\u2029" or cat == "Zs":
+    return " "
+  if any(lo <= ord(c) <= hi for lo, hi in _CJK_RANGES):
+    return f" {c} "
+  return c
+
+
+_CLEAN = _CharTable(_clean_char)
+_DROP_MARKS = _CharTable(lambda c: "" if unicodedata.category(c) == "Mn" else c)
+_SPACE_PUNCTUATION = _CharTable(lambda c: f" {c} " if _is_punctuation(c) else c)
+
+
+def basic_tokens(text: str, lower_case: bool = True) -> list:
+  """The words WordPieceTokenizer makes before WordPiece, in pure Python.
+
+  Same normalisation as WordPieceTokenizer.normalize (drop control and format
+  characters, whitespace -> space, CJK ideographs apart; when lower-casing:
+  NFD, drop combining marks, lower case), then a split on spaces and punctuation.
+  """
+  text = text.translate(_CLEAN)
+  if lower_case:
+    text = unicodedata.normalize("NFD", text).translate(_DROP_MARKS)
+    # Python lower-cases a word-final capital sigma to 'ς'; the tokenizer never does.
+    text = text.replace("\u03a3", "\u03c3").lower()
+  return text.translate(_SPACE_PUNCTUATION).split()
+
+
+def _nonspace_index(text: str, k: int) -> int:
+  """Index in `text` of its k-th (0-based) character that is not a space."""
+  for run in re.finditer(r"[^ ]+", text):
+    if k < run.end() - run.start():
+      return run.start() + k
+    k -= run.end() - run.start()
+  raise IndexError(f"{text!r} has fewer than {k + 1} non-space characters")
+
+
+def get_final_text(pred_text: str, orig_text: str, lower_case: bool = True) -> str:
+  """The span of `orig_text` that the normalised prediction `pred_text` stands for.
+
+  `pred_text` is de-tokenised WordPiece ("john smith 's"), lower-cased and
+  spaced around punctuation; `orig_text` is the original words it came from
+  ("John Smith's."). Both are brought to the tokenizer's basic words, aligned
+  character by character with spaces removed, and the matching slice of
+  `orig_text` is returned. When they cannot be aligned (the prediction is not
+  inside the normalised text, or normalisation changed the length) the whole
+  `orig_text` is the answer, as in run_squad.
+  """
+  tok_text = " ".join(basic_tokens(orig_text, lower_case))
+  start = tok_text.find(pred_text) if pred_text else -1
+  if start < 0:
+    return orig_text
+  end = start + len(pred_text) - 1  # pred_text has no outer spaces: both non-space
+  if len(orig_text.replace(" ", "")) != len(tok_text.replace(" ", "")):
+    return orig_text
+  first = _nonspace_index(orig_text, start - tok_text.count(" ", 0, start))
+  last = _nonspace_index(orig_text, end - tok_text.count(" ", 0, end))
+  return orig_text[first:last + 1]
+
+
+@dataclasses.dataclass(eq=False)
+class SquadPredictions:
+  """Answers of every example.
+
+  Attributes:
+    texts: {qas_id: answer text} ('' = no answer), the predictions file.
+    null_score_diff: v2.0 only: {qas_id: null score - best non-null score}
+      (predict '' above the threshold; for tuning it on dev).
+    nbest: {qas_id: [{'text', 'start_logit', 'end_logit', 'probability'}]},
+      best first, distinct texts.
+  """
+  texts: dict
+  null_score_diff: dict
+  nbest: dict
+
+
+def _top_indices(logits: np.ndarray, n: int) -> np.ndarray:
+  # Stable, so equal logits keep position order as run_squad's sorted() does.
+  return np.argsort(-logits, kind="stable")[:n]
+
+
+def _window_candidates(features, f, start_logits, end_logits, n_best_size, max_answer_length):
+  """(start, end) pairs of window f that pass run_squad's filters, start-major order."""
+  starts = _top_indices(start_logits[f], n_best_size)
+  ends = _top_indices(end_logits[f], n_best_size)
+  to_orig = features.token_to_orig[f]
+  ok_start = (to_orig[starts] >= 0) & features.token_is_max_context[f][starts]
+  ok_end = to_orig[ends] >= 0
+  s, e = np.meshgrid(starts, ends, indexing="ij")  # [n_best, n_best]
+  valid = ok_start[:, None] & ok_end[None, :] & (e >= s) & (e - s + 1 <= max_answer_length)
+  return s[valid], e[valid]
+
+
+def _span_text(features, f, s, e, example, pieces, lower_case) -> str:
+  """Original-text answer for sub-tokens s..e of window f."""
+  toks = [pieces[t] for t in features.batch["encoder_input_tokens"][f, s:e + 1]]
+  pred = " ".join(" ".join(toks).replace(" ##", "").replace("##", "").split())
+  words = example.paragraph.words
+  orig = " ".join(words[features.token_to_orig[f, s]:features.token_to_orig[f, e] + 1])
+  return get_final_text(pred, orig, lower_case)
+
+
+def _example_answers(example, feature_ids, features, start_logits, end_logits, pieces,
+                     lower_case, n_best_size, max_answer_length, version_2):
+  """n-best list of one example and its null score (None unless version_2)."""
+  cands = []  # (feature, start, end, start_logit, end_logit) in run_squad's order
+  null = None
+  for f in feature_ids:
+    if version_2:
+      score = float(start_logits[f, 0]) + float(end_logits[f, 0])
+      if null is None or score < null[0]:
+        null = (score, f)
+    for s, e in zip(*_window_candidates(features, f, start_logits, end_logits, n_best_size,
+                                        max_answer_length)):
+      cands.append((f, int(s), int(e), float(start_logits[f, s]), float(end_logits[f, e])))
+  if version_2:
+    f = null[1]
+    cands.append((f, 0, 0, float(start_logits[f, 0]), float(end_logits[f, 0])))
+  order = sorted(range(len(cands)), key=lambda k: -(cands[k][3] + cands[k][4]))
+  nbest, seen = [], set()
+  for k in order:
+    if len(nbest) >= n_best_size:
+      break
+    f, s, e, sl, el = cands[k]
+    text = "" if s == 0 else _span_text(features, f, s, e, example, pieces, lower_case)
+    if text in seen:
+      continue
+    seen.add(text)
+    nbest.append({"text": text, "start_logit": sl, "end_logit": el})
+  if version_2 and "" not in seen:
+    f = null[1]
+    nbest.append({"text": "", "start_logit": float(start_logits[f, 0]),
+                  "end_logit": float(end_logits[f, 0])})
+  if nbest:
+    scores = np.array([c["start_logit"] + c["end_logit"] for c in nbest])
+    probs = np.exp(scores - scores.max())
+    for c, p in zip(nbest, probs / probs.sum()):
+      c["probability"] = float(p)
+  return nbest, (None if null is None else null[0])
+
+
+def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
+                start_logits, end_logits, tokenizer, *, n_best_size: int = 20,
+                max_answer_length: int = 30, version_2: bool = False,
+                null_score_diff_threshold: float = 0.0) -> SquadPredictions:
+  """Answer texts from the start/end logits of every window (run_squad's rules).
+
+  Per window, the `n_best_size` highest start and end logits are paired;
+  a pair is kept when both are doc tokens, the start is at its max-context
+  window, start <= end and the span has at most `max_answer_length` tokens.
+  Pairs are ranked by start + end logit across all windows of the example, and
+  the first `n_best_size` distinct texts form the n-best list. For v2.0 the
+  null score is min over windows of start_logit[0] + end_logit[0], and the
+  answer is '' when null - best non-null score > `null_score_diff_threshold`.
+
+  Args:
+    examples: the examples the features were made from.
+    features: from make_features(examples, ...).
+    start_logits, end_logits: float [len(features), max_seq_length].
+    tokenizer: the tokenizer of the features (pieces and lower_case).
+    n_best_size, max_answer_length, version_2, null_score_diff_threshold: see above.
+
+  Returns:
+    SquadPredictions (an example without any valid span gets '').
+  """
+  start_logits = np.asarray(start_logits, np.float32)
+  end_logits = np.asarray(end_logits, np.float32)
+  shape = features.batch["encoder_input_tokens"].shape
+  if start_logits.shape != shape or end_logits.shape != shape:
+    raise ValueError(f"logits {start_logits.shape} / {end_logits.shape} do not match the "
+                     f"features {shape} ([windows, max_seq_length])")
+  if len(features) and features.example_index.max() >= len(examples):
+    raise ValueError(f"features refer to example {features.example_index.max()} but only "
+                     f"{len(examples)} examples were given")
+  by_example = collections.defaultdict(list)
+  for f, i in enumerate(features.example_index.tolist()):
+    by_example[i].append(f)
+  lower_case = getattr(tokenizer, "lower_case", True)
+  texts, diffs, nbests = {}, {}, {}
+  for i, ex in enumerate(examples):
+    nbest, null = _example_answers(ex, by_example[i], features, start_logits, end_logits,
+                                   tokenizer.pieces, lower_case, n_best_size,
+                                   max_answer_length, version_2)
+    nbests[ex.qas_id] = nbest
+    best = next((c for c in nbest if c["text"]), None)
+    if not version_2:
+      texts[ex.qas_id] = best["text"] if best else ""
+      continue
+    diff = np.inf if best is None else null - best["start_logit"] - best["end_logit"]
+    diffs[ex.qas_id] = float(diff)
+    texts[ex.qas_id] = "" if diff > null_score_diff_threshold else best["text"]
+  return SquadPredictions(texts, diffs, nbests)
+
+
+def write_predictions(path: str, texts: Mapping[str, str]) -> None:
+  """Writes the SQuAD predictions file {qas_id: text} (plain or .gz JSON)."""
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wt", encoding="utf-8") as f:
+    json.dump(dict(texts), f, ensure_ascii=False)
+
+
+def read_predictions(path: str) -> dict:
+  """Reads a predictions file {qas_id: text}; an error names the file otherwise."""
+  preds = _load_json(str(path))
+  if not isinstance(preds, dict) or not all(isinstance(v, str) for v in preds.values()):
+    raise SquadFormatError(f"{path}: a predictions file must be a JSON object "
+                           "{question id: answer text}")
+  return preds
+
+
+# ----------------------------------------------------------------------------
+# Official metrics
+# ----------------------------------------------------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+  """The official normalisation: lower, drop punctuation, drop a/an/the, squash spaces."""
+  s = "".join(c for c in s.lower() if c not in _PUNCTUATION)
+  return " ".join(_ARTICLES.sub(" ", s).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+  """1.0 when both normalise to the same string."""
+  return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str, *, empty_matches_empty: bool = False) -> float:
+  """Bag-of-tokens F1 of the normalised answers.
+
+  `empty_matches_empty` is the v2.0 script's rule (an empty answer on either
+  side scores 1 if both are empty, else 0); v1.1 scores no overlap as 0.
+  """
+  pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+  if empty_matches_empty and (not pred or not ref):
+    return float(pred == ref)
+  same = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+  if same == 0:
+    return 0.0
+  precision, recall = 1.0 * same / len(pred), 1.0 * same / len(ref)
+  return (2 * precision * recall) / (precision + recall)
+
+
+def _gold_texts(example: SquadExample, version_2: bool) -> list:
+  if not version_2:
+    return list(example.answers)
+  # evaluate-v2.0.py ignores golds that normalise to nothing; none left -> [''].
+  return [a for a in example.answers if normalize_answer(a)] or [""]
+
+
+def evaluate(data: SquadData, predictions: Mapping[str, str]) -> dict:
+  """Official SQuAD EM and F1 (percent) of `predictions` on `data`.
+
+  v1.1 follows evaluate-v1.1.py, v2.0 evaluate-v2.0.py (at its default no-answer
+  threshold, i.e. the texts as given). Every question counts: one without a
+  prediction scores 0 (and is counted in `missing`); predictions for unknown
+  ids are ignored.
+
+  Returns:
+    {'exact', 'f1', 'total', 'missing'}; for v2.0 also 'HasAns_exact',
+    'HasAns_f1', 'HasAns_total', 'NoAns_exact', 'NoAns_f1', 'NoAns_total'.
+  """
+  v2 = data.version_2
+  sums = collections.defaultdict(float)
+  missing = 0
+  for ex in data.examples:
+    if ex.qas_id not in predictions:
+      missing += 1
+      em = f1 = 0.0
+    else:
+      pred = predictions[ex.qas_id]
+      golds = _gold_texts(ex, v2)
+      em = max(exact_match(pred, g) for g in golds)
+      f1 = max(f1_score(pred, g, empty_matches_empty=v2) for g in golds)
+    for split in ("", "NoAns_" if ex.is_impossible else "HasAns_"):
+      sums[split + "exact"] += em
+      sums[split + "f1"] += f1
+      sums[split + "total"] += 1
+  if missing:
+    _log.warning("%s: %d of %d questions have no prediction (scored 0)", data.path, missing,
+                 len(data.examples))
+  out = {"total": len(data.examples), "missing": missing}
+  splits = ("", "HasAns_", "NoAns_") if v2 else ("",)
+  for split in splits:
+    n = sums[split + "total"]
+    if split:
+      out[split + "total"] = int(n)
+    if n or not split:
+      out[split + "exact"] = 100.0 * sums[split + "exact"] / max(n, 1)
+      out[split + "f1"] = 100.0 * sums[split + "f1"] / max(n, 1)
+  return out
