@@ -1,5 +1,6 @@
 """bert-jax command line: flags -> config -> one command.
 
+  bert-jax train --config=configs/FILE.py[:variant] --workdir=DIR [--config.a.b=value]
   bert-jax inspect --config=configs/FILE.py[:variant] [--num_batches=2] [--out=x.npz]
   bert-jax train-tokenizer --input=GLOB_OR_SPEC --model_prefix=PATH --vocab_size=N
   python -m bert_jax.main COMMAND ...   (the same)
@@ -28,7 +29,38 @@ flags.DEFINE_integer("vocab_size", 32000, "train-tokenizer: pieces in the model.
 flags.DEFINE_string("model_type", "unigram", "train-tokenizer: unigram or bpe.")
 flags.DEFINE_integer("extra_ids", 100, "train-tokenizer: T5 sentinels appended.")
 flags.DEFINE_bool("bert_special_tokens", False, "train-tokenizer: add [CLS] [SEP] [MASK].")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                    "(not needed on TPU VMs, where jax finds its peers itself).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 FLAGS = flags.FLAGS
+
+
+def _init_distributed() -> None:
+  """jax.distributed.initialize() for a multi-host run, before JAX touches devices.
+
+  Explicit flags (CPU tests, GPU clusters) or a multi-worker TPU VM slice,
+  whose environment lists several worker hostnames; single hosts skip it.
+  """
+  import jax
+  if FLAGS.coordinator_address:
+    # CPU processes talk over gloo (the default CPU client has no collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    jax.distributed.initialize()
+
+
+def _train(config) -> None:
+  from bert_jax import train
+  if not FLAGS.workdir:
+    raise app.UsageError("train needs --workdir (local folder or gs://bucket/path)")
+  _init_distributed()
+  # Orbax logs every save step at INFO through absl's logger; the trainer's
+  # own progress lines (root logger) are enough.
+  logging.get_absl_logger().setLevel("WARNING")
+  train.train_and_evaluate(config, FLAGS.workdir)
 
 
 def _inspect(config) -> None:
@@ -63,7 +95,7 @@ def _train_tokenizer() -> None:
 
 
 def main(argv) -> None:
-  commands = ("inspect", "train-tokenizer")
+  commands = ("train", "inspect", "train-tokenizer")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: bert-jax {{{'|'.join(commands)}}} [--flags]; got {argv[1:]}")
   if argv[1] == "train-tokenizer":
@@ -71,7 +103,7 @@ def main(argv) -> None:
   if _CONFIG.value is None:
     raise app.UsageError(f"{argv[1]} needs --config=configs/FILE.py[:variant]")
   logging.info("config:\n%s", _CONFIG.value)
-  return _inspect(_CONFIG.value)
+  return (_train if argv[1] == "train" else _inspect)(_CONFIG.value)
 
 
 def run() -> None:

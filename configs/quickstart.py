@@ -1,33 +1,66 @@
-"""Quick start: a BERT-tiny masked-LM run on text that ships with Python.
+"""Quick start: pretrain a BERT-tiny masked LM on CPU in a few minutes, no download.
 
-The corpus is `builtin:pydoc_topics` (CPython's Language Reference topics, ~65k
-words), so nothing is downloaded. With `data.tokenizer` left empty, a small
-SentencePiece vocabulary with [CLS]/[SEP]/[MASK] is trained on that corpus
-first and cached in the workdir (or, for `inspect` without --workdir, in a
-temporary folder).
+The corpus is `builtin:pydoc_topics` (CPython's Language Reference topics,
+~65k words, ships with Python); held-out loss is measured on
+`builtin:stdlib_docstrings` (the standard library's docstrings: other text, same
+domain). With `data.tokenizer` empty, a 4,000-piece SentencePiece vocabulary
+with [CLS]/[SEP]/[MASK] is trained on the corpus first and kept in the workdir.
 
-Look at the batches it makes:
+Launch (CPU, 2 cores: about 3 minutes):
+  bert-jax train --config=configs/quickstart.py --workdir=/tmp/bert_jax_quickstart
+Expected: the held-out MLM loss (eval/mlm/loss in WORKDIR/metrics.jsonl) falls
+from ~8.3 (log 4096, chance) at step 0 to below 6 by step 600.
+
+Variants (`--config=configs/quickstart.py:VARIANT`): mlm (default), mlm_nsp,
+mlm_sop, span_corruption (a T5 v1.1-tiny with Adafactor). Look at the batches:
   bert-jax inspect --config=configs/quickstart.py --num_batches=2 --out=/tmp/batches.npz
 """
 import ml_collections
 
-from bert_jax.data import pipeline
+from bert_jax import optim
+from bert_jax import train
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop or span_corruption."""
-  config = ml_collections.ConfigDict()
+  objective = arg or "mlm"
+  config = train.default_config()
   config.seed = 0
 
-  config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 32  # global, over all hosts
-
-  config.data = pipeline.default_data_config()
   config.data.source = "builtin:pydoc_topics"
-  config.data.objective = arg or "mlm"
+  config.data.objective = objective
   config.data.seq_length = 128
   config.data.max_predictions = 20
   config.data.num_shards = 8
   config.data.tokenizer = ""  # empty: train a SentencePiece model on the source first
   config.data.vocab_size = 4000  # pieces of that trained vocabulary
+
+  if objective == "span_corruption":
+    config.family = "t5"
+    config.model = train.model_config("t5", "t5_v1_1_tiny", vocab_size=0, dropout_rate=0.0)
+    config.optim = optim.default_config("adafactor")
+    config.optim.warmup_steps = 100
+    config.train.z_loss = 1e-4
+  else:
+    config.family = "bert"
+    # vocab_size 0: the tokenizer's 4,000 ids rounded up to 4,096.
+    config.model = train.model_config("bert", "tiny", vocab_size=0)
+    config.optim = optim.default_config("adamw")
+    config.optim.learning_rate = 1e-3  # a tiny model on a tiny corpus learns fast
+    config.optim.warmup_steps = 60
+
+  config.train.num_steps = 600
+  config.train.batch_size = 32  # global, over all hosts
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.mesh.rules = "data_parallel"
+
+  config.checkpoint.every_steps = 200
+  config.checkpoint.keep = 2
+  config.log.every_steps = 50
+  config.eval.every_steps = 200
+  config.eval.source = "builtin:stdlib_docstrings"
+  config.eval.batch_size = 32
+  config.eval.num_batches = 8
   return config
