@@ -1,0 +1,514 @@
+"""Training metrics: JSONL + TensorBoard writers, throughput and MFU, a progress bar.
+
+`MetricWriter` appends one JSON object per logged step to `WORKDIR/metrics.jsonl`
+(read while the run goes on: every line is flushed) and writes the same
+scalars as TensorBoard events under `WORKDIR/tensorboard/`. Paths may be
+gs://: all file I/O goes through `tf.io.gfile`. Only process 0 should write;
+the other processes pass `enabled=False`, which makes every method a no-op.
+
+`Throughput` turns wall time between two logged steps into steps/s, tokens/s
+and model FLOPs utilisation (MFU), from the FLOP counts of `bert_train_flops`
+and `t5_train_flops` and the peak of `peak_flops_per_device`.
+
+`ProgressBar` is the console view: `step 120/1000 [12%] 3.4 step/s ETA 4m19s
+loss 5.123`, redrawn in place on a terminal, one line at a time in logs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+JSONL_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+# ---------------------------------------------------------------------------
+# Writers.
+# ---------------------------------------------------------------------------
+def _scalar(key: str, value: Any) -> float | int | None:
+  """A Python scalar for JSON: int for integer/bool values, float (None if non-finite)."""
+  if value is None:
+    return None
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f"metric {key!r} is not a scalar: shape {array.shape}")
+  item = array.reshape(()).item()
+  if array.dtype.kind in "biu":
+    return int(item)
+  if array.dtype.kind != "f":
+    raise ValueError(f"metric {key!r} is not a number: {value!r} (dtype {array.dtype})")
+  return float(item) if math.isfinite(item) else None
+
+
+def _scalar_metadata() -> summary_pb2.SummaryMetadata:
+  # What TensorBoard's own tf.summary.scalar attaches: the 'scalars' plugin
+  # reads float32 rank-0 tensors so tagged. TF 2.21 no longer installs the
+  # tensorboard package, so we write the same record through tf.summary.write.
+  metadata = summary_pb2.SummaryMetadata()
+  metadata.plugin_data.plugin_name = "scalars"
+  return metadata
+
+
+def _parse_log(path: str, text: str) -> list[tuple[str, int]]:
+  """(line, step) for each record of an existing metrics.jsonl.
+
+  A last line without its newline that does not parse is a write torn by a
+  killed run: dropped with a warning. Any other bad line is an error naming
+  the file and line, so a log that someone edited is never silently cut.
+  """
+  lines = text.split("\n")
+  torn_tail = not text.endswith("\n")
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+      step = record.get("step")
+      if not isinstance(step, int) or isinstance(step, bool):
+        raise ValueError(f"'step' is {step!r}, not an integer")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      if torn_tail and number == len(lines):
+        logging.warning("%s:%d: dropping a partly written last line (%s)", path, number, e)
+        continue
+      raise ValueError(f"{path}:{number}: corrupt metrics line ({e}): {line[:200]!r}") from e
+    records.append((line, step))
+  return records
+
+
+class MetricWriter:
+  """Writes scalars per step to `workdir/metrics.jsonl` and TensorBoard.
+
+  On opening, an existing metrics.jsonl is checked line by line (a corrupt
+  line is an error naming file and line; the file is left untouched):
+    * `resume_step=N` (a run restored from its checkpoint at step N): keeps
+      only the records with step <= N. A killed run may have logged steps
+      after its last checkpoint; the resumed run logs them again, and the
+      log must hold each step once. The kept lines are written to a
+      temporary file which then replaces the log, so a failure part-way
+      leaves the old file whole. Pass N = -1 to drop everything (a fresh
+      run that must not continue an old log).
+    * `resume_step=None` (a fresh run, no checkpoint): keeps every record
+      and appends after them; nothing is truncated.
+  Either way a torn last line (a killed run's partial write) is dropped, so
+  the next record starts on a line of its own.
+
+  TensorBoard event files are append-only: a resumed run writes a new event
+  file, and re-logged steps follow the old ones (TensorBoard keeps the later
+  value of a step it sees twice in one run).
+
+  Every `write` flushes both outputs: scripts and tests tail the log while
+  the run goes on. On gs:// each flush re-uploads the JSONL object (objects
+  are immutable), cheap at a logging interval of tens of steps or more.
+
+  Attributes:
+    path: the metrics.jsonl path (also set when disabled).
+    enabled: False on every process but 0: nothing is read or written.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, enabled: bool = True):
+    """Opens (and, for a resumed run, trims) the log; see the class docstring."""
+    self.path = workdir.rstrip("/") + "/" + JSONL_NAME
+    self.enabled = enabled
+    self._file = None
+    self._tb = None
+    if not enabled:
+      return
+    tf.io.gfile.makedirs(workdir)
+    self._trim(resume_step)
+    self._file = tf.io.gfile.GFile(self.path, "a")
+    self._tb = tf.summary.create_file_writer(workdir.rstrip("/") + "/" + TENSORBOARD_DIR)
+    self._tb_metadata = _scalar_metadata()
+
+  def _trim(self, resume_step: int | None) -> None:
+    """Rewrites the existing log without the records after `resume_step`."""
+    if not tf.io.gfile.exists(self.path):
+      return
+    with tf.io.gfile.GFile(self.path, "r") as f:
+      text = f.read()
+    records = _parse_log(self.path, text)
+    kept = [line for line, step in records if resume_step is None or step <= resume_step]
+    new_text = "".join(line + "\n" for line in kept)
+    if new_text == text:
+      return
+    logging.info("%s: keeping %d of %d records (resume_step=%s)", self.path, len(kept),
+                 len(records), resume_step)
+    tmp = self.path + ".tmp"
+    try:
+      with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(new_text)
+      tf.io.gfile.rename(tmp, self.path, overwrite=True)
+    except Exception:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+      raise
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs `scalars` at `step`: one JSONL line and one TensorBoard scalar each.
+
+    Args:
+      step: the training step (an int; it is the first key of the line).
+      scalars: name -> Python/NumPy/JAX scalar or None. Integers stay
+        integers; floats become Python floats; NaN and inf become null
+        (JSON has no NaN) but reach TensorBoard as they are, where they
+        show a divergence; None is null in JSON and skipped in TensorBoard.
+
+    Raises:
+      ValueError: a key is 'step', a value is not a scalar number, or the
+        writer was closed.
+    """
+    if not self.enabled:
+      return
+    if self._file is None:
+      raise ValueError(f"MetricWriter for {self.path} is closed")
+    if "step" in scalars:
+      raise ValueError("metric name 'step' is reserved for the step number")
+    step = int(step)
+    record = {"step": step}
+    raw = {}
+    for key, value in scalars.items():
+      record[key] = _scalar(key, value)
+      if value is not None:
+        raw[key] = float(np.asarray(value).reshape(()))
+    self._file.write(json.dumps(record, allow_nan=False) + "\n")
+    self._file.flush()
+    with self._tb.as_default(step=step):
+      for key, value in raw.items():
+        tf.summary.write(key, tf.constant(value, tf.float32), metadata=self._tb_metadata)
+    self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes both outputs; later calls do nothing."""
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ---------------------------------------------------------------------------
+# FLOPs and MFU.
+# ---------------------------------------------------------------------------
+# Dense bfloat16 peak FLOP/s (no structured sparsity) per JAX device, keyed by
+# `jax.Device.device_kind`. On TPU v2 and v3 a JAX device is one TensorCore
+# (two per chip), so the per-chip figures (45 and 123 TFLOP/s) are halved; from
+# v4 on a JAX device is a chip (v4 and v5p fuse their two cores, "megacore";
+# v5e and v6e have one core). v5e reports "TPU v5 lite", v6e "TPU v6 lite",
+# v5p "TPU v5" (newer runtimes: "TPU v5p").
+_TPU_PEAK = {
+    "TPU v2": 22.5e12,
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+# CUDA device names vary with form factor and memory ("NVIDIA A100-SXM4-40GB",
+# "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3"): matched by pattern, in
+# order. NVL boards (lower clocks) are left unknown rather than guessed.
+_GPU_PEAK = (
+    (re.compile(r"NVL"), None),
+    (re.compile(r"\bA100\b"), 312e12),
+    (re.compile(r"\bH100\b.*PCIe", re.IGNORECASE), 756e12),
+    (re.compile(r"\bH100\b"), 989e12),  # SXM (HBM3)
+    (re.compile(r"\bH200\b"), 989e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one JAX device, or None when not known.
+
+  Args:
+    device_kind: `jax.devices()[0].device_kind`, e.g. 'TPU v4', 'TPU v5 lite',
+      'NVIDIA H100 80GB HBM3'.
+
+  Returns:
+    FLOP/s per JAX device (TPU v2/v3: per core; later TPUs and GPUs: per
+    chip); None for CPUs and kinds not in the table, so MFU is reported as
+    unknown rather than against a made-up peak.
+  """
+  if device_kind in _TPU_PEAK:
+    return _TPU_PEAK[device_kind]
+  for pattern, peak in _GPU_PEAK:
+    if pattern.search(device_kind):
+      return peak
+  return None
+
+
+def _matmul(m: int, k: int, n: int) -> float:
+  """FLOPs of an [m, k] x [k, n] product: one multiply and one add per term."""
+  return 2.0 * m * k * n
+
+
+def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
+                     nsp: bool) -> float:
+  """Training FLOPs per example of a BERT-family pre-training model.
+
+  Counts matrix products only, 2 * m * k * n each, as `BertForPreTraining`
+  (nsp=True) or `BertForMaskedLM` (nsp=False) computes them. With S =
+  seq_length, H = hidden_size, A = num_heads * head_dim (= H), I =
+  intermediate_size, L = num_layers, P = max_predictions, V = vocab_size:
+
+    per layer   2*S*H*3A (q, k, v) + 2*S*A*H (out)
+                + 2*S*S*A (scores q.k) + 2*S*S*A (probabilities . v)
+                + 2*S*H*I + 2*S*I*H (MLP)
+    MLM head    2*P*H*H (transform) + 2*P*H*V (logits tied to the embedding)
+    NSP head    2*H*H (pooler, first token) + 2*H*2, when nsp
+    forward     L * per layer + MLM head [+ NSP head]
+    training    3 * forward: the backward pass takes two products per
+                forward product (gradients of both operands).
+
+  The MLM head runs only at the P gathered positions (`mlm_positions`);
+  P=None counts it at all S positions (no `mlm_positions`). Embedding
+  lookups, norms, softmax and activations are not counted: this is the
+  model-FLOPs count of MFU, and recomputation under `remat` is not added.
+
+  Args:
+    config: a `bert_jax.models.bert.BertConfig`.
+    seq_length: tokens per example (the padded/packed length).
+    max_predictions: gathered MLM positions per example, or None.
+    nsp: count the pooler and the next-sentence head.
+
+  Returns:
+    FLOPs of one example's forward and backward pass.
+  """
+  s, h, i = seq_length, config.hidden_size, config.intermediate_size
+  a = config.num_heads * config.head_dim
+  p = s if max_predictions is None else max_predictions
+  layer = (_matmul(s, h, 3 * a) + _matmul(s, a, h)  # [S, H] projections
+           + 2 * _matmul(s, a, s)  # [S, S] scores, then back to [S, A]
+           + _matmul(s, h, i) + _matmul(s, i, h))
+  forward = config.num_layers * layer
+  forward += _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
+  if nsp:
+    forward += _matmul(1, h, h) + _matmul(1, h, 2)
+  return 3.0 * forward
+
+
+def t5_train_flops(config, inputs_length: int, targets_length: int) -> float:
+  """Training FLOPs per example of a T5 encoder-decoder (`T5Model`).
+
+  Counts matrix products only, 2 * m * k * n each. With Se = inputs_length,
+  Sd = targets_length, D = d_model, A = num_heads * d_kv, F = d_ff,
+  G = len(activations) (1 plain, 2 gated), V = vocab_size:
+
+    attention(Sq, Skv)  2*Sq*D*A (q) + 2*Skv*D*2A (k, v) + 2*Sq*A*D (out)
+                        + 2*Sq*Skv*A (scores) + 2*Sq*Skv*A (probabilities . v)
+    mlp(S)              2*S*D*G*F (wi, or wi_0 and wi_1) + 2*S*F*D (wo)
+    encoder layer       attention(Se, Se) + mlp(Se)
+    decoder layer       attention(Sd, Sd) + attention(Sd, Se) + mlp(Sd)
+    logits              2*Sd*D*V (tied or untied alike)
+    training            3 * (num_encoder_layers * encoder layer
+                             + num_decoder_layers * decoder layer + logits)
+
+  Causal self-attention is counted over the full Sd x Sd square, as it is
+  computed (masked, not skipped). Embedding lookups, relative position
+  biases, norms, softmax and activations are not counted.
+
+  Args:
+    config: a `bert_jax.models.t5.T5Config`.
+    inputs_length: encoder tokens per example.
+    targets_length: decoder tokens per example.
+
+  Returns:
+    FLOPs of one example's forward and backward pass.
+  """
+  d, f, g = config.d_model, config.d_ff, len(config.activations)
+  a = config.num_heads * config.d_kv
+  se, sd = inputs_length, targets_length
+
+  def attention(sq, skv):
+    return (_matmul(sq, d, a) + _matmul(skv, d, 2 * a) + _matmul(sq, a, d)
+            + 2 * _matmul(sq, a, skv))
+
+  def mlp(s):
+    return _matmul(s, d, g * f) + _matmul(s, f, d)
+
+  forward = (config.num_encoder_layers * (attention(se, se) + mlp(se))
+             + config.num_decoder_layers * (attention(sd, sd) + attention(sd, se) + mlp(sd))
+             + _matmul(sd, d, config.vocab_size))
+  return 3.0 * forward
+
+
+class Throughput:
+  """Steps/s, tokens/s and MFU over the interval since the last measurement.
+
+  JAX dispatches asynchronously: call `start` and `measure` only after the
+  step's outputs have reached the host (e.g. after fetching the loss), or the
+  interval measures dispatch, not compute. Call `start` after the first
+  (compiling) step so compilation is not counted.
+
+  Attributes:
+    tokens_per_step: tokens of one global batch (what the run counts as a
+      token, e.g. non-padding input tokens).
+    flops_per_step: model FLOPs of one global step (per-example FLOPs x
+      global batch size).
+    peak_flops: peak FLOP/s of all devices of the run together, or None.
+  """
+
+  def __init__(self, *, tokens_per_step: float, flops_per_step: float,
+               peak_flops: float | None):
+    if tokens_per_step < 0 or flops_per_step < 0:
+      raise ValueError(f"tokens_per_step ({tokens_per_step}) and flops_per_step "
+                       f"({flops_per_step}) must be >= 0")
+    if peak_flops is not None and peak_flops <= 0:
+      raise ValueError(f"peak_flops must be > 0 or None, got {peak_flops}")
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self._step = None
+    self._time = None
+
+  def start(self, step: int) -> None:
+    """Marks the beginning of a measured interval after `step` completed."""
+    self._step, self._time = step, time.perf_counter()
+
+  def measure(self, step: int) -> dict[str, float | None]:
+    """Rates since the last `start`/`measure`; starts the next interval.
+
+    Returns:
+      {'steps_per_sec', 'tokens_per_sec', 'mfu'}; mfu = flops_per_step *
+      steps_per_sec / peak_flops, None when the peak is unknown. All None
+      when no step or no time has passed.
+    """
+    if self._time is None:
+      raise ValueError("Throughput.measure called before start")
+    now = time.perf_counter()
+    steps, seconds = step - self._step, now - self._time
+    self._step, self._time = step, now
+    if steps <= 0 or seconds <= 0:
+      return {"steps_per_sec": None, "tokens_per_sec": None, "mfu": None}
+    rate = steps / seconds
+    mfu = None if self.peak_flops is None else self.flops_per_step * rate / self.peak_flops
+    return {"steps_per_sec": rate, "tokens_per_sec": self.tokens_per_step * rate, "mfu": mfu}
+
+
+# ---------------------------------------------------------------------------
+# Console progress.
+# ---------------------------------------------------------------------------
+_TTY_INTERVAL_S = 0.1  # redrawing faster than this only costs write calls
+
+
+def format_duration(seconds: float) -> str:
+  """'42s', '4m19s', '3h07m', '2d05h'."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  minutes, seconds = divmod(seconds, 60)
+  if minutes < 60:
+    return f"{minutes}m{seconds:02d}s"
+  hours, minutes = divmod(minutes, 60)
+  if hours < 24:
+    return f"{hours}h{minutes:02d}m"
+  days, hours = divmod(hours, 24)
+  return f"{days}d{hours:02d}h"
+
+
+def _format_value(value: Any) -> str:
+  if value is None:
+    return "-"
+  array = np.asarray(value)
+  if array.dtype.kind in "biu":
+    return str(int(array))
+  return f"{float(array):.4g}"
+
+
+def _isatty(stream: TextIO) -> bool:
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):  # no isatty, or a closed stream
+    return False
+
+
+class ProgressBar:
+  """One-line progress: `step 120/1000 [12%] 3.4 step/s ETA 4m19s loss 5.123`.
+
+  The rate is the mean since the first `update` (which follows the compiling
+  first step, so compilation does not skew it; evaluation pauses do, which
+  keeps the ETA honest). On a terminal the line is redrawn in place with
+  '\\r'; elsewhere (CI logs, files) a full line is written at most every
+  `min_interval_s` seconds, and always for the first update and the last
+  step.
+  """
+
+  def __init__(self, total_steps: int, initial_step: int = 0, *, stream: TextIO | None = None,
+               enabled: bool = True, min_interval_s: float = 1.0):
+    """Args: total_steps (the step that ends the run), initial_step (resumed from),
+    stream (default sys.stderr), enabled (False on all but process 0),
+    min_interval_s (least time between two lines when not on a terminal)."""
+    if total_steps <= 0:
+      raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    self.total_steps = total_steps
+    self.enabled = enabled
+    self._stream = sys.stderr if stream is None else stream
+    self._tty = enabled and _isatty(self._stream)
+    self._interval = _TTY_INTERVAL_S if self._tty else min_interval_s
+    self._step = initial_step
+    self._origin = None  # (step, time) of the first update
+    self._last_write = None
+    self._line = None  # latest line, written or not
+    self._written = True
+    self._width = 0
+
+  def _text(self, step: int, now: float, postfix: Mapping[str, Any]) -> str:
+    total = self.total_steps
+    rate = eta = "?"
+    first_step, first_time = self._origin
+    if step > first_step and now > first_time:
+      steps_per_sec = (step - first_step) / (now - first_time)
+      rate = f"{steps_per_sec:.3g}" if steps_per_sec < 1000 else f"{steps_per_sec:.0f}"
+      eta = format_duration(max(total - step, 0) / steps_per_sec)
+    parts = [f"step {step}/{total} [{100 * step // total}%] {rate} step/s ETA {eta}"]
+    parts += [f"{key} {_format_value(value)}" for key, value in postfix.items()]
+    return " ".join(parts)
+
+  def _emit(self, now: float) -> None:
+    if self._tty:
+      self._stream.write("\r" + self._line.ljust(self._width))
+      self._width = len(self._line)
+    else:
+      self._stream.write(self._line + "\n")
+    self._stream.flush()
+    self._last_write, self._written = now, True
+
+  def update(self, step: int, **postfix: Any) -> None:
+    """Shows progress at `step` with `postfix` scalars (e.g. loss=...) after it."""
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    if self._origin is None:
+      self._origin = (step, now)
+    self._step = step
+    self._line, self._written = self._text(step, now, postfix), False
+    due = self._last_write is None or now - self._last_write >= self._interval
+    if due or step >= self.total_steps:
+      self._emit(now)
+
+  def close(self) -> None:
+    """Writes the latest state if it was held back; ends the terminal line."""
+    if not self.enabled or self._line is None:
+      return
+    if not self._written:
+      self._emit(time.perf_counter())
+    if self._tty:
+      self._stream.write("\n")
+      self._stream.flush()
+    self._line = None
