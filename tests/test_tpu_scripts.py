@@ -293,6 +293,13 @@ def test_setup_fails_when_a_worker_sees_the_wrong_device_count(fake):
   assert "jax.device_count()=16" in proc.stderr and "process 3: 8 devices" in proc.stderr
 
 
+def test_setup_refuses_to_replace_the_code_of_a_running_job(fake):
+  fake.rules((["BERT_JAX_SETUP_DONE"], [{"out": "BERT_JAX_BUSY t1-w-0\n", "rc": 4}]))
+  proc = fake.run("setup", *WHERE, "--name=n1", "--accelerator_type=v4-8")
+  assert proc.returncode == 1 and "tpu.py stop" in proc.stderr
+  assert [kind(c) for c in fake.calls] == ["vm-scp", "ssh-setup"]  # no device check
+
+
 def test_launch_clears_leftovers_then_starts_job_on_all_workers(fake):
   proc = fake.run("launch", *WHERE, "--name=n1", "--accelerator_type=v4-32",
                   "--config=configs/bert.py:base", "--workdir=gs://bkt/run1",
@@ -468,8 +475,9 @@ def test_unknown_flag_is_rejected(fake):
 # ---------------------------------------------------------------------------
 
 def _bash(script, home, timeout=30):
+  """Runs a remote script as ssh would: bash in $HOME."""
   return subprocess.run(["bash", "-c", script], env=dict(os.environ, HOME=str(home)),
-                        capture_output=True, text=True, timeout=timeout)
+                        cwd=home, capture_output=True, text=True, timeout=timeout)
 
 
 def _wait_for(predicate, seconds=10.0):
@@ -525,6 +533,45 @@ def test_remote_scripts_launch_detached_report_and_stop(tmp_path, monkeypatch):
   _bash(remote.launch_script("code", venv, "logs", ["fail"], []), home)
   assert _wait_for(lambda: remote.parse_job(
       _bash(remote.job_script("logs"), home).stdout) == "exited:3")
+
+
+def test_remote_setup_script_unpacks_installs_and_is_idempotent(tmp_path, monkeypatch):
+  from tpu_scripts import checkout
+  venv = f"venv_{uuid.uuid4().hex[:12]}"
+  monkeypatch.setattr(remote, "JOB_PATTERN", f"{venv}/bin/bert-ja[x]")
+  home, source = tmp_path / "home", tmp_path / "src"
+  (source / "pkg").mkdir(parents=True)
+  (source / "setup.py").write_text("")
+  (source / "pkg" / "a.py").write_text("A = 1\n")
+  (home / venv / "bin").mkdir(parents=True)
+  pip = home / venv / "bin" / "pip"  # a working venv is reused; its pip records the calls
+  pip.write_text('#!/bin/bash\necho "pip $* in $PWD" >> "$HOME/pip.log"\n')
+  pip.chmod(0o755)
+  (home / "code").mkdir()
+  (home / "code" / "stale.py").write_text("")
+  assert checkout.pack(source, home / remote.TARBALL) == 2
+  script = remote.setup_script("code", venv, "python3", ["extra-pkg==1.0"])
+  for _ in range(2):  # twice: same result
+    out = _bash(script, home)
+    assert out.returncode == 0 and "BERT_JAX_SETUP_DONE" in out.stdout, out.stderr
+    assert (home / "code" / "pkg" / "a.py").read_text() == "A = 1\n"
+    assert not (home / "code" / "stale.py").exists() and not (home / "code.new").exists()
+  calls = (home / "pip.log").read_text().splitlines()
+  assert calls == [f"pip install -q --upgrade pip in {home}",
+                   f"pip install -q -e .[tpu] in {home / 'code'}",
+                   f"pip install -q extra-pkg==1.0 in {home / 'code'}"] * 2
+  job = home / venv / "bin" / "bert-jax"
+  job.write_text("#!/bin/bash\nsleep 30\n")
+  job.chmod(0o755)
+  running = subprocess.Popen([str(job), "train"])
+  try:
+    assert _wait_for(lambda: _bash(remote.job_script("logs"), home).stdout.strip()
+                     == "BERT_JAX_JOB running")
+    out = _bash(script, home)
+    assert out.returncode == 4 and "BERT_JAX_BUSY" in out.stdout
+  finally:
+    running.kill()
+    running.wait()
 
 
 def test_device_check_code_counts_devices():

@@ -218,8 +218,18 @@ def setup(ctx: Context) -> int:
       log(f"packed {checkout.pack(root, tarball)} files of {root}")
     ctx.gc.run(gcloud.scp(s, tarball, remote.TARBALL))
   log(f"installing bert_jax[tpu] in ~/{s.venv} on {ctx.slice.workers} worker(s)")
-  ctx.gc.run(gcloud.ssh(s, remote.setup_script(s.remote_dir, s.venv, s.python,
-                                               s.split("PIP_EXTRA"))))
+  result = ctx.gc.run(gcloud.ssh(s, remote.setup_script(s.remote_dir, s.venv, s.python,
+                                                        s.split("PIP_EXTRA"))),
+                      capture=True, check=False)
+  if not result.dry:
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr[-4000:])
+    if "BERT_JAX_BUSY" in result.stdout:
+      raise CloudError("a bert_jax job is running on the slice; setup would replace its code: "
+                       "`tpu.py stop` first")
+    if result.returncode != 0:
+      raise CloudError(f"setup failed on at least one worker (ssh exit {result.returncode}); "
+                       "its output is above")
   check_devices(ctx)
   return 0
 

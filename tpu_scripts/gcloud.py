@@ -131,14 +131,18 @@ def delete(s: Settings) -> list[str]:
 
 
 def ssh(s: Settings, command: str, worker: str = "all") -> list[str]:
-  """Runs a shell command on one worker or on all of them at once."""
+  """Runs a shell command on one worker or on all of them at once.
+
+  `--quiet` answers gcloud's prompts with their defaults (e.g. it makes the
+  SSH key on first use without asking), so unattended recover never blocks.
+  """
   return [*TPUS, "tpu-vm", "ssh", s.name, f"--worker={worker}", f"--command={command}",
-          *s.split("SSH_FLAGS"), *_where(s)]
+          "--quiet", *s.split("SSH_FLAGS"), *_where(s)]
 
 
 def scp(s: Settings, local: str, remote: str) -> list[str]:
   """Copies a local file to every worker."""
-  return [*TPUS, "tpu-vm", "scp", local, f"{s.name}:{remote}", "--worker=all",
+  return [*TPUS, "tpu-vm", "scp", local, f"{s.name}:{remote}", "--worker=all", "--quiet",
           *s.split("SSH_FLAGS"), *_where(s)]
 
 

@@ -17,11 +17,14 @@ MAX_ATTEMPTS of them in a row recover gives up with a non-zero exit.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 from tpu_scripts import commands, gcloud, remote
 from tpu_scripts.commands import Context, log
 from tpu_scripts.gcloud import CloudError
+
+HEARTBEAT_SECONDS = 600  # an unchanged state is still logged this often
 
 
 def job_state(ctx: Context) -> str | None:
@@ -67,7 +70,7 @@ def recover(ctx: Context, overrides: Sequence[str] = ()) -> int:
   if ctx.dry:
     return _dry_run(ctx, overrides)
   s = ctx.s
-  attempts, preemptions, pending, said = 0, 0, None, None
+  attempts, preemptions, pending, said, said_at = 0, 0, None, None, 0.0
   log(f"watching {s.name} every {s.watch_seconds:g} s (workdir {s.workdir}); giving up after "
       f"{s.max_attempts} recoveries in a row that do not get the job running")
 
@@ -109,11 +112,12 @@ def recover(ctx: Context, overrides: Sequence[str] = ()) -> int:
                          "slice is READY: a failure of the run, not a preemption, so recover does "
                          "not relaunch it; read `tpu.py logs`")
       else:
-        attempt("job not running and no exit code (VM restarted?); relaunching",
+        attempt("job not running and no exit code (never launched, or killed with its VM); "
+                "launching",
                 lambda: commands.launch(ctx, overrides))
         pending = None
       detail = f"{detail}, job {job or 'unknown'}"
-    if detail != said:
+    if detail != said or time.monotonic() - said_at > HEARTBEAT_SECONDS:
       log(detail)
-      said = detail
+      said, said_at = detail, time.monotonic()
     ctx.sleep(s.watch_seconds)

@@ -44,12 +44,15 @@ def setup_script(remote_dir: str, venv: str, python: str, pip_extra: Sequence[st
   """Unpacks the uploaded checkout and installs it with the [tpu] extra in a venv.
 
   Idempotent: the code folder is replaced as a whole (no stale files), the venv
-  is reused when it works, and pip skips what is already installed.
+  is reused when it works, and pip skips what is already installed. Refuses
+  (BERT_JAX_BUSY, exit 4) where a job is running.
   """
   code, new, env = home_path(remote_dir), home_path(remote_dir + ".new"), home_path(venv)
   py = shlex.quote(python)
   lines = [
       "set -e",
+      # Replacing the code under a running job would break its later imports.
+      f"if {_pgrep()} >/dev/null; then echo BERT_JAX_BUSY $(hostname); exit 4; fi",
       f"rm -rf {new} && mkdir -p {new} && tar -xzf \"$HOME\"/{TARBALL} -C {new}",
       f"rm -rf {code} && mv {new} {code}",
       # Ubuntu images may lack ensurepip; a half-made venv has no pip.
