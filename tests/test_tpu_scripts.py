@@ -392,6 +392,19 @@ def test_recover_recreates_sets_up_and_relaunches_after_preemption(fake):
   assert "preemption #1" in proc.stdout and "finished" in proc.stdout
 
 
+def test_recover_creates_a_missing_slice_and_launches(fake):
+  fake.rules((["tpu-vm describe"], [NOT_FOUND, _out("READY")]),
+             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB exited:0")]),
+             (["BERT_JAX_CHECK process"], [check_lines(4, 1, 1)]))
+  proc = fake.run("recover", *WHERE, "--name=n1", "--accelerator_type=v4-8", "--queued=false",
+                  "--config=configs/bert.py", "--workdir=gs://bkt/run1")
+  assert proc.returncode == 0, proc.stderr
+  assert [kind(c) for c in fake.calls] == [
+      "vm-describe", "vm-delete", "vm-create", "vm-describe", "vm-scp", "ssh-setup",
+      "ssh-check", "ssh-stop", "ssh-launch", "vm-describe", "ssh-job", "vm-describe", "ssh-job"]
+  assert "does not exist yet" in proc.stdout and "preemption #" not in proc.stdout
+
+
 def test_recover_gives_up_after_max_attempts(fake):
   fake.rules((["queued-resources describe"], [_out("ACTIVE"), _out("SUSPENDED")]),
              (["tpu-vm describe"], [_out("READY")]),

@@ -21,7 +21,7 @@ import time
 from typing import Sequence
 
 from tpu_scripts import commands, gcloud, remote
-from tpu_scripts.commands import Context, log
+from tpu_scripts.commands import NOT_FOUND, Context, log
 from tpu_scripts.gcloud import CloudError
 
 HEARTBEAT_SECONDS = 600  # an unchanged state is still logged this often
@@ -91,7 +91,10 @@ def recover(ctx: Context, overrides: Sequence[str] = ()) -> int:
 
   while True:
     kind, detail = commands.slice_health(ctx)
-    if kind == "lost":
+    if kind == "lost" and said is None and NOT_FOUND in detail:
+      log(f"{s.name} does not exist yet ({detail}): creating, setting up and launching")
+      attempt("create", lambda: rebuild(ctx, overrides))
+    elif kind == "lost":
       preemptions += 1
       log(f"slice lost ({detail}): preemption #{preemptions}; recreating it")
       attempt("recreate", lambda: rebuild(ctx, overrides))
