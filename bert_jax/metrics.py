@@ -34,19 +34,25 @@ TENSORBOARD_DIR = "tensorboard"
 # ---------------------------------------------------------------------------
 # Writers.
 # ---------------------------------------------------------------------------
-def _scalar(key: str, value: Any) -> float | int | None:
-  """A Python scalar for JSON: int for integer/bool values, float (None if non-finite)."""
+def _scalar(key: str, value: Any) -> tuple[float | int | None, float | None]:
+  """(JSON value, TensorBoard value) of one metric.
+
+  JSON gets an int for integer/bool values, else a float, None when
+  non-finite; TensorBoard gets a float (NaN/inf kept), None only for None.
+  """
   if value is None:
-    return None
+    return None, None
   array = np.asarray(value)
   if array.size != 1:
     raise ValueError(f"metric {key!r} is not a scalar: shape {array.shape}")
-  item = array.reshape(()).item()
-  if array.dtype.kind in "biu":
-    return int(item)
-  if array.dtype.kind != "f":
+  # bfloat16 (ml_dtypes) has kind 'V': convert every non-text kind to a number.
+  if array.dtype.kind in "SUOM":
     raise ValueError(f"metric {key!r} is not a number: {value!r} (dtype {array.dtype})")
-  return float(item) if math.isfinite(item) else None
+  if array.dtype.kind in "biu":
+    number = int(array.reshape(()))
+    return number, float(number)
+  number = float(array.reshape(()).astype(np.float64))
+  return (number if math.isfinite(number) else None), number
 
 
 def _scalar_metadata() -> summary_pb2.SummaryMetadata:
@@ -176,15 +182,15 @@ class MetricWriter:
       raise ValueError("metric name 'step' is reserved for the step number")
     step = int(step)
     record = {"step": step}
-    raw = {}
+    tensorboard = {}
     for key, value in scalars.items():
-      record[key] = _scalar(key, value)
-      if value is not None:
-        raw[key] = float(np.asarray(value).reshape(()))
+      record[key], tensorboard[key] = _scalar(key, value)
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
     with self._tb.as_default(step=step):
-      for key, value in raw.items():
+      for key, value in tensorboard.items():
+        if value is None:
+          continue
         tf.summary.write(key, tf.constant(value, tf.float32), metadata=self._tb_metadata)
     self._tb.flush()
 
@@ -428,7 +434,7 @@ def _format_value(value: Any) -> str:
   array = np.asarray(value)
   if array.dtype.kind in "biu":
     return str(int(array))
-  return f"{float(array):.4g}"
+  return f"{float(array.astype(np.float64)):.4g}"
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -451,17 +457,26 @@ class ProgressBar:
 
   def __init__(self, total_steps: int, initial_step: int = 0, *, stream: TextIO | None = None,
                enabled: bool = True, min_interval_s: float = 1.0):
-    """Args: total_steps (the step that ends the run), initial_step (resumed from),
-    stream (default sys.stderr), enabled (False on all but process 0),
-    min_interval_s (least time between two lines when not on a terminal)."""
+    """Creates the bar; nothing is written before the first `update`.
+
+    Args:
+      total_steps: the step at which the run ends (100%).
+      initial_step: the step the run starts from (a restored checkpoint's);
+        must not exceed total_steps.
+      stream: where to write; default sys.stderr.
+      enabled: False on every process but 0: nothing is written.
+      min_interval_s: least time between two lines when not on a terminal.
+    """
     if total_steps <= 0:
       raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not 0 <= initial_step <= total_steps:
+      raise ValueError(f"initial_step {initial_step} is outside [0, total_steps={total_steps}]")
     self.total_steps = total_steps
+    self.initial_step = initial_step
     self.enabled = enabled
     self._stream = sys.stderr if stream is None else stream
     self._tty = enabled and _isatty(self._stream)
     self._interval = _TTY_INTERVAL_S if self._tty else min_interval_s
-    self._step = initial_step
     self._origin = None  # (step, time) of the first update
     self._last_write = None
     self._line = None  # latest line, written or not
@@ -496,7 +511,6 @@ class ProgressBar:
     now = time.perf_counter()
     if self._origin is None:
       self._origin = (step, now)
-    self._step = step
     self._line, self._written = self._text(step, now, postfix), False
     due = self._last_write is None or now - self._last_write >= self._interval
     if due or step >= self.total_steps:

@@ -65,7 +65,8 @@ def test_jsonl_lines_keep_key_order_types_and_null_for_non_finite(tmp_path):
   writer = metrics.MetricWriter(str(tmp_path))
   writer.write(10, {"loss": np.float32(2.5), "learning_rate": jnp.asarray(1e-4),
                     "grad_norm": float("nan"), "tokens_per_sec": np.int64(4096),
-                    "mfu": None, "eval/loss": jnp.asarray(-np.inf)})
+                    "mfu": None, "eval/loss": jnp.asarray(-np.inf),
+                    "bf16": jnp.asarray(1.5, jnp.bfloat16), "finite": np.bool_(True)})
   # The line is readable before close: runs are tailed while they go on.
   partial = _read_jsonl(tmp_path / "metrics.jsonl")
   writer.write(20, {"loss": 2.0})
@@ -75,11 +76,12 @@ def test_jsonl_lines_keep_key_order_types_and_null_for_non_finite(tmp_path):
   assert lines[0].startswith('{"step": 10, ')
   first = json.loads(lines[0])
   assert list(first) == ["step", "loss", "learning_rate", "grad_norm", "tokens_per_sec",
-                         "mfu", "eval/loss"]
+                         "mfu", "eval/loss", "bf16", "finite"]
   assert first["loss"] == 2.5 and isinstance(first["loss"], float)
   assert first["learning_rate"] == pytest.approx(1e-4)
   assert first["tokens_per_sec"] == 4096 and isinstance(first["tokens_per_sec"], int)
   assert first["grad_norm"] is None and first["mfu"] is None and first["eval/loss"] is None
+  assert first["bf16"] == 1.5 and first["finite"] == 1
   assert json.loads(lines[1]) == {"step": 20, "loss": 2.0}
 
 
@@ -87,6 +89,8 @@ def test_write_rejects_non_scalars_and_the_step_key(tmp_path):
   with metrics.MetricWriter(str(tmp_path)) as writer:
     with pytest.raises(ValueError, match="'loss' is not a scalar"):
       writer.write(1, {"loss": np.ones(3)})
+    with pytest.raises(ValueError, match="'name' is not a number"):
+      writer.write(1, {"name": "bert"})
     with pytest.raises(ValueError, match="reserved"):
       writer.write(1, {"step": 3})
   with pytest.raises(ValueError, match="closed"):
@@ -172,19 +176,26 @@ def test_disabled_writer_touches_nothing(tmp_path):
 #
 # XLA counts 2*m*n*k per dot like our formulas, plus one FLOP per element of
 # every elementwise op (norms, softmax, GELU, biases, the loss). So its count
-# must be at least ours, and for these shapes (hidden >= 128, where products
-# dominate) at most 10% above: measured 1.01-1.05. A formula that missed the
-# attention products, used the full length for the MLM head or swapped
-# encoder and decoder lengths would be off by 20% or more here.
+# must be at least ours, and above it only by that elementwise work, which
+# scales with the activations while the products scale with hidden x
+# activations: at hidden 256 we measured XLA/ours = 1.006-1.025, so the bound
+# is 1.06. Counts that left out the attention products (-7.5% at these
+# shapes), put the MLM head at every position (+16%) or swapped encoder and
+# decoder lengths (+17%) fall outside it.
 # ---------------------------------------------------------------------------
 def _xla_flops_per_example(loss_fn, params, batch, compile=True):
   """XLA's FLOP count of one value_and_grad step, per example.
 
   compile=False analyses the module as JAX lowered it, before XLA's
   optimisation passes: the same HloCostAnalysis without the compile time.
+  Compiling at backend (LLVM) optimisation level 0 leaves the optimised HLO,
+  and so the count, as at the default level, in less time.
   """
   lowered = jax.jit(jax.value_and_grad(loss_fn)).lower(params, batch)
-  cost = lowered.compile().cost_analysis() if compile else lowered.cost_analysis()
+  if compile:
+    cost = lowered.compile({"xla_backend_optimization_level": 0}).cost_analysis()
+  else:
+    cost = lowered.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0]
   return cost["flops"] / batch["encoder_input_tokens"].shape[0]
@@ -219,7 +230,7 @@ def test_bert_pretraining_flops_match_xla():
                                vocab_size=1024, max_position_embeddings=128)
   ours = metrics.bert_train_flops(cfg, 128, 20, nsp=True)
   xla = _bert_xla_flops("pretraining", cfg, 128, 20)
-  assert 1.0 <= xla / ours <= 1.10, xla / ours
+  assert 1.0 <= xla / ours <= 1.06, xla / ours
 
 
 def test_bert_nsp_head_flops_match_xla():
@@ -271,7 +282,7 @@ def test_t5_flops_match_xla(preset):
   cfg = _t5_config(preset)
   xla = _t5_xla_flops(cfg, 128, 32)
   ours = metrics.t5_train_flops(cfg, 128, 32)
-  assert 1.0 <= xla / ours <= 1.10, xla / ours
+  assert 1.0 <= xla / ours <= 1.06, xla / ours
 
 
 def test_t5_cross_attention_flops_match_xla():
@@ -285,7 +296,7 @@ def test_t5_cross_attention_flops_match_xla():
   ours = [metrics.t5_train_flops(cfg, i, t) for i, t in lengths]
   mixed = lambda f: f[0] - f[1] - f[2] + f[3]
   assert mixed(ours) == 3 * 4 * (128 - 64) * (64 - 32) * 4 * 64  # 3 x 2 products x 2*Sq*Skv*A
-  assert 1.0 <= mixed(xla) / mixed(ours) <= 1.10, mixed(xla) / mixed(ours)
+  assert 1.0 <= mixed(xla) / mixed(ours) <= 1.06, mixed(xla) / mixed(ours)
 
 
 def test_flop_formulas_match_their_docstrings_at_base_size():
@@ -408,5 +419,6 @@ def test_disabled_progress_bar_writes_nothing(clock):
 
 
 def test_format_duration():
-  assert [metrics.format_duration(s) for s in (0, 59.4, 259, 3600 * 3 + 7 * 60, 86400 * 2 + 5 * 3600)] \
-      == ["0s", "59s", "4m19s", "3h07m", "2d05h"]
+  seconds = (0, 59.4, 259, 3 * 3600 + 7 * 60, 2 * 86400 + 5 * 3600)
+  assert [metrics.format_duration(s) for s in seconds] == ["0s", "59s", "4m19s", "3h07m",
+                                                          "2d05h"]
