@@ -26,7 +26,7 @@ from tpu_scripts import accelerators, remote, settings  # noqa: E402
 TOOL = ROOT / "tpu_scripts" / "tpu.py"
 WHERE = ["--project=proj", "--zone=us-central2-b"]
 
-FAKE_GCLOUD = """#!{python}
+FAKE_GCLOUD = """#!{python} -S
 import json, os, shutil, sys
 root = os.environ["FAKE_GCLOUD_DIR"]
 args = sys.argv[1:]
@@ -576,14 +576,14 @@ def test_remote_setup_script_unpacks_installs_and_is_idempotent(tmp_path, monkey
   job = home / venv / "bin" / "bert-jax"
   job.write_text("#!/bin/bash\nsleep 30\n")
   job.chmod(0o755)
-  running = subprocess.Popen([str(job), "train"])
+  running = subprocess.Popen([str(job), "train"], start_new_session=True)
   try:
     assert _wait_for(lambda: _bash(remote.job_script("logs"), home).stdout.strip()
                      == "BERT_JAX_JOB running")
     out = _bash(script, home)
     assert out.returncode == 4 and "BERT_JAX_BUSY" in out.stdout
   finally:
-    running.kill()
+    os.killpg(running.pid, 9)  # the script and its sleep: our own process group
     running.wait()
 
 

@@ -76,6 +76,7 @@ class Slice:
 
   @property
   def multi_host(self) -> bool:
+    """True when the slice spans several TPU VMs (jax.distributed needed)."""
     return self.workers > 1
 
 

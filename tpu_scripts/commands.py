@@ -40,6 +40,7 @@ class Context:
 
   @property
   def dry(self) -> bool:
+    """True in a dry run: commands are printed, nothing is run."""
     return self.gc.dry_run
 
 
@@ -49,6 +50,7 @@ def log(message: str) -> None:
 
 
 def source_dir(s: Settings) -> pathlib.Path:
+  """The checkout that setup ships: SOURCE_DIR, else the one holding tpu_scripts/."""
   return pathlib.Path(s.source_dir).expanduser() if s.source_dir else checkout.repo_root()
 
 
