@@ -110,9 +110,10 @@ class MetricWriter:
   Either way a torn last line (a killed run's partial write) is dropped, so
   the next record starts on a line of its own.
 
-  TensorBoard event files are append-only: a resumed run writes a new event
-  file, and re-logged steps follow the old ones (TensorBoard keeps the later
-  value of a step it sees twice in one run).
+  TensorBoard event files are not trimmed: a resumed run writes a new event
+  file after the old ones, so re-logged steps appear twice unless the
+  TensorBoard loader purges the killed run's later points when it sees the
+  step go back (the legacy loader does). metrics.jsonl is the exact record.
 
   Every `write` flushes both outputs: scripts and tests tail the log while
   the run goes on. On gs:// each flush re-uploads the JSONL object (objects
