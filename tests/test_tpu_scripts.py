@@ -181,7 +181,9 @@ def test_settings_precedence_file_env_flags(tmp_path):
     ("PROJCT=x\n", [":1", "unknown setting 'PROJCT'"]),
     ("NAME=a\nQUEUED=maybe\n", [":2", "QUEUED", "true or false"]),
     ("PROVISIONING=cheap\n", ["PROVISIONING", "spot"]),
-    ("REMOTE_DIR=/\n", ["REMOTE_DIR", "not a usable folder"]),
+    ("REMOTE_DIR=/\n", ["REMOTE_DIR", "relative to $HOME"]),
+    ("REMOTE_DIR=/tmp\n", ["REMOTE_DIR", "relative to $HOME"]),
+    ("VENV=bert_jax/venv\n", ["REMOTE_DIR", "VENV", "overlap"]),
     ("just words\n", [":1", "KEY=VALUE"]),
 ])
 def test_settings_file_errors_name_file_line_and_key(tmp_path, text, words):

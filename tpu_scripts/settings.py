@@ -172,11 +172,24 @@ def resolve(file: str | os.PathLike | None, environ: Mapping[str, str],
   if not values["WORKDIR"] and bucket and values["NAME"]:
     values["WORKDIR"] = f"{bucket}/bert_jax/{values['NAME']}"
     sources["WORKDIR"] = "BUCKET/bert_jax/NAME"
-  for key in ("REMOTE_DIR", "VENV", "LOG_DIR"):
-    # These folders are replaced or created by `rm -rf`/`mkdir` on the workers.
-    path = values[key].strip().removeprefix("~/")
-    if path in ("", "/", ".", "~") or ".." in path.split("/"):
-      raise SettingsError(f"{key} ({sources[key]}): {values[key]!r} is not a usable folder "
-                          "(give a name under $HOME such as bert_jax)")
-    values[key] = path
+  _check_worker_folders(values, sources)
   return Settings(values=values, sources=sources)
+
+
+def _check_worker_folders(values: dict[str, Any], sources: Mapping[str, str]) -> None:
+  # setup replaces REMOTE_DIR (and a broken VENV) with `rm -rf`: each must be
+  # its own folder under $HOME, never /, $HOME itself, or one inside another.
+  keys = ("REMOTE_DIR", "VENV", "LOG_DIR")
+  for key in keys:
+    path = values[key].strip().removeprefix("~/").rstrip("/")
+    parts = path.split("/")
+    if path in ("", ".", "~") or path.startswith("/") or ".." in parts or "" in parts:
+      raise SettingsError(f"{key} ({sources[key]}): {values[key]!r} is not a folder name "
+                          "relative to $HOME such as bert_jax")
+    values[key] = path
+  for i, a in enumerate(keys):
+    for b in keys[i + 1:]:
+      x, y = values[a] + "/", values[b] + "/"
+      if x.startswith(y) or y.startswith(x):
+        raise SettingsError(f"{a} ({values[a]!r}) and {b} ({values[b]!r}) overlap; setup "
+                            "replaces REMOTE_DIR as a whole, so they must be separate folders")
