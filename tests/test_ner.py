@@ -4,7 +4,7 @@ import gzip
 import numpy as np
 import pytest
 
-from bert_jax.tasks import glue, ner
+from bert_jax.tasks import batching, ner
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_truncation_is_counted_and_predicted_o(tokenizer):
   assert enc.word_positions[0].tolist() == [1, 2, 3, 4, -1, -1]
   tags = ner.word_predictions(enc.features[0]["token_labels"], enc.word_positions[0], _LABELS)
   assert tags == ["O", "O", "B-PER", "I-PER", "O", "O"]
-  batch = glue.pad_batch(enc.features, multiple=8)
+  batch = batching.pad_batch(enc.features, multiple=8)
   assert batch["token_labels"].shape == (2, 8) and batch["token_labels"][1, 4:].tolist() == [
       -100] * 4
   with pytest.raises(ValueError, match="test:1: tag 'B-ORG' of this sentence is not in"):

@@ -1,4 +1,4 @@
-"""GLUE: readers (GLUE TSV folders, offline tfds), features, batching, metrics, submission files.
+"""GLUE: readers (GLUE TSV folders, offline tfds), features, metrics, submission files.
 
 Readers. `read_tsv(data_dir, task, split)` reads the TSV files exactly as the
 GLUE benchmark distributes them (download_glue_data.py layout):
@@ -32,10 +32,8 @@ are mapped to this module's label names, whose order is the TSV one
 
 Features are original BERT's: `[CLS] A [SEP] B [SEP]`, token types 0 for
 [CLS] A [SEP] and 1 for B [SEP], the longer of A and B truncated first
-(truncate_seq_pair), named by the batch contract. `pad_batch` pads a list of
-features to the longest one rounded up to a multiple (dynamic padding) and
-`bucket_batches` groups examples of similar length, so short sentences do not
-pay for `max_length`.
+(truncate_seq_pair), named by the batch contract, unpadded: batch them with
+bert_jax.tasks.batching (dynamic padding, length bucketing).
 
 Metrics are the GLUE ones: accuracy; F1 of the positive class + accuracy
 (MRPC, QQP); Matthews correlation (CoLA, AX); Pearson + Spearman with average
@@ -389,7 +387,7 @@ def _tfds_label(task: GlueTask, value, class_names: List[str], where: str):
 
 
 # ----------------------------------------------------------------------------
-# Features and batching
+# Features
 # ----------------------------------------------------------------------------
 
 def token_ids(tokenizer, texts: Sequence[str], chunk: int = 4096) -> List[np.ndarray]:
@@ -467,106 +465,6 @@ def label_id(task: Union[str, GlueTask], label) -> np.ndarray:
     raise ValueError(f"label {label!r} is not in the {task.name} label set "
                      f"{list(task.label_names)}")
   return np.int32(task.label_names.index(label))
-
-
-# Fill value of each padded key; any other key must be a scalar per feature.
-PAD_VALUES = {"encoder_input_tokens": 0, "encoder_type_ids": 0, "encoder_segment_ids": 0,
-              "encoder_positions": 0, "token_labels": -100}
-
-
-def padded_length(longest: int, multiple: int = 8, max_length: Optional[int] = None) -> int:
-  """`longest` rounded up to a multiple of `multiple`, capped at max_length."""
-  length = -(-longest // multiple) * multiple
-  return min(length, max_length) if max_length else length
-
-
-def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8,
-              length: Optional[int] = None, batch_size: Optional[int] = None
-              ) -> Dict[str, np.ndarray]:
-  """Stacks features into one batch, padded to the longest rounded up (dynamic padding).
-
-  Args:
-    features: dicts of 1-D per-token arrays (keys in PAD_VALUES) and scalars.
-    multiple: the padded length is the longest feature rounded up to this
-      (8 keeps the number of compiled shapes small).
-    length: pad to exactly this length instead (static shapes).
-    batch_size: add filler rows up to this many (e.g. the last, short eval
-      batch on a mesh that needs a fixed batch); fillers are padding tokens
-      with labels -1 / -100.
-
-  Returns:
-    [batch, length] arrays for per-token keys, [batch] for scalar keys, plus
-    'classifier_weights' float32 [batch] (1.0 real, 0.0 filler) when the
-    features carry 'classifier_labels'.
-  """
-  if not features:
-    raise ValueError("pad_batch needs at least one feature")
-  n = len(features)
-  rows = batch_size or n
-  if rows < n:
-    raise ValueError(f"batch_size {batch_size} < number of features {n}")
-  longest = max(len(f["encoder_input_tokens"]) for f in features)
-  if length is None:
-    length = padded_length(longest, multiple)
-  elif longest > length:
-    raise ValueError(f"a feature has {longest} tokens, more than length {length}")
-  batch = {}
-  for key in features[0]:
-    first = np.asarray(features[0][key])
-    if key in PAD_VALUES:
-      out = np.full((rows, length), PAD_VALUES[key], first.dtype)  # [batch, length]
-      for i, f in enumerate(features):
-        out[i, :len(f[key])] = f[key]
-    else:
-      if first.ndim:
-        raise ValueError(f"pad_batch: key {key!r} is neither per-token ({sorted(PAD_VALUES)}) "
-                         "nor a scalar")
-      out = np.full((rows,), -1, first.dtype)  # [batch]
-      out[:n] = [f[key] for f in features]
-    batch[key] = out
-  if "classifier_labels" in batch:
-    batch["classifier_weights"] = (np.arange(rows) < n).astype(np.float32)
-  return batch
-
-
-def bucket_batches(lengths: Sequence[int], batch_size: int, *, seed: Optional[int] = None,
-                   pool_batches: int = 50, drop_remainder: bool = False) -> List[np.ndarray]:
-  """Indices of batches of similar-length examples (length bucketing).
-
-  With a seed (training): the examples are shuffled, cut into pools of
-  `pool_batches * batch_size`, each pool sorted by length and cut into
-  batches, and the batch order shuffled, so batches are random yet padded
-  little. Without a seed (evaluation): all examples sorted by length.
-
-  Args:
-    lengths: tokens of each example.
-    batch_size: examples per batch.
-    seed: shuffling seed (e.g. hash of run seed and epoch); None = no shuffle.
-    pool_batches: batches per sorting pool.
-    drop_remainder: drop the last, short batch (training with fixed shapes).
-
-  Returns:
-    A list of int arrays, each the example indices of one batch; together
-    they cover every example once (minus the dropped remainder).
-  """
-  lengths = np.asarray(lengths)
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if seed is None:
-    order = np.argsort(lengths, kind="stable")
-  else:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    pool = pool_batches * batch_size
-    order = np.concatenate([
-        chunk[np.argsort(lengths[chunk], kind="stable")]
-        for chunk in np.split(order, range(pool, len(order), pool))]) if len(order) else order
-  batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-  if drop_remainder and batches and len(batches[-1]) < batch_size:
-    batches.pop()
-  if seed is not None:
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-  return batches
 
 
 # ----------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class NerFeatures:
 
   Attributes:
     features: per sentence, 'encoder_input_tokens', 'encoder_type_ids' and
-      'token_labels' int32 [length] (batch contract; pad with glue.pad_batch).
+      'token_labels' int32 [length] (batch contract; pad with batching.pad_batch).
     word_positions: per sentence, int32 [num_words]: the position of each
       word's first sub-word, -1 for words dropped by truncation.
     num_truncated_sentences: sentences that lost words to max_length.
