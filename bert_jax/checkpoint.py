@@ -25,7 +25,6 @@ Reliability rules (DESIGN.md, "Reliability stance"):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -43,6 +42,7 @@ from jax.experimental import multihost_utils
 COMMIT_MARKER = "commit_success.txt"
 # Names of the items inside one checkpoint step.
 _STATE, _DATA, _CONFIG = "state", "data_position", "config"
+_UNFINISHED = f"unfinished save (no {COMMIT_MARKER})"
 
 
 @dataclasses.dataclass
@@ -223,10 +223,9 @@ class Checkpointer:
     failures = []  # (step, reason) of each step skipped, newest first
     for step in sorted(self._manager.all_steps(), reverse=True):
       if not self._is_committed(step):
-        reason = f"unfinished save (no {COMMIT_MARKER})"
         logging.warning("checkpoint step %d in %s: %s; skipping it", step, self.directory,
-                        reason)
-        failures.append((step, reason))
+                        _UNFINISHED)
+        failures.append((step, _UNFINISHED))
         continue
       try:
         restored, error = self._restore_step(step, abstract_state), None
@@ -240,7 +239,7 @@ class Checkpointer:
       logging.warning("cannot restore checkpoint step %d from %s (%s); trying the previous "
                       "step", step, self.directory, error)
       failures.append((step, error))
-    if any(reason != f"unfinished save (no {COMMIT_MARKER})" for _, reason in failures):
+    if any(reason != _UNFINISHED for _, reason in failures):
       listing = "\n".join(f"  step {s}: {reason}" for s, reason in failures)
       raise RuntimeError(f"no checkpoint in {self.directory} could be restored:\n{listing}")
     self._set_aside([s for s, _ in failures])

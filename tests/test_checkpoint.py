@@ -9,6 +9,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +35,40 @@ BATCH = {
 }
 
 
-def _bert_state(mesh_shape, preset, seed):
-  """(state, shardings) of tiny BERT + AdamW created sharded on a mesh."""
-  model = bert.build(bert.BertConfig.preset("tiny", vocab_size=128, max_position_embeddings=16),
-                     "pretraining")
+def _bert_setup(mesh_shape, preset):
+  """(model, tx, mesh, rules) of tiny BERT + AdamW on a mesh."""
+  # Narrower than the tiny preset: XLA:CPU compiles (init, orbax's shard
+  # slices) dominate the time; two layers keep the per-layer tree structure.
+  config = bert.BertConfig.preset("tiny", vocab_size=128, max_position_embeddings=16,
+                                  hidden_size=32, num_heads=2, intermediate_size=64)
+  model = bert.build(config, "pretraining")
   tx, _ = optim.make_optimizer(dict(learning_rate=1e-3, schedule="constant", warmup_steps=0),
                                steps.param_shapes(model, BATCH))
-  mesh = sharding.make_mesh(*mesh_shape)
-  return steps.create_sharded_state(model, tx, BATCH, mesh, sharding.get_rules(preset),
-                                    rng=seed, compiler_options=FAST_COMPILE)
+  return model, tx, sharding.make_mesh(*mesh_shape), sharding.get_rules(preset)
+
+
+def _bert_state(mesh_shape, preset, seed):
+  """(state, shardings) of tiny BERT + AdamW created sharded on a mesh."""
+  model, tx, mesh, rules = _bert_setup(mesh_shape, preset)
+  return steps.create_sharded_state(model, tx, BATCH, mesh, rules, rng=seed,
+                                    compiler_options=FAST_COMPILE)
+
+
+def _bert_abstract(mesh_shape, preset):
+  """(abstract state, shardings) as a resuming trainer gets them: nothing compiled.
+
+  eval_shape traces the sharded init without running it; the shardings are
+  plain Python values computed while tracing, so they are taken from there.
+  """
+  model, tx, mesh, rules = _bert_setup(mesh_shape, preset)
+  found = {}
+
+  def init():
+    state, found["shardings"] = steps.create_sharded_state(model, tx, BATCH, mesh, rules, 0)
+    return state
+
+  shapes = jax.eval_shape(init)
+  return _abstract(found["shardings"], shapes), found["shardings"]
 
 
 def _abstract(shardings, like):
@@ -108,12 +137,9 @@ def test_restore_onto_another_mesh_shape(tmp_path, fsdp_state):
   ckpt.save(3, state, data_position=None, config=None)
   ckpt.close()
 
-  # Different init seed: the values can only match the saved ones if restored.
-  other, other_shardings = _bert_state((1, 2, 4), "fsdp_tensor", seed=1)
-  assert not all(np.array_equal(np.asarray(a), np.asarray(b))
-                 for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(state)))
+  target, other_shardings = _bert_abstract((1, 2, 4), "fsdp_tensor")
   ckpt = checkpoint.Checkpointer(tmp_path, every_steps=1, keep=1)
-  restored = ckpt.restore(_abstract(other_shardings, other))
+  restored = ckpt.restore(target)
   ckpt.close()
   assert restored.step == 3 and restored.data_position is None and restored.config is None
   _assert_same_values(restored.state, state)
@@ -244,3 +270,75 @@ def test_unwritable_directory_names_the_path(tmp_path):
 def test_bad_settings_name_the_key(tmp_path, kwargs, key):
   with pytest.raises(ValueError, match=key):
     checkpoint.Checkpointer(tmp_path, **kwargs)
+
+
+# ----------------------------------------------------------- two processes
+
+
+def _two_process_worker(process_id: int, port: int, directory: str) -> None:
+  """One of two jax.distributed CPU processes (4 devices each, one 8-device mesh).
+
+  Saves and restores a sharded array together, then process 0 gets a SIGTERM
+  at step 3 and both must see the preemption at the SAME step. Prints one
+  result line for the test to compare.
+  """
+  jax.distributed.initialize(f"localhost:{port}", 2, process_id,
+                             heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  split, replicated = NamedSharding(mesh, P("x")), NamedSharding(mesh, P())
+  values = np.arange(32, dtype=np.float32).reshape(16, 2)
+  state = {"w": jax.make_array_from_callback(values.shape, split, lambda i: values[i]),
+           "step": jax.device_put(np.int32(5), replicated)}
+  ckpt = checkpoint.Checkpointer(directory, every_steps=5, keep=2)
+  # No per-host Python handler: jax.distributed's preemption sync owns SIGTERM.
+  handler = signal.getsignal(signal.SIGTERM) == ckpt._on_sigterm
+  assert ckpt.save(5, state, data_position={"pos": 5}, config={"a": 1})
+  ckpt.wait_until_finished()
+  abstract = {"w": jax.ShapeDtypeStruct(values.shape, np.float32, sharding=split),
+              "step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated)}
+  restored = ckpt.restore(abstract)
+  same = restored.step == 5 and restored.data_position == {"pos": 5} and all(
+      np.array_equal(np.asarray(s.data), values[s.index])
+      for s in restored.state["w"].addressable_shards)
+  preempted_at = None
+  for step in range(1, 60):
+    if process_id == 0 and step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    if ckpt.preemption_requested(step):
+      preempted_at = step
+      break
+    time.sleep(0.1)
+  ckpt.close()
+  print(f"RESULT handler={handler} restored={same} preempted_at={preempted_at}", flush=True)
+
+
+def test_two_processes_agree_on_preemption_step(tmp_path):
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, str(i), str(port), str(tmp_path / "ckpt")], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = []
+  for proc in procs:
+    try:
+      outputs.append(proc.communicate(timeout=120)[0])
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+  results = []
+  for proc, out in zip(procs, outputs):
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, out[-3000:]
+    results.append(lines[-1])
+  assert results[0] == results[1], results
+  assert results[0].startswith("RESULT handler=False restored=True preempted_at=")
+  assert int(results[0].rsplit("=", 1)[1]) >= 3  # not before the notice was sent
+
+
+if __name__ == "__main__":
+  _two_process_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
