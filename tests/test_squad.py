@@ -364,3 +364,9 @@ def test_bad_arguments(sample, tokenizer):
   logits = np.zeros((len(feats), 100), np.float32)
   with pytest.raises(ValueError, match="do not match the features"):
     squad.postprocess(sample[:2], feats, logits, logits, tokenizer)
+  # Training features leave out unplaceable answers: they cannot be post-processed.
+  feats = squad.make_features(sample[:2], tokenizer)
+  feats.example_index[:] = 0
+  logits = np.zeros(feats.batch["encoder_input_tokens"].shape, np.float32)
+  with pytest.raises(ValueError, match="1 examples have no window"):
+    squad.postprocess(sample[:2], feats, logits, logits, tokenizer)

@@ -407,6 +407,31 @@ def _answer_tokens(ex: SquadExample, doc: np.ndarray, word_to_tok: np.ndarray,
   return _improve_span(doc.tolist(), start, end, answer_ids.tolist())
 
 
+def _windows(doc, tok_to_word, query, answer, tokenizer, max_seq_length, doc_stride, rows):
+  """Appends one example's windows (arrays and labels) to the lists in `rows`."""
+  offset = len(query) + 2  # [CLS] query [SEP]
+  spans = doc_spans(len(doc), max_seq_length - len(query) - 3, doc_stride)
+  best = max_context_window(spans, len(doc))
+  for w, (s, l) in enumerate(spans):
+    tokens = np.zeros(max_seq_length, np.int32)  # [length]
+    tokens[:offset + l + 1] = np.concatenate(
+        [[tokenizer.cls_id], query, [tokenizer.sep_id], doc[s:s + l], [tokenizer.sep_id]])
+    types = np.zeros(max_seq_length, np.int32)
+    types[offset:offset + l + 1] = 1
+    to_orig = np.full(max_seq_length, -1, np.int32)
+    to_orig[offset:offset + l] = tok_to_word[s:s + l]
+    is_max = np.zeros(max_seq_length, bool)
+    is_max[offset:offset + l] = best[s:s + l] == w
+    inside = answer is not None and answer[0] >= s and answer[1] < s + l
+    rows["encoder_input_tokens"].append(tokens)
+    rows["encoder_type_ids"].append(types)
+    rows["to_orig"].append(to_orig)
+    rows["is_max"].append(is_max)
+    rows["start_positions"].append(answer[0] - s + offset if inside else 0)
+    rows["end_positions"].append(answer[1] - s + offset if inside else 0)
+  return len(spans)
+
+
 def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length: int = 384,
                   doc_stride: int = 128, max_query_length: int = 64,
                   training: bool = False) -> SquadFeatures:
@@ -419,7 +444,7 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
     doc_stride: distance between window starts, in doc sub-tokens.
     max_query_length: the question is cut to this many sub-tokens.
     training: leave out answerable examples whose answer cannot be placed
-      (counted in `num_dropped`); otherwise they stay, labelled 0.
+      (counted in `num_dropped`, logged); otherwise they stay, labelled 0.
 
   Returns:
     SquadFeatures.
@@ -431,6 +456,7 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
                      f"max_query_length={max_query_length} and 3 special tokens")
   if doc_stride <= 0:
     raise ValueError(f"doc_stride must be positive, got {doc_stride}")
+  # One tokenizer call for every word, question and answer (each word on its own).
   paragraphs = list({id(ex.paragraph): ex.paragraph for ex in examples}.values())
   texts = [w for p in paragraphs for w in p.words]
   texts += [ex.question for ex in examples] + [ex.label_text for ex in examples]
@@ -441,51 +467,28 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
     k += len(p.words)
   questions, answers = ids[k:k + len(examples)], ids[k + len(examples):]
 
-  rows = collections.defaultdict(list)
-  dropped = 0
+  rows, example_index, dropped = collections.defaultdict(list), [], 0
   for i, ex in enumerate(examples):
     doc, tok_to_word, word_to_tok = docs[id(ex.paragraph)]
     answer = _answer_tokens(ex, doc, word_to_tok, answers[i])
     if training and answer is None and not ex.is_impossible:
       dropped += 1
       continue
-    query = questions[i][:max_query_length]
-    offset = len(query) + 2  # [CLS] query [SEP]
-    spans = doc_spans(len(doc), max_seq_length - len(query) - 3, doc_stride)
-    best = max_context_window(spans, len(doc))
-    for w, (s, l) in enumerate(spans):
-      tokens = np.zeros(max_seq_length, np.int32)  # [length]
-      tokens[:offset + l + 1] = np.concatenate(
-          [[tokenizer.cls_id], query, [tokenizer.sep_id], doc[s:s + l], [tokenizer.sep_id]])
-      types = np.zeros(max_seq_length, np.int32)
-      types[offset:offset + l + 1] = 1
-      to_orig = np.full(max_seq_length, -1, np.int32)
-      to_orig[offset:offset + l] = tok_to_word[s:s + l]
-      is_max = np.zeros(max_seq_length, bool)
-      is_max[offset:offset + l] = best[s:s + l] == w
-      start = end = 0
-      if answer is not None and answer[0] >= s and answer[1] < s + l:
-        start, end = answer[0] - s + offset, answer[1] - s + offset
-      for name, value in (("tokens", tokens), ("types", types), ("to_orig", to_orig),
-                          ("is_max", is_max), ("start", start), ("end", end), ("example", i)):
-        rows[name].append(value)
+    n = _windows(doc, tok_to_word, questions[i][:max_query_length], answer, tokenizer,
+                 max_seq_length, doc_stride, rows)
+    example_index += [i] * n
   if dropped:
     _log.warning("make_features: %d of %d answerable examples dropped from training: their "
                  "answer could not be placed in the context", dropped,
                  sum(not ex.is_impossible for ex in examples))
-  length = max_seq_length
-
-  def stacked(name, dtype, shape):
-    return np.asarray(rows[name], dtype).reshape(shape)
-  batch = {
-      "encoder_input_tokens": stacked("tokens", np.int32, (-1, length)),
-      "encoder_type_ids": stacked("types", np.int32, (-1, length)),
-      "start_positions": stacked("start", np.int32, (-1,)),
-      "end_positions": stacked("end", np.int32, (-1,)),
-  }
-  return SquadFeatures(batch, stacked("example", np.int32, (-1,)),
-                       stacked("to_orig", np.int32, (-1, length)),
-                       stacked("is_max", bool, (-1, length)), dropped)
+  shape = (-1, max_seq_length)
+  batch = {name: np.asarray(rows[name], np.int32).reshape(shape)
+           for name in ("encoder_input_tokens", "encoder_type_ids")}
+  for name in ("start_positions", "end_positions"):
+    batch[name] = np.asarray(rows[name], np.int32).reshape(-1)
+  return SquadFeatures(batch, np.asarray(example_index, np.int32),
+                       np.asarray(rows["to_orig"], np.int32).reshape(shape),
+                       np.asarray(rows["is_max"], bool).reshape(shape), dropped)
 
 
 # ----------------------------------------------------------------------------
@@ -694,6 +697,10 @@ def postprocess(examples: Sequence[SquadExample], features: SquadFeatures,
   by_example = collections.defaultdict(list)
   for f, i in enumerate(features.example_index.tolist()):
     by_example[i].append(f)
+  windowless = [ex.qas_id for i, ex in enumerate(examples) if not by_example[i]]
+  if windowless:
+    raise ValueError(f"{len(windowless)} examples have no window in the features (e.g. id "
+                     f"{windowless[0]}): make evaluation features with training=False")
   lower_case = getattr(tokenizer, "lower_case", True)
   texts, diffs, nbests = {}, {}, {}
   for i, ex in enumerate(examples):
