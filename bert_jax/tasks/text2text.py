@@ -1,0 +1,557 @@
+"""Text-to-text fine-tuning (T5): tasks cast as text, features, cached decoding, scoring.
+
+The pieces, in the order a fine-tuning run uses them:
+
+  inputs, targets = glue_to_text("sst2", examples)   # or squad_to_text, ner_to_text
+  feats = make_features(inputs, targets, tokenizer)  # numpy, batch contract names
+  ... teacher-forced training on feats.arrays (objectives.seq2seq_loss) ...
+  tokens, scores = beam_search(model, params, enc_tokens, beam_size=4, max_decode_length=8)
+  texts = ids_to_texts(tokenizer, tokens[:, 0])      # best beam; or greedy_decode
+  glue_metrics("sst2", texts, examples)               # the task's own metric
+
+Casting follows the T5 paper (appendix D): the benchmark name, then each field
+as `name: text`; class labels become words.
+
+  task  input                                         target
+  cola  cola sentence: S                              unacceptable | acceptable
+  sst2  sst2 sentence: S                              negative | positive
+  mrpc  mrpc sentence1: A sentence2: B                not_equivalent | equivalent
+  qqp   qqp question1: A question2: B                 not_duplicate | duplicate
+  stsb  stsb sentence1: A sentence2: B                score rounded to 0.2, '3.8'
+  mnli  mnli hypothesis: B premise: A                 entailment | neutral | contradiction
+  qnli  qnli question: A sentence: B                  entailment | not_entailment
+  rte   rte sentence1: A sentence2: B                 entailment | not_entailment
+  wnli  wnli sentence1: A sentence2: B                not_entailment | entailment
+  ax    mnli hypothesis: B premise: A (MNLI's model)  as mnli
+  SQuAD question: Q context: C                        the first gold answer ('' if none)
+  NER   ner sentence: w1 w2 ...                       EU = ORG ; German = MISC  ('none')
+
+The NER target lists the entities in sentence order, each as its words joined
+by spaces, ' = ', its type, separated by ' ; '; a sentence without entities is
+'none'. Parsing places each listed entity at its first occurrence after the
+previous one, so repeated names are placed in order; an item that is not
+`words = TYPE` or whose words do not occur is dropped (counted, and scored as
+a missing entity). SQuAD text is kept as is (T5 additionally spaced out
+punctuation, which changes the official normalisation; we do not).
+
+Unparseable predictions count as wrong, as in T5: a class word not in the
+task's list becomes class id -1, an STS-B text that is not a number the score
+-1.0; the metric functions report how many there were.
+
+Decoding runs the encoder once and then one decoder step per position from
+T5Model's key/value cache, inside one `lax.while_loop`, jit-compiled per
+(model, shapes, settings). Beam search follows GNMT / t5x: 2k candidates per
+step, the best k that did not end stay alive (the cache gathered by their
+parent beams), those ending in EOS join the finished set scored by
+log-prob / ((5 + length) / 6) ** alpha, and the search stops at max length or
+once no alive beam can still beat the worst finished one. A sequence that
+reaches max length without EOS is finished there. Unlike t5x, an ending
+joins the finished set only when it ranks among the step's best k candidates
+(as in fairseq and Hugging Face), so beam_size=1 with alpha=0 is exactly
+greedy decoding; t5x would also keep a runner-up EOS, which can beat the
+greedy path.
+"""
+import dataclasses
+import functools
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax.tasks import batching
+from bert_jax.tasks import glue
+from bert_jax.tasks import ner
+from bert_jax.tasks import squad
+
+Array = jax.Array
+# Large but finite: -inf would give NaN in (-inf) - (-inf) inside the search.
+NEG_INF = -1.0e7
+
+# ----------------------------------------------------------------------------
+# GLUE as text
+# ----------------------------------------------------------------------------
+
+# task -> (prefix, ((field name, 'a' | 'b'), ...)); T5 lists the fields in
+# alphabetical order of their tfds names, hence hypothesis before premise.
+_GLUE_INPUTS = {
+    "cola": ("cola", (("sentence", "a"),)),
+    "sst2": ("sst2", (("sentence", "a"),)),
+    "mrpc": ("mrpc", (("sentence1", "a"), ("sentence2", "b"))),
+    "stsb": ("stsb", (("sentence1", "a"), ("sentence2", "b"))),
+    "qqp": ("qqp", (("question1", "a"), ("question2", "b"))),
+    "mnli": ("mnli", (("hypothesis", "b"), ("premise", "a"))),
+    "qnli": ("qnli", (("question", "a"), ("sentence", "b"))),
+    "rte": ("rte", (("sentence1", "a"), ("sentence2", "b"))),
+    "wnli": ("wnli", (("sentence1", "a"), ("sentence2", "b"))),
+    "ax": ("mnli", (("hypothesis", "b"), ("premise", "a"))),
+}
+# task -> the word of each label, in glue.TASKS[task].label_names order.
+_GLUE_WORDS = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("contradiction", "entailment", "neutral"),
+    "qnli": ("entailment", "not_entailment"),
+    "rte": ("entailment", "not_entailment"),
+    "wnli": ("not_entailment", "entailment"),
+    "ax": ("contradiction", "entailment", "neutral"),
+}
+
+
+def glue_inputs(task: Union[str, glue.GlueTask], example: glue.GlueExample) -> str:
+  """The encoder text of one GLUE example, e.g. 'sst2 sentence: a gem .'."""
+  task = glue.get_task(task)
+  prefix, fields = _GLUE_INPUTS[task.name]
+  texts = {"a": example.text_a, "b": example.text_b}
+  if task.is_pair and example.text_b is None:
+    raise ValueError(f"{example.guid}: {task.name} needs a sentence pair, text_b is None")
+  return " ".join([prefix] + [f"{name}: {texts[which]}" for name, which in fields])
+
+
+def glue_target(task: Union[str, glue.GlueTask], label) -> str:
+  """The target text of a label: its word, or the STS-B score rounded to 0.2 ('3.8')."""
+  task = glue.get_task(task)
+  if task.is_regression:
+    # T5 rounds to the nearest 0.2 (half to even, as tf.round) and prints one decimal.
+    return f"{np.round(float(label) * 5.0) / 5.0:.1f}"
+  return _GLUE_WORDS[task.name][int(glue.label_id(task, label))]
+
+
+def glue_label(task: Union[str, glue.GlueTask], text: str):
+  """The label (as in GlueExample.label: class name or float) of a text, None if unparseable."""
+  task = glue.get_task(task)
+  text = text.strip()
+  if task.is_regression:
+    try:
+      value = float(text)
+    except ValueError:
+      return None
+    return value if math.isfinite(value) else None
+  words = _GLUE_WORDS[task.name]
+  return task.label_names[words.index(text)] if text in words else None
+
+
+def glue_to_text(task: Union[str, glue.GlueTask], examples: Sequence[glue.GlueExample]
+                 ) -> Tuple[List[str], List[Optional[str]]]:
+  """(inputs, targets) of examples; a target is None where the label is (test files)."""
+  inputs = [glue_inputs(task, ex) for ex in examples]
+  targets = [None if ex.label is None else glue_target(task, ex.label) for ex in examples]
+  return inputs, targets
+
+
+def glue_predictions(task: Union[str, glue.GlueTask], texts: Sequence[str]) -> np.ndarray:
+  """Decoded texts -> class ids int32 [n] (-1 unparseable), or float32 scores (-1.0)."""
+  task = glue.get_task(task)
+  labels = [glue_label(task, t) for t in texts]
+  if task.is_regression:
+    return np.array([-1.0 if v is None else v for v in labels], np.float32)
+  return np.array([-1 if v is None else task.label_names.index(v) for v in labels], np.int32)
+
+
+def glue_metrics(task: Union[str, glue.GlueTask], texts: Sequence[str],
+                 examples: Sequence[glue.GlueExample]) -> Dict[str, float]:
+  """glue.compute_metrics of decoded texts against the examples' labels.
+
+  Returns the task's metrics plus 'num_unparseable' (predictions that are
+  not a label word / number, scored as wrong).
+  """
+  task = glue.get_task(task)
+  if len(texts) != len(examples):
+    raise ValueError(f"{len(texts)} predictions for {len(examples)} {task.name} examples")
+  unlabelled = [ex.guid for ex in examples if ex.label is None]
+  if unlabelled:
+    raise ValueError(f"{task.name}: {len(unlabelled)} examples have no label "
+                     f"(first {unlabelled[0]}); test splits cannot be scored")
+  predictions = glue_predictions(task, texts)
+  labels = np.stack([glue.label_id(task, ex.label) for ex in examples])
+  out = glue.compute_metrics(task, predictions, labels)
+  out["num_unparseable"] = sum(glue_label(task, t) is None for t in texts)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# SQuAD and NER as text
+# ----------------------------------------------------------------------------
+
+def squad_to_text(examples: Sequence[squad.SquadExample]) -> Tuple[List[str], List[str]]:
+  """(inputs 'question: Q context: C', targets = first gold answer, '' when none)."""
+  inputs = [f"question: {ex.question} context: {ex.paragraph.context}" for ex in examples]
+  targets = [ex.answers[0] if ex.answers else "" for ex in examples]
+  return inputs, targets
+
+
+def squad_metrics(data: squad.SquadData, texts: Sequence[str]) -> dict:
+  """Official EM/F1 (squad.evaluate) of texts decoded for every question of `data`, in order."""
+  if len(texts) != len(data.examples):
+    raise ValueError(f"{len(texts)} predictions for {len(data.examples)} questions of "
+                     f"{data.path}")
+  return squad.evaluate(data, {ex.qas_id: t for ex, t in zip(data.examples, texts)})
+
+
+_NER_NONE = "none"
+_NER_ITEM_SEP = " ; "
+_NER_TYPE_SEP = " = "
+
+
+def ner_target(words: Sequence[str], tags: Sequence[str]) -> str:
+  """'EU = ORG ; German = MISC' (entities in order, conlleval chunks), 'none' if none."""
+  if len(words) != len(tags):
+    raise ValueError(f"{len(words)} words but {len(tags)} tags")
+  items = [" ".join(words[first:last + 1]) + _NER_TYPE_SEP + type_
+           for type_, first, last in ner.extract_entities(tags)]
+  return _NER_ITEM_SEP.join(items) if items else _NER_NONE
+
+
+def ner_tags(words: Sequence[str], text: str) -> Tuple[List[str], int]:
+  """IOB2 tags of `words` from a target text; also the number of items that could not be placed."""
+  tags = ["O"] * len(words)
+  text = text.strip()
+  if text == _NER_NONE or not text:
+    return tags, 0
+  cursor, dropped = 0, 0
+  for item in text.split(_NER_ITEM_SEP):
+    span, sep, type_ = item.strip().rpartition(_NER_TYPE_SEP)
+    entity, type_ = tuple(span.split()), type_.strip()
+    if not sep or not entity or not type_ or " " in type_:
+      dropped += 1
+      continue
+    n = len(entity)
+    start = next((i for i in range(cursor, len(words) - n + 1)
+                  if tuple(words[i:i + n]) == entity), None)
+    if start is None:
+      dropped += 1
+      continue
+    tags[start:start + n] = [f"B-{type_}"] + [f"I-{type_}"] * (n - 1)
+    cursor = start + n
+  return tags, dropped
+
+
+def ner_to_text(sentences: Sequence[ner.NerSentence]) -> Tuple[List[str], List[str]]:
+  """(inputs 'ner sentence: w1 w2 ...', targets as ner_target)."""
+  inputs = ["ner sentence: " + " ".join(s.words) for s in sentences]
+  return inputs, [ner_target(s.words, s.tags) for s in sentences]
+
+
+def ner_metrics(sentences: Sequence[ner.NerSentence], texts: Sequence[str]) -> Dict[str, object]:
+  """ner.entity_metrics of decoded texts, plus 'num_unparseable' dropped entity items."""
+  if len(texts) != len(sentences):
+    raise ValueError(f"{len(texts)} predictions for {len(sentences)} sentences")
+  predicted, dropped = [], 0
+  for s, t in zip(sentences, texts):
+    tags, n = ner_tags(s.words, t)
+    predicted.append(tags)
+    dropped += n
+  out = ner.entity_metrics([s.tags for s in sentences], predicted)
+  out["num_unparseable"] = dropped
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Text2TextFeatures:
+  """Encoded text pairs.
+
+  Attributes:
+    arrays: 'encoder_input_tokens' int32 [n, enc_len] (text + EOS, 0-padded);
+      with targets also 'decoder_target_tokens' (target + EOS),
+      'decoder_input_tokens' (the same shifted right, starting with 0) int32
+      [n, dec_len] and 'decoder_loss_weights' float32 (1.0 on real tokens).
+    num_truncated_inputs, num_truncated_targets: texts cut to fit (EOS kept).
+  """
+  arrays: Dict[str, np.ndarray]
+  num_truncated_inputs: int
+  num_truncated_targets: int
+
+
+def _with_eos(ids: Sequence[np.ndarray], eos: int, max_length: int
+              ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """Truncates to max_length - 1, appends EOS, pads; (tokens, lengths, number truncated)."""
+  cut = [np.append(x[:max_length - 1], eos).astype(np.int32) for x in ids]
+  lengths = np.array([len(x) for x in cut], np.int32)
+  width = batching.padded_length(int(lengths.max()), 8, max_length)
+  out = np.zeros((len(cut), width), np.int32)
+  for i, x in enumerate(cut):
+    out[i, :len(x)] = x
+  return out, lengths, sum(len(x) >= max_length for x in ids)
+
+
+def make_features(inputs: Sequence[str], targets: Optional[Sequence[Optional[str]]], tokenizer,
+                  *, max_input_length: int = 512, max_target_length: int = 128
+                  ) -> Text2TextFeatures:
+  """Tokenizes text pairs into the encoder-decoder batch contract.
+
+  Each side gets EOS appended after truncation to its max length (seqio's
+  append_eos_after_trim) and is padded to its longest sequence rounded up to
+  a multiple of 8 (dynamic padding), capped at the max length.
+
+  Args:
+    inputs: encoder texts.
+    targets: target texts (same length), or None for prediction only; a
+      mix of None and text is an error.
+    tokenizer: a Tokenizer with an EOS id (SentencePieceTokenizer, T5 layout).
+    max_input_length, max_target_length: lengths including EOS.
+  """
+  if tokenizer.eos_id is None:
+    raise ValueError(f"tokenizer {tokenizer.path} has no EOS id; text-to-text needs one "
+                     "(train_sentencepiece without bert_special_tokens)")
+  if not inputs:
+    raise ValueError("make_features: no examples")
+  encoder, _, cut_inputs = _with_eos(glue.token_ids(tokenizer, list(inputs)), tokenizer.eos_id,
+                                     max_input_length)
+  arrays = {"encoder_input_tokens": encoder}
+  cut_targets = 0
+  if targets is not None:
+    if len(targets) != len(inputs):
+      raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets")
+    missing = [i for i, t in enumerate(targets) if t is None]
+    if missing:
+      raise ValueError(f"{len(missing)} targets are None (first: example {missing[0]}); "
+                       "pass targets=None to build prediction features")
+    decoder, lengths, cut_targets = _with_eos(glue.token_ids(tokenizer, list(targets)),
+                                              tokenizer.eos_id, max_target_length)
+    arrays["decoder_target_tokens"] = decoder
+    shifted = np.zeros_like(decoder)  # the start id is 0, the padding id
+    shifted[:, 1:] = decoder[:, :-1]
+    arrays["decoder_input_tokens"] = shifted
+    arrays["decoder_loss_weights"] = (
+        np.arange(decoder.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
+  return Text2TextFeatures(arrays, int(cut_inputs), int(cut_targets))
+
+
+def ids_to_texts(tokenizer, tokens, eos_id: Optional[int] = None) -> List[str]:
+  """Decoded ids [n, length] -> n texts, each cut at its first EOS.
+
+  Ids beyond the tokenizer's vocabulary (T5's embedding is padded to a
+  multiple of 128) decode as the unknown piece, as seqio does.
+  """
+  eos = tokenizer.eos_id if eos_id is None else eos_id
+  texts = []
+  for row in np.asarray(tokens).reshape(len(tokens), -1):
+    row = row.tolist()
+    if eos in row:
+      row = row[:row.index(eos)]
+    texts.append(tokenizer.decode([i if i < tokenizer.vocab_size else tokenizer.unk_id
+                                   for i in row]))
+  return texts
+
+
+# ----------------------------------------------------------------------------
+# Decoding from the key/value cache
+# ----------------------------------------------------------------------------
+
+def _zero_cache(model, batch: int, encoder_length: int, max_decode_length: int):
+  """An empty decoder cache for [batch, max_decode_length], without running init."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.ones((batch, encoder_length), jnp.int32),
+                         jnp.ones((batch, max_decode_length), jnp.int32), decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def _decode_step(model, params, cache, encoded: Array, encoder_input_tokens: Array,
+                 tokens: Array) -> Tuple[Array, dict]:
+  """One cached step: tokens [batch] -> log-probs [batch, vocab] and the new cache."""
+  logits, state = model.apply(
+      {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens[:, None],
+      decode=True, method=type(model).decode, mutable=["cache"])
+  return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), state["cache"]
+
+
+def length_penalty(length, alpha: float):
+  """GNMT / t5x brevity penalty ((5 + length) / 6) ** alpha; scores are log-prob / this."""
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_decode_length", "eos_id"))
+def greedy_decode(model, params, encoder_input_tokens: Array, *, max_decode_length: int,
+                  eos_id: int = 1) -> Tuple[Array, Array]:
+  """Greedy decoding of a batch from the key/value cache.
+
+  Args:
+    model: a T5Model (static: hashable, its config frozen).
+    params: its parameters.
+    encoder_input_tokens: int32 [batch, enc_len], 0-padded.
+    max_decode_length: most tokens generated (EOS included).
+    eos_id: ends a sequence; later positions are padding (0).
+
+  Returns:
+    (tokens int32 [batch, max_decode_length], log_probs float32 [batch]: the sum
+    of the chosen tokens' log-probabilities up to and including EOS).
+  """
+  batch = encoder_input_tokens.shape[0]
+  encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
+  cache = _zero_cache(model, batch, encoder_input_tokens.shape[1], max_decode_length)
+  tokens = jnp.zeros((batch, max_decode_length + 1), jnp.int32)
+  tokens = tokens.at[:, 0].set(model.config.decoder_start_token_id)
+
+  def cond(state):
+    i, _, _, finished, _ = state
+    return (i < max_decode_length) & ~jnp.all(finished)
+
+  def body(state):
+    i, cache, tokens, finished, log_probs = state
+    logp, cache = _decode_step(model, params, cache, encoded, encoder_input_tokens,
+                               tokens[:, i])  # [batch, vocab]
+    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)
+    best = jnp.where(finished, 0, best)
+    chosen = jnp.take_along_axis(logp, best[:, None], axis=-1)[:, 0]
+    log_probs = log_probs + jnp.where(finished, 0.0, chosen)
+    tokens = tokens.at[:, i + 1].set(best)
+    return i + 1, cache, tokens, finished | (best == eos_id), log_probs
+
+  state = (jnp.array(0, jnp.int32), cache, tokens, jnp.zeros((batch,), bool),
+           jnp.zeros((batch,), jnp.float32))
+  _, _, tokens, _, log_probs = jax.lax.while_loop(cond, body, state)
+  return tokens[:, 1:], log_probs
+
+
+def _gather_beams(tree, parents: Array, batch: int, beam_size: int):
+  """Reorders every [batch * beams, ...] leaf by parent beam ids [batch, beams]; scalars stay."""
+  rows = jnp.arange(batch)[:, None]
+
+  def gather(x):
+    if x.ndim == 0:
+      return x
+    x = x.reshape((batch, beam_size) + x.shape[1:])
+    return x[rows, parents].reshape((batch * beam_size,) + x.shape[2:])
+
+  return jax.tree.map(gather, tree)
+
+
+def _take(x: Array, index: Array) -> Array:
+  """x [batch, n, ...] at index [batch, m] -> [batch, m, ...]."""
+  return x[jnp.arange(x.shape[0])[:, None], index]
+
+
+@dataclasses.dataclass
+class _Beams:
+  """Loop state of beam search (a pytree via register_dataclass below)."""
+  i: Array               # [] positions decoded so far
+  cache: dict            # decoder cache, batch * beam_size rows
+  alive_seqs: Array      # [batch, k, L + 1], column 0 the start token
+  alive_log_probs: Array  # [batch, k]
+  finished_seqs: Array   # [batch, k, L + 1]
+  finished_scores: Array  # [batch, k], best first; NEG_INF for empty slots
+
+
+jax.tree_util.register_dataclass(
+    _Beams, data_fields=[f.name for f in dataclasses.fields(_Beams)], meta_fields=[])
+
+
+def _beam_step(model, params, encoded, encoder_tokens, s: _Beams, *, beam_size: int,
+               max_decode_length: int, alpha: float, eos_id: int) -> _Beams:
+  """Extends every alive beam by one token and updates the alive and finished sets."""
+  batch, k = s.alive_log_probs.shape
+  logp, cache = _decode_step(model, params, s.cache, encoded, encoder_tokens,
+                             s.alive_seqs[:, :, s.i].reshape(batch * k))
+  vocab = logp.shape[-1]
+  # [batch, k * vocab]: the log-prob of every one-token extension.
+  candidates = (s.alive_log_probs[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, -1)
+  # 2k candidates: even if k of them end in EOS, k remain to stay alive.
+  top_log_probs, top_index = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
+  parents, new_tokens = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+  top_seqs = _take(s.alive_seqs, parents).at[:, :, s.i + 1].set(new_tokens)  # [batch, 2k, L+1]
+  valid = top_log_probs > NEG_INF / 2  # extensions of placeholder beams are not hypotheses
+  ended = (new_tokens == eos_id) | (s.i + 1 == max_decode_length)
+
+  alive_log_probs, pick = jax.lax.top_k(jnp.where(ended | ~valid, NEG_INF, top_log_probs), k)
+  alive_seqs = _take(top_seqs, pick)
+  cache = _gather_beams(cache, _take(parents, pick), batch, k)
+
+  scores = top_log_probs / length_penalty(s.i + 1, alpha)
+  # An ending counts only among the step's best k (fairseq, Hugging Face; t5x
+  # takes all 2k): then beam_size=1 is exactly greedy decoding.
+  in_top_k = jnp.arange(2 * k) < k
+  scores = jnp.where(ended & valid & in_top_k, scores, NEG_INF)
+  # Old finished first: on equal scores top_k keeps the earlier entry.
+  finished_scores, pick = jax.lax.top_k(
+      jnp.concatenate([s.finished_scores, scores], axis=1), k)
+  finished_seqs = _take(jnp.concatenate([s.finished_seqs, top_seqs], axis=1), pick)
+  return _Beams(s.i + 1, cache, alive_seqs, alive_log_probs, finished_seqs, finished_scores)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_decode_length", "alpha",
+                                             "eos_id"))
+def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 4,
+                max_decode_length: int, alpha: float = 0.6, eos_id: int = 1
+                ) -> Tuple[Array, Array]:
+  """Beam search of a batch from the key/value cache (see the module docstring).
+
+  The encoder runs once; its output and the cache are expanded to
+  batch * beam_size rows. With beam_size=1 and alpha=0 this is greedy decoding
+  (with alpha > 0 a finished beam may still lose to a longer one).
+
+  Args:
+    model: a T5Model (static).
+    params: its parameters.
+    encoder_input_tokens: int32 [batch, enc_len], 0-padded.
+    beam_size: k, the number of hypotheses kept (and returned).
+    max_decode_length: most tokens generated (EOS included).
+    alpha: length penalty exponent (t5x default 0.6; 0 ranks by log-prob).
+    eos_id: ends a hypothesis.
+
+  Returns:
+    (tokens int32 [batch, k, max_decode_length], 0 after EOS; scores float32
+    [batch, k] = sum of token log-probs (EOS included) / length_penalty(number
+    of tokens, alpha)), best first.
+  """
+  batch, enc_len = encoder_input_tokens.shape
+  k, length = beam_size, max_decode_length
+  encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
+  encoded = jnp.repeat(encoded, k, axis=0)  # [batch * k, enc_len, d_model]
+  encoder_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
+  seqs = jnp.zeros((batch, k, length + 1), jnp.int32)
+  seqs = seqs.at[:, :, 0].set(model.config.decoder_start_token_id)
+  # Only beam 0 is real at first, so the first step does not pick k copies.
+  alive_log_probs = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))
+  state = _Beams(jnp.array(0, jnp.int32), _zero_cache(model, batch * k, enc_len, length),
+                 seqs, alive_log_probs, seqs, jnp.full((batch, k), NEG_INF, jnp.float32))
+
+  def cond(s: _Beams):
+    # Log-probs only fall as a beam grows and the penalty only grows with
+    # length, so an alive beam's best possible final score is its log-prob
+    # over the largest penalty. Stop when that cannot beat the worst finished.
+    best_possible = s.alive_log_probs[:, 0] / length_penalty(length, alpha)
+    done = s.finished_scores[:, -1] >= best_possible
+    return (s.i < length) & ~jnp.all(done)
+
+  step = functools.partial(_beam_step, model, params, encoded, encoder_tokens, beam_size=k,
+                           max_decode_length=length, alpha=alpha, eos_id=eos_id)
+  state = jax.lax.while_loop(cond, step, state)
+  return state.finished_seqs[:, :, 1:], state.finished_scores
+
+
+def predict_texts(model, params, tokenizer, encoder_input_tokens, *, batch_size: int,
+                  max_decode_length: int, beam_size: int = 1, alpha: float = 0.6
+                  ) -> List[str]:
+  """Decodes all rows of encoder_input_tokens [n, enc_len] in batches -> n texts (best beam).
+
+  The last batch is padded with empty rows so every batch has one shape (one
+  compilation). beam_size=1 is greedy decoding.
+  """
+  tokens = np.asarray(encoder_input_tokens, np.int32)
+  eos = tokenizer.eos_id
+  if eos is None:
+    raise ValueError(f"tokenizer {tokenizer.path} has no EOS id")
+  texts = []
+  for start in range(0, len(tokens), batch_size):
+    chunk = tokens[start:start + batch_size]
+    rows = len(chunk)
+    if rows < batch_size:
+      filler = np.zeros((batch_size - rows, chunk.shape[1]), np.int32)
+      filler[:, 0] = eos  # an empty text, so no row is all padding
+      chunk = np.concatenate([chunk, filler])
+    if beam_size == 1:
+      out, _ = greedy_decode(model, params, chunk, max_decode_length=max_decode_length,
+                             eos_id=eos)
+    else:
+      out, _ = beam_search(model, params, chunk, beam_size=beam_size,
+                           max_decode_length=max_decode_length, alpha=alpha, eos_id=eos)
+      out = out[:, 0]
+    texts += ids_to_texts(tokenizer, np.asarray(out)[:rows], eos)
+  return texts
