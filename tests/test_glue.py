@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bert_jax.tasks import glue
+from bert_jax.tasks import glue_metrics
 
 # ----------------------------------------------------------------------------
 # Synthetic GLUE folders in the distributed layout of each task
@@ -150,6 +151,8 @@ def test_task_table():
   assert glue.get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
   assert glue.get_task("cola").primary_metric == "mcc"
   assert glue.get_task("mrpc").metrics == ("f1", "accuracy")
+  # Every metric a task names is one glue_metrics defines (compute_metrics looks them up).
+  assert {m for t in glue.TASKS.values() for m in t.metrics} <= set(glue_metrics.METRICS)
   with pytest.raises(ValueError, match="unknown GLUE task 'squad'"):
     glue.get_task("squad")
 
@@ -347,25 +350,25 @@ def test_metrics_hand_checked():
   p = np.array([1, 1, 0, 0, 1, 0, 1, 1])
   y = np.array([1, 0, 0, 1, 1, 0, 0, 1])
   # tp 3, fp 2, fn 1, tn 2.
-  assert glue.accuracy(p, y) == 5 / 8
-  assert glue.f1_score(p, y) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
-  assert glue.matthews_corrcoef(p, y) == pytest.approx(
+  assert glue_metrics.accuracy(p, y) == 5 / 8
+  assert glue_metrics.f1_score(p, y) == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+  assert glue_metrics.matthews_corrcoef(p, y) == pytest.approx(
       (3 * 2 - 2 * 1) / math.sqrt((3 + 2) * (3 + 1) * (2 + 2) * (2 + 1)))
-  assert glue.matthews_corrcoef(np.ones(5), np.array([1, 0, 1, 0, 1])) == 0.0  # undefined
-  assert glue.f1_score(np.zeros(4), np.array([0, 1, 0, 1])) == 0.0
+  assert glue_metrics.matthews_corrcoef(np.ones(5), np.array([1, 0, 1, 0, 1])) == 0.0  # undefined
+  assert glue_metrics.f1_score(np.zeros(4), np.array([0, 1, 0, 1])) == 0.0
   logits = np.array([[0.2, 0.8], [0.9, 0.1]])
-  assert glue.accuracy(logits, [1, 1]) == 0.5
+  assert glue_metrics.accuracy(logits, [1, 1]) == 0.5
   # Spearman with ties: ranks of [1, 2, 2, 3] are [1, 2.5, 2.5, 4].
-  assert glue.average_ranks([3.0, 2.0, 1.0, 2.0]).tolist() == [4.0, 2.5, 1.0, 2.5]
-  assert glue.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
+  assert glue_metrics.average_ranks([3.0, 2.0, 1.0, 2.0]).tolist() == [4.0, 2.5, 1.0, 2.5]
+  assert glue_metrics.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
       np.corrcoef([1, 2.5, 2.5, 4], [1, 2, 3, 4])[0, 1])
-  assert math.isnan(glue.pearson([1.0, 1.0], [1.0, 2.0]))
+  assert math.isnan(glue_metrics.pearson([1.0, 1.0], [1.0, 2.0]))
 
 
 def test_pearson_hand_value():
   # x-mean = [-1, 0, 1]; y = [2, 4, 6.5], mean 4.1667, y-mean = [-2.1667, -0.1667, 2.3333]
   # cov = 4.5, var_x = 2, var_y = 4.6944 + 0.0278 + 5.4444 = 10.1667
-  assert glue.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(
+  assert glue_metrics.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(
       4.5 / math.sqrt(2 * 10.1666666667))
 
 
@@ -374,7 +377,7 @@ def test_multiclass_mcc_hand_checked():
   # t=[3, 2, 2], q=[3, 3, 1]: (5*7 - (9+6+2)) / sqrt((49-19)*(49-17)).
   y = np.array([0, 0, 0, 1, 1, 2, 2])
   p = np.array([0, 0, 1, 1, 1, 0, 2])
-  assert glue.matthews_corrcoef(p, y) == pytest.approx(18 / math.sqrt(30 * 32))
+  assert glue_metrics.matthews_corrcoef(p, y) == pytest.approx(18 / math.sqrt(30 * 32))
 
 
 def test_metrics_against_scipy():
@@ -382,12 +385,12 @@ def test_metrics_against_scipy():
   rng = np.random.default_rng(1)
   x = rng.integers(0, 6, size=500).astype(np.float64)  # many ties
   y = x + rng.normal(size=500)
-  assert glue.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
-  assert glue.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
-  assert glue.average_ranks(x).tolist() == stats.rankdata(x).tolist()
+  assert glue_metrics.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+  assert glue_metrics.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+  assert glue_metrics.average_ranks(x).tolist() == stats.rankdata(x).tolist()
   # Binary MCC is the phi coefficient: Pearson of the two 0/1 vectors.
   p, t = rng.integers(0, 2, size=300), rng.integers(0, 2, size=300)
-  assert glue.matthews_corrcoef(p, t) == pytest.approx(stats.pearsonr(p, t)[0], abs=1e-12)
+  assert glue_metrics.matthews_corrcoef(p, t) == pytest.approx(stats.pearsonr(p, t)[0], abs=1e-12)
 
 
 def test_compute_metrics_per_task():
@@ -404,7 +407,7 @@ def test_compute_metrics_per_task():
   assert mnli["dev_matched/accuracy"] == pytest.approx(2 / 3)
   assert mnli["dev_mismatched/accuracy"] == 1.0
   with pytest.raises(ValueError, match="equal 1-D shapes"):
-    glue.accuracy(np.array([1, 0]), np.array([1]))
+    glue_metrics.accuracy(np.array([1, 0]), np.array([1]))
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 
 from bert_jax.data.tokenizer import WordPieceTokenizer
 from bert_jax.tasks import squad
+from bert_jax.tasks import squad_eval
 
 # The official evaluate-v1.1.py scores of the leaderboard files (shared data README).
 OFFICIAL = {
@@ -63,9 +64,9 @@ def test_reader_counts_on_real_dev(dev):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_reference_predictions_score_the_official_numbers(dev, shared_data, name):
-  preds = squad.read_predictions(shared_data / "squad" / "reference_predictions"
+  preds = squad_eval.read_predictions(shared_data / "squad" / "reference_predictions"
                                  / f"{name}.json.gz")
-  scores = squad.evaluate(dev, preds)
+  scores = squad_eval.evaluate(dev, preds)
   assert (round(scores["exact"], 3), round(scores["f1"], 3)) == OFFICIAL[name]
   assert scores["total"] == 10570
 
@@ -131,26 +132,26 @@ def test_malformed_files_name_the_file_and_the_key(tmp_path):
 # ----------------------------------------------------------------------------
 
 def test_normalize_answer_hand_checked():
-  assert squad.normalize_answer("The  Denver Broncos!") == "denver broncos"
-  assert squad.normalize_answer("an apple a day") == "apple day"
-  assert squad.normalize_answer("theater, Anna") == "theater anna"  # whole words only
-  assert squad.normalize_answer("A.B.C.") == "abc"
-  assert squad.normalize_answer("(1895)") == "1895"
-  assert squad.normalize_answer("Hello\u2014world") == "hello\u2014world"  # ASCII punct only
-  assert squad.normalize_answer(" \u00c9lan\n") == "\u00e9lan"
+  assert squad_eval.normalize_answer("The  Denver Broncos!") == "denver broncos"
+  assert squad_eval.normalize_answer("an apple a day") == "apple day"
+  assert squad_eval.normalize_answer("theater, Anna") == "theater anna"  # whole words only
+  assert squad_eval.normalize_answer("A.B.C.") == "abc"
+  assert squad_eval.normalize_answer("(1895)") == "1895"
+  assert squad_eval.normalize_answer("Hello\u2014world") == "hello\u2014world"  # ASCII punct only
+  assert squad_eval.normalize_answer(" \u00c9lan\n") == "\u00e9lan"
 
 
 def test_em_f1_hand_checked():
-  assert squad.exact_match("the Denver Broncos.", "Denver Broncos") == 1.0
-  assert squad.exact_match("Broncos", "Denver Broncos") == 0.0
-  assert squad.f1_score("Broncos", "Denver Broncos") == pytest.approx(2 / 3)
+  assert squad_eval.exact_match("the Denver Broncos.", "Denver Broncos") == 1.0
+  assert squad_eval.exact_match("Broncos", "Denver Broncos") == 0.0
+  assert squad_eval.f1_score("Broncos", "Denver Broncos") == pytest.approx(2 / 3)
   # Counts, not sets: x x y vs x y y share one x and one y.
-  assert squad.f1_score("x x y", "x y y") == pytest.approx(2 / 3)
-  assert squad.f1_score("the", "Denver") == 0.0
-  assert squad.f1_score("", "") == 0.0  # v1.1: no overlap is 0
-  assert squad.f1_score("", "", empty_matches_empty=True) == 1.0
-  assert squad.f1_score("a", "the", empty_matches_empty=True) == 1.0
-  assert squad.f1_score("", "x", empty_matches_empty=True) == 0.0
+  assert squad_eval.f1_score("x x y", "x y y") == pytest.approx(2 / 3)
+  assert squad_eval.f1_score("the", "Denver") == 0.0
+  assert squad_eval.f1_score("", "") == 0.0  # v1.1: no overlap is 0
+  assert squad_eval.f1_score("", "", empty_matches_empty=True) == 1.0
+  assert squad_eval.f1_score("a", "the", empty_matches_empty=True) == 1.0
+  assert squad_eval.f1_score("", "x", empty_matches_empty=True) == 0.0
 
 
 def _v2_file(tmp_path):
@@ -173,26 +174,33 @@ def test_v2_scores_and_splits(tmp_path, caplog):
   assert data.version_2 and [ex.is_impossible for ex in data.examples] == [0, 0, 1, 1]
   assert data.examples[2].answers == ()  # plausible answers are not gold
   preds = {"a1": "Broncos", "a2": "", "n1": "", "n2": "Denver"}
-  s = squad.evaluate(data, preds)
+  s = squad_eval.evaluate(data, preds)
   assert (s["HasAns_total"], s["NoAns_total"], s["total"]) == (2, 2, 4)
   assert s["HasAns_exact"] == 0.0 and s["HasAns_f1"] == pytest.approx(100 / 3)
   assert s["NoAns_exact"] == 50.0 and s["NoAns_f1"] == 50.0
   assert s["exact"] == 25.0 and s["f1"] == pytest.approx((2 / 3 + 1) / 4 * 100)
   del preds["a1"]
   with caplog.at_level(logging.WARNING):
-    s = squad.evaluate(data, preds)
+    s = squad_eval.evaluate(data, preds)
   assert s["missing"] == 1 and s["HasAns_f1"] == 0.0 and "1 of 4 questions" in caplog.text
 
 
 def test_predictions_file_round_trip(tmp_path):
   preds = {"q1": "Denver Broncos", "q2": "", "q3": "caf\u00e9 \u2014 \u4e2d"}
   for name in ("p.json", "p.json.gz"):
-    squad.write_predictions(tmp_path / name, preds)
-    assert squad.read_predictions(tmp_path / name) == preds
+    squad_eval.write_predictions(tmp_path / name, preds)
+    assert squad_eval.read_predictions(tmp_path / name) == preds
   assert json.loads(gzip.open(tmp_path / "p.json.gz", "rt").read()) == preds
   _write(tmp_path / "list.json", ["a"])
   with pytest.raises(squad.SquadFormatError, match="list.json: a predictions file"):
-    squad.read_predictions(tmp_path / "list.json")
+    squad_eval.read_predictions(tmp_path / "list.json")
+
+
+def test_old_squad_evaluate_name_forwards():
+  # text2text calls squad.evaluate; only that name is forwarded to squad_eval.
+  assert squad.evaluate is squad_eval.evaluate
+  with pytest.raises(AttributeError, match="no attribute 'postprocess'"):
+    squad.postprocess  # pylint: disable=pointless-statement
 
 
 # ----------------------------------------------------------------------------
@@ -211,23 +219,23 @@ def test_doc_spans_and_max_context_hand_checked():
 
 
 def test_get_final_text_hand_checked():
-  assert squad.get_final_text("steve smith", "Steve Smith's") == "Steve Smith"
-  assert squad.get_final_text("1895", "(1895).") == "1895"
-  assert squad.get_final_text("cafe", "Caf\u00e9!") == "Caf\u00e9"
-  assert squad.get_final_text("york", "New York") == "York"
+  assert squad_eval.get_final_text("steve smith", "Steve Smith's") == "Steve Smith"
+  assert squad_eval.get_final_text("1895", "(1895).") == "1895"
+  assert squad_eval.get_final_text("cafe", "Caf\u00e9!") == "Caf\u00e9"
+  assert squad_eval.get_final_text("york", "New York") == "York"
   # Cannot align: the prediction is not inside, or normalising changed the length
   # (the no-break space becomes a split) -> all of orig_text, as run_squad does.
-  assert squad.get_final_text("boston", "New York") == "New York"
-  assert squad.get_final_text("york", "New\u00a0York") == "New\u00a0York"
-  assert squad.get_final_text("Caf\u00e9", "Caf\u00e9!", lower_case=False) == "Caf\u00e9"
-  assert squad.get_final_text("cafe", "Caf\u00e9!", lower_case=False) == "Caf\u00e9!"
+  assert squad_eval.get_final_text("boston", "New York") == "New York"
+  assert squad_eval.get_final_text("york", "New\u00a0York") == "New\u00a0York"
+  assert squad_eval.get_final_text("Caf\u00e9", "Caf\u00e9!", lower_case=False) == "Caf\u00e9"
+  assert squad_eval.get_final_text("cafe", "Caf\u00e9!", lower_case=False) == "Caf\u00e9!"
 
 
 def test_basic_tokens_split_as_the_tokenizer(dev, tokenizer):
   texts = [p.context for p in {id(ex.paragraph): ex.paragraph for ex in dev.examples[::200]}
            .values()]
   texts += ["Caf\u00e9 \u00c9LAN\u2014na\u00efve 'quotes' (x) \u4e2d\u6587 a\u00a0b \u200bzero \u03a3\u03a3"]
-  words = [squad.basic_tokens(text) for text in texts]
+  words = [squad_eval.basic_tokens(text) for text in texts]
   per_word = tokenizer.tokenize([w for ws in words for w in ws]).to_list()
   whole = tokenizer.tokenize(texts).to_list()
   k = 0
@@ -271,7 +279,7 @@ def _on_token_boundaries(ex):
   """Whether the gold answer starts and ends where the tokenizer splits words."""
   c, s, t = ex.paragraph.context, ex.answer_starts[0], ex.answers[0]
   e = s + len(t)
-  split = lambda ch: ch.isspace() or squad._is_punctuation(ch)  # noqa: E731
+  split = lambda ch: ch.isspace() or squad_eval._is_punctuation(ch)  # noqa: E731
   return ((s == 0 or split(c[s - 1]) or split(t[0]))
           and (e == len(c) or split(c[e]) or split(t[-1])) and "\u200b" not in c[s:e + 1])
 
@@ -303,9 +311,9 @@ def test_gold_logits_give_back_the_gold_answers(sample, tokenizer, max_seq_lengt
   checked = [ex for ex in checked if ex.qas_id not in long]  # over max_answer_length
   assert len(checked) >= 0.95 * len(sample)
   start, end = _gold_logits(feats, decoys=3)
-  preds = squad.postprocess(sample, feats, start, end, tokenizer)
+  preds = squad_eval.postprocess(sample, feats, start, end, tokenizer)
   wrong = [(ex.answers[0], preds.texts[ex.qas_id]) for ex in checked
-           if squad.exact_match(preds.texts[ex.qas_id], ex.answers[0]) < 1]
+           if squad_eval.exact_match(preds.texts[ex.qas_id], ex.answers[0]) < 1]
   assert not wrong
   assert max(np.bincount(feats.example_index)) >= 2
   best = preds.nbest[checked[0].qas_id]
@@ -314,7 +322,7 @@ def test_gold_logits_give_back_the_gold_answers(sample, tokenizer, max_seq_lengt
   # Without the max-context rule the decoys win somewhere: the rule is what kept them out.
   if max_seq_length == 128:
     feats.token_is_max_context[:] = True
-    loose = squad.postprocess(sample, feats, start, end, tokenizer)
+    loose = squad_eval.postprocess(sample, feats, start, end, tokenizer)
     assert sum(loose.texts[ex.qas_id] != preds.texts[ex.qas_id] for ex in checked) > 10
 
 
@@ -342,15 +350,15 @@ def test_v2_null_answers(tmp_path, dev, tokenizer):
     start[f, 0] = end[f, 0] = 10 if first else 12
     doc = np.flatnonzero(feats.token_to_orig[f] >= 0)
     start[f, doc[0]] = end[f, doc[0]] = 8
-  preds = squad.postprocess(data.examples, feats, start, end, tokenizer, version_2=True)
+  preds = squad_eval.postprocess(data.examples, feats, start, end, tokenizer, version_2=True)
   for ex in data.examples:
     if ex.is_impossible:
       assert preds.texts[ex.qas_id] == "" and preds.null_score_diff[ex.qas_id] == 4.0
-  scores = squad.evaluate(data, preds.texts)
+  scores = squad_eval.evaluate(data, preds.texts)
   assert scores["NoAns_exact"] == 100.0 and scores["NoAns_total"] > 0
   assert scores["HasAns_exact"] > 90.0
   # With the threshold above the difference, the best span is answered instead.
-  preds = squad.postprocess(data.examples, feats, start, end, tokenizer, version_2=True,
+  preds = squad_eval.postprocess(data.examples, feats, start, end, tokenizer, version_2=True,
                             null_score_diff_threshold=5.0)
   assert all(preds.texts[ex.qas_id] for ex in data.examples if ex.is_impossible)
 
@@ -363,10 +371,10 @@ def test_bad_arguments(sample, tokenizer):
   feats = squad.make_features(sample[:2], tokenizer)
   logits = np.zeros((len(feats), 100), np.float32)
   with pytest.raises(ValueError, match="do not match the features"):
-    squad.postprocess(sample[:2], feats, logits, logits, tokenizer)
+    squad_eval.postprocess(sample[:2], feats, logits, logits, tokenizer)
   # Training features leave out unplaceable answers: they cannot be post-processed.
   feats = squad.make_features(sample[:2], tokenizer)
   feats.example_index[:] = 0
   logits = np.zeros(feats.batch["encoder_input_tokens"].shape, np.float32)
   with pytest.raises(ValueError, match="1 examples have no window"):
-    squad.postprocess(sample[:2], feats, logits, logits, tokenizer)
+    squad_eval.postprocess(sample[:2], feats, logits, logits, tokenizer)

@@ -38,6 +38,8 @@ bert_jax.tasks.batching (dynamic padding, length bucketing).
 Metrics are the GLUE ones: accuracy; F1 of the positive class + accuracy
 (MRPC, QQP); Matthews correlation (CoLA, AX); Pearson + Spearman with average
 ranks for ties (STS-B); MNLI accuracy per dev split (matched/mismatched).
+compute_metrics and split_metrics (here, since they read a task's metric names)
+call the numpy metric functions of bert_jax.tasks.glue_metrics.
 """
 import dataclasses
 import gzip
@@ -46,6 +48,8 @@ import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from bert_jax.tasks import glue_metrics
 
 Column = Union[int, str]
 
@@ -468,95 +472,8 @@ def label_id(task: Union[str, GlueTask], label) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------
-# Metrics (numpy)
+# Task metrics
 # ----------------------------------------------------------------------------
-
-def _class_ids(predictions) -> np.ndarray:
-  """Class ids from ids [n] or logits [n, num_labels]."""
-  p = np.asarray(predictions)
-  return p.argmax(-1) if p.ndim == 2 else p
-
-
-def _check_same_length(a: np.ndarray, b: np.ndarray) -> None:
-  if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f"predictions {a.shape} and labels {b.shape} must be equal 1-D shapes")
-  if not len(a):
-    raise ValueError("metrics of zero examples")
-
-
-def accuracy(predictions, labels) -> float:
-  """Fraction of predictions equal to the labels."""
-  p, y = _class_ids(predictions), np.asarray(labels)
-  _check_same_length(p, y)
-  return float(np.mean(p == y))
-
-
-def f1_score(predictions, labels, positive: int = 1) -> float:
-  """F1 of the positive class (GLUE's F1 for MRPC and QQP); 0.0 without true positives."""
-  p, y = _class_ids(predictions), np.asarray(labels)
-  _check_same_length(p, y)
-  tp = np.sum((p == positive) & (y == positive))
-  fp = np.sum((p == positive) & (y != positive))
-  fn = np.sum((p != positive) & (y == positive))
-  return float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0
-
-
-def matthews_corrcoef(predictions, labels) -> float:
-  """Matthews correlation (multi-class form of Gorodkin 2004); 0.0 when undefined.
-
-  For two classes it is the phi coefficient, CoLA's metric.
-  """
-  p, y = _class_ids(predictions), np.asarray(labels)
-  _check_same_length(p, y)
-  classes, inverse = np.unique(np.concatenate([p, y]), return_inverse=True)
-  k, n = len(classes), len(p)
-  confusion = np.zeros((k, k), np.float64)  # [true, predicted]
-  np.add.at(confusion, (inverse[n:], inverse[:n]), 1)
-  t, q = confusion.sum(1), confusion.sum(0)  # per class: true counts, predicted counts
-  correct, s = np.trace(confusion), float(n)
-  denominator = math.sqrt((s * s - q @ q) * (s * s - t @ t))
-  return float((correct * s - t @ q) / denominator) if denominator else 0.0
-
-
-def _scores(predictions) -> np.ndarray:
-  """Regression outputs [n] from [n] or [n, 1]."""
-  x = np.asarray(predictions, np.float64)
-  return x[:, 0] if x.ndim == 2 else x
-
-
-def pearson(predictions, labels) -> float:
-  """Pearson correlation; NaN when either side is constant."""
-  x, y = _scores(predictions), np.asarray(labels, np.float64)
-  _check_same_length(x, y)
-  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-    raise ValueError("pearson: non-finite predictions or labels")
-  x, y = x - x.mean(), y - y.mean()
-  denominator = math.sqrt(float(x @ x) * float(y @ y))
-  return float(x @ y / denominator) if denominator else math.nan
-
-
-def average_ranks(x) -> np.ndarray:
-  """1-based ranks, ties sharing the mean of their positions (scipy 'average')."""
-  x = np.asarray(x)
-  order = np.argsort(x, kind="stable")
-  sorted_x = x[order]
-  starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-  ends = np.r_[starts[1:], len(x)]  # exclusive
-  group = np.repeat(np.arange(len(starts)), ends - starts)
-  ranks = np.empty(len(x), np.float64)
-  ranks[order] = ((starts + ends - 1) / 2 + 1)[group]
-  return ranks
-
-
-def spearman(predictions, labels) -> float:
-  """Spearman correlation: Pearson of average ranks (ties handled as scipy does)."""
-  x = _scores(predictions)
-  return pearson(average_ranks(x), average_ranks(np.asarray(labels, np.float64)))
-
-
-_METRICS = {"accuracy": accuracy, "f1": f1_score, "mcc": matthews_corrcoef,
-            "pearson": pearson, "spearman": spearman}
-
 
 def compute_metrics(task: Union[str, GlueTask], predictions, labels) -> Dict[str, float]:
   """The metrics GLUE reports for `task`, plus accuracy for every classification task.
@@ -577,7 +494,7 @@ def compute_metrics(task: Union[str, GlueTask], predictions, labels) -> Dict[str
   names = task.metrics
   if not task.is_regression and "accuracy" not in names:
     names += ("accuracy",)
-  out = {name: _METRICS[name](predictions, labels) for name in names}
+  out = {name: glue_metrics.METRICS[name](predictions, labels) for name in names}
   out["score"] = float(np.mean([out[m] for m in task.metrics]))
   return out
 
@@ -614,9 +531,9 @@ def write_predictions(path: str, task: Union[str, GlueTask], examples: Sequence[
   task = get_task(task)
   p = np.asarray(predictions)
   if task.is_regression:
-    values = [f"{v:.3f}" for v in _scores(p)]
+    values = [f"{v:.3f}" for v in glue_metrics.regression_scores(p)]
   else:
-    ids = _class_ids(p)
+    ids = glue_metrics.class_ids(p)
     if ids.min(initial=0) < 0 or ids.max(initial=0) >= task.num_labels:
       raise ValueError(f"{task.name} predictions must be class ids in [0, {task.num_labels})")
     values = [task.label_names[int(i)] for i in ids]
