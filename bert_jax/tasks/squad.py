@@ -494,12 +494,17 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
 # Moved to squad_eval
 # ----------------------------------------------------------------------------
 
+# Names other modules still reach through `squad.` (bert_jax/finetune.py,
+# bert_jax/tasks/text2text.py); new code should import squad_eval directly.
+_FORWARDED = frozenset({"postprocess", "evaluate", "write_predictions"})
+
+
 def __getattr__(name: str):
-  """Forwards `squad.evaluate` to squad_eval.evaluate (text2text still calls it).
+  """Forwards the names in _FORWARDED to squad_eval, where they now live.
 
   Looked up lazily, on first use, because squad_eval imports this module.
   """
-  if name == "evaluate":
+  if name in _FORWARDED:
     from bert_jax.tasks import squad_eval  # pylint: disable=import-outside-toplevel
-    return squad_eval.evaluate
+    return getattr(squad_eval, name)
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
