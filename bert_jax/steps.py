@@ -11,6 +11,15 @@ Objectives (the batch contract of DESIGN.md):
   mlm_nsp          masked LM + next-sentence prediction on `nsp_labels`
                    (ALBERT's sentence-order prediction is the same loss),
   span_corruption  T5 seq2seq loss on `decoder_target_tokens`, optional z-loss.
+Fine-tuning objectives (heads of models/bert.py, losses of objectives.py):
+  classification        softmax CE of `logits` on `classifier_labels` (GLUE),
+  regression            MSE of the single `logits` column on float
+                        `classifier_labels` (STS-B),
+  token_classification  per-token CE on `token_labels`, -100 ignored (NER),
+  question_answering    (CE(start) + CE(end)) / 2 on `start_positions` /
+                        `end_positions` (SQuAD).
+  Rows weighted 0 (`classifier_weights`, or all-padding filler rows) count
+  for nothing, so a short last batch may be padded to the batch size.
 
 Each loss is a sum divided by a normaliser that depends on the batch only
 (masked tokens, scored examples, target tokens). The step computes the
@@ -41,7 +50,13 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 Metrics = dict[str, Array]
 
-OBJECTIVES = ("mlm", "mlm_nsp", "span_corruption")
+OBJECTIVES = ("mlm", "mlm_nsp", "span_corruption", "classification", "regression",
+              "token_classification", "question_answering")
+# The loss metrics' prefix of each fine-tuning objective.
+_FINETUNE_PREFIX = {"classification": "cls", "regression": "cls",
+                    "token_classification": "token", "question_answering": "span"}
+# Token label that token_classification does not score (objectives' default).
+_IGNORE_LABEL = -100
 # Model arguments that are flags, never batch features.
 _NON_FEATURE_ARGS = ("self", "enable_dropout", "decode")
 
@@ -268,8 +283,49 @@ def _example_weights(batch: Batch) -> Array:
   return jnp.any(batch["encoder_input_tokens"] != 0, axis=-1).astype(jnp.float32)
 
 
+def _classifier_weights(batch: Batch) -> Array:
+  """Per-example weights of the classification objectives (0.0 for filler rows)."""
+  if "classifier_weights" in batch:
+    return batch["classifier_weights"].astype(jnp.float32)
+  return _example_weights(batch)
+
+
+def _finetune_metrics(objective: str, outputs: Any, batch: Batch) -> Metrics:
+  """Summable metrics of a fine-tuning objective; filler rows weigh 0."""
+  prefix = _FINETUNE_PREFIX[objective]
+  if objective == "classification":
+    # Filler rows carry label -1: any valid index will do under weight 0.
+    labels = jnp.maximum(batch["classifier_labels"], 0)
+    _, metrics = objectives.classification_loss(outputs["logits"], labels,
+                                                _classifier_weights(batch), prefix=prefix)
+  elif objective == "regression":
+    _, metrics = objectives.classification_loss(
+        outputs["logits"], batch["classifier_labels"].astype(jnp.float32),
+        _classifier_weights(batch), prefix=prefix)
+  elif objective == "token_classification":
+    _, metrics = objectives.token_classification_loss(outputs["logits"], batch["token_labels"],
+                                                      prefix=prefix)
+  else:
+    _, metrics = objectives.span_loss(
+        outputs["start_logits"], outputs["end_logits"],
+        jnp.maximum(batch["start_positions"], 0), jnp.maximum(batch["end_positions"], 0),
+        _example_weights(batch), prefix=prefix)
+  return metrics
+
+
+def _finetune_normalizer(objective: str, batch: Batch) -> Array:
+  """Scored examples (tokens for NER) of the whole batch."""
+  if objective in ("classification", "regression"):
+    return jnp.sum(_classifier_weights(batch))
+  if objective == "token_classification":
+    return jnp.sum((batch["token_labels"] != _IGNORE_LABEL).astype(jnp.float32))
+  return jnp.sum(_example_weights(batch))
+
+
 def _normalizers(objective: str, batch: Batch) -> dict[str, Array]:
   """Loss denominators of the WHOLE batch (they do not depend on the params)."""
+  if objective in _FINETUNE_PREFIX:
+    return {_FINETUNE_PREFIX[objective]: _finetune_normalizer(objective, batch)}
   if objective == "span_corruption":
     return {"seq2seq": jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))}
   # Original BERT's epsilon: a batch without masked tokens gives 0, not NaN.
@@ -282,6 +338,8 @@ def _normalizers(objective: str, batch: Batch) -> dict[str, Array]:
 
 def _objective_metrics(objective: str, outputs: Any, batch: Batch, z_loss: float) -> Metrics:
   """Summable metrics (loss_sum, count, correct, ...) of one (micro)batch."""
+  if objective in _FINETUNE_PREFIX:
+    return _finetune_metrics(objective, outputs, batch)
   if objective == "span_corruption":
     _, metrics = objectives.seq2seq_loss(outputs, batch["decoder_target_tokens"],
                                          batch["decoder_loss_weights"], z_loss=z_loss)
