@@ -443,8 +443,8 @@ jax.tree_util.register_dataclass(
     _Beams, data_fields=[f.name for f in dataclasses.fields(_Beams)], meta_fields=[])
 
 
-def _beam_step(model, params, encoded, encoder_tokens, s: _Beams, *, beam_size: int,
-               max_decode_length: int, alpha: float, eos_id: int) -> _Beams:
+def _beam_step(model, params, encoded, encoder_tokens, alpha, s: _Beams, *,
+               max_decode_length: int, eos_id: int) -> _Beams:
   """Extends every alive beam by one token and updates the alive and finished sets."""
   batch, k = s.alive_log_probs.shape
   logp, cache = _decode_step(model, params, s.cache, encoded, encoder_tokens,
@@ -475,8 +475,7 @@ def _beam_step(model, params, encoded, encoder_tokens, s: _Beams, *, beam_size: 
   return _Beams(s.i + 1, cache, alive_seqs, alive_log_probs, finished_seqs, finished_scores)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_decode_length", "alpha",
-                                             "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_decode_length", "eos_id"))
 def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 4,
                 max_decode_length: int, alpha: float = 0.6, eos_id: int = 1
                 ) -> Tuple[Array, Array]:
@@ -492,7 +491,8 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
     encoder_input_tokens: int32 [batch, enc_len], 0-padded.
     beam_size: k, the number of hypotheses kept (and returned).
     max_decode_length: most tokens generated (EOS included).
-    alpha: length penalty exponent (t5x default 0.6; 0 ranks by log-prob).
+    alpha: length penalty exponent >= 0 (t5x default 0.6; 0 ranks by log-prob);
+      traced, so changing it does not recompile.
     eos_id: ends a hypothesis.
 
   Returns:
@@ -502,6 +502,7 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
   """
   batch, enc_len = encoder_input_tokens.shape
   k, length = beam_size, max_decode_length
+  alpha = jnp.asarray(alpha, jnp.float32)
   encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
   encoded = jnp.repeat(encoded, k, axis=0)  # [batch * k, enc_len, d_model]
   encoder_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
@@ -520,8 +521,8 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
     done = s.finished_scores[:, -1] >= best_possible
     return (s.i < length) & ~jnp.all(done)
 
-  step = functools.partial(_beam_step, model, params, encoded, encoder_tokens, beam_size=k,
-                           max_decode_length=length, alpha=alpha, eos_id=eos_id)
+  step = functools.partial(_beam_step, model, params, encoded, encoder_tokens, alpha,
+                           max_decode_length=length, eos_id=eos_id)
   state = jax.lax.while_loop(cond, step, state)
   return state.finished_seqs[:, :, 1:], state.finished_scores
 
@@ -529,11 +530,27 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
 def predict_texts(model, params, tokenizer, encoder_input_tokens, *, batch_size: int,
                   max_decode_length: int, beam_size: int = 1, alpha: float = 0.6
                   ) -> List[str]:
-  """Decodes all rows of encoder_input_tokens [n, enc_len] in batches -> n texts (best beam).
+  """Decodes all rows of encoder_input_tokens [n, enc_len] in batches -> n texts.
 
   The last batch is padded with empty rows so every batch has one shape (one
-  compilation). beam_size=1 is greedy decoding.
+  compilation).
+
+  Args:
+    model, params: the T5Model and its parameters.
+    tokenizer: turns ids back into text (ids_to_texts); its EOS ends decoding.
+    encoder_input_tokens: int [n, enc_len], e.g. make_features(...).arrays[
+      'encoder_input_tokens'].
+    batch_size: rows decoded at once.
+    max_decode_length: most tokens generated per text (EOS included).
+    beam_size: 1 for greedy_decode, else beam_search's best beam.
+    alpha: beam search length penalty exponent (>= 0).
+
+  Returns:
+    n decoded texts, in row order.
   """
+  if alpha < 0:
+    raise ValueError(f"predict_texts: alpha must be >= 0 (beam search's early stop "
+                     f"assumes the penalty grows with length), got {alpha}")
   tokens = np.asarray(encoder_input_tokens, np.int32)
   eos = tokenizer.eos_id
   if eos is None:
