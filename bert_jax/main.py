@@ -1,6 +1,7 @@
 """bert-jax command line: flags -> config -> one command.
 
   bert-jax train --config=configs/FILE.py[:variant] --workdir=DIR [--config.a.b=value]
+  bert-jax {finetune|evaluate|predict} --config=configs/glue.py:sst2 --workdir=DIR [--out=DIR]
   bert-jax inspect --config=configs/FILE.py[:variant] [--num_batches=2] [--out=x.npz]
   bert-jax train-tokenizer --input=GLOB_OR_SPEC --model_prefix=PATH --vocab_size=N
   python -m bert_jax.main COMMAND ...   (the same)
@@ -22,7 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.DEFINE_integer("num_batches", 2, "inspect: batches to read.")
 flags.DEFINE_integer("num_examples", 3, "inspect: examples to print per batch.")
-flags.DEFINE_string("out", None, "inspect: write the batches to this .npz file.")
+flags.DEFINE_string("out", None, "inspect: write the batches to this .npz file; predict: "
+                    "the predictions folder (default WORKDIR/predictions).")
 flags.DEFINE_multi_string("input", None, "train-tokenizer: text files, globs or source specs.")
 flags.DEFINE_string("model_prefix", None, "train-tokenizer: writes PREFIX.model/.vocab.")
 flags.DEFINE_integer("vocab_size", 32000, "train-tokenizer: pieces in the model.")
@@ -60,7 +62,24 @@ def _train(config) -> None:
   # Orbax logs every save step at INFO through absl's logger; the trainer's
   # own progress lines (root logger) are enough.
   logging.get_absl_logger().setLevel("WARNING")
-  train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)  # what a process ended by SIGTERM reports: not finished
+
+
+def _finetune(config, command: str) -> None:
+  from bert_jax import finetune, train
+  if not FLAGS.workdir:
+    raise app.UsageError(f"{command} needs --workdir")
+  logging.get_absl_logger().setLevel("WARNING")
+  kwargs = {"out": FLAGS.out} if command == "predict" else {}
+  try:
+    finetune.COMMANDS[command](config, FLAGS.workdir, **kwargs)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)
 
 
 def _inspect(config) -> None:
@@ -95,7 +114,7 @@ def _train_tokenizer() -> None:
 
 
 def main(argv) -> None:
-  commands = ("train", "inspect", "train-tokenizer")
+  commands = ("train", "inspect", "train-tokenizer", "finetune", "evaluate", "predict")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: bert-jax {{{'|'.join(commands)}}} [--flags]; got {argv[1:]}")
   if argv[1] == "train-tokenizer":
@@ -103,6 +122,8 @@ def main(argv) -> None:
   if _CONFIG.value is None:
     raise app.UsageError(f"{argv[1]} needs --config=configs/FILE.py[:variant]")
   logging.info("config:\n%s", _CONFIG.value)
+  if argv[1] in ("finetune", "evaluate", "predict"):
+    return _finetune(_CONFIG.value, argv[1])
   return (_train if argv[1] == "train" else _inspect)(_CONFIG.value)
 
 

@@ -52,6 +52,20 @@ _STEP_OBJECTIVE = {"mlm": "mlm", "mlm_nsp": "mlm_nsp", "mlm_sop": "mlm_nsp",
 _VOCAB_MULTIPLE = 128
 
 
+class Preempted(Exception):
+  """A preemption notice arrived; the state of `step` is saved. Rerun to resume.
+
+  An exception, not a normal return, so that a supervisor (tpu_scripts'
+  recover loop, a batch scheduler) never mistakes a stopped run for a
+  finished one: the CLI exits with 143, the status of a process ended by
+  SIGTERM.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: saved step {step}; run the same command to resume")
+    self.step = step
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The trainer's fields with their defaults; config files set model, data, optim.
 
@@ -65,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim = optim.default_config("adamw")
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000
+  c.train.num_steps = 1_000_000  # with the adamw preset: BERT's 1M steps, 10k warmup
   c.train.batch_size = 32  # global, over all hosts
   c.train.num_microbatches = 1  # gradient accumulation (same update as the full batch)
   c.train.z_loss = 0.0  # T5: 1e-4
@@ -304,6 +318,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns:
     The last logged metrics (train and, when evaluated, 'eval/...').
+
+  Raises:
+    Preempted: after saving, when a preemption notice (SIGTERM) arrived.
+    FloatingPointError: a non-finite loss or gradient norm (nothing saved
+      from that step on).
+    ValueError: a bad config, before anything is compiled.
   """
   config = ml_collections.ConfigDict(config.to_dict())  # ours to fill in, unlocked
   mesh_shape = validate(config)
@@ -313,8 +333,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  writer = metrics_lib.MetricWriter(workdir, resume_step=latest, enabled=is_main)
 
   # ---- tokenizer and model: the model's vocabulary covers the tokenizer's.
   config.data.tokenizer = _tokenizer_path(config, workdir)
@@ -345,13 +363,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("run: %s", _describe_run(config, mesh, abstract, per_device))
 
   # ---- restore or init.
-  restored = ckpt.restore(abstract) if latest is not None else None
+  # Always asked: it also sets aside unfinished or unreadable newer steps.
+  restored = ckpt.restore(abstract)
   if restored is not None:
     state, position, start = restored.state, restored.data_position, restored.step
     logging.info("resumed from step %d of %s", start, ckpt.directory)
   else:
     state, _ = steps.create_sharded_state(model, tx, init_shapes, mesh, rules, config.seed)
     position, start = None, 0
+  # Lines a killed run logged after its last checkpoint (all of them, when it
+  # saved none) are dropped: the resumed run logs those steps again.
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start if restored else -1,
+                                    enabled=is_main)
 
   # ---- data: continues exactly after the restored step.
   data = pipeline.make_train_iterator(
@@ -375,56 +398,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = metrics_lib.ProgressBar(num_steps, start, enabled=is_main and config.log.progress)
   throughput = None
   interval: list[tuple[int, dict]] = []
-  last_saved = latest if restored is not None else None
+  last_saved = start if restored is not None else None
   preempted = False
 
-  for step in range(start + 1, num_steps + 1):
-    local = next(data)
-    if throughput is None:
-      flops = _flops_per_example(config, local) * config.train.batch_size
-      tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
-                   if k in local) * jax.process_count()
-      devices = jax.devices()
-      peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
-      throughput = metrics_lib.Throughput(
-          tokens_per_step=tokens, flops_per_step=flops,
-          peak_flops=peak * len(devices) if peak else None)
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, step_metrics = train_step(state, _global_batch(local, batch_sharding))
-    interval.append((step, step_metrics))
-    if step == start + 1:  # exclude the compile from the measured rate
-      jax.block_until_ready(step_metrics)
-      throughput.start(step)
+  # The finally clause lets pending asynchronous saves finish even when the
+  # run stops on an error: the last good checkpoint is never lost.
+  try:
+    for step in range(start + 1, num_steps + 1):
+      local = next(data)
+      if throughput is None:
+        flops = _flops_per_example(config, local) * config.train.batch_size
+        tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
+                     if k in local) * jax.process_count()
+        devices = jax.devices()
+        peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
+        throughput = metrics_lib.Throughput(
+            tokens_per_step=tokens, flops_per_step=flops,
+            peak_flops=peak * len(devices) if peak else None)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, step_metrics = train_step(state, _global_batch(local, batch_sharding))
+      interval.append((step, step_metrics))
+      if step == start + 1:  # exclude the compile from the measured rate
+        jax.block_until_ready(step_metrics)
+        throughput.start(step)
 
-    # ---- log (and check the loss) every log.every_steps.
-    if step % config.log.every_steps == 0 or step == num_steps:
-      fetched = _check_finite(interval, last_saved)
-      last = _summarize_interval(fetched)
-      if step > start + 1:  # the first step's time is mostly compilation
-        last.update(throughput.measure(step))
-      interval = []
-      if eval_batches and ((config.eval.every_steps and step % config.eval.every_steps == 0)
-                           or step == num_steps):
-        last.update(_evaluate(eval_step, state.params, eval_batches))
-      writer.write(step, last)
-      bar.update(step, loss=last["loss"])
+      # ---- log (and check the loss) every log.every_steps.
+      if step % config.log.every_steps == 0 or step == num_steps:
+        fetched = _check_finite(interval, last_saved)
+        last = _summarize_interval(fetched)
+        if step > start + 1:  # the first step's time is mostly compilation
+          last.update(throughput.measure(step))
+        interval = []
+        if eval_batches and ((config.eval.every_steps and step % config.eval.every_steps == 0)
+                             or step == num_steps):
+          last.update(_evaluate(eval_step, state.params, eval_batches))
+        writer.write(step, last)
+        bar.update(step, loss=last["loss"])
 
-    # ---- checkpoint: never from a step whose loss was not finite.
-    preempted = ckpt.preemption_requested(step)
-    if step % config.checkpoint.every_steps == 0 or step == num_steps or preempted:
-      if interval:
-        _check_finite(interval, last_saved)
-      if ckpt.save(step, state, data_position=_global_position(data.position), config=config,
-                   force=step == num_steps or preempted):
-        last_saved = step
-    if preempted:
-      logging.warning("preemption notice: saved step %d; run the same command to resume", step)
-      break
-
-  bar.close()
-  ckpt.close()
-  writer.close()
-  if is_main and not preempted:
+      # ---- checkpoint: never from a step whose loss was not finite.
+      preempted = ckpt.preemption_requested(step)
+      if step % config.checkpoint.every_steps == 0 or step == num_steps or preempted:
+        if interval:
+          _check_finite(interval, last_saved)
+        if ckpt.save(step, state, data_position=_global_position(data.position), config=config,
+                     force=step == num_steps or preempted):
+          last_saved = step
+      if preempted:
+        break
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  if preempted:
+    raise Preempted(step)
+  if is_main:
     logging.info("done: step %d; checkpoints in %s, metrics in %s", num_steps,
                  ckpt.directory, os.path.join(workdir, "metrics.jsonl"))
   return last
