@@ -1,4 +1,4 @@
-"""Text-to-text: casting round trips, features, cached greedy/beam decoding, scoring, fine-tuning."""
+"""Text-to-text: casting round trips, features, cached greedy/beam decoding, scoring, tuning."""
 import functools
 import itertools
 
@@ -24,8 +24,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def _init(model, enc, dec_len, seed=0):
   # Jitted: op-by-op initialisation is several times slower on CPU.
-  variables = jax.jit(model.init, compiler_options=FAST_COMPILE)(jax.random.key(seed), jnp.asarray(enc),
-                                  jnp.zeros((enc.shape[0], dec_len), jnp.int32))
+  init = jax.jit(model.init, compiler_options=FAST_COMPILE)
+  variables = init(jax.random.key(seed), jnp.asarray(enc),
+                   jnp.zeros((enc.shape[0], dec_len), jnp.int32))
   return jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, variables["params"],
                       is_leaf=lambda x: hasattr(x, "unbox"))
 
@@ -331,6 +332,13 @@ def test_features_follow_the_batch_contract(tokenizer):
   assert tt.ids_to_texts(tokenizer, a["decoder_target_tokens"]) == targets
   assert tt.ids_to_texts(tokenizer, a["encoder_input_tokens"][:1]) == inputs[:1]
   assert set(tt.make_features(inputs, None, tokenizer).arrays) == {"encoder_input_tokens"}
+  fixed = tt.make_features(inputs, targets, tokenizer, max_input_length=64, max_target_length=24,
+                           multiple=None).arrays
+  assert fixed["encoder_input_tokens"].shape == (2, 64)
+  assert fixed["decoder_target_tokens"].shape == (2, 24)
+  dynamic = tt.make_features(inputs, targets, tokenizer, max_input_length=64,
+                             max_target_length=24).arrays
+  assert dynamic["decoder_target_tokens"].shape == (2, 8)  # longest target, rounded up to 8
   with pytest.raises(ValueError, match="targets are None"):
     tt.make_features(inputs, ["positive", None], tokenizer)
   # Ids past the tokenizer's vocabulary (padded embeddings) decode as unknown, not a crash.

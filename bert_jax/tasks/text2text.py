@@ -54,7 +54,7 @@ greedy path.
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -269,12 +269,13 @@ class Text2TextFeatures:
   num_truncated_targets: int
 
 
-def _with_eos(ids: Sequence[np.ndarray], eos: int, max_length: int
+def _with_eos(ids: Sequence[np.ndarray], eos: int, max_length: int, multiple: Optional[int]
               ) -> Tuple[np.ndarray, np.ndarray, int]:
   """Truncates to max_length - 1, appends EOS, pads; (tokens, lengths, number truncated)."""
   cut = [np.append(x[:max_length - 1], eos).astype(np.int32) for x in ids]
   lengths = np.array([len(x) for x in cut], np.int32)
-  width = batching.padded_length(int(lengths.max()), 8, max_length)
+  width = (max_length if multiple is None
+           else batching.padded_length(int(lengths.max()), multiple, max_length))
   out = np.zeros((len(cut), width), np.int32)
   for i, x in enumerate(cut):
     out[i, :len(x)] = x
@@ -282,13 +283,15 @@ def _with_eos(ids: Sequence[np.ndarray], eos: int, max_length: int
 
 
 def make_features(inputs: Sequence[str], targets: Optional[Sequence[Optional[str]]], tokenizer,
-                  *, max_input_length: int = 512, max_target_length: int = 128
-                  ) -> Text2TextFeatures:
+                  *, max_input_length: int = 512, max_target_length: int = 128,
+                  multiple: Optional[int] = 8) -> Text2TextFeatures:
   """Tokenizes text pairs into the encoder-decoder batch contract.
 
   Each side gets EOS appended after truncation to its max length (seqio's
   append_eos_after_trim) and is padded to its longest sequence rounded up to
-  a multiple of 8 (dynamic padding), capped at the max length.
+  `multiple` (dynamic padding: call it per batch, e.g. on the index groups of
+  batching.bucket_batches), capped at the max length; multiple=None pads to
+  the max lengths exactly (one static shape).
 
   Args:
     inputs: encoder texts.
@@ -296,6 +299,7 @@ def make_features(inputs: Sequence[str], targets: Optional[Sequence[Optional[str
       mix of None and text is an error.
     tokenizer: a Tokenizer with an EOS id (SentencePieceTokenizer, T5 layout).
     max_input_length, max_target_length: lengths including EOS.
+    multiple: padded lengths are multiples of it; None for the max lengths.
   """
   if tokenizer.eos_id is None:
     raise ValueError(f"tokenizer {tokenizer.path} has no EOS id; text-to-text needs one "
@@ -303,7 +307,7 @@ def make_features(inputs: Sequence[str], targets: Optional[Sequence[Optional[str
   if not inputs:
     raise ValueError("make_features: no examples")
   encoder, _, cut_inputs = _with_eos(glue.token_ids(tokenizer, list(inputs)), tokenizer.eos_id,
-                                     max_input_length)
+                                     max_input_length, multiple)
   arrays = {"encoder_input_tokens": encoder}
   cut_targets = 0
   if targets is not None:
@@ -314,7 +318,7 @@ def make_features(inputs: Sequence[str], targets: Optional[Sequence[Optional[str
       raise ValueError(f"{len(missing)} targets are None (first: example {missing[0]}); "
                        "pass targets=None to build prediction features")
     decoder, lengths, cut_targets = _with_eos(glue.token_ids(tokenizer, list(targets)),
-                                              tokenizer.eos_id, max_target_length)
+                                              tokenizer.eos_id, max_target_length, multiple)
     arrays["decoder_target_tokens"] = decoder
     shifted = np.zeros_like(decoder)  # the start id is 0, the padding id
     shifted[:, 1:] = decoder[:, :-1]
