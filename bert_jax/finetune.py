@@ -63,6 +63,7 @@ from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
 from bert_jax.tasks import squad
+from bert_jax.tasks import squad_eval
 
 TASK_KINDS = ("glue", "conll", "squad")
 PADDINGS = ("max", "dynamic", "bucket")
@@ -267,20 +268,20 @@ class SquadTask:
         full[i, :len(o[key])] = o[key][:shape[1]]
       logits[key] = full
     c = self.config.data
-    return squad.postprocess(data.examples, windows, logits["start_logits"],
+    return squad_eval.postprocess(data.examples, windows, logits["start_logits"],
                              logits["end_logits"], self.tokenizer, n_best_size=c.n_best_size,
                              max_answer_length=c.max_answer_length,
                              version_2=data.version_2).texts
 
   def score(self, split: Split, outputs: list) -> dict:
-    scores = squad.evaluate(split.extra[0], self._answers(split, outputs))
+    scores = squad_eval.evaluate(split.extra[0], self._answers(split, outputs))
     return {k: float(v) for k, v in scores.items() if k in ("exact", "f1")}
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
     path = os.path.join(folder, os.path.basename(split.name).split(".json")[0]
                         + "-predictions.json")
     os.makedirs(folder, exist_ok=True)
-    squad.write_predictions(path, self._answers(split, outputs))
+    squad_eval.write_predictions(path, self._answers(split, outputs))
     return path
 
 
@@ -682,13 +683,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str, split: str | None =
   """Writes the best checkpoint's predictions for `split` (default data.predict_split).
 
   GLUE: a submission TSV ('SST-2.tsv', ...); CoNLL: `word gold predicted`
-  columns; SQuAD: the {id: answer} JSON. Files go to `out` (a folder;
+  columns; SQuAD: the {id: answer} JSON. `data.max_eval_examples` > 0 limits
+  the split to its first examples. Files go to `out` (a folder;
   default WORKDIR/predictions). Returns the file's path.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   run = _setup(config)
   params, predict_step, _ = _restore_best(config, run, workdir)
-  loaded = run.task.load(split or config.data.predict_split, 0)
+  loaded = run.task.load(split or config.data.predict_split, config.data.max_eval_examples)
   outputs = predict_outputs(config, predict_step, params, loaded, run.batch_sharding)
   path = run.task.write(loaded, outputs, out or os.path.join(workdir, "predictions"))
   if jax.process_index() == 0:
