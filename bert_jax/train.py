@@ -40,6 +40,7 @@ from bert_jax import optim
 from bert_jax import sharding
 from bert_jax import steps
 from bert_jax.data import pipeline
+from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.models import bert
 from bert_jax.models import t5
@@ -216,7 +217,7 @@ def _global_position(position: dict[str, Any]) -> dict[str, Any]:
   every = np.asarray(multihost_utils.process_allgather(rows))  # [hosts, local shards, 4]
   parts = [dict(position, shard=r[:, 0].tolist(), epoch=r[:, 1].tolist(),
                 group=r[:, 2].tolist(), offset=r[:, 3].tolist()) for r in every]
-  return pipeline.merge_positions(parts)
+  return position_lib.merge_positions(parts)
 
 
 def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:

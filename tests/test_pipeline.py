@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bert_jax.data import pipeline
+from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 
 _WORDS = (
@@ -180,7 +181,7 @@ def test_hosts_split_the_global_batch(minilm_dir, corpus):
   assert set(labels) == {0, 1}
   # The hosts' positions, merged, are the single-host position (which resumes
   # exactly, test_exact_resume_skips_raw_documents).
-  merged = pipeline.merge_positions([h.position for h in hosts])
+  merged = position_lib.merge_positions([h.position for h in hosts])
   assert merged == whole.position
 
 
