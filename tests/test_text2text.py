@@ -137,10 +137,12 @@ def test_beam_search_beats_greedy_and_reports_full_pass_scores(random_model):
     assert np.all(np.diff(scores, axis=1) <= 0), "beams must be sorted best first"
     for b in range(enc.shape[0]):
       assert len({tuple(s) for s in beams[b]}) == k, "beams must be distinct sequences"
-    lp, lengths = _sequence_log_probs(model, params, np.repeat(enc, k, 0),
-                                      beams.reshape(-1, L))
+    # [batch, k]; one beam rank at a time keeps the full pass at one shape.
+    lp, lengths = map(np.stack, zip(*[_sequence_log_probs(model, params, enc, beams[:, j])
+                                      for j in range(k)]))
+    lp, lengths = lp.T, lengths.T
     penalty = ((5.0 + lengths) / 6.0) ** alpha
-    np.testing.assert_allclose(scores.reshape(-1), lp / penalty, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, lp / penalty, atol=1e-4, rtol=0)
     greedy_len = np.array([list(r).index(EOS) + 1 if EOS in r else L
                            for r in np.asarray(greedy).tolist()])
     greedy_score = greedy_lp / ((5.0 + greedy_len) / 6.0) ** alpha
@@ -148,7 +150,7 @@ def test_beam_search_beats_greedy_and_reports_full_pass_scores(random_model):
     # holds on this fixed model; the exhaustive test below checks exactness.
     assert np.all(scores[:, 0] >= greedy_score - 1e-5), (scores[:, 0], greedy_score)
     if alpha == 0.0:
-      assert np.all(lp.reshape(-1, k)[:, 0] >= greedy_lp - 1e-5)
+      assert np.all(lp[:, 0] >= greedy_lp - 1e-5)
 
 
 def test_predict_texts_decodes_the_best_beam(random_model, tokenizer):
@@ -169,17 +171,20 @@ def test_wide_beam_finds_the_exhaustive_optimum(random_model):
   length, k, alpha = 2, V, 0.6
   beams, scores = tt.beam_search(model, params, enc, beam_size=k, max_decode_length=length,
                                  alpha=alpha, eos_id=EOS)
-  # Every hypothesis: EOS first (padding after), or any two tokens.
-  candidates = [(EOS, 0)] + [s for s in itertools.product(range(V), repeat=length)
-                             if s[0] != EOS]
-  candidates = np.array(candidates, np.int32)
+  # Every hypothesis: EOS first (padding after), or any first token and any second.
+  # A full pass on [start, t] gives log p(t) and log p(. | t) for every second token.
+  logp = np.stack([_full_log_probs(params, enc, np.tile([[0, t] + [0] * (L - 2)], (len(enc), 1)),
+                                   model=model)[:, :2] for t in range(V)], axis=1)
+  # logp: [batch, first token, position, vocab]
+  two = (logp[:, 0, 0, :, None] + logp[:, :, 1]) / ((5.0 + 2) / 6.0) ** alpha
+  two[:, EOS] = -np.inf  # a sequence ends at EOS
+  one = logp[:, 0, 0, EOS] / ((5.0 + 1) / 6.0) ** alpha
+  exact = np.concatenate([one[:, None], two.reshape(len(enc), -1)], axis=1)
+  sequences = [(EOS, 0)] + list(itertools.product(range(V), repeat=2))
   for b in range(enc.shape[0]):
-    lp, n = _sequence_log_probs(model, params, np.repeat(enc[b:b + 1], len(candidates), 0),
-                                candidates)
-    exact = lp / ((5.0 + n) / 6.0) ** alpha
-    order = np.argsort(-exact, kind="stable")
-    np.testing.assert_allclose(scores[b], exact[order[:k]], atol=1e-4)
-    assert tuple(beams[b, 0]) == tuple(candidates[order[0]])
+    order = np.argsort(-exact[b], kind="stable")
+    np.testing.assert_allclose(scores[b], exact[b, order[:k]], atol=1e-4)
+    assert tuple(beams[b, 0]) == sequences[order[0]]
 
 
 # ----------------------------------------------------------------------------
