@@ -1,14 +1,15 @@
-"""Text sources: local files, offline tfds datasets, and a built-in English corpus.
+"""Text sources: text files, offline tfds datasets, and a built-in English corpus.
 
 A source is named by a spec string:
   * a path or glob of text files, plain or gzip (`.gz`): one paragraph per
     line, a blank line between documents (the layout of BERT's
-    create_pretraining_data input and of WikiExtractor dumps);
+    create_pretraining_data input and of WikiExtractor dumps). Local, or
+    remote such as gs://bucket/wiki/*.txt.gz (read through tf.io.gfile);
   * `tfds:NAME[/CONFIG][:VERSION]:TEXT_KEY`, e.g. `tfds:c4/en:text`: a
     TensorFlow Datasets dataset already prepared under `data_dir` (default
-    $TFDS_DATA_DIR or ~/tensorflow_datasets). It is read from its folder with
-    `tfds.builder_from_directory`, so nothing is ever downloaded and an
-    unprepared name fails at once. One example is one document; its text is
+    $TFDS_DATA_DIR or ~/tensorflow_datasets; gs:// works too). It is read from
+    its folder with `tfds.builder_from_directory`, so nothing is ever
+    downloaded and an unprepared name fails at once. One example is one document; its text is
     split into paragraphs at newlines;
   * `builtin:NAME`: real English prose that comes with Python itself, so the
     quick start needs no download and the project ships no third-party text
@@ -25,7 +26,6 @@ in `TextSource.invalid_utf8_bytes` as the dataset is read; they never raise.
 """
 import dataclasses
 import glob
-import gzip
 import os
 import re
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -140,27 +140,28 @@ def shard(ds: tf.data.Dataset, process_index: int, process_count: int) -> tf.dat
 
 def _expand_files(spec: str) -> List[str]:
   if glob.has_magic(spec):
-    paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+    paths = sorted(p for p in tokenizer_lib.glob_paths(spec) if tokenizer_lib.isfile(p))
     if not paths:
       raise FileNotFoundError(f"text source glob {spec} matches no file")
     return paths
-  if os.path.isdir(spec):
+  if tf.io.gfile.isdir(spec):
     raise ValueError(f"text source {spec} is a folder; name its files with a glob, "
                      f"e.g. {os.path.join(spec, '*.txt')}")
-  if not os.path.isfile(spec):
+  if not tokenizer_lib.isfile(spec):
     raise FileNotFoundError(f"text source file {spec} does not exist")
   return [spec]
 
 
 def _check_not_empty(path: str) -> None:
   """Raises unless the file holds a non-blank line (reads up to the first one)."""
-  opener = gzip.open if path.endswith(".gz") else open
   try:
-    with opener(path, "rb") as f:
+    with tokenizer_lib.open_binary(path) as f:
       for line in f:
         if line.strip():
           return
-  except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+  # A corrupt or truncated .gz (OSError, EOFError), or a file tf.io.gfile
+  # cannot read (OpError, e.g. permission denied on a bucket).
+  except (OSError, EOFError, tf.errors.OpError) as e:
     raise ValueError(f"cannot read text file {path}: {e}") from e
   raise ValueError(f"text file {path} is empty (no non-blank line)")
 
@@ -221,14 +222,18 @@ def _tfds_folder(name: str, data_dir: str) -> str:
   """data_dir/NAME[/CONFIG]/VERSION of a prepared dataset (newest version if none given)."""
   name, _, version = name.partition(":")
   base = os.path.join(data_dir, *name.split("/"))
+
+  def prepared(v):
+    return tokenizer_lib.isfile(os.path.join(base, v, "dataset_info.json"))
+
   if version:
-    candidates = [version] if os.path.isfile(
-        os.path.join(base, version, "dataset_info.json")) else []
+    candidates = [version] if prepared(version) else []
   else:
-    candidates = sorted(
-        (v for v in (os.listdir(base) if os.path.isdir(base) else [])
-         if _VERSION_RE.match(v) and os.path.isfile(os.path.join(base, v, "dataset_info.json"))),
-        key=lambda v: tuple(map(int, v.split("."))))
+    # On GCS, listdir names sub-folders with a trailing '/'.
+    listed = tf.io.gfile.listdir(base) if tf.io.gfile.isdir(base) else []
+    candidates = sorted((v for v in (e.rstrip("/") for e in listed)
+                         if _VERSION_RE.match(v) and prepared(v)),
+                        key=lambda v: tuple(map(int, v.split("."))))
   if candidates:
     return os.path.join(base, candidates[-1])
   import tensorflow_datasets as tfds

@@ -24,12 +24,21 @@ byte sequence with U+FFFD (which BERT normalisation then deletes and
 SentencePiece maps to its unknown piece), and adds the number of invalid bytes
 to the tokenizer's `invalid_utf8_bytes` counter (a tf.Variable, summed over all
 calls, also inside tf.data). Nothing ever raises on bad bytes.
+
+Files may be local or remote (`gs://...`, or any filesystem TensorFlow knows,
+e.g. `ram://` in tests): reading goes through tf.io.gfile, and a remote
+SentencePiece model is trained in a local temporary folder, then copied (see
+`glob_paths` and `open_text`, which bert_jax.data.sources also uses).
 """
+import contextlib
 import glob
 import gzip
+import io
 import os
 import re
-from typing import Iterable, Optional, Sequence, Union
+import shutil
+import tempfile
+from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -65,6 +74,81 @@ def fix_utf8(texts: tf.Tensor, counter: Optional[tf.Variable] = None) -> tf.Tens
   bad = tf.reduce_sum(tf.cast(tf.strings.length(texts) - tf.strings.length(kept), tf.int64))
   with tf.control_dependencies([counter.assign_add(bad)]):
     return tf.identity(fixed)
+
+
+# ----------------------------------------------------------------------------
+# Files: local paths or URLs (gs://...) through tf.io.gfile
+# ----------------------------------------------------------------------------
+
+def is_remote(path) -> bool:
+  """True for a URL such as gs://bucket/x (any `scheme://`), False for a local path."""
+  return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
+
+
+def glob_paths(pattern: str) -> List[str]:
+  """The paths matching `pattern` (unsorted), local or remote.
+
+  Local patterns keep Python's glob rules (hidden files need an explicit dot,
+  `dir//x` works, paths come back as written); tf.io.gfile.glob differs on
+  those, so only URLs go through it.
+  """
+  if is_remote(pattern):
+    return tf.io.gfile.glob(pattern)
+  return glob.glob(pattern)
+
+
+def isfile(path: str) -> bool:
+  """os.path.isfile for local paths and URLs alike."""
+  return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+class _GFileReader(io.RawIOBase):
+  """A tf.io.gfile.GFile (binary, read) as a raw stream io can buffer and decode."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self._file = tf.io.gfile.GFile(path, "rb")
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._file.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._file.close()
+    super().close()
+
+
+class _OwningGzipFile(gzip.GzipFile):
+  """A GzipFile that also closes the file it reads from (GzipFile leaves it open)."""
+
+  def __init__(self, fileobj: io.BufferedIOBase):
+    super().__init__(fileobj=fileobj, mode="rb")
+    self._source = fileobj
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      self._source.close()
+
+
+def open_binary(path: str) -> io.BufferedIOBase:
+  """Opens a local or remote file for reading bytes; `.gz` files are decompressed."""
+  raw = io.BufferedReader(_GFileReader(path))
+  return _OwningGzipFile(raw) if path.endswith(".gz") else raw
+
+
+def open_text(path: str, *, errors: str = "strict") -> io.TextIOWrapper:
+  """Opens a local or remote (optionally `.gz`) UTF-8 text file, as open() would.
+
+  Universal newlines as in open(..., "rt"): '\r\n' and '\r' read as '\n'.
+  """
+  return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors=errors)
 
 
 class Tokenizer:
@@ -199,9 +283,9 @@ class WordPieceTokenizer(Tokenizer):
       max_chars_per_word: longer words become [UNK] (Hugging Face's 100).
       unk_token: the unknown piece.
     """
-    if not os.path.isfile(vocab_path):
+    if not isfile(vocab_path):
       raise FileNotFoundError(f"WordPiece vocabulary {vocab_path} does not exist")
-    with open(vocab_path, encoding="utf-8") as f:
+    with open_text(vocab_path) as f:
       pieces = [line.rstrip("\n") for line in f]
     if not pieces:
       raise ValueError(f"WordPiece vocabulary {vocab_path} is empty")
@@ -289,9 +373,9 @@ class SentencePieceTokenizer(Tokenizer):
       model_path: a SentencePiece .model file; its pad id must be 0.
       extra_ids: number of T5 sentinels appended (100 in T5; 0 for none).
     """
-    if not os.path.isfile(model_path):
+    if not isfile(model_path):
       raise FileNotFoundError(f"SentencePiece model {model_path} does not exist")
-    with open(model_path, "rb") as f:
+    with tf.io.gfile.GFile(model_path, "rb") as f:
       proto = f.read()
     try:
       sp = spm.SentencePieceProcessor(model_proto=proto)
@@ -351,14 +435,13 @@ def _iter_lines(inputs: Union[str, Sequence[str], Iterable[str]]) -> Iterable[st
   if isinstance(inputs, list) and all(isinstance(x, (str, os.PathLike)) for x in inputs):
     paths = []
     for pattern in map(str, inputs):
-      matched = sorted(glob.glob(pattern))
+      matched = sorted(glob_paths(pattern))
       if not matched:
         raise FileNotFoundError(f"tokenizer training input {pattern} matches no file")
       paths += matched
     def lines():
       for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        with open_text(path, errors="replace") as f:
           for line in f:
             if line.strip():
               yield line.rstrip("\n")
@@ -383,10 +466,12 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
   corpus then stays text instead of becoming the mask id (a label leak).
 
   Args:
-    inputs: a path or glob (plain or .gz text, one sentence or paragraph per
-      line) or a list/tuple of them; any other iterable (a generator, e.g.
-      bert_jax.data.sources.iter_paragraphs(spec)) yields the text itself.
-    model_prefix: writes `<model_prefix>.model` and `<model_prefix>.vocab`.
+    inputs: a path or glob, local or remote (plain or .gz text, one sentence
+      or paragraph per line) or a list/tuple of them; any other iterable (a
+      generator, e.g. bert_jax.data.sources.iter_paragraphs(spec)) yields the
+      text itself.
+    model_prefix: writes `<model_prefix>.model` and `<model_prefix>.vocab`;
+      local or remote (gs://...).
     vocab_size: pieces in the SentencePiece model itself (T5: 32000); the
       loaded tokenizer's vocab_size adds `extra_ids`.
     model_type: 'unigram' (T5) or 'bpe', 'char', 'word'.
@@ -416,18 +501,42 @@ def train_sentencepiece(inputs, model_prefix: str, vocab_size: int, *,
   ids = (dict(pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
               control_symbols=",".join(_BERT_SPECIAL_TOKENS))
          if bert_special_tokens else dict(pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
-  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   spm.set_random_generator_seed(seed)
-  try:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
-        model_type=model_type, character_coverage=character_coverage,
-        input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **ids)
-  except RuntimeError as e:
-    raise ValueError(f"SentencePiece training of {model_prefix}.model failed "
-                     f"(vocab_size={vocab_size}): {e}") from e
+  with _written_locally(model_prefix) as local_prefix:
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(lines), model_prefix=local_prefix, vocab_size=vocab_size,
+          model_type=model_type, character_coverage=character_coverage,
+          input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+          num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **ids)
+    except RuntimeError as e:
+      raise ValueError(f"SentencePiece training of {model_prefix}.model failed "
+                       f"(vocab_size={vocab_size}): {e}") from e
   return SentencePieceTokenizer(model_prefix + ".model", extra_ids=extra_ids)
+
+
+@contextlib.contextmanager
+def _written_locally(model_prefix: str) -> Iterator[str]:
+  """Yields a local prefix for SentencePiece to write `<prefix>.model/.vocab` to.
+
+  SentencePiece writes with C++ file streams, so local files only: for a
+  remote `model_prefix` it writes into a temporary folder, and the files are
+  copied out on success. The .model goes last: a restarted run that finds it
+  (train_for_source) finds a complete pair, and a GCS object appears whole.
+  """
+  if not is_remote(model_prefix):
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    yield model_prefix
+    return
+  tmp = tempfile.mkdtemp(prefix="bert_jax_spm_")
+  try:
+    local_prefix = os.path.join(tmp, "spm")
+    yield local_prefix
+    tf.io.gfile.makedirs(os.path.dirname(model_prefix))
+    for ext in (".vocab", ".model"):
+      tf.io.gfile.copy(local_prefix + ext, model_prefix + ext, overwrite=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path: str, *, lower_case: bool = True,
@@ -437,9 +546,9 @@ def load_tokenizer(path: str, *, lower_case: bool = True,
   A folder is searched for vocab.txt, then spiece.model / sentencepiece.model.
   `lower_case` applies to WordPiece, `extra_ids` to SentencePiece.
   """
-  if os.path.isdir(path):
+  if tf.io.gfile.isdir(path):
     for name in ("vocab.txt", "spiece.model", "sentencepiece.model"):
-      if os.path.isfile(os.path.join(path, name)):
+      if isfile(os.path.join(path, name)):
         return load_tokenizer(os.path.join(path, name), lower_case=lower_case,
                               extra_ids=extra_ids)
     raise FileNotFoundError(f"no vocab.txt or spiece.model in folder {path}")
@@ -456,11 +565,12 @@ def train_for_source(data_config, out_dir: str) -> str:
   ids, span corruption gets T5's layout with `data.extra_ids` sentinels. The
   model is written to `out_dir/spm_<objective>_<vocab_size>.model` and reused
   when already there, so a restarted run tokenizes exactly as before.
+  `out_dir` may be remote (gs://...; see train_sentencepiece).
   """
   from bert_jax.data import sources  # sources imports this module
   t5_style = data_config.objective == "span_corruption"
   prefix = os.path.join(out_dir, f"spm_{data_config.objective}_{data_config.vocab_size}")
-  if not os.path.isfile(prefix + ".model"):
+  if not isfile(prefix + ".model"):
     paragraphs = sources.iter_paragraphs(data_config.source, data_dir=data_config.data_dir or None,
                                          split=data_config.split)
     train_sentencepiece(paragraphs, prefix, data_config.vocab_size,
