@@ -115,6 +115,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_epochs = 1  # the last state, for resuming (always after the last epoch)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
@@ -202,12 +205,17 @@ class ConllTask:
 
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
-    train_data = ner.read_conll(_data_file(config, config.data.train_split))
+    self._read = functools.lru_cache(maxsize=4)(ner.read_conll)
+    train_data = self._read(_data_file(config, config.data.train_split))
     self.label_names = ner.label_names_of(train_data.sentences)
     self.num_labels = len(self.label_names)
 
   def load(self, split: str, limit: int) -> Split:
-    data = ner.read_conll(_data_file(self.config, split), label_names=self.label_names)
+    data = self._read(_data_file(self.config, split))
+    unknown = sorted({t for s in data.sentences for t in s.tags} - set(self.label_names))
+    if unknown:
+      raise ValueError(f"{data.path}: tags {unknown} are not in the label set of the "
+                       f"training file {self.label_names}")
     sentences = _limit(data.sentences, limit)
     encoded = ner.encode_sentences(sentences, self.tokenizer, self.label_names,
                                    max_length=self.config.data.max_length,
@@ -314,7 +322,7 @@ def validate(config) -> tuple[int, int, int]:
     _fail("data.padding", f"unknown padding {config.data.padding!r}; choose one of "
           f"{list(PADDINGS)}")
   for key in ("train.num_epochs", "train.batch_size", "eval.batch_size", "data.max_length",
-              "data.pad_multiple", "log.every_steps"):
+              "data.pad_multiple", "log.every_steps", "checkpoint.every_epochs"):
     section, name = key.split(".")
     if config[section][name] < 1:
       _fail(key, f"must be >= 1, got {config[section][name]}")
@@ -629,7 +637,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if is_main:
       logging.info("epoch %d: %s (best: epoch %d, %s %.4f)", epoch + 1, scores,
                    best["epoch"], primary, best["value"])
-    if ckpt.save(step, state, data_position={"best": best}, config=config, force=True):
+    final = epoch + 1 == config.train.num_epochs
+    if ((epoch + 1) % config.checkpoint.every_epochs == 0 or final) and ckpt.save(
+        step, state, data_position={"best": best}, config=config, force=True):
       last_saved = step
 
   bar.close()

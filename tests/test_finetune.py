@@ -6,7 +6,7 @@ rows used, so each run takes seconds; what is checked is the loop: the loss
 falls, metrics and the best checkpoint are written, predictions files parse,
 and bad input fails naming its cause.
 """
-import gzip
+import functools
 import json
 import os
 import pathlib
@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from bert_jax import finetune
 from bert_jax import save_pretrained
@@ -32,6 +33,11 @@ def _vocab(path: pathlib.Path, texts) -> pathlib.Path:
   words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
   path.write_text("\n".join(_SPECIALS + words) + "\n", encoding="utf-8")
   return path
+
+
+@functools.lru_cache(maxsize=None)
+def _conll(path: str):
+  return ner.read_conll(path)
 
 
 def _records(workdir) -> list:
@@ -62,6 +68,7 @@ def _random_init_config(task, data_dir, vocab, **fields):
   config.model.update(_tiny_model_fields(len(vocab.read_text().split())))
   config.log.every_steps = 1
   config.log.progress = False
+  config.checkpoint.every_epochs = 100  # only after the last epoch: saves are slow here
   config.update_from_flattened_dict(fields)
   return config
 
@@ -69,9 +76,10 @@ def _random_init_config(task, data_dir, vocab, **fields):
 # ---------------------------------------------------------------------- GLUE
 
 
+@pytest.mark.slow
 def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
   """`bert-jax finetune` from a HF folder with its lowest layer frozen; best epoch kept."""
-  rows = glue.read_tsv(str(shared_data), "sst2", "train")[:48]
+  rows = glue.read_tsv(str(shared_data), "sst2", "train")[:32]
   dev = glue.read_tsv(str(shared_data), "sst2", "dev")[:32]
   hf = tmp_path / "hf"
   hf.mkdir()
@@ -81,6 +89,13 @@ def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
   variables = encoder.init(jax.random.PRNGKey(1), np.ones((1, 8), np.int32))
   params = jax.tree.map(lambda x: getattr(x, "value", x), variables["params"],
                         is_leaf=lambda x: hasattr(x, "value"))
+  # At BERT's init scale (0.02) attention adds ~1% to the residual, so the
+  # [CLS] vector hardly depends on the sentence and a random model needs
+  # hundreds of steps to fit a few rows; attention kernels 8x larger stand in
+  # for a pretrained encoder whose [CLS] does see its input.
+  params = traverse_util.unflatten_dict({
+      k: v * 8 if k[-1] == "kernel" and k[-2] in ("query", "key", "value", "out") else v
+      for k, v in traverse_util.flatten_dict(params).items()})
   save_pretrained(encoder, params, hf)
   params = params["encoder"]
 
@@ -89,20 +104,21 @@ def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "bert_jax.main", "finetune", "--config=configs/glue.py:sst2",
        f"--workdir={workdir}", f"--config.init_from={hf}",
-       f"--config.data.data_dir={shared_data}", "--config.data.max_train_examples=48",
+       f"--config.data.data_dir={shared_data}", "--config.data.max_train_examples=32",
        "--config.data.max_eval_examples=32", "--config.data.max_length=32",
        "--config.data.pad_multiple=16", "--config.train.batch_size=16",
-       "--config.eval.batch_size=16", "--config.train.num_epochs=4",
+       "--config.eval.batch_size=16", "--config.train.num_epochs=8",
        "--config.optim.learning_rate=3e-3", "--config.finetune.freeze_layers=1",
+       "--config.checkpoint.every_epochs=100",
        "--config.log.every_steps=1", "--config.log.progress=False"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   records = _records(workdir)
-  losses = _epoch_losses(records, steps_per_epoch=3)
-  assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
+  losses = _epoch_losses(records, steps_per_epoch=2)
+  assert len(losses) == 8 and losses[-1] < losses[0] - 0.02, losses
   evals = [r for r in records if "eval/dev/accuracy" in r]
-  assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
+  assert [r["epoch"] for r in evals] == list(range(1, 9))
   # The best epoch is the first with the highest dev accuracy, and best/ holds it.
   accuracies = [r["eval/dev/accuracy"] for r in evals]
   best = evals[int(np.argmax(accuracies))]
@@ -136,10 +152,11 @@ def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
 # ----------------------------------------------------------------------- NER
 
 
+@pytest.mark.slow
 def test_conll_finetune_and_predict_columns(shared_data, tmp_path):
   """Token classification on 32 real CoNLL sentences (train = eval): loss falls, F1 written."""
   data_dir = shared_data / "conll2003"
-  sentences = ner.read_conll(str(data_dir / "train.txt.gz")).sentences[:32]
+  sentences = _conll(str(data_dir / "train.txt.gz")).sentences[:32]
   vocab = _vocab(tmp_path / "vocab.txt", [" ".join(s.words) for s in sentences])
   config = _random_init_config(
       "conll", data_dir, vocab, **{
@@ -162,7 +179,7 @@ def test_conll_finetune_and_predict_columns(shared_data, tmp_path):
   # conlleval's layout: `word gold predicted`, a blank line after each sentence.
   blocks = pathlib.Path(path).read_text(encoding="utf-8").strip("\n").split("\n\n")
   assert len(blocks) == len(sentences)
-  labels = set(ner.label_names_of(ner.read_conll(str(data_dir / "train.txt.gz")).sentences))
+  labels = set(ner.label_names_of(_conll(str(data_dir / "train.txt.gz")).sentences))
   for block, sentence in zip(blocks, sentences):
     rows = [line.split(" ") for line in block.split("\n")]
     assert [r[0] for r in rows] == list(sentence.words)
@@ -173,6 +190,7 @@ def test_conll_finetune_and_predict_columns(shared_data, tmp_path):
 # --------------------------------------------------------------------- SQuAD
 
 
+@pytest.mark.slow
 def test_squad_finetune_and_predictions_json(shared_data, tmp_path):
   """Span prediction on 12 real SQuAD questions (train = eval): loss falls, JSON written."""
   data_dir = shared_data / "squad"
