@@ -75,13 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.task = "glue"  # one of TASK_KINDS
   c.glue_task = "sst2"  # glue only: a key of glue.TASKS
-  c.init_from = ""  # Hugging Face folder; '' = random init of `model`
+  c.init_from = ""  # HF folder or bert_jax pretraining workdir; '' = random init of `model`
   c.dtype = "float32"  # computation dtype (params stay float32)
   c.model = train.model_config("bert", "tiny")  # used only when init_from is ''
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""
-  c.data.tokenizer = ""  # vocab.txt or folder; '' = init_from's folder
+  c.data.tokenizer = ""  # vocab.txt or folder; '' = init_from's (folder or pretraining run's)
   c.data.lower_case = True
   c.data.train_split = "train"
   c.data.eval_splits = "dev"  # comma-separated
@@ -331,8 +331,10 @@ def validate(config) -> tuple[int, int, int]:
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     _fail("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
           f"{config.finetune.layerwise_lr_decay}")
-  if config.init_from and not os.path.isfile(os.path.join(config.init_from, "config.json")):
-    _fail("init_from", f"{config.init_from!r} is not a Hugging Face folder (no config.json)")
+  if config.init_from and not (_is_pretraining_workdir(config.init_from) or os.path.isfile(
+      os.path.join(config.init_from, "config.json"))):
+    _fail("init_from", f"{config.init_from!r} is neither a Hugging Face folder (config.json) "
+          "nor a bert_jax pretraining workdir (checkpoints/)")
   if not (config.data.tokenizer or config.init_from):
     _fail("data.tokenizer", "empty, and no init_from folder to take vocab.txt from")
   if config.mesh.rules not in sharding.RULES:
@@ -355,8 +357,52 @@ def validate(config) -> tuple[int, int, int]:
 # -------------------------------------------------------------------- model
 
 
-def _encoder_config(config) -> tuple[bert.BertConfig, dict | None]:
+def _is_pretraining_workdir(path: str) -> bool:
+  return (os.path.isdir(os.path.join(path, "checkpoints"))
+          and not os.path.isfile(os.path.join(path, "config.json")))
+
+
+def _pretraining_config(workdir: str) -> tuple[str, int, ml_collections.ConfigDict]:
+  """(checkpoints folder, finished steps, the run's config) of a `bert-jax train` workdir."""
+  folder = os.path.join(workdir, "checkpoints")
+  finished = sorted(int(n) for n in os.listdir(folder) if n.isdigit() and os.path.isfile(
+      os.path.join(folder, n, checkpoint_lib.COMMIT_MARKER)))
+  if not finished:
+    raise FileNotFoundError(f"config.init_from: no finished checkpoint in {folder}")
+  with open(os.path.join(folder, str(finished[-1]), "config", "metadata"), encoding="utf-8") as f:
+    fields = json.load(f)["value"]
+  if "task" in fields:
+    _fail("init_from", f"{workdir} is a fine-tuning workdir; give a pretraining one (bert-jax "
+          "train) or a Hugging Face folder")
+  saved = train.default_config()
+  saved.update(fields)
+  if saved.family != "bert":
+    _fail("init_from", f"{folder} holds a {saved.family!r} run; fine-tuning needs a BERT encoder")
+  return folder, len(finished), saved
+
+
+def _from_pretraining_workdir(config, mesh, rules) -> tuple[bert.BertConfig, dict]:
+  """Encoder config and params of a `bert-jax train` workdir's latest step.
+
+  The run's own config (stored with every checkpoint) rebuilds its model and
+  optimizer, so the state restores exactly; only the encoder is kept.
+  """
+  folder, num_finished, saved = _pretraining_config(config.init_from)
+  model = train.build_model(saved)
+  tx, _ = optim.make_optimizer(saved.optim, steps.param_shapes(model, _INIT_SHAPES),
+                               num_steps=saved.train.num_steps)
+  abstract, _ = steps.abstract_sharded_state(model, tx, _INIT_SHAPES, mesh, rules)
+  restored = checkpoint_lib.Checkpointer(folder, every_steps=1, keep=num_finished,
+                                         async_save=False).restore(abstract)
+  logging.info("init_from: step %d of %s", restored.step, folder)
+  fields = dict(saved.model.to_dict(), dtype=config.dtype)
+  return bert.BertConfig.from_dict(fields), {"encoder": restored.state.params["encoder"]}
+
+
+def _encoder_config(config, mesh, rules) -> tuple[bert.BertConfig, dict | None]:
   """The encoder's hyperparameters and pretrained params (None: random init)."""
+  if config.init_from and _is_pretraining_workdir(config.init_from):
+    return _from_pretraining_workdir(config, mesh, rules)
   if config.init_from:
     encoder, params = from_pretrained(config.init_from, task="encoder", dtype=config.dtype)
     return encoder.config, params
@@ -496,10 +542,15 @@ class _Run:
 def _setup(config) -> _Run:
   """Checks the config, loads the tokenizer and the encoder, builds the task model."""
   mesh_shape = validate(config)
+  mesh = sharding.make_mesh(*mesh_shape)
+  rules = sharding.get_rules(config.mesh.rules)
+  if not config.data.tokenizer and _is_pretraining_workdir(config.init_from):
+    saved = _pretraining_config(config.init_from)[2]
+    config.data.tokenizer, config.data.lower_case = saved.data.tokenizer, saved.data.lower_case
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer or config.init_from,
                                            lower_case=config.data.lower_case)
   task = make_task(config, tokenizer)
-  encoder_config, pretrained = _encoder_config(config)
+  encoder_config, pretrained = _encoder_config(config, mesh, rules)
   if tokenizer.vocab_size > encoder_config.vocab_size:
     _fail("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, more than the "
           f"model's vocab_size {encoder_config.vocab_size}")
@@ -508,9 +559,7 @@ def _setup(config) -> _Run:
     _fail("data.max_length", f"{config.data.max_length} > the model's {positions} positions")
   kwargs = {} if task.num_labels is None else {"num_labels": task.num_labels}
   model = bert.build(encoder_config, task.model_task, **kwargs)
-  mesh = sharding.make_mesh(*mesh_shape)
-  return _Run(task, tokenizer, model, pretrained, mesh, sharding.get_rules(config.mesh.rules),
-              sharding.batch_sharding(mesh))
+  return _Run(task, tokenizer, model, pretrained, mesh, rules, sharding.batch_sharding(mesh))
 
 
 def _split_names(text: str) -> list[str]:

@@ -249,3 +249,34 @@ def test_bad_input_names_the_cause(shared_data, tmp_path):
     finetune.finetune(config, str(tmp_path / "e"))
   with pytest.raises(FileNotFoundError, match=r"finetune"):
     finetune.evaluate(_random_init_config("glue", shared_data, vocab), str(tmp_path / "f"))
+
+
+def test_init_from_a_pretraining_workdir(shared_data, tmp_path):
+  """A `bert-jax train` checkpoint (state + config) gives the encoder and the tokenizer."""
+  from bert_jax import checkpoint, optim, sharding, steps, train
+  vocab = _vocab(tmp_path / "vocab.txt", ["hide new secretions from the parental units"])
+  pretrain = train.default_config()
+  pretrain.data.objective = "mlm_nsp"
+  pretrain.data.tokenizer = str(vocab)
+  pretrain.model.update(_tiny_model_fields(len(vocab.read_text().split())))
+  model = train.build_model(pretrain)
+  shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((1, 1), np.int32)}
+  tx, _ = optim.make_optimizer(pretrain.optim, steps.param_shapes(model, shapes),
+                               num_steps=pretrain.train.num_steps)
+  mesh = sharding.make_mesh()
+  state, _ = steps.create_sharded_state(model, tx, shapes, mesh, sharding.get_rules(
+      "data_parallel"), 3)
+  saver = checkpoint.Checkpointer(tmp_path / "pre" / "checkpoints", every_steps=1, keep=1,
+                                  async_save=False)
+  saver.save(7, state, data_position=None, config=pretrain, force=True)
+  saver.close()
+
+  config = finetune.default_config()
+  config.update_from_flattened_dict({"init_from": str(tmp_path / "pre"),
+                                     "data.data_dir": str(shared_data)})
+  run = finetune._setup(config)
+  assert run.tokenizer.path == str(vocab)
+  assert run.model.config.hidden_size == 64 and run.task.num_labels == 2
+  np.testing.assert_array_equal(
+      run.pretrained["encoder"]["layer_1"]["attention"]["query"]["kernel"],
+      state.params["encoder"]["layer_1"]["attention"]["query"]["kernel"])
