@@ -404,3 +404,140 @@ def test_file_sources_are_split_by_file_between_hosts(minilm_dir, tmp_path):
   resumed = pipeline.make_train_iterator(cfg, seed=1, batch_size=8, position=position)
   for want, got in zip(_take(whole, 3), _take(resumed, 3)):
     _assert_same(want, got)
+
+
+def _pair_docs(seed, num_docs, max_num_tokens):
+  """Documents of paragraphs of unique ids, some over-long, some of one id."""
+  rng = random.Random(seed)
+  docs, next_id = [], 5
+  for _ in range(num_docs):
+    paras = []
+    for _ in range(rng.choice([1, 1, 2, 3, 5, 8])):
+      n = rng.choice([1, rng.randint(2, 25), rng.randint(2, 12),
+                      rng.randint(max_num_tokens + 1, 3 * max_num_tokens)])
+      paras.append(list(range(next_id, next_id + n)))
+      next_id += n
+    docs.append(paras)
+  return docs
+
+
+def _segments(docs, max_num_tokens):
+  """Reference segments: (doc, first id, last id + 1) of every paragraph piece."""
+  segs = []
+  for d, paras in enumerate(docs):
+    for p in paras:
+      for s in range(0, len(p), max_num_tokens):
+        piece = p[s:s + max_num_tokens]
+        segs.append((d, piece[0], piece[-1] + 1))
+  return segs
+
+
+def _whole_segments(ids, segs, seg_of_start):
+  """The segment indices [first, last] if `ids` is a run of whole consecutive segments."""
+  first = seg_of_start.get(ids[0])
+  if first is None or ids != list(range(ids[0], ids[0] + len(ids))):
+    return None
+  last = first
+  while segs[last][2] < ids[-1] + 1:
+    last += 1
+  if segs[last][2] != ids[-1] + 1 or segs[last][0] != segs[first][0]:
+    return None
+  return first, last
+
+
+@pytest.mark.parametrize("random_next", [True, False])
+def test_pairs_are_whole_paragraph_segments(random_next):
+  # create_instances_from_document with paragraphs as segments: checked on ids
+  # that name their document and position, before truncation.
+  import tensorflow as tf
+  from bert_jax.data import examples as examples_lib
+  m = 29  # seq_length 32
+  docs = _pair_docs(0, 120, m)
+  ragged = tf.ragged.constant(docs, dtype=tf.int32, ragged_rank=2)
+  # In a graph, as in the pipeline's group map.
+  pairs = tf.function(lambda r, p: examples_lib.pair_examples(
+      r, 32, tf.constant([3, 4], tf.int64), short_seq_prob=p, random_next=random_next))
+  out = pairs(ragged, 0.1)
+  again = pairs(ragged, 0.1)
+  as_list = lambda x: x.to_list() if isinstance(x, tf.RaggedTensor) else x.numpy().tolist()
+  for k in out:  # stateless: the same seed gives the same pairs
+    assert as_list(out[k]) == as_list(again[k]), k
+  segs = _segments(docs, m)
+  seg_of_start = {s[1]: i for i, s in enumerate(segs)}
+  doc_last = {s[0]: i for i, s in enumerate(segs)}  # last segment of each document
+  tokens_a, tokens_b = out["tokens_a"].to_list(), out["tokens_b"].to_list()
+  labels = out["nsp_labels"].numpy() if random_next else np.zeros(len(tokens_a), int)
+  targets = out["target"].numpy()
+  assert len(tokens_a) > 250 and ("nsp_labels" in out) == random_next
+  own, split = [], 0
+  for a, b, label, target in zip(tokens_a, tokens_b, labels, targets):
+    assert a and b and 2 <= target <= m
+    wa = _whole_segments(a, segs, seg_of_start)
+    wb = _whole_segments(b, segs, seg_of_start)
+    if label:  # B: whole segments of ANOTHER document, only as many as reach the target
+      assert wb is not None and segs[wb[0]][0] != segs[seg_of_start[a[0]]][0]
+      assert wb[0] == wb[1] or len(a) + segs[wb[1]][1] - segs[wb[0]][1] < target
+      assert wa is not None
+      own.append(a)
+    elif wa is None:  # the last segment of a document, cut at a token into A and B
+      seg = seg_of_start[a[0]]
+      assert doc_last[segs[seg][0]] == seg and b[0] == a[-1] + 1 and b[-1] + 1 == segs[seg][2]
+      split += 1
+      own.append(a + b)
+    else:  # B: the whole segments that follow A in its document
+      assert wb is not None and wb[0] == wa[1] + 1 and segs[wb[0]][0] == segs[wa[0]][0]
+      # Segments are gathered until they reach the target (or the document ends).
+      assert len(a) + len(b) >= target or doc_last[segs[wb[1]][0]] == wb[1]
+      assert len(a) + len(b) - (segs[wb[1]][2] - segs[wb[1]][1]) < target or wb[1] == wa[1] + 1
+      own.append(a + b)
+  # Every segment is used once, in order (a random next puts the unused ones
+  # back); only a lone one-id segment at a document's end makes no example.
+  used = [i for ids in own for i in ids]
+  assert used == sorted(set(used))
+  missing = {i for s in segs for i in range(s[1], s[2])} - set(used)
+  for i in missing:
+    seg = max(j for j, s in enumerate(segs) if s[1] <= i)
+    assert segs[seg][2] - segs[seg][1] == 1 and doc_last[segs[seg][0]] == seg
+  assert split > 0
+  short = np.mean(targets < m)
+  assert 0.05 < short < 0.15, short  # short_seq_prob = 0.1
+  if random_next:
+    assert 0.4 < np.mean(labels) < 0.6
+  assert np.all(pairs(ragged, 0.0)["target"].numpy() == m)
+
+
+def test_nsp_pairs_in_the_pipeline_are_document_text(minilm_dir, corpus, corpus_docs):
+  # After truncation A is a piece of one document; B a later piece of the
+  # same document (label 0) or a piece of another one (label 1).
+  cfg = _config(_vocab(minilm_dir), corpus, objective="mlm_nsp", short_seq_prob=0.5)
+  it = pipeline.make_train_iterator(cfg, seed=2, batch_size=8)
+  tok = it.tokenizer
+  texts = [np.concatenate(tok.tokenize(d).numpy()).tolist() for d in corpus_docs]
+
+  def find(piece):
+    n = len(piece)
+    return {(d, s) for d, t in enumerate(texts) for s in range(len(t) - n + 1)
+            if t[s:s + n] == piece}
+
+  lengths, labels, unique_random = [], [], 0
+  for _ in range(4):
+    b = next(it)
+    orig = _originals(b)
+    for row in range(8):
+      n = int((orig[row] != 0).sum())
+      seps = np.flatnonzero(orig[row][:n] == tok.sep_id)
+      a, bb = orig[row][1:seps[0]].tolist(), orig[row][seps[0] + 1:n - 1].tolist()
+      where_a, where_b = find(a), find(bb)
+      assert where_a and where_b
+      if b["nsp_labels"][row]:  # (short pieces of this small vocabulary recur)
+        docs_a, docs_b = {d for d, _ in where_a}, {d for d, _ in where_b}
+        if len(docs_a) == 1 and len(docs_b) == 1:
+          assert docs_a != docs_b
+          unique_random += 1
+      else:
+        assert any(da == db and sb >= sa + len(a) for da, sa in where_a for db, sb in where_b)
+      lengths.append(n)
+      labels.append(int(b["nsp_labels"][row]))
+  assert set(labels) == {0, 1} and unique_random >= 5
+  # short_seq_prob=0.5: many examples end well before seq_length.
+  assert np.mean(np.array(lengths) < 20) > 0.2

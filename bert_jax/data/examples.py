@@ -15,14 +15,29 @@ Raw example layout per objective:
   span_corruption: the group's documents concatenated without separator (as
     t5's reduce_concat_tokens), cut into chunks of the raw length from
     span_corruption.compute_input_and_target_lengths; the last may be shorter.
-  mlm_nsp / mlm_sop: each document's ids cut into chunks of seq_length - 3
-    (chunks never cross documents); each chunk of >= 2 ids is one example
-    (shorter chunks, e.g. one-token documents, make none). The chunk is later
-    split into A and B at a uniformly random TOKEN point (the original splits
-    at sentence boundaries; paragraphs are too long to be the unit here).
-    For NSP a "random other" chunk from a different document of the same
-    group is drawn per chunk; a group with a single document has none, and
-    its examples are then always true continuations (label 0).
+  mlm_nsp / mlm_sop: original BERT's create_instances_from_document with a
+    paragraph (one input line) as its "sentence" segment; paragraphs longer
+    than seq_length - 3 ids are first cut into pieces of that length, each
+    piece a segment. Per pair (`pair_segments`): a target length (seq_length
+    - 3, or with short_seq_prob a random int in [2, seq_length - 3]); whole
+    segments of one document are gathered until they reach the target; A is
+    the first a_end of them (random, >= 1), B the rest (label 0) or, for NSP
+    with probability 1/2, segments of a random other document of the group
+    from a random start until A + B reach the target (label 1; the unused
+    segments are put back, as the original does). The pair is later
+    truncated to the target (`masking.labelled_pair`). SOP takes B always
+    from the rest; the per-example map swaps the order half the time.
+    Two deviations, because paragraphs are far longer than sentences: a
+    chunk takes at least two segments when its document has them (else a
+    chunk of one long paragraph would always be a random next, a length cue
+    for the NSP head), and a chunk that is a single segment (the last
+    paragraph left in its document) is cut at a random token into A and B
+    (>= 2 ids needed; with fewer it makes no example, like a one-token
+    document; for a random next A is the whole segment, as the original).
+    Truncating to the target rather than to seq_length - 3 makes short
+    targets give short examples with paragraph-long segments. The target is
+    drawn per pair (the original draws it per document). A group
+    with a single document has no random other: its pairs are all label 0.
 Documents that tokenize to nothing are dropped; one-token documents simply
 join the mlm / span corruption streams.
 """
@@ -47,6 +62,12 @@ def tokenize_documents(tokenizer, docs: tf.RaggedTensor, return_paragraph_length
   if return_paragraph_lengths:
     return per_doc, tf.cast(ids.row_lengths(), tf.int64)
   return per_doc
+
+
+def tokenize_paragraphs(tokenizer, docs: tf.RaggedTensor) -> tf.RaggedTensor:
+  """[G, (paragraphs)] strings -> [G, (paragraphs), (ids)] int32 (empty rows kept)."""
+  ids = tf.cast(tokenizer.tokenize(docs.flat_values), tf.int32)  # [P, (ids)]
+  return docs.with_flat_values(ids)
 
 
 def _split_stream(flat: tf.Tensor, length: int) -> tf.RaggedTensor:
@@ -78,7 +99,7 @@ def document_chunks(doc_ids: tf.RaggedTensor, max_num_tokens: int, min_tokens: i
   """Per-document chunks of <= max_num_tokens ids, never crossing documents.
 
   Args:
-    doc_ids: [G, (ids)] int32, no empty rows.
+    doc_ids: [G, (ids)] int32 (an empty row makes no chunk).
     max_num_tokens: chunk length.
     min_tokens: shorter chunks are dropped.
 
@@ -99,58 +120,141 @@ def document_chunks(doc_ids: tf.RaggedTensor, max_num_tokens: int, min_tokens: i
   return tf.ragged.boolean_mask(chunks, keep), tf.boolean_mask(chunk_doc, keep)
 
 
-def random_other_chunk(chunk_doc: tf.Tensor, seed):
-  """For each chunk, a uniformly random chunk of ANOTHER document of the group.
+def paragraph_segments(doc_paragraphs: tf.RaggedTensor, max_num_tokens: int):
+  """The segments of NSP/SOP pairs: paragraphs, over-long ones cut into pieces.
 
   Args:
-    chunk_doc: int64 [C] document of each chunk, non-decreasing.
-    seed: int [2] stateless seed.
+    doc_paragraphs: [G, (paragraphs), (ids)] int32.
+    max_num_tokens: longest segment; a longer paragraph becomes pieces of
+      this length (the last may be shorter).
 
   Returns:
-    (index int64 [C] of the chosen chunk (its own index when there is none),
-     has_other bool [C]).
+    (segments [S, (ids)] in document order (empty paragraphs dropped),
+     segment_doc int64 [S]: 0-based index among the documents that have ids,
+     non-decreasing).
   """
-  c = tf.size(chunk_doc, out_type=tf.int64)
-  idx = tf.range(c)
-  # A document's chunks are contiguous: [start, start + count).
-  num_docs = tf.reduce_max(tf.concat([chunk_doc, [-1]], 0)) + 1
-  start = tf.math.unsorted_segment_min(idx, chunk_doc, num_docs)
-  count = tf.math.unsorted_segment_sum(tf.ones_like(idx), chunk_doc, num_docs)
-  own_start, own_count = tf.gather(start, chunk_doc), tf.gather(count, chunk_doc)
-  others = c - own_count  # [C]
-  u = tf.random.stateless_uniform([c], seed, dtype=tf.float64)
-  r = tf.minimum(tf.cast(u * tf.cast(others, tf.float64), tf.int64), tf.maximum(others - 1, 0))
-  # Number the other chunks 0 .. others-1, skipping the own document's block.
-  index = tf.where(r < own_start, r, r + own_count)
-  has_other = others > 0
-  return tf.where(has_other, index, idx), has_other
+  paragraphs = doc_paragraphs.values  # [P, (ids)]
+  segments, segment_paragraph = document_chunks(paragraphs, max_num_tokens, min_tokens=1)
+  doc = tf.gather(doc_paragraphs.value_rowids(), segment_paragraph)  # [S]
+  new_doc = tf.not_equal(doc, tf.pad(doc[:-1], [[1, 0]], constant_values=-1))
+  return segments, tf.cumsum(tf.cast(new_doc, tf.int64)) - 1
 
 
-def nsp_examples(doc_ids: tf.RaggedTensor, seq_length: int, seed) -> Dict[str, tf.RaggedTensor]:
-  """Chunks for mlm_nsp plus, per chunk, a random chunk of another document."""
-  chunks, chunk_doc = document_chunks(doc_ids, seq_length - 3)
-  index, has_other = random_other_chunk(chunk_doc, seed)
-  return dict(tokens=chunks, random_tokens=tf.gather(chunks, index), has_other=has_other)
+def _draw(u, lo, hi):
+  """An int64 in [lo, hi] (hi >= lo) from u uniform in [0, 1)."""
+  span = hi - lo + 1
+  return lo + tf.minimum(tf.cast(u * tf.cast(span, tf.float64), tf.int64), span - 1)
 
 
-def sop_examples(doc_ids: tf.RaggedTensor, seq_length: int) -> Dict[str, tf.RaggedTensor]:
-  """Chunks for mlm_sop (each split later into two ordered halves)."""
-  chunks, _ = document_chunks(doc_ids, seq_length - 3)
-  return dict(tokens=chunks)
+def pair_segments(row_splits, segment_doc, seed, *, max_num_tokens: int,
+                  short_seq_prob: float, random_next: bool):
+  """Chooses the A/B ranges of every pair of a group (module docstring).
+
+  Sequential like the original (a random next puts segments back, so where a
+  chunk starts depends on the earlier coins): one while-loop step per pair,
+  each of scalar ops, its draws seeded by fold_in(seed, step).
+
+  Args:
+    row_splits: int64 [S + 1] segment boundaries in the flat ids.
+    segment_doc: int64 [S] document of each segment (0-based, non-decreasing).
+    seed: int [2] stateless seed of the group.
+    max_num_tokens: seq_length - 3.
+    short_seq_prob: probability of a random target in [2, max_num_tokens].
+    random_next: NSP (B from another document half the time) or SOP (never).
+
+  Returns:
+    dict of [C] tensors: a_start, a_limit, b_start, b_limit int64 (ranges in
+    the flat ids), nsp_labels int32 (1 = random next), target int32.
+  """
+  num_segments = tf.size(segment_doc, out_type=tf.int64)
+  num_docs = tf.reduce_max(tf.concat([segment_doc, [-1]], 0)) + 1
+  idx = tf.range(num_segments)
+  doc_start = tf.math.unsorted_segment_min(idx, segment_doc, num_docs)  # [D]
+  doc_limit = tf.math.unsorted_segment_max(idx, segment_doc, num_docs) + 1  # [D]
+  at = lambda x, i: tf.gather(x, i)
+  names = ("a_start", "a_limit", "b_start", "b_limit", "nsp_labels", "target", "valid")
+
+  def first_reaching(start, length):
+    # First k with row_splits[k] >= row_splits[start] + length: segments
+    # [start, k) hold at least `length` ids.
+    goal = at(row_splits, start) + length
+    return tf.searchsorted(row_splits, goal[None], side="left", out_type=tf.int64)[0]
+
+  def body(t, i, arrays):
+    u = tf.random.stateless_uniform(
+        [6], tf.random.experimental.stateless_fold_in(seed, t), dtype=tf.float64)
+    target = tf.where(u[0] < short_seq_prob, _draw(u[1], 2, max_num_tokens),
+                      tf.constant(max_num_tokens, tf.int64))
+    doc = at(segment_doc, i)
+    # chunk [i, end): >= 2 segments while the document has them
+    end = tf.minimum(tf.maximum(first_reaching(i, target), i + 2), at(doc_limit, doc))
+    n = end - i
+    length = at(row_splits, i + 1) - at(row_splits, i)
+    is_random = (u[3] < 0.5) & (num_docs >= 2) & random_next
+    a_end = _draw(u[2], 1, tf.maximum(n - 1, 1))  # segments in A
+    a_start = at(row_splits, i)
+    a_limit = tf.where(n >= 2, at(row_splits, i + a_end),
+                       tf.where(is_random, at(row_splits, i + 1),
+                                a_start + _draw(u[2], 1, tf.maximum(length - 1, 1))))
+    # Random next: another document, a random segment of it, then on until
+    # A and B reach the target (at least one segment).
+    r = _draw(u[4], 0, tf.maximum(num_docs - 2, 0))
+    other = tf.minimum(tf.where(r < doc, r, r + 1), num_docs - 1)
+    start = _draw(u[5], at(doc_start, other), at(doc_limit, other) - 1)
+    limit = tf.minimum(tf.maximum(first_reaching(start, target - (a_limit - a_start)), start + 1),
+                       at(doc_limit, other))
+    values = (a_start, a_limit,
+              tf.where(is_random, at(row_splits, start), a_limit),
+              tf.where(is_random, at(row_splits, limit), at(row_splits, end)),
+              tf.cast(is_random, tf.int32), tf.cast(target, tf.int32),
+              (n >= 2) | (length >= 2))
+    arrays = tuple(a.write(tf.cast(t, tf.int32), v) for a, v in zip(arrays, values))
+    # The original puts the unused segments of a random-next chunk back.
+    return t + 1, tf.where(is_random & (n >= 2), i + a_end, end), arrays
+
+  dtypes = (tf.int64,) * 4 + (tf.int32, tf.int32, tf.bool)
+  arrays = tuple(tf.TensorArray(d, size=0, dynamic_size=True, element_shape=[])
+                 for d in dtypes)
+  _, _, arrays = tf.while_loop(lambda t, i, a: i < num_segments, body,
+                               (tf.constant(0, tf.int64), tf.constant(0, tf.int64), arrays))
+  out = dict(zip(names, (a.stack() for a in arrays)))
+  valid = out.pop("valid")
+  return {k: tf.boolean_mask(v, valid) for k, v in out.items()}
 
 
-def _split_point(tokens, seed):
-  """A and B of a chunk of n >= 2 ids, cut at a uniform point in [1, n - 1]."""
-  n = tf.size(tokens)
-  cut = tf.random.stateless_uniform([], seed, 1, tf.maximum(n, 2), tf.int32)
-  return tokens[:cut], tokens[cut:]
+def pair_examples(doc_paragraphs: tf.RaggedTensor, seq_length: int, seed, *,
+                  short_seq_prob: float, random_next: bool) -> Dict[str, tf.Tensor]:
+  """Raw mlm_nsp (random_next) / mlm_sop examples of one group.
+
+  Args:
+    doc_paragraphs: [G, (paragraphs), (ids)] int32 (tokenize_paragraphs).
+    seq_length: encoder length ([CLS] A [SEP] B [SEP]).
+    seed: int [2] stateless seed of the group.
+    short_seq_prob: probability of a short target length.
+    random_next: NSP (True) or SOP (False).
+
+  Returns:
+    dict: tokens_a, tokens_b [C, (ids)] int32; target int32 [C] (most ids of
+    A and B after truncation); NSP also nsp_labels int32 [C].
+  """
+  segments, segment_doc = paragraph_segments(doc_paragraphs, seq_length - 3)
+  pairs = pair_segments(segments.row_splits, segment_doc, seed, max_num_tokens=seq_length - 3,
+                        short_seq_prob=short_seq_prob, random_next=random_next)
+  flat = segments.flat_values
+  out = dict(tokens_a=tf.gather(flat, tf.ragged.range(pairs["a_start"], pairs["a_limit"])),
+             tokens_b=tf.gather(flat, tf.ragged.range(pairs["b_start"], pairs["b_limit"])),
+             target=pairs["target"])
+  if random_next:
+    out["nsp_labels"] = pairs["nsp_labels"]
+  return out
 
 
 def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer, mask: bool = True):
   """Applies the objective to one raw example; returns unpadded features.
 
   Args:
-    ex: dict with `tokens` int32 [n] (+ random_tokens, has_other for NSP).
+    ex: dict with `tokens` int32 [n] (mlm, span corruption) or tokens_a,
+      tokens_b int32, target int32 scalar (+ nsp_labels for NSP).
     seed: int [2] stateless seed of this example.
     objective: 'mlm', 'mlm_nsp', 'mlm_sop' or 'span_corruption'.
     cfg: the data config (masking, rates, lengths).
@@ -163,22 +267,23 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer, mask: bo
     MLM: encoder_input_tokens [n'], mlm_* [max_predictions] (+ encoder_type_ids,
     nsp_labels for NSP/SOP). Span corruption: inputs [n_in], targets [n_tgt].
   """
-  tokens = ex["tokens"]
   if objective == "span_corruption":
     return span_lib.span_corruption(
-        tokens, seed, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+        ex["tokens"], seed, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
         noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length)
-  s_split, s_pair, s_mask = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  # Three streams as before the pairs came from the group map (the first is
+  # unused now), so masks keep their seeds.
+  tokens = ex.get("tokens")
+  _, s_pair, s_mask = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   extra = {}
   if objective == "mlm_nsp":
-    a, b = _split_point(tokens, s_split)
-    prob = tf.where(ex["has_other"], 0.5, 0.0)
-    extra = masking.nsp_pair(a, b, ex["random_tokens"], s_pair, vocab,
-                             max_seq_length=cfg.seq_length, random_next_prob=prob)
+    extra = masking.labelled_pair(ex["tokens_a"], ex["tokens_b"], ex["nsp_labels"], s_pair,
+                                  vocab, max_seq_length=cfg.seq_length,
+                                  target_length=ex["target"])
     tokens = extra.pop("encoder_input_tokens")
   elif objective == "mlm_sop":
-    a, b = _split_point(tokens, s_split)
-    extra = masking.sop_pair(a, b, s_pair, vocab, max_seq_length=cfg.seq_length)
+    extra = masking.sop_pair(ex["tokens_a"], ex["tokens_b"], s_pair, vocab,
+                             max_seq_length=cfg.seq_length, target_length=ex["target"])
     tokens = extra.pop("encoder_input_tokens")
   if not mask:
     return dict(encoder_input_tokens=tokens, **extra)

@@ -482,6 +482,36 @@ def _join_pair(a, b, vocab: VocabInfo):
   return tokens, types
 
 
+def labelled_pair(segment_a, segment_b, label, seed, vocab: VocabInfo, *,
+                  max_seq_length: int, target_length=None):
+  """[CLS] A [SEP] B [SEP] of an already chosen pair, truncated, with its label.
+
+  The pair is truncated with `truncate_pair` to max_seq_length - 3 tokens, or
+  to `target_length` when that is smaller (BERT's short_seq_prob targets).
+
+  Args:
+    segment_a: int32 [la].
+    segment_b: int32 [lb].
+    label: int scalar, stored as nsp_labels.
+    seed: int [2] stateless seed (truncation).
+    vocab: vocabulary facts (cls/sep ids).
+    max_seq_length: full length including [CLS] and two [SEP].
+    target_length: optional int scalar (tensor or Python), most tokens of A
+      and B together; None means max_seq_length - 3.
+
+  Returns:
+    dict: encoder_input_tokens, encoder_type_ids int32 (unpadded), nsp_labels
+    int32 scalar.
+  """
+  limit = tf.constant(max_seq_length - 3, tf.int32)
+  if target_length is not None:
+    limit = tf.minimum(limit, tf.cast(target_length, tf.int32))
+  a, b = truncate_pair(tf.cast(segment_a, tf.int32), tf.cast(segment_b, tf.int32), limit, seed)
+  tokens, types = _join_pair(a, b, vocab)
+  return dict(encoder_input_tokens=tokens, encoder_type_ids=types,
+              nsp_labels=tf.cast(label, tf.int32))
+
+
 def nsp_pair(segment_a, segment_b, random_segment, seed, vocab: VocabInfo, *,
              max_seq_length: int, random_next_prob: float = 0.5):
   """Next-sentence prediction example: [CLS] A [SEP] B [SEP].
@@ -491,7 +521,9 @@ def nsp_pair(segment_a, segment_b, random_segment, seed, vocab: VocabInfo, *,
   `random_segment` is a chunk of ANOTHER document. With `random_next_prob`,
   B is replaced by `random_segment` (label 1, "random next"); else B follows
   A (label 0), as in the original. The pair is then truncated to
-  max_seq_length - 3 tokens with `truncate_pair`.
+  max_seq_length - 3 tokens with `truncate_pair`. (The pipeline draws the
+  coin when it builds the segments, bert_jax.data.examples, and calls
+  `labelled_pair` instead.)
 
   Args:
     segment_a: int32 [la].
@@ -510,19 +542,16 @@ def nsp_pair(segment_a, segment_b, random_segment, seed, vocab: VocabInfo, *,
   is_random = tf.random.stateless_uniform([], s_coin) < random_next_prob
   b = tf.cond(is_random, lambda: tf.cast(random_segment, tf.int32),
               lambda: tf.cast(segment_b, tf.int32))
-  a, b = truncate_pair(tf.cast(segment_a, tf.int32), b, max_seq_length - 3, s_trunc)
-  tokens, types = _join_pair(a, b, vocab)
-  return dict(encoder_input_tokens=tokens, encoder_type_ids=types,
-              nsp_labels=tf.cast(is_random, tf.int32))
+  return labelled_pair(segment_a, b, is_random, s_trunc, vocab, max_seq_length=max_seq_length)
 
 
 def sop_pair(segment_a, segment_b, seed, vocab: VocabInfo, *, max_seq_length: int,
-             swap_prob: float = 0.5):
+             swap_prob: float = 0.5, target_length=None):
   """Sentence-order prediction example (ALBERT): [CLS] A [SEP] B [SEP].
 
   Input format: `segment_a`, `segment_b` consecutive chunks of one document.
   With `swap_prob` they are swapped (label 1 = swapped order), then truncated
-  to max_seq_length - 3 tokens with `truncate_pair`.
+  with `labelled_pair` (to max_seq_length - 3 tokens or `target_length`).
 
   Args:
     segment_a: int32 [la], the earlier chunk.
@@ -531,6 +560,7 @@ def sop_pair(segment_a, segment_b, seed, vocab: VocabInfo, *, max_seq_length: in
     vocab: vocabulary facts (cls/sep ids).
     max_seq_length: full length including [CLS] and two [SEP].
     swap_prob: probability of swapping.
+    target_length: optional int scalar, most tokens of A and B together.
 
   Returns:
     dict: encoder_input_tokens, encoder_type_ids int32 (unpadded), nsp_labels
@@ -540,7 +570,5 @@ def sop_pair(segment_a, segment_b, seed, vocab: VocabInfo, *, max_seq_length: in
   swap = tf.random.stateless_uniform([], s_coin) < swap_prob
   a, b = tf.cast(segment_a, tf.int32), tf.cast(segment_b, tf.int32)
   first, second = tf.cond(swap, lambda: (b, a), lambda: (a, b))
-  first, second = truncate_pair(first, second, max_seq_length - 3, s_trunc)
-  tokens, types = _join_pair(first, second, vocab)
-  return dict(encoder_input_tokens=tokens, encoder_type_ids=types,
-              nsp_labels=tf.cast(swap, tf.int32))
+  return labelled_pair(first, second, swap, s_trunc, vocab, max_seq_length=max_seq_length,
+                       target_length=target_length)

@@ -95,6 +95,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.random_prob = 0.1  # chosen token -> random token (the rest stays)
   c.seq_length = 128  # encoder length; span_corruption: inputs length (e.g. 512)
   c.max_predictions = 20  # width of mlm_positions/targets/weights
+  c.short_seq_prob = 0.1  # mlm_nsp/mlm_sop: P(target length random in [2, seq_length - 3])
+  #                       instead of seq_length - 3, as original BERT (fewer train/fine-tune
+  #                       length mismatches)
   c.noise_density = 0.15  # span corruption
   c.mean_noise_span_length = 3.0  # span corruption
   c.extra_ids = 100  # sentinels appended to a SentencePiece vocabulary
@@ -140,6 +143,8 @@ def _validate(cfg, seed: int, shards: Sequence[int]) -> _Plan:
   for key in ("group_size", "num_shards", "shuffle_buffer", "max_predictions"):
     _check(cfg[key] >= 1, f"data.{key}={cfg[key]} must be >= 1")
   _check(0 < cfg.mask_rate <= 1, f"data.mask_rate={cfg.mask_rate} must be in (0, 1]")
+  _check(0 <= cfg.short_seq_prob <= 1,
+         f"data.short_seq_prob={cfg.short_seq_prob} must be in [0, 1]")
   _check(bool(cfg.tokenizer), "data.tokenizer is empty: give a vocab.txt or a .model path")
   tok = tokenizer_lib.load_tokenizer(cfg.tokenizer, lower_case=cfg.lower_case,
                                      extra_ids=cfg.extra_ids)
@@ -236,8 +241,13 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   unmasked: encoder_input_tokens padded to [C, seq_length] and `_seed` [C, 2].
   """
   cfg, tok = plan.cfg, plan.tokenizer
-  doc_ids, para_lengths = examples_lib.tokenize_documents(
-      tok, docs, return_paragraph_lengths=True)  # [G', (ids)], [P]
+  if cfg.objective in ("mlm_nsp", "mlm_sop"):  # pairs of whole paragraphs
+    doc_paragraphs = examples_lib.tokenize_paragraphs(tok, docs)  # [G, (paragraphs), (ids)]
+    doc_ids = doc_paragraphs.merge_dims(1, 2)  # [G, (ids)], for the statistics
+    para_lengths = doc_paragraphs.values.row_lengths()  # [P]
+  else:
+    doc_ids, para_lengths = examples_lib.tokenize_documents(
+        tok, docs, return_paragraph_lengths=True)  # [G', (ids)], [P]
   counts = [plan.stats["overlong_paragraphs"].assign_add(
       tf.math.count_nonzero(para_lengths > plan.chunk_length))]
   if cfg.objective in ("mlm_nsp", "mlm_sop"):  # chunks of < 2 ids make no example
@@ -250,12 +260,12 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
     out = dict(tokens=examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id))
   elif cfg.objective == "span_corruption":
     out = dict(tokens=examples_lib.t5_examples(doc_ids, plan.tokens_length))
-  elif cfg.objective == "mlm_sop":
-    out = examples_lib.sop_examples(doc_ids, cfg.seq_length)
   else:
     seed = masking.example_seed(plan.seed, epoch, _GROUP_SALT - (g * cfg.num_shards + shard))
-    out = examples_lib.nsp_examples(doc_ids, cfg.seq_length, seed)
-  tokens = out["tokens"]
+    out = examples_lib.pair_examples(doc_paragraphs, cfg.seq_length, seed,
+                                     short_seq_prob=cfg.short_seq_prob,
+                                     random_next=cfg.objective == "mlm_nsp")
+  tokens = out.get("tokens", out.get("tokens_a"))
   c = (tokens.nrows() if isinstance(tokens, tf.RaggedTensor)
        else tf.shape(tokens, out_type=tf.int64)[0])
   # The example seed index reserves _K_BITS bits for k (see module docstring).
@@ -280,7 +290,7 @@ def _example_features(plan: _Plan, ex, shard):
   cfg = plan.cfg
   index = (ex["_group"] * cfg.num_shards + shard) * (1 << _K_BITS) + ex["_k"]
   seed = masking.example_seed(plan.seed, ex["_epoch"], index)
-  raw = {k: (tf.ensure_shape(v, [None]) if k in ("tokens", "random_tokens") else v)
+  raw = {k: (tf.ensure_shape(v, [None]) if k in ("tokens", "tokens_a", "tokens_b") else v)
          for k, v in ex.items() if not k.startswith("_")}
   out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
                                      vocab=plan.vocab, tokenizer=plan.tokenizer,
