@@ -280,3 +280,31 @@ def test_init_from_a_pretraining_workdir(shared_data, tmp_path):
   np.testing.assert_array_equal(
       run.pretrained["encoder"]["layer_1"]["attention"]["query"]["kernel"],
       state.params["encoder"]["layer_1"]["attention"]["query"]["kernel"])
+
+
+def _config_module(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_config_files_cover_every_task():
+  glue_config = _config_module("glue")
+  for name, task in glue.TASKS.items():
+    if task.labelled is None:
+      continue  # ax: test only, predicted by an MNLI model
+    config = glue_config.get_config(name)
+    assert config.task == "glue" and config.glue_task == name
+    assert set(finetune._split_names(config.data.eval_splits)) <= set(task.dev_splits)
+    assert config.data.predict_split in task.test_splits
+  assert finetune._split_names(glue_config.get_config("mnli").data.eval_splits) == [
+      "dev_matched", "dev_mismatched"]
+  with pytest.raises(ValueError, match="unknown GLUE task 'sst5'"):
+    glue_config.get_config("sst5")
+  assert _config_module("conll").get_config().task == "conll"
+  squad_config = _config_module("squad")
+  assert squad_config.get_config("v2").data.train_split == "train-v2.0.json"
+  for module in (glue_config, _config_module("conll"), squad_config):
+    assert "bert-jax finetune --config=configs/" in module.__doc__  # the launch command
