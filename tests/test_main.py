@@ -26,8 +26,8 @@ def test_inspect_prints_masks_and_writes_npz(tmp_path):
   # The tokenizer was trained into the workdir, and the batches saved.
   assert list(tmp_path.glob("spm_mlm_*.model"))
   with np.load(out) as z:
-    assert z["b0/encoder_input_tokens"].shape == (16, 128)
-    assert z["b1/mlm_positions"].shape == (16, 20)
+    assert z["b0/encoder_input_tokens"].shape == (16, 64)  # the quick start's lengths
+    assert z["b1/mlm_positions"].shape == (16, 10)
     assert not np.array_equal(z["b0/encoder_input_tokens"], z["b1/encoder_input_tokens"])
 
 
