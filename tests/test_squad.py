@@ -196,15 +196,6 @@ def test_predictions_file_round_trip(tmp_path):
     squad_eval.read_predictions(tmp_path / "list.json")
 
 
-def test_moved_names_still_reached_through_squad():
-  # finetune and text2text call these as squad.X; only they are forwarded to squad_eval.
-  assert squad.evaluate is squad_eval.evaluate
-  assert squad.postprocess is squad_eval.postprocess
-  assert squad.write_predictions is squad_eval.write_predictions
-  with pytest.raises(AttributeError, match="no attribute 'get_final_text'"):
-    squad.get_final_text  # pylint: disable=pointless-statement
-
-
 # ----------------------------------------------------------------------------
 # Windows and answer text
 # ----------------------------------------------------------------------------

@@ -488,23 +488,3 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
   return SquadFeatures(batch, np.asarray(example_index, np.int32),
                        np.asarray(rows["to_orig"], np.int32).reshape(shape),
                        np.asarray(rows["is_max"], bool).reshape(shape), dropped)
-
-
-# ----------------------------------------------------------------------------
-# Moved to squad_eval
-# ----------------------------------------------------------------------------
-
-# Names other modules still reach through `squad.` (bert_jax/finetune.py,
-# bert_jax/tasks/text2text.py); new code should import squad_eval directly.
-_FORWARDED = frozenset({"postprocess", "evaluate", "write_predictions"})
-
-
-def __getattr__(name: str):
-  """Forwards the names in _FORWARDED to squad_eval, where they now live.
-
-  Looked up lazily, on first use, because squad_eval imports this module.
-  """
-  if name in _FORWARDED:
-    from bert_jax.tasks import squad_eval  # pylint: disable=import-outside-toplevel
-    return getattr(squad_eval, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

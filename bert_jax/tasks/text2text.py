@@ -64,6 +64,7 @@ from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
 from bert_jax.tasks import squad
+from bert_jax.tasks import squad_eval
 
 Array = jax.Array
 # Large but finite: -inf would give NaN in (-inf) - (-inf) inside the search.
@@ -184,11 +185,11 @@ def squad_to_text(examples: Sequence[squad.SquadExample]) -> Tuple[List[str], Li
 
 
 def squad_metrics(data: squad.SquadData, texts: Sequence[str]) -> dict:
-  """Official EM/F1 (squad.evaluate) of texts decoded for every question of `data`, in order."""
+  """Official EM/F1 (squad_eval.evaluate) of texts decoded for every question of `data`, in order."""
   if len(texts) != len(data.examples):
     raise ValueError(f"{len(texts)} predictions for {len(data.examples)} questions of "
                      f"{data.path}")
-  return squad.evaluate(data, {ex.qas_id: t for ex, t in zip(data.examples, texts)})
+  return squad_eval.evaluate(data, {ex.qas_id: t for ex, t in zip(data.examples, texts)})
 
 
 _NER_NONE = "none"
