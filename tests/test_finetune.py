@@ -100,7 +100,9 @@ def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
   params = params["encoder"]
 
   workdir = tmp_path / "run"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+  # Unoptimised XLA code: compiling dominates a run this small.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_backend_optimization_level=0")
   proc = subprocess.run(
       [sys.executable, "-m", "bert_jax.main", "finetune", "--config=configs/glue.py:sst2",
        f"--workdir={workdir}", f"--config.init_from={hf}",
