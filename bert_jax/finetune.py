@@ -156,14 +156,7 @@ def validate(config) -> tuple[int, int, int]:
           "nor a bert_jax pretraining workdir (checkpoints/)")
   if not (config.data.tokenizer or config.init_from):
     _fail("data.tokenizer", "empty, and no init_from folder to take vocab.txt from")
-  if config.mesh.rules not in sharding.RULES:
-    _fail("mesh.rules", f"unknown preset {config.mesh.rules!r}; choose one of "
-          f"{sorted(sharding.RULES)}")
-  try:
-    shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                                jax.device_count())
-  except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
+  shape = train.validate_mesh(config.mesh)
   parallel = shape[0] * shape[1]
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")

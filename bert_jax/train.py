@@ -144,6 +144,22 @@ def _fail(key: str, message: str):
   raise ValueError(f"config.{key}: {message}")
 
 
+def validate_mesh(mesh_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) sizes of `config.mesh` on this run's devices.
+
+  Raises:
+    ValueError naming config.mesh.rules or the sizes that do not fit.
+  """
+  if mesh_config.rules not in sharding.RULES:
+    _fail("mesh.rules", f"unknown preset {mesh_config.rules!r}; choose one of "
+          f"{sorted(sharding.RULES)}")
+  try:
+    return sharding.mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
+                               jax.device_count())
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """Checks everything that can be checked before a compile; returns the mesh shape.
 
@@ -162,14 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     section, name = key.split(".")
     if config[section][name] < 1:
       _fail(key, f"must be >= 1, got {config[section][name]}")
-  if config.mesh.rules not in sharding.RULES:
-    _fail("mesh.rules", f"unknown preset {config.mesh.rules!r}; choose one of "
-          f"{sorted(sharding.RULES)}")
-  try:
-    shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
-                                jax.device_count())
-  except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
+  shape = validate_mesh(config.mesh)
   data_parallel = shape[0] * shape[1]
   batch, micro = config.train.batch_size, config.train.num_microbatches
   if batch % micro or (batch // micro) % data_parallel:
