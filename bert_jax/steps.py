@@ -443,7 +443,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   try:  # make_optimizer records the pre-clip norm over trainable params
     norm = optim.grad_norm(opt_state)
   except ValueError:
-    norm = optax.global_norm(grads)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                        for g in jax.tree.leaves(grads)))  # optax.global_norm, not deprecated
   metrics = dict(metrics, loss=loss, grad_norm=norm.astype(jnp.float32))
   if schedule is not None:
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)

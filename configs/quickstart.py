@@ -6,7 +6,7 @@ The corpus is `builtin:pydoc_topics` (CPython's Language Reference topics,
 domain). With `data.tokenizer` empty, a 4,000-piece SentencePiece vocabulary
 with [CLS]/[SEP]/[MASK] is trained on the corpus first and kept in the workdir.
 
-Launch (CPU, 2 cores: a few minutes):
+Launch (CPU, 2 idle cores: 2 minutes, 5.4 steps/s):
   bert-jax train --config=configs/quickstart.py --workdir=/tmp/bert_jax_quickstart
 Expected: the held-out MLM loss (eval/mlm/loss in WORKDIR/metrics.jsonl) falls
 from ~8.3 (about log 4096: uniform over the vocabulary) at step 0 to ~6.7 at
