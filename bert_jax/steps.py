@@ -12,6 +12,7 @@ Objectives (the batch contract of DESIGN.md):
                    (ALBERT's sentence-order prediction is the same loss),
   span_corruption  T5 seq2seq loss on `decoder_target_tokens`, optional z-loss.
 Fine-tuning objectives (heads of models/bert.py, losses of objectives.py):
+  seq2seq               span_corruption's loss on a task cast as text (T5),
   classification        softmax CE of `logits` on `classifier_labels` (GLUE),
   regression            MSE of the single `logits` column on float
                         `classifier_labels` (STS-B),
@@ -50,8 +51,9 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 Metrics = dict[str, Array]
 
-OBJECTIVES = ("mlm", "mlm_nsp", "span_corruption", "classification", "regression",
+OBJECTIVES = ("mlm", "mlm_nsp", "span_corruption", "seq2seq", "classification", "regression",
               "token_classification", "question_answering")
+_SEQ2SEQ = ("span_corruption", "seq2seq")  # teacher-forced decoder cross-entropy
 # The loss metrics' prefix of each fine-tuning objective.
 _FINETUNE_PREFIX = {"classification": "cls", "regression": "cls",
                     "token_classification": "token", "question_answering": "span"}
@@ -326,7 +328,7 @@ def _normalizers(objective: str, batch: Batch) -> dict[str, Array]:
   """Loss denominators of the WHOLE batch (they do not depend on the params)."""
   if objective in _FINETUNE_PREFIX:
     return {_FINETUNE_PREFIX[objective]: _finetune_normalizer(objective, batch)}
-  if objective == "span_corruption":
+  if objective in _SEQ2SEQ:
     return {"seq2seq": jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))}
   # Original BERT's epsilon: a batch without masked tokens gives 0, not NaN.
   out = {"mlm": jnp.sum(batch["mlm_weights"].astype(jnp.float32))
@@ -340,7 +342,7 @@ def _objective_metrics(objective: str, outputs: Any, batch: Batch, z_loss: float
   """Summable metrics (loss_sum, count, correct, ...) of one (micro)batch."""
   if objective in _FINETUNE_PREFIX:
     return _finetune_metrics(objective, outputs, batch)
-  if objective == "span_corruption":
+  if objective in _SEQ2SEQ:
     _, metrics = objectives.seq2seq_loss(outputs, batch["decoder_target_tokens"],
                                          batch["decoder_loss_weights"], z_loss=z_loss)
     return metrics

@@ -4,9 +4,15 @@ bert_jax/finetune.py trains any BERT-family head the same way; what differs
 between GLUE, CoNLL NER and SQuAD is here: which head (`model_task`,
 `num_labels`), which loss (`objective`), how a split is read and encoded
 (`load`), how model outputs are scored with the task's own metric (`score`,
-`metric` names the one that picks the best epoch) and how predictions are
-written (`write`). Readers, features and metrics themselves live in glue.py,
-ner.py, squad.py and squad_eval.py; these classes only join them up.
+`metric` names the one that picks the best epoch), how features become a
+padded batch (`pad`) and how predictions are written (`write`). Readers,
+features and metrics themselves live in glue.py, ner.py, squad.py,
+squad_eval.py and text2text.py; these classes only join them up.
+
+With `config.family = 't5'` every task is cast as text (Text2TextTask): the
+model is trained teacher-forced on (input text, target text) pairs and
+scored by decoding texts (greedy or beam search from the key/value cache)
+and parsing them back into the task's labels, entities or answers.
 """
 from __future__ import annotations
 
@@ -18,10 +24,15 @@ from typing import Any
 
 import numpy as np
 
+import jax
+from jax.experimental import multihost_utils
+
+from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
 from bert_jax.tasks import squad
 from bert_jax.tasks import squad_eval
+from bert_jax.tasks import text2text
 
 
 @dataclasses.dataclass
@@ -56,12 +67,27 @@ def _limit(items: list, n: int) -> list:
   return items[:n] if n > 0 else items
 
 
-class GlueTask:
+class _Task:
+  """What every task shares: padding of encoder features by `config.data.padding`."""
+  decodes = False  # True: outputs are decoded texts (Text2TextTask.decode)
+
+  def __init__(self, config, tokenizer):
+    self.config, self.tokenizer = config, tokenizer
+
+  def pad(self, features: list, batch_size: int) -> dict:
+    """One padded batch (filler rows up to batch_size weigh nothing)."""
+    c = self.config.data
+    if c.padding == "max":
+      return batching.pad_batch(features, length=c.max_length, batch_size=batch_size)
+    return batching.pad_batch(features, multiple=c.pad_multiple, batch_size=batch_size)
+
+
+class GlueTask(_Task):
   """A GLUE task: sequence classification (regression for STS-B)."""
   model_task = "sequence_classification"
 
   def __init__(self, config, tokenizer):
-    self.config, self.tokenizer = config, tokenizer
+    super().__init__(config, tokenizer)
     try:
       self.task = glue.get_task(config.glue_task)
     except ValueError as e:
@@ -88,14 +114,14 @@ class GlueTask:
     return path
 
 
-class ConllTask:
+class ConllTask(_Task):
   """CoNLL NER: token classification, labels from the training file's tags."""
   model_task = "token_classification"
   objective = "token_classification"
   metric = "f1"
 
   def __init__(self, config, tokenizer):
-    self.config, self.tokenizer = config, tokenizer
+    super().__init__(config, tokenizer)
     self._read = functools.lru_cache(maxsize=4)(ner.read_conll)
     train_data = self._read(_data_file(config, config.data.train_split))
     self.label_names = ner.label_names_of(train_data.sentences)
@@ -130,15 +156,12 @@ class ConllTask:
     return path
 
 
-class SquadTask:
+class SquadTask(_Task):
   """SQuAD: start/end span logits, answers by n-best post-processing."""
   model_task = "question_answering"
   objective = "question_answering"
   metric = "f1"
   num_labels = None
-
-  def __init__(self, config, tokenizer):
-    self.config, self.tokenizer = config, tokenizer
 
   def load(self, split: str, limit: int) -> Split:
     c = self.config.data
@@ -184,15 +207,168 @@ class SquadTask:
     return path
 
 
+class Text2TextTask(_Task):
+  """Any task as text for a T5 model: seq2seq loss, scored on decoded texts.
+
+  Casting (text2text.py): GLUE 'sst2 sentence: ...' -> 'positive', CoNLL
+  'ner sentence: ...' -> 'EU = ORG ; German = MISC', SQuAD 'question: Q
+  context: C' -> the first gold answer. Features are the input ids + EOS
+  (cut to data.max_length) and the target ids + EOS (cut to
+  data.max_target_length); `pad` makes the teacher-forced decoder inputs.
+  """
+  model_task = "seq2seq"
+  objective = "seq2seq"
+  num_labels = None
+  decodes = True
+
+  def __init__(self, config, tokenizer):
+    super().__init__(config, tokenizer)
+    if tokenizer.eos_id is None:
+      raise ValueError(f"config.data.tokenizer: {tokenizer.path} has no EOS id; text-to-text "
+                       "needs a T5-layout SentencePiece model")
+    self.kind = config.task
+    if self.kind == "glue":
+      self.glue = GlueTask(config, tokenizer).task
+      self.metric = self.glue.primary_metric
+    else:
+      self.metric = "f1"
+
+  def _read(self, split: str, limit: int):
+    """(examples, inputs, targets (None where unlabelled), extra) of a split."""
+    if self.kind == "glue":
+      examples = _limit(glue.read_tsv(self.config.data.data_dir, self.glue, split), limit)
+      return (examples,) + text2text.glue_to_text(self.glue, examples) + (None,)
+    if self.kind == "conll":
+      sentences = _limit(ner.read_conll(_data_file(self.config, split)).sentences, limit)
+      return (sentences,) + text2text.ner_to_text(sentences) + (None,)
+    data = squad.read_squad(_data_file(self.config, split))
+    data = dataclasses.replace(data, examples=_limit(data.examples, limit))
+    return (data.examples,) + text2text.squad_to_text(data.examples) + (data,)
+
+  def load(self, split: str, limit: int) -> Split:
+    examples, inputs, targets, extra = self._read(split, limit)
+    if not examples:
+      raise ValueError(f"{self.config.task} split {split!r} in {self.config.data.data_dir} "
+                       "has no examples")
+    c, eos = self.config.data, self.tokenizer.eos_id
+    features = [{"encoder_input_tokens": np.append(ids[:c.max_length - 1], eos).astype(np.int32)}
+                for ids in glue.token_ids(self.tokenizer, inputs)]
+    labelled = [i for i, t in enumerate(targets) if t is not None]
+    for i, ids in zip(labelled, glue.token_ids(self.tokenizer, [targets[i] for i in labelled])):
+      features[i]["decoder_target_tokens"] = np.append(
+          ids[:c.max_target_length - 1], eos).astype(np.int32)
+    cut = sum(len(f["encoder_input_tokens"]) >= c.max_length for f in features)
+    if cut:
+      logging.info("%s: %d of %d inputs cut to max_length=%d", split, cut, len(features),
+                   c.max_length)
+    return Split(split, examples, features, extra)
+
+  def pad(self, features: list, batch_size: int) -> dict:
+    """Encoder tokens, decoder targets / inputs (targets shifted right) and loss weights.
+
+    Filler rows hold just EOS, so no encoder row is all padding, and weigh 0.
+    """
+    c = self.config.data
+    def width(key, max_length):
+      if c.padding == "max":
+        return max_length
+      longest = max(len(f[key]) for f in features)
+      return batching.padded_length(longest, c.pad_multiple, max_length)
+    batch = {"encoder_input_tokens": np.zeros((batch_size, width("encoder_input_tokens",
+                                                                 c.max_length)), np.int32)}
+    batch["encoder_input_tokens"][len(features):, 0] = self.tokenizer.eos_id
+    with_targets = all("decoder_target_tokens" in f for f in features)
+    if with_targets:
+      batch["decoder_target_tokens"] = np.zeros(
+          (batch_size, width("decoder_target_tokens", c.max_target_length)), np.int32)
+    for i, f in enumerate(features):
+      batch["encoder_input_tokens"][i, :len(f["encoder_input_tokens"])] = f["encoder_input_tokens"]
+      if with_targets:
+        batch["decoder_target_tokens"][i, :len(f["decoder_target_tokens"])] = (
+            f["decoder_target_tokens"])
+    if with_targets:
+      targets = batch["decoder_target_tokens"]  # [batch, dec_len]
+      batch["decoder_input_tokens"] = np.pad(targets[:, :-1], ((0, 0), (1, 0)))  # start id 0
+      batch["decoder_loss_weights"] = (targets > 0).astype(np.float32)
+    return batch
+
+  def decode(self, model, params, split: Split, batch_size: int, batch_sharding) -> list:
+    """Decoded texts of every feature of `split`, in feature order.
+
+    Batches of similar input length (padded to data.pad_multiple) are put on
+    the mesh split over the batch axis, so every device (and host) decodes
+    its share; each host then gathers all rows.
+    """
+    d = self.config.decode
+    max_decode = d.max_decode_length or self.config.data.max_target_length
+    lengths = [len(f["encoder_input_tokens"]) for f in split.features]
+    texts = [None] * len(lengths)
+    for indices in batching.bucket_batches(lengths, batch_size):
+      tokens = self.pad([split.features[i] for i in indices], batch_size)["encoder_input_tokens"]
+      n = batch_size // jax.process_count()
+      local = tokens[jax.process_index() * n:(jax.process_index() + 1) * n]
+      tokens = jax.make_array_from_process_local_data(batch_sharding, local)
+      if d.beam_size == 1:
+        out, _ = text2text.greedy_decode(model, params, tokens, max_decode_length=max_decode,
+                                         eos_id=self.tokenizer.eos_id)
+      else:
+        out, _ = text2text.beam_search(model, params, tokens, beam_size=d.beam_size,
+                                       max_decode_length=max_decode, alpha=d.alpha,
+                                       eos_id=self.tokenizer.eos_id)
+        out = out[:, 0]  # the best beam
+      out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
+             else jax.device_get(out))
+      for text, i in zip(text2text.ids_to_texts(self.tokenizer, out), indices):
+        texts[i] = text
+    return texts
+
+  def score(self, split: Split, outputs: list) -> dict:
+    if self.kind == "glue":
+      m = text2text.glue_metrics(self.glue, outputs, split.examples)
+    elif self.kind == "conll":
+      m = text2text.ner_metrics(split.examples, outputs)
+    else:
+      m = text2text.squad_metrics(split.extra, outputs)
+    keep = {"exact", "f1", "precision", "recall", "accuracy", "num_unparseable"}
+    return {k: float(v) for k, v in m.items()
+            if k in keep or (self.kind == "glue" and np.isscalar(v))}
+
+  def write(self, split: Split, outputs: list, folder: str) -> str:
+    """The task's own predictions file (unparseable texts: class 0 / score 0.0, counted)."""
+    if self.kind == "glue":
+      predictions = text2text.glue_predictions(self.glue, outputs)
+      bad = int(np.sum(predictions < 0))
+      if bad:
+        logging.warning("%s: %d of %d predictions are not %s labels; written as %s", split.name,
+                        bad, len(outputs), self.glue.name,
+                        "0.0" if self.glue.is_regression else self.glue.label_names[0])
+      path = os.path.join(folder, self.glue.submission.get(split.name,
+                                                           f"{self.glue.name}-{split.name}.tsv"))
+      glue.write_predictions(path, self.glue, split.examples, np.maximum(predictions, 0))
+      return path
+    if self.kind == "conll":
+      path = os.path.join(folder, os.path.basename(split.name).replace(".gz", "") + ".conll")
+      ner.write_predictions(path, split.examples, [
+          text2text.ner_tags(s.words, t)[0] for s, t in zip(split.examples, outputs)])
+      return path
+    path = os.path.join(folder, os.path.basename(split.name).split(".json")[0]
+                        + "-predictions.json")
+    os.makedirs(folder, exist_ok=True)
+    squad_eval.write_predictions(path, {ex.qas_id: t for ex, t in zip(split.examples, outputs)})
+    return path
+
+
 TASKS = {"glue": GlueTask, "conll": ConllTask, "squad": SquadTask}
 
 
 def make_task(config, tokenizer):
-  """The task object of `config.task` (GlueTask, ConllTask or SquadTask)."""
+  """The task object of `config.task` (Text2TextTask for every task when family is 't5')."""
   if config.task not in TASKS:
     raise ValueError(f"config.task: unknown task {config.task!r}; choose one of "
                      f"{list(TASKS)}")
   if not config.data.data_dir or not os.path.isdir(config.data.data_dir):
     raise FileNotFoundError(f"config.data.data_dir: folder {config.data.data_dir!r} does not "
                             "exist")
+  if config.get("family", "bert") == "t5":
+    return Text2TextTask(config, tokenizer)
   return TASKS[config.task](config, tokenizer)
