@@ -169,13 +169,19 @@ class Tokenizer:
     invalid_utf8_bytes: int64 tf.Variable, invalid input bytes seen so far.
   """
 
+  # Put before a word tokenized on its own that follows other words (CoNLL
+  # words, SQuAD context words); byte-level BPE (bpe.py) folds the space into
+  # the word's first piece, WordPiece and SentencePiece need nothing.
+  word_prefix = ""
+
   def __init__(self, path: str, pieces: Sequence[str], *, pad_id, unk_id,
                cls_id=None, sep_id=None, mask_id=None, eos_id=None,
-               num_extra_ids=0, special=None, word_start=None):
+               num_extra_ids=0, special=None, word_start=None, require_zero_pad=True):
     self.path = str(path)
     self.pieces = tuple(pieces)
     self.vocab_size = len(self.pieces)
-    if pad_id != 0:
+    # Only checkpoints whose padding id is fixed (RoBERTa's BPE: 1) opt out.
+    if require_zero_pad and pad_id != 0:
       raise ValueError(f"{self.path}: the padding id must be 0 (batch contract), "
                        f"this vocabulary has pad id {pad_id}")
     self.pad_id, self.unk_id = pad_id, unk_id
@@ -219,6 +225,27 @@ class Tokenizer:
   def decode(self, ids) -> str:
     """Readable text for a sequence of ids (padding dropped), for inspection."""
     raise NotImplementedError(f"{type(self).__name__} must define decode")
+
+  def num_special_tokens(self, pair: bool) -> int:
+    """Special tokens `build_inputs` adds: [CLS] A [SEP] (2), [CLS] A [SEP] B [SEP] (3)."""
+    return 3 if pair else 2
+
+  def build_inputs(self, a, b=None):
+    """BERT's `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]`, type ids 0 then 1 for B [SEP].
+
+    Args:
+      a: ids of the first text (no special tokens).
+      b: ids of the second text, or None.
+
+    Returns:
+      (tokens, type_ids), int32 numpy arrays [length].
+    """
+    cls, sep = [self.cls_id], [self.sep_id]
+    parts = [cls, a, sep] + ([b, sep] if b is not None else [])
+    tokens = np.concatenate([np.asarray(p, np.int32) for p in parts]).astype(np.int32)
+    types = np.zeros_like(tokens)
+    types[len(a) + 2:] = 1  # B and its [SEP]
+    return tokens, types
 
   def require_mask_token(self) -> int:
     """The [MASK] id; raises ValueError naming the vocabulary if it has none."""
@@ -541,11 +568,16 @@ def _written_locally(model_prefix: str) -> Iterator[str]:
 
 def load_tokenizer(path: str, *, lower_case: bool = True,
                    extra_ids: int = T5_EXTRA_IDS) -> Tokenizer:
-  """WordPiece for a .txt vocabulary, SentencePiece for a .model file.
+  """WordPiece for a .txt vocabulary, SentencePiece for a .model file, BPE for vocab.json.
 
-  A folder is searched for vocab.txt, then spiece.model / sentencepiece.model.
+  A folder holding vocab.json + merges.txt (RoBERTa) gives the byte-level BPE
+  of bert_jax.data.bpe; any other folder is searched for vocab.txt, then
+  spiece.model / sentencepiece.model.
   `lower_case` applies to WordPiece, `extra_ids` to SentencePiece.
   """
+  from bert_jax.data import bpe  # bpe imports this module
+  if bpe.is_bpe_folder(path) or os.path.basename(path) == bpe.VOCAB_FILE:
+    return bpe.BpeTokenizer(path)  # RoBERTa / GPT-2 byte-level BPE
   if tf.io.gfile.isdir(path):
     for name in ("vocab.txt", "spiece.model", "sentencepiece.model"):
       if isfile(os.path.join(path, name)):
