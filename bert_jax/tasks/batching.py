@@ -5,7 +5,8 @@ sentence pair, a CoNLL sentence), and most of them are much shorter than the
 task's `max_length`: padding every one to `max_length` spends most of the
 compute of each step on padding tokens, which attention pays for
 quadratically. Two helpers cut that waste while keeping the batch contract
-(fixed-shape arrays named as the models expect, padding id 0):
+(fixed-shape arrays named as the models expect, padding id 0, or the
+tokenizer's `pad_id` for RoBERTa vocabularies, whose <pad> is 1):
 
 Dynamic padding. `pad_batch` stacks a list of feature dicts into one batch
 padded only to the longest feature in it, rounded up to a `multiple` (8 by
@@ -41,8 +42,8 @@ def padded_length(longest: int, multiple: int = 8, max_length: Optional[int] = N
 
 
 def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8,
-              length: Optional[int] = None, batch_size: Optional[int] = None
-              ) -> Dict[str, np.ndarray]:
+              length: Optional[int] = None, batch_size: Optional[int] = None,
+              pad_id: int = 0) -> Dict[str, np.ndarray]:
   """Stacks features into one batch, padded to the longest rounded up (dynamic padding).
 
   Args:
@@ -53,6 +54,9 @@ def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8
     batch_size: add filler rows up to this many (e.g. the last, short eval
       batch on a mesh that needs a fixed batch); fillers are padding tokens
       with labels -1 / -100.
+    pad_id: the token id that pads `encoder_input_tokens` (the tokenizer's
+      pad_id: 0 for BERT vocabularies, 1 for RoBERTa's, whose models find
+      padding, and count positions, by that id).
 
   Returns:
     [batch, length] arrays for per-token keys, [batch] for scalar keys, plus
@@ -74,7 +78,8 @@ def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8
   for key in features[0]:
     first = np.asarray(features[0][key])
     if key in PAD_VALUES:
-      out = np.full((rows, length), PAD_VALUES[key], first.dtype)  # [batch, length]
+      fill = pad_id if key == "encoder_input_tokens" else PAD_VALUES[key]
+      out = np.full((rows, length), fill, first.dtype)  # [batch, length]
       for i, f in enumerate(features):
         out[i, :len(f[key])] = f[key]
     else:

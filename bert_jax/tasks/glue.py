@@ -33,7 +33,9 @@ are mapped to this module's label names, whose order is the TSV one
 Features are original BERT's: `[CLS] A [SEP] B [SEP]`, token types 0 for
 [CLS] A [SEP] and 1 for B [SEP], the longer of A and B truncated first
 (truncate_seq_pair), named by the batch contract, unpadded: batch them with
-bert_jax.tasks.batching (dynamic padding, length bucketing).
+bert_jax.tasks.batching (dynamic padding, length bucketing). The layout is the
+tokenizer's own (`build_inputs`): a RoBERTa BPE vocabulary gives
+`<s> A </s></s> B </s>` with all token types 0; pad those with its pad_id.
 
 Metrics are the GLUE ones: accuracy; F1 of the positive class + accuracy
 (MRPC, QQP); Matthews correlation (CoLA, AX); Pearson + Spearman with average
@@ -425,9 +427,10 @@ def encode_examples(examples: Sequence[GlueExample], tokenizer,
 
   Args:
     examples: from read_tsv / read_tfds.
-    tokenizer: a bert_jax.data.tokenizer Tokenizer with [CLS] and [SEP].
+    tokenizer: a bert_jax.data.tokenizer Tokenizer with [CLS] and [SEP]
+      (or <s> and </s>); its `build_inputs` lays out the special tokens.
     task: the task (for label ids and pair/single).
-    max_length: tokens per example, [CLS]/[SEP] included.
+    max_length: tokens per example, special tokens included.
 
   Returns:
     One dict per example: 'encoder_input_tokens' and 'encoder_type_ids' int32
@@ -438,21 +441,17 @@ def encode_examples(examples: Sequence[GlueExample], tokenizer,
   if tokenizer.cls_id is None or tokenizer.sep_id is None:
     raise ValueError(f"GLUE features need [CLS] and [SEP]; vocabulary {tokenizer.path} "
                      "lacks one")
-  specials = 3 if task.is_pair else 2
+  specials = tokenizer.num_special_tokens(task.is_pair)
   if max_length <= specials:
     raise ValueError(f"max_length {max_length} leaves no room for text ({specials} special "
                      "tokens)")
   ids_a = token_ids(tokenizer, [e.text_a for e in examples])
   ids_b = (token_ids(tokenizer, [e.text_b or "" for e in examples]) if task.is_pair
            else [None] * len(examples))
-  cls, sep = np.int32(tokenizer.cls_id), np.int32(tokenizer.sep_id)
   features = []
   for ex, a, b in zip(examples, ids_a, ids_b):
     a, b = truncate_pair(a, b, max_length - specials)
-    pieces = [[cls], a, [sep]] + ([b, [sep]] if b is not None else [])
-    tokens = np.concatenate(pieces).astype(np.int32)
-    types = np.zeros_like(tokens)
-    types[len(a) + 2:] = 1  # B and its [SEP]
+    tokens, types = tokenizer.build_inputs(a, b)
     features.append({"encoder_input_tokens": tokens, "encoder_type_ids": types,
                      "classifier_labels": label_id(task, ex.label)})
   return features

@@ -15,7 +15,8 @@ another type as B-X. That is the identity on IOB2 files (0 tags rewritten on
 the shared copy, checked by the tests) and exactly the IOB1 -> IOB2
 conversion otherwise; `ConllData.num_retagged` says how many tags changed.
 
-Features follow BERT's NER recipe: [CLS] word pieces [SEP], the word's label
+Features follow BERT's NER recipe: [CLS] word pieces [SEP] (RoBERTa BPE:
+<s> ... </s>, each word tokenized with a leading space), the word's label
 on its first sub-word and -100 (ignored by the loss) on the others and on
 [CLS]/[SEP]; `label_all_subwords=True` labels every sub-word instead
 (continuations of a B-X word get I-X). Sentences longer than max_length are
@@ -212,7 +213,12 @@ def encode_sentences(sentences: Sequence[NerSentence], tokenizer,
       if tag not in ids:
         raise ValueError(f"{s.source}: tag {tag!r} of this sentence is not in the label set "
                          f"{list(label_names)}")
-  pieces = glue.token_ids(tokenizer, [w for s in sentences for w in s.words])
+  # Byte-level BPE folds a word's preceding space into its first piece:
+  # word_prefix (' ' there, '' for WordPiece) makes each word the pieces it
+  # has after a space, for the first word too (Hugging Face's
+  # is_split_into_words with add_prefix_space=True).
+  pieces = glue.token_ids(tokenizer, [tokenizer.word_prefix + w
+                                      for s in sentences for w in s.words])
   out = NerFeatures([], [], 0, 0)
   cursor = 0
   for s in sentences:

@@ -27,6 +27,13 @@ A doc token seen by several windows is marked as scored only in the window
 where it has the most context (min(left, right) + 0.01 * window length);
 squad_eval applies that mark. Windows and labels were checked equal to
 run_squad's own on the SQuAD dev set (v1.1, and a v2.0 variant of it).
+
+RoBERTa (byte-level BPE, bert_jax.data.bpe): the special tokens are the
+tokenizer's own (`build_inputs`: `<s> query </s></s> doc </s>`, type ids all
+0), padding is its pad_id, and every context word is tokenized as ' word'
+(the space that precedes it in running text belongs to its first piece), as
+Hugging Face's run_squad did for RoBERTa; the answer text likewise. The word
+mapping above then holds unchanged.
 """
 import collections
 import dataclasses
@@ -408,15 +415,18 @@ def _answer_tokens(ex: SquadExample, doc: np.ndarray, word_to_tok: np.ndarray,
 
 def _windows(doc, tok_to_word, query, answer, tokenizer, max_seq_length, doc_stride, rows):
   """Appends one example's windows (arrays and labels) to the lists in `rows`."""
-  offset = len(query) + 2  # [CLS] query [SEP]
-  spans = doc_spans(len(doc), max_seq_length - len(query) - 3, doc_stride)
+  specials = tokenizer.num_special_tokens(True)
+  spans = doc_spans(len(doc), max_seq_length - len(query) - specials, doc_stride)
   best = max_context_window(spans, len(doc))
   for w, (s, l) in enumerate(spans):
-    tokens = np.zeros(max_seq_length, np.int32)  # [length]
-    tokens[:offset + l + 1] = np.concatenate(
-        [[tokenizer.cls_id], query, [tokenizer.sep_id], doc[s:s + l], [tokenizer.sep_id]])
+    ids, type_ids = tokenizer.build_inputs(query, doc[s:s + l])
+    # Every layout ends with the window and one closing [SEP] (</s>), so the
+    # doc starts at len - l - 1: after [CLS] query [SEP] (<s> query </s></s>).
+    offset = len(ids) - l - 1
+    tokens = np.full(max_seq_length, tokenizer.pad_id, np.int32)  # [length]
+    tokens[:len(ids)] = ids
     types = np.zeros(max_seq_length, np.int32)
-    types[offset:offset + l + 1] = 1
+    types[:len(ids)] = type_ids
     to_orig = np.full(max_seq_length, -1, np.int32)
     to_orig[offset:offset + l] = tok_to_word[s:s + l]
     is_max = np.zeros(max_seq_length, bool)
@@ -438,7 +448,9 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
 
   Args:
     examples: from read_squad.
-    tokenizer: a WordPieceTokenizer (needs [CLS] and [SEP]).
+    tokenizer: a WordPieceTokenizer (needs [CLS] and [SEP]) or a RoBERTa
+      BpeTokenizer (windows `<s> query </s></s> doc </s>`, type ids 0,
+      padded with its pad_id).
     max_seq_length: window length, padding included.
     doc_stride: distance between window starts, in doc sub-tokens.
     max_query_length: the question is cut to this many sub-tokens.
@@ -450,15 +462,19 @@ def make_features(examples: Sequence[SquadExample], tokenizer, *, max_seq_length
   """
   if tokenizer.cls_id is None or tokenizer.sep_id is None:
     raise ValueError(f"SQuAD features need [CLS] and [SEP]; vocabulary {tokenizer.path} lacks them")
-  if max_seq_length - max_query_length - 3 <= 0:
+  specials = tokenizer.num_special_tokens(True)
+  if max_seq_length - max_query_length - specials <= 0:
     raise ValueError(f"max_seq_length={max_seq_length} leaves no room for the document after "
-                     f"max_query_length={max_query_length} and 3 special tokens")
+                     f"max_query_length={max_query_length} and {specials} special tokens")
   if doc_stride <= 0:
     raise ValueError(f"doc_stride must be positive, got {doc_stride}")
   # One tokenizer call for every word, question and answer (each word on its own).
   paragraphs = list({id(ex.paragraph): ex.paragraph for ex in examples}.values())
-  texts = [w for p in paragraphs for w in p.words]
-  texts += [ex.question for ex in examples] + [ex.label_text for ex in examples]
+  # Byte-level BPE: a word after a space is `word_prefix + word` (see
+  # bert_jax.data.bpe); the answer mostly starts a word, so it gets the prefix too.
+  prefix = tokenizer.word_prefix
+  texts = [prefix + w for p in paragraphs for w in p.words]
+  texts += [ex.question for ex in examples] + [prefix + ex.label_text for ex in examples]
   ids = _tokenize_many(tokenizer, texts)
   docs, k = {}, 0
   for p in paragraphs:
