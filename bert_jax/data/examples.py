@@ -106,18 +106,23 @@ def document_chunks(doc_ids: tf.RaggedTensor, max_num_tokens: int, min_tokens: i
   Returns:
     (chunks [C, (ids)], chunk_doc int64 [C] document row of each chunk).
   """
+  # O(chunks) index arithmetic, no per-id ops: the chunks of a document
+  # start every max_num_tokens ids from its start.
   lengths = doc_ids.row_lengths()  # [G]
   num_chunks = (lengths + max_num_tokens - 1) // max_num_tokens  # [G]
-  first_chunk = tf.cumsum(num_chunks, exclusive=True)  # [G]
-  doc_of_id = doc_ids.value_rowids()  # [N]
-  pos = tf.range(tf.size(doc_of_id, out_type=tf.int64)) - tf.gather(doc_ids.row_starts(),
-                                                                     doc_of_id)
-  chunk_of_id = tf.gather(first_chunk, doc_of_id) + pos // max_num_tokens
-  total = tf.reduce_sum(num_chunks)
-  chunks = tf.RaggedTensor.from_value_rowids(doc_ids.flat_values, chunk_of_id, nrows=total)
-  chunk_doc = tf.repeat(tf.range(tf.size(lengths, out_type=tf.int64)), num_chunks)
-  keep = chunks.row_lengths() >= min_tokens
-  return tf.ragged.boolean_mask(chunks, keep), tf.boolean_mask(chunk_doc, keep)
+  chunk_doc = tf.repeat(tf.range(tf.size(lengths, out_type=tf.int64)), num_chunks)  # [C]
+  k = tf.range(tf.reduce_sum(num_chunks)) - tf.gather(tf.cumsum(num_chunks, exclusive=True),
+                                                      chunk_doc)  # [C] chunk within document
+  starts = tf.gather(doc_ids.row_starts(), chunk_doc) + k * max_num_tokens  # [C]
+  flat = doc_ids.flat_values
+  if min_tokens <= 1:  # every id in exactly one chunk, in order: the starts are row splits
+    n = tf.size(flat, out_type=tf.int64)
+    return tf.RaggedTensor.from_row_splits(flat, tf.concat([starts, n[None]], 0),
+                                           validate=False), chunk_doc
+  limits = tf.minimum(starts + max_num_tokens, tf.gather(doc_ids.row_limits(), chunk_doc))
+  keep = limits - starts >= min_tokens
+  mask = lambda x: tf.boolean_mask(x, keep)
+  return tf.gather(flat, tf.ragged.range(mask(starts), mask(limits))), mask(chunk_doc)
 
 
 def paragraph_segments(doc_paragraphs: tf.RaggedTensor, max_num_tokens: int):
@@ -146,13 +151,40 @@ def _draw(u, lo, hi):
   return lo + tf.minimum(tf.cast(u * tf.cast(span, tf.float64), tf.int64), span - 1)
 
 
+def _chain_from_zero(nxt):
+  """Which nodes the walk 0 -> nxt[0] -> ... visits before it reaches S.
+
+  nxt [S] int64 with i < nxt[i] <= S. Pointer doubling: after k rounds
+  `visited` holds the first 2**k nodes of the walk and `jump` is nxt applied
+  2**k times, so a walk of m steps takes ceil(log2(m + 1)) rounds of vector
+  ops instead of m rounds of scalar ones.
+
+  Returns:
+    bool [S].
+  """
+  s = tf.size(nxt, out_type=tf.int64)
+  jump = tf.concat([nxt, s[None]], 0)  # [S + 1]; S (the end) maps to itself
+  visited = tf.equal(tf.range(s + 1), 0)  # [S + 1]
+
+  def double(jump, visited):
+    landed = tf.math.unsorted_segment_max(tf.cast(visited, tf.int32), jump, s + 1) > 0
+    landed.set_shape(visited.shape)  # a static S stays static through the loop
+    return tf.gather(jump, jump), visited | landed
+
+  _, visited = tf.while_loop(lambda jump, visited: jump[0] < s, double, (jump, visited))
+  return visited[:-1]
+
+
 def pair_segments(row_splits, segment_doc, seed, *, max_num_tokens: int,
                   short_seq_prob: float, random_next: bool):
   """Chooses the A/B ranges of every pair of a group (module docstring).
 
-  Sequential like the original (a random next puts segments back, so where a
-  chunk starts depends on the earlier coins): one while-loop step per pair,
-  each of scalar ops, its draws seeded by fold_in(seed, step).
+  The original is sequential (a random next puts segments back, so where a
+  chunk starts depends on the earlier coins). Here every segment i draws the
+  coins of a chunk that would start at i, all at once, which fixes the next
+  chunk start nxt[i] > i for every i; the chunks are the walk 0 -> nxt[0] ->
+  ... (`_chain_from_zero`). The walk's starts increase, so its chunks use
+  distinct rows of i.i.d. draws: the pairs have the original's distribution.
 
   Args:
     row_splits: int64 [S + 1] segment boundaries in the flat ids.
@@ -168,58 +200,47 @@ def pair_segments(row_splits, segment_doc, seed, *, max_num_tokens: int,
   """
   num_segments = tf.size(segment_doc, out_type=tf.int64)
   num_docs = tf.reduce_max(tf.concat([segment_doc, [-1]], 0)) + 1
-  idx = tf.range(num_segments)
-  doc_start = tf.math.unsorted_segment_min(idx, segment_doc, num_docs)  # [D]
-  doc_limit = tf.math.unsorted_segment_max(idx, segment_doc, num_docs) + 1  # [D]
-  at = lambda x, i: tf.gather(x, i)
-  names = ("a_start", "a_limit", "b_start", "b_limit", "nsp_labels", "target", "valid")
+  i = tf.range(num_segments)  # [S] chunk starts
+  doc_start = tf.math.unsorted_segment_min(i, segment_doc, num_docs)  # [D]
+  doc_limit = tf.math.unsorted_segment_max(i, segment_doc, num_docs) + 1  # [D]
+  at = tf.gather
 
   def first_reaching(start, length):
     # First k with row_splits[k] >= row_splits[start] + length: segments
     # [start, k) hold at least `length` ids.
-    goal = at(row_splits, start) + length
-    return tf.searchsorted(row_splits, goal[None], side="left", out_type=tf.int64)[0]
+    return tf.searchsorted(row_splits, at(row_splits, start) + length, side="left",
+                           out_type=tf.int64)
 
-  def body(t, i, arrays):
-    u = tf.random.stateless_uniform(
-        [6], tf.random.experimental.stateless_fold_in(seed, t), dtype=tf.float64)
-    target = tf.where(u[0] < short_seq_prob, _draw(u[1], 2, max_num_tokens),
-                      tf.constant(max_num_tokens, tf.int64))
-    doc = at(segment_doc, i)
-    # chunk [i, end): >= 2 segments while the document has them
-    end = tf.minimum(tf.maximum(first_reaching(i, target), i + 2), at(doc_limit, doc))
-    n = end - i
-    length = at(row_splits, i + 1) - at(row_splits, i)
-    is_random = (u[3] < 0.5) & (num_docs >= 2) & random_next
-    a_end = _draw(u[2], 1, tf.maximum(n - 1, 1))  # segments in A
-    a_start = at(row_splits, i)
-    a_limit = tf.where(n >= 2, at(row_splits, i + a_end),
-                       tf.where(is_random, at(row_splits, i + 1),
-                                a_start + _draw(u[2], 1, tf.maximum(length - 1, 1))))
-    # Random next: another document, a random segment of it, then on until
-    # A and B reach the target (at least one segment).
-    r = _draw(u[4], 0, tf.maximum(num_docs - 2, 0))
-    other = tf.minimum(tf.where(r < doc, r, r + 1), num_docs - 1)
-    start = _draw(u[5], at(doc_start, other), at(doc_limit, other) - 1)
-    limit = tf.minimum(tf.maximum(first_reaching(start, target - (a_limit - a_start)), start + 1),
-                       at(doc_limit, other))
-    values = (a_start, a_limit,
-              tf.where(is_random, at(row_splits, start), a_limit),
-              tf.where(is_random, at(row_splits, limit), at(row_splits, end)),
-              tf.cast(is_random, tf.int32), tf.cast(target, tf.int32),
-              (n >= 2) | (length >= 2))
-    arrays = tuple(a.write(tf.cast(t, tf.int32), v) for a, v in zip(arrays, values))
-    # The original puts the unused segments of a random-next chunk back.
-    return t + 1, tf.where(is_random & (n >= 2), i + a_end, end), arrays
-
-  dtypes = (tf.int64,) * 4 + (tf.int32, tf.int32, tf.bool)
-  arrays = tuple(tf.TensorArray(d, size=0, dynamic_size=True, element_shape=[])
-                 for d in dtypes)
-  _, _, arrays = tf.while_loop(lambda t, i, a: i < num_segments, body,
-                               (tf.constant(0, tf.int64), tf.constant(0, tf.int64), arrays))
-  out = dict(zip(names, (a.stack() for a in arrays)))
-  valid = out.pop("valid")
-  return {k: tf.boolean_mask(v, valid) for k, v in out.items()}
+  u = tf.unstack(tf.random.stateless_uniform([6, num_segments], seed, dtype=tf.float64))
+  target = tf.where(u[0] < short_seq_prob, _draw(u[1], 2, max_num_tokens),
+                    tf.constant(max_num_tokens, tf.int64))  # [S]
+  doc = segment_doc
+  # chunk [i, end): >= 2 segments while the document has them
+  end = tf.minimum(tf.maximum(first_reaching(i, target), i + 2), at(doc_limit, doc))
+  n = end - i
+  length = at(row_splits, i + 1) - at(row_splits, i)
+  is_random = (u[3] < 0.5) & (num_docs >= 2) & random_next
+  a_end = _draw(u[2], 1, tf.maximum(n - 1, 1))  # segments in A
+  a_start = at(row_splits, i)
+  a_limit = tf.where(n >= 2, at(row_splits, i + a_end),
+                     tf.where(is_random, at(row_splits, i + 1),
+                              a_start + _draw(u[2], 1, tf.maximum(length - 1, 1))))
+  # Random next: another document, a random segment of it, then on until A
+  # and B reach the target (at least one segment). With one document `other`
+  # is the same (unused: is_random is false).
+  r = _draw(u[4], 0, tf.maximum(num_docs - 2, 0))
+  other = tf.minimum(tf.where(r < doc, r, r + 1), num_docs - 1)
+  start = _draw(u[5], at(doc_start, other), at(doc_limit, other) - 1)
+  limit = tf.minimum(tf.maximum(first_reaching(start, target - (a_limit - a_start)), start + 1),
+                     at(doc_limit, other))
+  # The original puts the unused segments of a random-next chunk back.
+  nxt = tf.where(is_random & (n >= 2), i + a_end, end)
+  keep = _chain_from_zero(nxt) & ((n >= 2) | (length >= 2))
+  out = dict(a_start=a_start, a_limit=a_limit,
+             b_start=tf.where(is_random, at(row_splits, start), a_limit),
+             b_limit=tf.where(is_random, at(row_splits, limit), at(row_splits, end)),
+             nsp_labels=tf.cast(is_random, tf.int32), target=tf.cast(target, tf.int32))
+  return {k: tf.boolean_mask(v, keep) for k, v in out.items()}
 
 
 def pair_examples(doc_paragraphs: tf.RaggedTensor, seq_length: int, seed, *,
