@@ -367,7 +367,8 @@ def test_whole_word_masking_with_real_wordpiece_vocab(minilm_dir):
     assert not any(tok.special[replaced]), "random replacement is a special id"
 
 
-# --- batched 'token' masking (bert_jax.data.batch_masking) ---
+# --- batched 'token' / 'whole_word' masking (bert_jax.data.batch_masking);
+# 'span' / 'ngram': tests/test_batch_masking.py ---
 
 def _run_batch(tokens, seeds, max_predictions=MAX_PRED, **kw):
   out = batch_masking.mask_tokens_batch(tf.constant(tokens), tf.constant(seeds, tf.int64),
@@ -482,5 +483,5 @@ def test_batch_whole_word_masking():
   skip = _run_batch(row, _seeds(200), scheme="whole_word")
   assert set(skip["mlm_positions"][skip["mlm_weights"] > 0].tolist()) == {10}
   np.testing.assert_array_equal(skip["mlm_weights"].sum(1), 1)
-  with pytest.raises(ValueError, match="span"):
-    _run_batch(row, _seeds(200), scheme="span")
+  with pytest.raises(ValueError, match="no batched masking"):
+    _run_batch(row, _seeds(200), scheme="words")

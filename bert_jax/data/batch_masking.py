@@ -1,4 +1,4 @@
-"""Vectorised masked-LM masking ('token', 'whole_word') of a [batch, length] block.
+"""Vectorised masked-LM masking of a [batch, length] block (all four schemes).
 
 `masking.mask_tokens` works on one example inside a per-example tf.data map;
 the per-element map overhead and the per-example stateless RNG calls made it
@@ -20,7 +20,18 @@ unique int64 score (40 random bits above its position), non-maskable ones
 -1; top_k(max_predictions) then keeps the first `budget` of the sorted
 choices. 'whole_word' scores each word at its first piece, visits the words
 in score order and takes each that still fits, in vectorised rounds.
+
+'span' (SpanBERT) and 'ngram' (ALBERT) visit the words in the same score
+order as anchors; each anchor's length in words comes from the low 32 bits
+of stream 1 at its first piece (inverse CDF of the scheme's distribution),
+and the attempt-by-attempt greedy pass of masking._greedy_spans runs for
+all rows at once, one accepted span per row and loop step. SpanBERT's one
+80/10/10 draw per span is the outcome draw of the span's first token.
+Distinct uses of one position's bits take disjoint bit ranges: stream 0
+high 40 (order) / low 24 (outcome), stream 1 high 32 (random id) / low 32
+(span length).
 """
+import numpy as np
 import tensorflow as tf
 
 from bert_jax.data import masking
@@ -31,7 +42,7 @@ _MIX2 = 0x94D049BB133111EB
 # Keeps this generator's streams apart from other uses of the same seed.
 _SALT = 0x6D61736B5F746F6B  # "mask_tok"
 _POS_BITS = 20  # positions < 2**20 share an int64 score with 40 random bits
-BATCH_SCHEMES = ("token", "whole_word")
+BATCH_SCHEMES = ("token", "whole_word", "span", "ngram")
 
 
 def _u64(value: int):
@@ -144,22 +155,170 @@ def _select_whole_words(tokens, bits, cand, budget, k, vocab: masking.VocabInfo)
   taken, _, _ = tf.while_loop(cond, body, (tf.zeros_like(alive0), alive0, budget))
   taken_at = tf.gather(taken, tf.argsort(order, axis=1), batch_dims=1)  # by start position
   selected = in_word & tf.gather(taken_at, tf.maximum(word_start, 0), batch_dims=1)
-  # <= budget <= k selected tokens: the k smallest positions, ascending.
+  return _first_k(selected, k)
+
+
+def _first_k(selected, k):
+  """The (at most k) selected positions, ascending -> (positions, real) [batch, k].
+
+  Slots past a row's selections hold `length` and real=False.
+  """
+  length = tf.shape(selected)[1]
+  idx = tf.range(length)
   top = tf.math.top_k(tf.where(selected, length - idx[None, :], -1), k, sorted=True)
   real = top.values >= 0
   return tf.where(real, top.indices, length), real
 
 
+def _word_table(tokens, cand, vocab: masking.VocabInfo):
+  """Words of maskable tokens, per row indexed by word number (as masking._word_structure).
+
+  A word starts at a word-start piece (no '##' / a '▁' piece) or where a run
+  of maskable tokens starts, so specials split words and runs.
+
+  Returns:
+    dict of [batch, length] tensors: start (bool, token begins a word),
+    word_num (word of each token, -1 before the first word), starts (first
+    token of word w, `length` past the row's last word), lengths (tokens of
+    word w, 0 past the last), run_end (1 + the last word of w's run of
+    maskable tokens: spans never leave a run, so never cross [SEP]).
+  """
+  if vocab.word_start is None:
+    raise ValueError("span and n-gram masking need VocabInfo.word_start "
+                     "(the word-start table from the tokenizer)")
+  batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+  idx = tf.range(length)
+  run_start = cand & ~tf.pad(cand[:, :-1], [[0, 0], [1, 0]])
+  start = cand & (tf.gather(tf.constant(vocab.word_start), tokens) | run_start)
+  word_num = tf.cumsum(tf.cast(start, tf.int32), axis=1) - 1  # [batch, length]
+  starts = tf.sort(tf.where(start, idx[None, :], length), axis=1)
+  # A run's first token starts a word, so every maskable token has word_num >= 0.
+  flat = tf.where(cand, word_num + (tf.range(batch) * length)[:, None], batch * length)
+  lengths = tf.reshape(tf.math.unsorted_segment_sum(
+      tf.ones([batch * length], tf.int32), tf.reshape(flat, [-1]), batch * length + 1)[:-1],
+      [batch, length])
+  run_of_token = tf.cumsum(tf.cast(run_start, tf.int32), axis=1)
+  run = tf.where(starts < length,
+                 tf.gather(run_of_token, tf.minimum(starts, length - 1), batch_dims=1),
+                 length + 1)  # non-decreasing along each row
+  run_end = tf.searchsorted(run, run, side="right", out_type=tf.int32)
+  return dict(start=start, word_num=word_num, starts=starts, lengths=lengths,
+              run_end=run_end)
+
+
+def _draw_lengths(bits, probs):
+  """Span lengths 1..len(probs) from the low 32 bits of `bits` (inverse CDF, float64)."""
+  probs = np.asarray(probs, np.float64)
+  if probs.ndim != 1 or probs.size == 0 or np.any(probs < 0) or probs.sum() <= 0:
+    raise ValueError(f"span_probs={probs.tolist()} must be a non-empty 1-D list of "
+                     "probabilities (P(length = 1), P(length = 2), ...) with a positive sum")
+  cdf = tf.constant(np.cumsum(probs / probs.sum())[:-1])
+  u = tf.cast(tf.bitwise.bitwise_and(bits, _u64(0xFFFFFFFF)), tf.float64) / 2.0**32
+  return 1 + tf.reduce_sum(tf.cast(u[..., None] >= cdf, tf.int32), axis=-1)
+
+
+def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, truncate: bool):
+  """The sequential span attempts of masking._greedy_spans, for every row at once.
+
+  Attempt i of a row covers words [anchor_i, min(anchor_i + span_len_i,
+  run_end)). In visiting order, an attempt touching a taken word is
+  rejected; one that overflows the budget keeps its whole words that fit
+  when `truncate` (SpanBERT), else is skipped (ALBERT, BERT wwm). An attempt
+  that cannot be taken now never can later (words only get taken, the
+  budget only shrinks), so each loop step moves every row straight to its
+  first attempt that can be taken and takes it: steps = most spans in one
+  row + 1, not the number of attempts.
+
+  Args:
+    anchor: int32 [batch, A] first word of each attempt, in visiting order.
+    span_len: int32 [batch, A] drawn length of each attempt, in words.
+    valid: bool [batch, A]; False for slots past the row's attempts.
+    lengths: int32 [batch, W] tokens per word.
+    run_end: int32 [batch, W] 1 + the last word of each word's run.
+    budget: int32 [batch] most tokens to select.
+    truncate: keep the fitting words of an overflowing span (else skip it).
+
+  Returns:
+    int32 [batch, W]: 1 + anchor word of the span holding each word, 0 if none.
+  """
+  num_attempts = tf.shape(anchor)[1]
+  widx = tf.range(tf.shape(lengths)[1])[None, :]
+  aidx = tf.range(num_attempts)[None, :]
+  lo = tf.where(valid, anchor, 0)
+  hi = tf.minimum(lo + span_len, tf.gather(run_end, lo, batch_dims=1))  # [batch, A]
+  before = tf.pad(tf.cumsum(lengths, axis=1), [[0, 0], [1, 0]])  # [batch, W + 1]
+  # Tokens an attempt needs to be taken at all: its first word when a
+  # prefix may be kept, else the whole span.
+  need = (tf.gather(lengths, lo, batch_dims=1) if truncate else
+          tf.gather(before, hi, batch_dims=1) - tf.gather(before, lo, batch_dims=1))
+
+  def body(owner, left, more):
+    del more
+    taken = tf.pad(tf.cumsum(tf.cast(owner > 0, tf.int32), axis=1), [[0, 0], [1, 0]])
+    free = tf.gather(taken, hi, batch_dims=1) == tf.gather(taken, lo, batch_dims=1)
+    ok = valid & free & (need <= left[:, None])  # [batch, A]
+    first = tf.reduce_min(tf.where(ok, aidx, num_attempts), axis=1)  # [batch]
+    found = first < num_attempts
+    f = tf.minimum(first, num_attempts - 1)[:, None]
+    lo_f, hi_f = tf.gather(lo, f, batch_dims=1), tf.gather(hi, f, batch_dims=1)  # [batch, 1]
+    keep = found[:, None] & (widx >= lo_f) & (widx < hi_f)  # [batch, W]
+    if truncate:
+      keep &= before[:, 1:] - tf.gather(before, lo_f, batch_dims=1) <= left[:, None]
+    left -= tf.reduce_sum(tf.where(keep, lengths, 0), axis=1)
+    return tf.where(keep, lo_f + 1, owner), left, tf.reduce_any(found)
+
+  owner, _, _ = tf.while_loop(lambda owner, left, more: more, body,
+                              (tf.zeros_like(lengths), budget, tf.constant(True)))
+  return owner
+
+
+def _select_spans(tokens, keys, bits, cand, budget, vocab: masking.VocabInfo, probs,
+                  truncate: bool):
+  """'span' / 'ngram' -> int32 [batch, length]: first token of each selected token's span, -1 off.
+
+  Anchors: every word once, in the order of its first piece's score (as
+  'whole_word'); lengths drawn per anchor (stream 1, low bits).
+  """
+  words = _word_table(tokens, cand, vocab)
+  order = tf.argsort(_scores(bits, words["start"]), axis=1, direction="DESCENDING")
+  valid = tf.gather(words["start"], order, batch_dims=1)  # [batch, A]
+  anchor = tf.maximum(tf.gather(words["word_num"], order, batch_dims=1), 0)
+  span_len = _draw_lengths(random_bits(keys, order, 1), probs)
+  owner = _greedy_spans_batch(anchor, span_len, valid, words["lengths"], words["run_end"],
+                              budget, truncate)  # [batch, W]
+  word_num = tf.maximum(words["word_num"], 0)
+  tok_owner = tf.where(cand, tf.gather(owner, word_num, batch_dims=1), 0)  # [batch, length]
+  first = tf.gather(words["starts"], tf.maximum(tok_owner - 1, 0), batch_dims=1)
+  return tf.where(tok_owner > 0, first, -1)
+
+
+def _span_last(span_start):
+  """Last token of each selected token's span ([batch, length], from the span starts)."""
+  batch, length = tf.shape(span_start)[0], tf.shape(span_start)[1]
+  key = tf.where(span_start >= 0, span_start + (tf.range(batch) * length)[:, None],
+                 batch * length)
+  pos = tf.broadcast_to(tf.range(length)[None, :], [batch, length])
+  last = tf.math.unsorted_segment_max(tf.reshape(pos, [-1]), tf.reshape(key, [-1]),
+                                      batch * length + 1)[:-1]
+  return tf.gather(tf.reshape(last, [batch, length]), tf.maximum(span_start, 0), batch_dims=1)
+
+
 def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_predictions: int,
                       scheme: str = "token", rate: float = 0.15, mask_prob: float = 0.8,
-                      random_prob: float = 0.1):
-  """Masked-LM masking of a padded batch ('token' or 'whole_word'), one seed per row.
+                      random_prob: float = 0.1, span_probs=None):
+  """Masked-LM masking of a padded batch (any of BATCH_SCHEMES), one seed per row.
 
   Per row the contract of masking.mask_tokens for the same scheme: budget
   num_to_predict (never more than the maskable tokens); special ids and
   padding never chosen; whole_word takes whole words in random order,
-  skipping a word that no longer fits; each chosen token becomes [MASK] with
-  `mask_prob`, a uniform random ordinary id with `random_prob`, else stays.
+  skipping a word that no longer fits; span (SpanBERT) takes spans of whole
+  words from random anchors, lengths geometric(0.2) in 1..10 words, keeping
+  the fitting words of the span that overflows the budget; ngram (ALBERT)
+  the same with P(n) ∝ 1/n, n <= 3, skipping an n-gram that does not fit;
+  spans never overlap nor cross a special token. Each chosen token becomes
+  [MASK] with `mask_prob`, a uniform random ordinary id with `random_prob`,
+  else stays; 'span' draws that outcome once per span (each randomly
+  replaced token still gets its own id).
 
   Args:
     tokens: int [batch, length] ids, trailing padding (pad_id) allowed;
@@ -167,16 +326,20 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
     seeds: int [batch, 2], one stateless seed per row (masking.example_seed).
     vocab: vocabulary facts (whole_word needs vocab.word_start).
     max_predictions: width of the mlm_* outputs.
-    scheme: 'token' or 'whole_word' (BATCH_SCHEMES).
+    scheme: one of BATCH_SCHEMES ('token', 'whole_word', 'span', 'ngram').
     rate: fraction of (non-pad) tokens to predict.
     mask_prob: probability of [MASK] for a chosen token.
     random_prob: probability of a random ordinary id; keep = the rest.
+    span_probs: span/ngram: P(length = 1, 2, ... words); None = the scheme's
+      default (masking.spanbert_length_probs / ngram_length_probs).
 
   Returns:
     dict: encoder_input_tokens int32 [batch, length]; mlm_positions (ascending),
     mlm_targets int32 [batch, max_predictions]; mlm_weights float32
     [batch, max_predictions] (1.0 real, 0.0 padding slots, whose position and
-    target are 0).
+    target are 0); for 'span' also sbo_left_positions / sbo_right_positions
+    int32 [batch, max_predictions]: the positions just before and after the
+    slot's span (0 in padding slots), as masking.mask_tokens.
   """
   if scheme not in BATCH_SCHEMES:
     raise ValueError(f"scheme={scheme!r} has no batched masking; expected one of "
@@ -195,15 +358,26 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
   k = tf.minimum(max_predictions, length)
   if scheme == "token":
     positions, real = _select_tokens(bits, cand, budget, k)
-  else:
+  elif scheme == "whole_word":
     positions, real = _select_whole_words(tokens, bits, cand, budget, k, vocab)
+  else:
+    if span_probs is None:
+      span_probs = (masking.spanbert_length_probs() if scheme == "span"
+                    else masking.ngram_length_probs())
+    span_start = _select_spans(tokens, keys, bits, cand, budget, vocab, span_probs,
+                               truncate=scheme == "span")  # [batch, length]
+    positions, real = _first_k(span_start >= 0, k)
   positions = tf.where(real, positions, 0)  # [batch, k]
   targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
 
   # 80/10/10 only at the k slots: the outcome from 24 low bits of the
   # position's selection draw (independent of the high bits of its score),
   # the replacement id from stream 1 (multiply-shift into the ordinary ids).
-  chosen_bits = random_bits(keys, positions, 0)  # [batch, k]
+  # SpanBERT: every token of a span reads the draw of the span's first token.
+  outcome_at = positions
+  if scheme == "span":
+    outcome_at = tf.where(real, tf.gather(span_start, positions, batch_dims=1), 0)
+  chosen_bits = random_bits(keys, outcome_at, 0)  # [batch, k]
   u = tf.cast(tf.bitwise.bitwise_and(chosen_bits, _u64((1 << 24) - 1)), tf.float32)
   u /= float(1 << 24)
   high = tf.bitwise.right_shift(random_bits(keys, positions, 1), _u64(32))
@@ -220,10 +394,15 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
 
   pad = [[0, 0], [0, tf.maximum(max_predictions - k, 0)]]
   width = [None, max_predictions]
-  return dict(encoder_input_tokens=tf.ensure_shape(masked, tokens.shape),
-              mlm_positions=tf.ensure_shape(tf.pad(positions, pad), width),
-              mlm_targets=tf.ensure_shape(tf.pad(targets, pad), width),
-              mlm_weights=tf.ensure_shape(tf.pad(tf.cast(real, tf.float32), pad), width))
+  out = dict(encoder_input_tokens=tf.ensure_shape(masked, tokens.shape),
+             mlm_positions=tf.ensure_shape(tf.pad(positions, pad), width),
+             mlm_targets=tf.ensure_shape(tf.pad(targets, pad), width),
+             mlm_weights=tf.ensure_shape(tf.pad(tf.cast(real, tf.float32), pad), width))
+  if scheme == "span":  # span-boundary objective inputs, per prediction slot
+    right = tf.gather(_span_last(span_start), positions, batch_dims=1) + 1
+    for name, value in (("sbo_left_positions", outcome_at - 1), ("sbo_right_positions", right)):
+      out[name] = tf.ensure_shape(tf.pad(tf.where(real, value, 0), pad), width)
+  return out
 
 
 def example_seeds(seed, epoch, indices):
