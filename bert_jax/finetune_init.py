@@ -67,7 +67,10 @@ def pretraining_config(workdir: str) -> tuple[str, int, ml_collections.ConfigDic
     _fail("init_from", f"{workdir} is a fine-tuning workdir; give a pretraining one (bert-jax "
           "train) or a Hugging Face folder")
   saved = train.default_config()
+  model = fields.pop("model", None)
   saved.update(fields)
+  if model is not None:  # the run's own fields only, not merged into the default BERT's
+    saved.model = ml_collections.ConfigDict(model)
   return folder, len(finished), saved
 
 
