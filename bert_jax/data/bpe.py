@@ -34,9 +34,10 @@ later Unicode versions may be classed differently.
 Words on their own. Token classification (CoNLL) and SQuAD tokenize each
 word separately. In running text every word but the first follows a space,
 which byte-level BPE folds into the word's first piece ('Ġword'), so such a
-word is tokenized as `word_prefix + word` (' word'); that is what Hugging
-Face does for pre-split words (`is_split_into_words` with
-add_prefix_space=True) and what the RoBERTa authors' own fine-tuning did.
+word is tokenized as `word_prefix + word` (' word'), the first word too:
+that is what Hugging Face does for pre-split words (`is_split_into_words`
+with add_prefix_space=True, which its token-classification examples require
+for RoBERTa), so a word's pieces do not depend on where it stands.
 
 Speed. Pure Python with a cache of pre-token -> ids: the BPE loop runs once
 per distinct pre-token. `tokenize` serves tf.data too (through

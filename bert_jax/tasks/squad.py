@@ -31,9 +31,9 @@ run_squad's own on the SQuAD dev set (v1.1, and a v2.0 variant of it).
 RoBERTa (byte-level BPE, bert_jax.data.bpe): the special tokens are the
 tokenizer's own (`build_inputs`: `<s> query </s></s> doc </s>`, type ids all
 0), padding is its pad_id, and every context word is tokenized as ' word'
-(the space that precedes it in running text belongs to its first piece), as
-Hugging Face's run_squad did for RoBERTa; the answer text likewise. The word
-mapping above then holds unchanged.
+(the space that precedes it in running text belongs to its first piece; the
+word-by-word SQuAD features of Hugging Face did the same for RoBERTa), the
+answer text likewise. The word mapping above then holds unchanged.
 """
 import collections
 import dataclasses
