@@ -541,3 +541,85 @@ def test_nsp_pairs_in_the_pipeline_are_document_text(minilm_dir, corpus, corpus_
   assert set(labels) == {0, 1} and unique_random >= 5
   # short_seq_prob=0.5: many examples end well before seq_length.
   assert np.mean(np.array(lengths) < 20) > 0.2
+
+
+# ----------------------------------------------------------------------------
+# tfds sources: a split stored in several shard files, prepared offline.
+# ----------------------------------------------------------------------------
+
+def _prepare_tfds(data_dir, docs, num_files, name):
+  """Prepares tfds dataset `name` (Text feature 'text', one document each) in
+  `num_files` shard files under data_dir; returns the files' folder."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow as tf
+  texts = ["\n".join(d) for d in docs]
+  builder = tfds.dataset_builders.TfDataBuilder(
+      name=name, version="1.0.0", data_dir=str(data_dir),
+      split_datasets={"train": tf.data.Dataset.from_tensor_slices({"text": texts})},
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=num_files))
+  return builder.data_dir
+
+
+@pytest.fixture(scope="module")
+def tfds_corpus(tmp_path_factory):
+  """data_dir of tfds 'pipe_corpus': 24 documents in 4 shard files."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  _prepare_tfds(data_dir, _docs(13, 24), 4, "pipe_corpus")
+  return data_dir
+
+
+def test_tfds_sources_are_split_by_file_between_hosts(minilm_dir, tfds_corpus, tmp_path,
+                                                      caplog, monkeypatch):
+  import shutil
+  # 4 files, 2 data shards: shard s reads files s and s + 2; host p of 2 runs shard p.
+  monkeypatch.setattr(pipeline, "_LOGGED_WHOLE_SOURCE", set())
+  cfg = _config(_vocab(minilm_dir), "tfds:pipe_corpus:text", data_dir=str(tfds_corpus))
+  with caplog.at_level("INFO"):
+    whole = pipeline.make_train_iterator(cfg, seed=1, batch_size=4)
+  assert "stored in 4 files; data shard s reads only files j with j % 2 == s" in caplog.text
+  wanted = _take(whole, 3)
+  position = json.loads(json.dumps(whole.position))
+  assert min(position["group"]) >= 1, position  # resuming below skips documents
+  after = _take(whole, 3)
+  files = sorted((tfds_corpus / "pipe_corpus" / "1.0.0").glob("*.tfrecord*"))
+  assert len(files) == 4
+  # Each host runs on a copy without the OTHER host's files: reading any of
+  # them would fail, so it opens only its own.
+  parts, resumed = [], []
+  for p in range(2):
+    copy = tmp_path / f"host{p}"
+    shutil.copytree(tfds_corpus, copy)
+    for j in range(4):
+      if j % 2 != p:
+        (copy / "pipe_corpus" / "1.0.0" / files[j].name).unlink()
+    cfg.data_dir = str(copy)
+    host = pipeline.make_train_iterator(cfg, seed=1, batch_size=4, process_index=p,
+                                        process_count=2)
+    assert host.shards == [p]
+    parts.append(_take(host, 3))
+    # Exact resume on a host from the single-host position (keyed by shard).
+    again = pipeline.make_train_iterator(cfg, seed=1, batch_size=4, process_index=p,
+                                         process_count=2, position=position)
+    resumed.append(_take(again, 3))
+  for g, a, b in zip(wanted, *parts):
+    _assert_same(g, {k: np.concatenate([a[k], b[k]]) for k in g})
+  for g, a, b in zip(after, *resumed):
+    _assert_same(g, {k: np.concatenate([a[k], b[k]]) for k in g})
+
+
+def test_tfds_with_fewer_files_than_shards_reads_documents(minilm_dir, tfds_corpus,
+                                                           caplog, monkeypatch):
+  # 4 files, 8 data shards: document mode, logged with how to avoid it.
+  monkeypatch.setattr(pipeline, "_LOGGED_WHOLE_SOURCE", set())
+  cfg = _config(_vocab(minilm_dir), "tfds:pipe_corpus:text", data_dir=str(tfds_corpus),
+                num_shards=8)
+  with caplog.at_level("INFO"):
+    it = pipeline.make_train_iterator(cfg, seed=1, batch_size=8, process_index=1,
+                                      process_count=2)
+  assert ("is a tfds split stored in 4 file(s), fewer than data.num_shards=8" in caplog.text)
+  assert "every host reads the whole source" in caplog.text
+  assert "`tfds build ... --num_shards=8`) or lower data.num_shards" in caplog.text
+  assert next(it)["encoder_input_tokens"].shape == (4, 32)
+  assert it.shards == [4, 5, 6, 7]

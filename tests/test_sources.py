@@ -1,5 +1,6 @@
 """Text sources: files (plain/gz), offline tfds, built-in corpus, sharding, errors."""
 import gzip
+import os
 
 import pytest
 import tensorflow as tf
@@ -176,6 +177,92 @@ def test_tfds_source_reads_prepared_dataset(tfds_dir):
 def test_tfds_errors_are_clear_and_offline(tfds_dir, spec, split, match):
   with pytest.raises((FileNotFoundError, ValueError), match=match):
     sources.open_source(spec, data_dir=tfds_dir, split=split)
+
+
+# A split stored in 4 shard files: 4 tfds shard files of 5 examples each.
+SHARDED_TEXTS = [f"Doc {i} first.\nDoc {i} second." if i % 7 else f"Doc {i} alone"
+                 for i in range(20)]
+
+
+def prepare_sharded_tfds(data_dir, texts, num_files, name="sharded_corpus"):
+  """Prepares tfds dataset `name` (one Text feature 'text') in `num_files` shard files."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  builder = tfds.dataset_builders.TfDataBuilder(
+      name=name, version="1.0.0", data_dir=str(data_dir),
+      split_datasets={"train": tf.data.Dataset.from_tensor_slices({"text": texts})},
+      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(num_shards=num_files))
+  return builder.data_dir
+
+
+@pytest.fixture(scope="module")
+def sharded_tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds_sharded")
+  prepare_sharded_tfds(data_dir, SHARDED_TEXTS, 4)
+  return data_dir
+
+
+def _tfds_file_docs(folder, j):
+  """File j's documents, read by tfds itself (split slicing by shard file)."""
+  import tensorflow_datasets as tfds
+  ds = tfds.builder_from_directory(folder).as_dataset(split=f"train[{j}shard]")
+  return [t.decode().split("\n") for t in ds.map(lambda e: e["text"]).as_numpy_iterator()]
+
+
+def test_tfds_file_shard_reads_only_its_whole_files(sharded_tfds_dir, tmp_path):
+  import shutil
+  spec = "tfds:sharded_corpus:text"
+  source = sources.open_source(spec, data_dir=str(sharded_tfds_dir))
+  names = [os.path.basename(f) for f in source.tfds_files]
+  assert names == [f"sharded_corpus-train.tfrecord-0000{j}-of-00004" for j in range(4)]
+  assert source.num_files == 4 and source.files is None
+  folder = os.path.dirname(source.tfds_files[0])
+  per_file = [_tfds_file_docs(folder, j) for j in range(4)]
+  assert sorted(d for f in per_file for d in f) == sorted(t.split("\n") for t in SHARDED_TEXTS)
+  # The whole split: the files one after another, each in stored order.
+  assert _docs(source) == [d for f in per_file for d in f]
+  for count in (1, 2, 3, 4):
+    for index in range(count):
+      got = [[p.decode() for p in d] for d in
+             source.documents(file_shard=(index, count)).as_numpy_iterator()]
+      assert got == [d for j in range(index, 4, count) for d in per_file[j]], (index, count)
+  # A tensor index, as in the pipeline (one trace serves every share).
+  by_tensor = tf.data.Dataset.range(2).flat_map(
+      lambda i: source.documents(file_shard=(i, 2)))
+  assert [[p.decode() for p in d] for d in by_tensor.as_numpy_iterator()] == (
+      per_file[0] + per_file[2] + per_file[1] + per_file[3])
+  # Share 0 of 2 opens only files 0 and 2: with files 1 and 3 gone it still
+  # reads, while the whole split fails on a missing file.
+  copy = tmp_path / "copy"
+  shutil.copytree(sharded_tfds_dir, copy)
+  for j in (1, 3):
+    (copy / "sharded_corpus" / "1.0.0" / names[j]).unlink()
+  partial = sources.open_source(spec, data_dir=str(copy))
+  got = [[p.decode() for p in d] for d in
+         partial.documents(file_shard=(0, 2)).as_numpy_iterator()]
+  assert got == per_file[0] + per_file[2]
+  with pytest.raises(tf.errors.NotFoundError):
+    _docs(partial)
+
+
+def test_file_shard_errors_and_text_files(sharded_tfds_dir, tmp_path):
+  source = sources.open_source("tfds:sharded_corpus:text", data_dir=str(sharded_tfds_dir))
+  with pytest.raises(ValueError, match="has 4 file.*count=5 must be in \\[1, 4\\]"):
+    source.documents(file_shard=(0, 5))
+  with pytest.raises(ValueError, match="index=2 must be in \\[0, count=2\\)"):
+    source.documents(file_shard=(2, 2))
+  with pytest.raises(ValueError, match="builtin corpus"):
+    sources.open_source("builtin:pydoc_topics").documents(file_shard=(0, 1))
+  # Text files: the same rule over the sorted paths.
+  for j in range(3):
+    (tmp_path / f"t{j}.txt").write_text(f"t{j} a\n\nt{j} b\n")
+  text = sources.open_source(str(tmp_path / "t*.txt"))
+  assert text.num_files == 3 and text.tfds_files is None
+  got = [[p.decode() for p in d] for d in text.documents(file_shard=(0, 2)).as_numpy_iterator()]
+  assert got == [["t0 a"], ["t0 b"], ["t2 a"], ["t2 b"]]
+  with pytest.raises(ValueError, match="not both"):
+    text.documents(files=text.files[:1], file_shard=(0, 2))
 
 
 def test_sentencepiece_trains_on_builtin_corpus(tmp_path):

@@ -2,12 +2,15 @@
 
 Deterministic and exactly resumable (DESIGN.md, Data). Structure:
 
-  * Data shards. A file source (path/glob) with at least num_shards files
-    is split by whole FILES: file j (sorted by name) goes to data shard
-    j % num_shards, and a host opens only the files of its shards ("file
-    mode"). Otherwise (fewer files, tfds, builtin) document i of the source
-    goes to data shard i % num_shards and every host reads the whole source
-    ("document mode", logged once). Either map ignores the host count.
+  * Data shards. A source stored in at least num_shards files is split by
+    whole FILES ("file mode"): file j goes to data shard j % num_shards, and
+    a host opens only the files of its shards. That holds for a text source
+    (path/glob; files sorted by name) and for a tfds split (its stored shard
+    files in tfds's order, read through tfds.ReadConfig's per-file
+    input_context; see sources.TextSource.documents). Otherwise (fewer files,
+    a single text file, builtin) document i of the source goes to data shard
+    i % num_shards and every host reads the whole source ("document mode",
+    logged once with how to avoid it). Either map ignores the host count.
     Each shard is an independent tf.data pipeline. Global batch b is the
     concatenation, in shard order, of every shard's batch b of
     batch_size / num_shards examples. Host p of P runs only the contiguous
@@ -43,7 +46,11 @@ next(), instead of looping over empty epochs forever.
 In document mode each shard reads the whole source and keeps its share
 (ds.shard), so reading (not tokenizing) is repeated once per data shard a host
 runs; file mode reads each file once. A shard's document index (shuffle
-blocks, groups, resume) counts within its own document stream.
+blocks, groups, resume) counts within its own document stream (in file mode:
+its files' documents, file after file); the mode follows from the source and
+num_shards alone, so a saved position resumes the same stream. (Positions
+saved before tfds file mode existed, with a split of >= num_shards files, do
+not: they counted in document mode.)
 """
 import dataclasses
 import logging
@@ -74,7 +81,7 @@ _GROUP_SALT = -(1 << 40)
 # The eval stream uses another seed, so held-out masks never equal training ones.
 _EVAL_SEED_OFFSET = 0x5EED
 _EMPTY_EPOCH = "empty data shard"
-_LOGGED_WHOLE_SOURCE = set()  # sources already logged as read whole by every host
+_LOGGED_WHOLE_SOURCE = set()  # sources whose data shard mode was logged
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -119,6 +126,7 @@ class _Plan:
   source: sources.TextSource
   documents: Optional[tf.data.Dataset] = None  # document mode: built once, used by every shard
   shard_files: Optional[List[List[str]]] = None  # file mode: the files of each data shard
+  tfds_file_mode: bool = False  # file mode of a tfds split (source.documents(file_shard=...))
   tokens_length: int = 0  # span corruption raw chunk length
   targets_length: int = 0  # span corruption decoder length
   chunk_length: int = 0  # ids per raw example chunk (over-long paragraph threshold)
@@ -186,13 +194,21 @@ def _open_documents(plan: _Plan, shards: Sequence[int]):
     plan.source = sources.open_source(
         cfg.source, files=[f for s in shards for f in plan.shard_files[s]])
     return
+  # Only metadata is read here (a tfds split's dataset_info.json).
   plan.source = sources.open_source(cfg.source, data_dir=cfg.data_dir or None,
                                     split=cfg.split)
-  if cfg.num_shards > 1 and cfg.source not in _LOGGED_WHOLE_SOURCE:
-    _LOGGED_WHOLE_SOURCE.add(cfg.source)
-    logging.info("data.source=%r has fewer than data.num_shards=%d files (or is not a file "
-                 "source): documents are assigned to data shards one by one, so every "
-                 "host reads the whole source", cfg.source, cfg.num_shards)
+  if plan.source.tfds_files is not None and plan.source.num_files >= cfg.num_shards:
+    # tfds writes no empty shard file, so every data shard has examples (one
+    # whose texts are all blank fails at its first epoch's end, _check_not_empty).
+    plan.tfds_file_mode = True
+    _log_once(cfg.source, "data.source=%r: the tfds split is stored in %d files; data shard "
+              "s reads only files j with j %% %d == s, so each host reads only its "
+              "shards' files", cfg.source, plan.source.num_files, cfg.num_shards)
+    return
+  if cfg.num_shards > 1:
+    _log_once(cfg.source, "data.source=%r %s: documents are assigned to data shards one "
+              "by one (document mode), so every host reads the whole source and each of "
+              "its data shards reads it again. %s", cfg.source, *_document_mode_reason(plan))
   # A shard without documents would make its pipeline loop forever on empty
   # epochs; reading num_shards documents finds that (and an empty source) now.
   plan.documents = plan.source.documents()
@@ -201,6 +217,28 @@ def _open_documents(plan: _Plan, shards: Sequence[int]):
   _check(found == cfg.num_shards,
          f"data.source={cfg.source!r} has only {found} documents, fewer than "
          f"data.num_shards={cfg.num_shards}: some data shards would be empty")
+
+
+def _document_mode_reason(plan: _Plan):
+  """(why the source is in document mode, how to avoid it) for the log."""
+  source, n = plan.source, plan.cfg.num_shards
+  if source.tfds_files is not None:
+    return (f"is a tfds split stored in {source.num_files} file(s), fewer than "
+            f"data.num_shards={n}",
+            f"To read by files, prepare the split with at least {n} shard files (e.g. "
+            f"`tfds build ... --num_shards={n}`) or lower data.num_shards.")
+  if source.files is not None:
+    return (f"has {source.num_files} text file(s), fewer than data.num_shards={n}",
+            f"To read by files, split the text into at least {n} files (whole documents "
+            "per file; they are assigned in name order) or lower data.num_shards.")
+  return ("is a builtin corpus (held in memory), which has no files to divide",
+          "That is cheap for these small corpora; use a file or tfds source for large data.")
+
+
+def _log_once(source: str, message: str, *args):
+  if source not in _LOGGED_WHOLE_SOURCE:
+    _LOGGED_WHOLE_SOURCE.add(source)
+    logging.info(message, *args)
 
 
 def _shuffled_documents(plan: _Plan, docs: tf.data.Dataset, epoch, shard,
@@ -306,11 +344,14 @@ def _example_features(plan: _Plan, ex, shard):
 def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
   """Padded examples of one epoch of one shard, from group `start_group` on."""
   cfg = plan.cfg
-  if plan.shard_files is None:
-    docs = plan.documents.shard(cfg.num_shards, shard)
-  else:  # `shard` is a tensor (one trace serves all shards): look its files up
+  # `shard` is a tensor here: one trace serves all shards.
+  if plan.shard_files is not None:  # text files: look the shard's files up
     table = tf.ragged.constant(plan.shard_files, dtype=tf.string)
     docs = plan.source.documents(files=tf.gather(table, shard))
+  elif plan.tfds_file_mode:
+    docs = plan.source.documents(file_shard=(shard, cfg.num_shards))
+  else:
+    docs = plan.documents.shard(cfg.num_shards, shard)
   docs = _shuffled_documents(plan, docs, epoch, shard, start_group * cfg.group_size)
   groups = docs.ragged_batch(cfg.group_size).enumerate(start=start_group)
   ds = groups.map(_no_autograph(lambda g, d: _group_examples(plan, g, d, epoch, shard)),

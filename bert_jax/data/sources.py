@@ -10,7 +10,9 @@ A source is named by a spec string:
     $TFDS_DATA_DIR or ~/tensorflow_datasets; gs:// works too). It is read from
     its folder with `tfds.builder_from_directory`, so nothing is ever
     downloaded and an unprepared name fails at once. One example is one document; its text is
-    split into paragraphs at newlines;
+    split into paragraphs at newlines. A prepared split is stored as N shard
+    files (`TextSource.tfds_files`); they are read one after another in
+    tfds's file order, each in its stored order;
   * `builtin:NAME`: real English prose that comes with Python itself, so the
     quick start needs no download and the project ships no third-party text
     (see BUILTIN_CORPORA).
@@ -21,11 +23,22 @@ paragraphs (at least one), in a fixed order (files sorted by name, then line
 order; tfds in its stored order). NSP/SOP pairing takes segments from these
 paragraphs; splitting over-long paragraphs is the pipeline's job.
 
+Reading a share by whole files: `documents(file_shard=(index, count))` of a
+file or tfds source with at least `count` files reads only its files j with
+j % count == index, whole and in order (their documents are exactly those
+files' documents in the full order); `index` may be a scalar tensor, so one
+traced pipeline serves every share. For tfds this is tfds's own per-file
+sharding, `tfds.ReadConfig(input_context=tf.distribute.InputContext(count,
+index))`, which opens no other shard file. The pipeline assigns data shards
+this way (bert_jax.data.pipeline). A single text file or a builtin corpus has
+no files to divide: it is read whole.
+
 Invalid UTF-8 bytes are replaced by U+FFFD (see tokenizer.fix_utf8) and counted
 in `TextSource.invalid_utf8_bytes` as the dataset is read; they never raise.
 """
 import dataclasses
 import glob
+import numbers
 import os
 import re
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -49,26 +62,58 @@ class TextSource:
     invalid_utf8_bytes: int64 tf.Variable, invalid bytes replaced so far
       (grows as the dataset is iterated; every pass counts again).
     files: the sorted paths of a file source (None for tfds / builtin).
+    tfds_files: the stored shard files of a tfds split, in tfds's order (None
+      for file / builtin sources); `documents(file_shard=...)` divides them.
   """
   spec: str
   description: str
   _make: Callable[..., tf.data.Dataset] = dataclasses.field(repr=False)
   invalid_utf8_bytes: Optional[tf.Variable] = dataclasses.field(repr=False, default=None)
   files: Optional[List[str]] = None
+  tfds_files: Optional[List[str]] = None
 
-  def documents(self, files=None) -> tf.data.Dataset:
+  @property
+  def num_files(self) -> int:
+    """Files `file_shard` can divide: text files or tfds shard files (0 for builtin)."""
+    return len(self.files if self.files is not None else self.tfds_files or [])
+
+  def documents(self, files=None, file_shard=None) -> tf.data.Dataset:
     """Dataset of documents: each a tf.string [num_paragraphs], fixed order.
 
     Args:
       files: file sources only: read just these paths (a list or a 1-D
         tf.string tensor, e.g. a subset of `files`), in the given order.
+      file_shard: (index, count), file and tfds sources with >= count files:
+        read only files j with j % count == index (of `files` / `tfds_files`),
+        whole and in order, opening no other file. `index` may be a scalar
+        int tensor; a Python int must be in [0, count).
+
+    Raises:
+      ValueError: `files` on a non-file source, `file_shard` on a builtin
+        source or with count above the number of files, or both given.
     """
     if files is not None and self.files is None:
       raise ValueError(f"source {self.spec!r} is not a file source; it has no files to pick")
-    ds = self._make(self.invalid_utf8_bytes, files)
+    if file_shard is not None:
+      self._check_file_shard(files, *file_shard)
+      file_shard = (file_shard[0], int(file_shard[1]))
+    ds = self._make(self.invalid_utf8_bytes, files, file_shard)
     # Rows of a ragged batch come out with a (rank-0) RaggedTensorSpec; passing
     # them through a map makes every source's element spec a plain TensorSpec.
     return ds.map(lambda doc: tf.ensure_shape(doc, [None]))
+
+  def _check_file_shard(self, files, index, count):
+    if files is not None:
+      raise ValueError(f"source {self.spec!r}: give `files` or `file_shard`, not both")
+    if self.files is None and self.tfds_files is None:
+      raise ValueError(f"source {self.spec!r} has no files to shard by (builtin corpus); "
+                       "read it whole and shard its documents")
+    if not isinstance(count, numbers.Integral) or not 1 <= count <= self.num_files:
+      raise ValueError(f"source {self.spec!r} has {self.num_files} file(s): file_shard "
+                       f"count={count} must be in [1, {self.num_files}] (else a share "
+                       "would have no file)")
+    if isinstance(index, numbers.Integral) and not 0 <= index < count:
+      raise ValueError(f"file_shard index={index} must be in [0, count={count})")
 
   def iter_documents(self) -> Iterator[List[str]]:
     """The same documents in Python, as lists of paragraph strings."""
@@ -100,11 +145,11 @@ def open_source(spec: str, *, data_dir: Optional[str] = None, split: str = "trai
   Raises:
     FileNotFoundError / ValueError naming the path, dataset, split or key.
   """
-  paths = None
+  paths = tfds_files = None
   if files is not None and spec.startswith(("tfds:", "builtin:")):
     raise ValueError(f"source {spec!r} is not a file source; `files` cannot pick from it")
   if spec.startswith("tfds:"):
-    description, make = _open_tfds(spec, data_dir, split)
+    description, make, tfds_files = _open_tfds(spec, data_dir, split)
   elif spec.startswith("builtin:"):
     description, make = _open_builtin(spec)
   else:
@@ -113,7 +158,7 @@ def open_source(spec: str, *, data_dir: Optional[str] = None, split: str = "trai
       raise ValueError(f"text source {spec}: `files` is empty")
     description, make = _open_files(spec, paths)
   counter = tf.Variable(0, dtype=tf.int64, trainable=False, name="invalid_utf8_bytes")
-  return TextSource(spec, description, make, counter, paths)
+  return TextSource(spec, description, make, counter, paths, tfds_files)
 
 
 def iter_paragraphs(spec: str, **kwargs) -> Iterator[str]:
@@ -204,8 +249,10 @@ def _open_files(spec: str, paths: List[str]):
     docs = lines.scan(tf.zeros([0], tf.string), _group_lines)
     return docs.unbatch()
 
-  def make(counter, subset=None):
+  def make(counter, subset=None, file_shard=None):
     files = tf.data.Dataset.from_tensor_slices(paths if subset is None else subset)
+    if file_shard is not None:
+      files = files.shard(file_shard[1], file_shard[0])
     return files.flat_map(lambda path: file_documents(path, counter))
 
   return f"{len(paths)} text file(s) matching {spec}", make
@@ -270,10 +317,29 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
                      f"{sorted(builder.info.features)}")
   if builder.info.splits[split].num_examples == 0:
     raise ValueError(f"tfds dataset {name} split {split} in {folder} is empty")
+  # What ReadConfig.input_context divides: the split's file instructions
+  # (one per stored shard file), sharded in this order.
+  tfds_files = [os.fspath(f.filename) for f in builder.info.splits[split].file_instructions]
 
-  def make(counter, subset=None):
+  # AutoGraph would try (and fail, with a warning) to convert tfds's wrapt-
+  # decorated as_dataset when this runs inside a traced tf.data function.
+  @tf.autograph.experimental.do_not_convert
+  def make(counter, subset=None, file_shard=None):
     del subset  # not a file source (TextSource.documents checks)
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    context = None
+    if file_shard is not None:
+      # tfds shards the split's file list (file j -> pipeline j % count)
+      # before opening any file; the index goes into Dataset.shard, so it
+      # may be a tensor.
+      context = tf.distribute.InputContext(num_input_pipelines=file_shard[1],
+                                           input_pipeline_id=file_shard[0])
+    # Files one after another (cycle length 1), each in stored order: the
+    # documents of a file share are a subsequence of the whole split's. No
+    # autocache: the pipeline re-reads the split every epoch, and an
+    # in-memory cache per iterator would only hold memory.
+    read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False,
+                                  input_context=context)
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
 
     def paragraphs(example):
       text = tokenizer_lib.fix_utf8(example[key], counter)
@@ -282,7 +348,8 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
 
     return ds.map(paragraphs).filter(lambda doc: tf.size(doc) > 0)
 
-  return f"tfds {name} split {split} from {folder}", make
+  description = f"tfds {name} split {split} ({len(tfds_files)} file(s)) from {folder}"
+  return description, make, tfds_files
 
 
 # ----------------------------------------------------------------------------
@@ -352,9 +419,9 @@ def _open_builtin(spec: str):
     raise ValueError(f"builtin corpus {name} is empty in this Python installation")
   ragged = tf.ragged.constant(docs, dtype=tf.string)  # [docs, (paragraphs)]
 
-  def make(counter, subset=None):
+  def make(counter, subset=None, file_shard=None):
     # The text is valid UTF-8 by construction; the counter stays untouched.
-    del counter, subset
+    del counter, subset, file_shard  # not a file source (TextSource.documents checks)
     return tf.data.Dataset.from_tensor_slices(ragged)
 
   return description, make
