@@ -191,15 +191,20 @@ def _word_table(tokens, cand, vocab: masking.VocabInfo):
   run_start = cand & ~tf.pad(cand[:, :-1], [[0, 0], [1, 0]])
   start = cand & (tf.gather(tf.constant(vocab.word_start), tokens) | run_start)
   word_num = tf.cumsum(tf.cast(start, tf.int32), axis=1) - 1  # [batch, length]
-  starts = tf.sort(tf.where(start, idx[None, :], length), axis=1)
-  # A run's first token starts a word, so every maskable token has word_num >= 0.
-  flat = tf.where(cand, word_num + (tf.range(batch) * length)[:, None], batch * length)
-  lengths = tf.reshape(tf.math.unsorted_segment_sum(
-      tf.ones([batch * length], tf.int32), tf.reshape(flat, [-1]), batch * length + 1)[:-1],
-      [batch, length])
+  # A run's first token starts a word, so every maskable token has word_num
+  # >= 0; the rest go to a dropped extra segment. One segment per (row, word).
+  flat = tf.reshape(
+      tf.where(cand, word_num + (tf.range(batch) * length)[:, None], batch * length), [-1])
+  num = batch * length + 1
+
+  def per_word(reduce, values):  # [batch, length] per-word reduction, by word number
+    return tf.reshape(reduce(tf.reshape(values, [-1]), flat, num)[:-1], [batch, length])
+
+  lengths = per_word(tf.math.unsorted_segment_sum, tf.ones_like(tokens))
+  pos = tf.broadcast_to(idx[None, :], [batch, length])
+  starts = tf.where(lengths > 0, per_word(tf.math.unsorted_segment_min, pos), length)
   run_of_token = tf.cumsum(tf.cast(run_start, tf.int32), axis=1)
-  run = tf.where(starts < length,
-                 tf.gather(run_of_token, tf.minimum(starts, length - 1), batch_dims=1),
+  run = tf.where(lengths > 0, per_word(tf.math.unsorted_segment_min, run_of_token),
                  length + 1)  # non-decreasing along each row
   run_end = tf.searchsorted(run, run, side="right", out_type=tf.int32)
   return dict(start=start, word_num=word_num, starts=starts, lengths=lengths,
@@ -214,7 +219,8 @@ def _draw_lengths(bits, probs):
                      "probabilities (P(length = 1), P(length = 2), ...) with a positive sum")
   cdf = tf.constant(np.cumsum(probs / probs.sum())[:-1])
   u = tf.cast(tf.bitwise.bitwise_and(bits, _u64(0xFFFFFFFF)), tf.float64) / 2.0**32
-  return 1 + tf.reduce_sum(tf.cast(u[..., None] >= cdf, tf.int32), axis=-1)
+  table = tf.broadcast_to(cdf, tf.concat([tf.shape(u)[:-1], tf.shape(cdf)], 0))
+  return 1 + tf.searchsorted(table, u, side="right", out_type=tf.int32)  # #(cdf <= u)
 
 
 def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, truncate: bool):
@@ -247,28 +253,35 @@ def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, trunc
   lo = tf.where(valid, anchor, 0)
   hi = tf.minimum(lo + span_len, tf.gather(run_end, lo, batch_dims=1))  # [batch, A]
   before = tf.pad(tf.cumsum(lengths, axis=1), [[0, 0], [1, 0]])  # [batch, W + 1]
+  before_lo = tf.gather(before, lo, batch_dims=1)
   # Tokens an attempt needs to be taken at all: its first word when a
   # prefix may be kept, else the whole span.
   need = (tf.gather(lengths, lo, batch_dims=1) if truncate else
-          tf.gather(before, hi, batch_dims=1) - tf.gather(before, lo, batch_dims=1))
+          tf.gather(before, hi, batch_dims=1) - before_lo)
 
-  def body(owner, left, more):
+  def at_pick(pick, values):  # [batch, 1] value of the picked attempt (0 if none)
+    return tf.reduce_sum(tf.where(pick, values, 0), axis=1, keepdims=True)
+
+  # Elementwise ops and row reductions only (no gathers) inside the loop:
+  # `blocked` marks attempts touching a taken word, updated per new span.
+  def body(owner, blocked, left, more):
     del more
-    taken = tf.pad(tf.cumsum(tf.cast(owner > 0, tf.int32), axis=1), [[0, 0], [1, 0]])
-    free = tf.gather(taken, hi, batch_dims=1) == tf.gather(taken, lo, batch_dims=1)
-    ok = valid & free & (need <= left[:, None])  # [batch, A]
-    first = tf.reduce_min(tf.where(ok, aidx, num_attempts), axis=1)  # [batch]
-    found = first < num_attempts
-    f = tf.minimum(first, num_attempts - 1)[:, None]
-    lo_f, hi_f = tf.gather(lo, f, batch_dims=1), tf.gather(hi, f, batch_dims=1)  # [batch, 1]
-    keep = found[:, None] & (widx >= lo_f) & (widx < hi_f)  # [batch, W]
+    ok = ~blocked & (need <= left[:, None])  # [batch, A]
+    first = tf.reduce_min(tf.where(ok, aidx, num_attempts), axis=1, keepdims=True)
+    pick = tf.equal(aidx, first)  # one-hot, or none when nothing can be taken
+    lo_f, hi_f = at_pick(pick, lo), at_pick(pick, hi)  # [batch, 1]
+    keep = (widx >= lo_f) & (widx < hi_f)  # [batch, W]
     if truncate:
-      keep &= before[:, 1:] - tf.gather(before, lo_f, batch_dims=1) <= left[:, None]
+      keep &= before[:, 1:] - at_pick(pick, before_lo) <= left[:, None]
+      hi_f = lo_f + tf.reduce_sum(tf.cast(keep, tf.int32), axis=1, keepdims=True)
     left -= tf.reduce_sum(tf.where(keep, lengths, 0), axis=1)
-    return tf.where(keep, lo_f + 1, owner), left, tf.reduce_any(found)
+    blocked |= (lo < hi_f) & (hi > lo_f)
+    return (tf.where(keep, lo_f + 1, owner), blocked, left,
+            tf.reduce_any(first < num_attempts))
 
-  owner, _, _ = tf.while_loop(lambda owner, left, more: more, body,
-                              (tf.zeros_like(lengths), budget, tf.constant(True)))
+  owner, _, _, _ = tf.while_loop(
+      lambda owner, blocked, left, more: more, body,
+      (tf.zeros_like(lengths), ~valid, budget, tf.constant(True)))
   return owner
 
 
