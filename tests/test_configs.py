@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
-FINETUNE = {"glue", "conll", "squad"}
+FINETUNE = {"glue", "conll", "squad", "text2text"}
 # The keys scripts and users rely on in every training config (issue "Training").
 REQUIRED = ("seed", "train.num_steps", "train.batch_size", "checkpoint.every_steps",
             "checkpoint.keep", "log.every_steps", "eval.every_steps", "optim.learning_rate",

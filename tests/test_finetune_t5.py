@@ -80,6 +80,29 @@ def _config(variant, data_dir, **fields):
   return config
 
 
+# ---------------------------------------------------------------- config
+
+
+def test_text2text_config_covers_every_task(shared_data):
+  for variant in [n for n, t in glue.TASKS.items() if t.labelled is not None] + [
+      "conll", "squad", "squad_v2"]:
+    config = _config(variant, shared_data)
+    assert config.family == "t5" and config.optim.name == "adafactor"
+    assert config.optim.schedule == "constant" and config.optim.learning_rate == 1e-3
+    config.init_from = str(shared_data)  # neither a HF folder nor a pretraining workdir
+    with pytest.raises(ValueError, match="config.init_from"):
+      finetune.validate(config)
+    config.init_from, config.data.tokenizer = "", "spiece.model"
+    finetune.validate(config)
+    kind = variant if variant in ("conll", "squad") else (
+        "squad" if variant == "squad_v2" else "glue")
+    assert config.task == kind
+  assert _config("squad_v2", shared_data).data.train_split == "train-v2.0.json"
+  assert _config("mnli", shared_data).data.eval_splits == "dev_matched,dev_mismatched"
+  with pytest.raises(ValueError, match="variant 'sst5'"):
+    _config("sst5", shared_data)
+
+
 # ---------------------------------------------------------------- features
 
 
