@@ -184,7 +184,7 @@ SHARDED_TEXTS = [f"Doc {i} first.\nDoc {i} second." if i % 7 else f"Doc {i} alon
                  for i in range(20)]
 
 
-def prepare_sharded_tfds(data_dir, texts, num_files, name="sharded_corpus"):
+def _prepare_sharded_tfds(data_dir, texts, num_files, name="sharded_corpus"):
   """Prepares tfds dataset `name` (one Text feature 'text') in `num_files` shard files."""
   tfds = pytest.importorskip("tensorflow_datasets")
   builder = tfds.dataset_builders.TfDataBuilder(
@@ -199,7 +199,7 @@ def prepare_sharded_tfds(data_dir, texts, num_files, name="sharded_corpus"):
 @pytest.fixture(scope="module")
 def sharded_tfds_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds_sharded")
-  prepare_sharded_tfds(data_dir, SHARDED_TEXTS, 4)
+  _prepare_sharded_tfds(data_dir, SHARDED_TEXTS, 4)
   return data_dir
 
 
