@@ -280,6 +280,10 @@ def _setup(config) -> _Run:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     _fail("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, more than the "
           f"model's vocab_size {model_cfg.vocab_size}")
+  if config.family != "t5" and tokenizer.pad_id != model_cfg.pad_token_id:
+    _fail("data.tokenizer", f"{tokenizer.path} pads with id {tokenizer.pad_id} but the model's "
+          f"pad_token_id is {model_cfg.pad_token_id} (a RoBERTa checkpoint needs its own "
+          "vocab.json + merges.txt)")
   if config.family == "t5":
     model = t5.T5Model(model_cfg)
   else:

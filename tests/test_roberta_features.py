@@ -236,3 +236,59 @@ def test_roberta_checkpoint_logits_match_torch_on_padded_batch(tok, bpe_folder, 
   wrong = batching.pad_batch(feats, multiple=8)["encoder_input_tokens"]
   wrong_logits = np.asarray(model.apply({"params": params}, wrong)["logits"])
   assert np.abs(wrong_logits - alone).max() > 0.01
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning a RoBERTa folder end to end
+# ----------------------------------------------------------------------------
+
+def _roberta_folder(bpe_folder, tmp_path, tok, architecture):
+  torch = pytest.importorskip("torch")
+  config = transformers.RobertaConfig(
+      vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+      intermediate_size=64, max_position_embeddings=200, type_vocab_size=1, pad_token_id=1,
+      bos_token_id=0, eos_token_id=2)
+  torch.manual_seed(0)
+  folder = tmp_path / "roberta"
+  getattr(transformers, architecture)(config).save_pretrained(folder)
+  for name in (bpe.VOCAB_FILE, bpe.MERGES_FILE):
+    (folder / name).write_bytes((bpe_folder / name).read_bytes())
+  return folder
+
+
+@pytest.mark.slow
+def test_finetune_squad_from_roberta_folder(tok, bpe_folder, tmp_path, shared_data):
+  """`finetune` from a RoBERTa folder: pad id 1, filler rows weigh 0, the loss falls."""
+  from bert_jax import finetune  # pylint: disable=import-outside-toplevel
+  from bert_jax.tasks import adapters  # pylint: disable=import-outside-toplevel
+  folder = _roberta_folder(bpe_folder, tmp_path, tok, "RobertaForQuestionAnswering")
+  config = finetune.default_config()
+  config.update_from_flattened_dict({
+      "task": "squad", "init_from": str(folder), "data.data_dir": str(shared_data / "squad"),
+      "data.train_split": "dev-v1.1.json", "data.eval_splits": "dev-v1.1.json",
+      "data.max_train_examples": 8, "data.max_eval_examples": 8, "data.max_length": 192,
+      "data.doc_stride": 64, "data.padding": "max", "train.batch_size": 8,
+      "eval.batch_size": 8, "train.num_epochs": 4, "optim.learning_rate": 3e-3,
+      "log.every_steps": 1, "log.progress": False, "checkpoint.every_epochs": 100})
+
+  run = finetune._setup(config)  # pylint: disable=protected-access
+  assert run.tokenizer.pad_id == run.model.config.pad_token_id == 1
+  split = run.task.load("dev-v1.1.json", 3)
+  batch = run.task.pad(split.features[:3], 8)
+  assert (batch["encoder_input_tokens"][3:] == 1).all()  # filler rows are <pad>, not <s>
+  np.testing.assert_array_equal(batch["example_weights"], [1, 1, 1, 0, 0, 0, 0, 0])
+  assert isinstance(run.task, adapters.SquadTask)
+
+  workdir = tmp_path / "run"
+  out = finetune.finetune(config, str(workdir))
+  losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").open()
+            if '"loss"' in line]
+  assert len(losses) >= 4 and losses[-1] < losses[0], losses
+  assert 0.0 <= out["eval/dev-v1.1.json/f1"] <= 100.0
+
+  # A WordPiece vocabulary (pad 0) cannot drive a RoBERTa model (pad 1).
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the"]) + "\n")
+  config.data.tokenizer = str(vocab)
+  with pytest.raises(ValueError, match="pads with id 0 but the model's pad_token_id is 1"):
+    finetune._setup(config)  # pylint: disable=protected-access

@@ -76,10 +76,12 @@ class _Task:
 
   def pad(self, features: list, batch_size: int) -> dict:
     """One padded batch (filler rows up to batch_size weigh nothing)."""
-    c = self.config.data
+    c, pad_id = self.config.data, self.tokenizer.pad_id  # RoBERTa's <pad> is 1
     if c.padding == "max":
-      return batching.pad_batch(features, length=c.max_length, batch_size=batch_size)
-    return batching.pad_batch(features, multiple=c.pad_multiple, batch_size=batch_size)
+      return batching.pad_batch(features, length=c.max_length, batch_size=batch_size,
+                                pad_id=pad_id)
+    return batching.pad_batch(features, multiple=c.pad_multiple, batch_size=batch_size,
+                              pad_id=pad_id)
 
 
 class GlueTask(_Task):
@@ -173,12 +175,19 @@ class SquadTask(_Task):
     b = windows.batch
     features = []
     for i in range(len(windows)):
-      n = int(np.sum(b["encoder_input_tokens"][i] != 0))  # windows end at their [SEP]
+      # Windows end at their [SEP] (RoBERTa pads with 1, and its <s> is 0).
+      n = int(np.sum(b["encoder_input_tokens"][i] != self.tokenizer.pad_id))
       features.append({"encoder_input_tokens": b["encoder_input_tokens"][i, :n],
                        "encoder_type_ids": b["encoder_type_ids"][i, :n],
                        "start_positions": b["start_positions"][i],
                        "end_positions": b["end_positions"][i]})
     return Split(split, data.examples, features, (data, windows))
+
+  def pad(self, features: list, batch_size: int) -> dict:
+    """As _Task.pad, plus 'example_weights' (0.0 on filler rows, whatever the pad id)."""
+    batch = super().pad(features, batch_size)
+    batch["example_weights"] = (np.arange(batch_size) < len(features)).astype(np.float32)
+    return batch
 
   def _answers(self, split: Split, outputs: list) -> dict:
     data, windows = split.extra

@@ -159,16 +159,24 @@ def _window_candidates(features, f, start_logits, end_logits, n_best_size, max_a
   return s[valid], e[valid]
 
 
-def _span_text(features, f, s, e, example, pieces, lower_case) -> str:
+def _span_text(features, f, s, e, example, detokenize, lower_case) -> str:
   """Original-text answer for sub-tokens s..e of window f."""
-  toks = [pieces[t] for t in features.batch["encoder_input_tokens"][f, s:e + 1]]
-  pred = " ".join(" ".join(toks).replace(" ##", "").replace("##", "").split())
+  pred = " ".join(detokenize(features.batch["encoder_input_tokens"][f, s:e + 1]).split())
   words = example.paragraph.words
   orig = " ".join(words[features.token_to_orig[f, s]:features.token_to_orig[f, e] + 1])
   return get_final_text(pred, orig, lower_case)
 
 
-def _example_answers(example, feature_ids, features, start_logits, end_logits, pieces,
+def _detokenizer(tokenizer):
+  """ids -> text of a sub-token span: run_squad's '##' joining for WordPiece, the
+  tokenizer's own decode for byte-level BPE (whose pieces are byte strings)."""
+  if tokenizer.word_prefix:  # BPE: words carry their leading space
+    return lambda ids: tokenizer.decode([int(i) for i in ids])
+  pieces = tokenizer.pieces
+  return lambda ids: " ".join(pieces[t] for t in ids).replace(" ##", "").replace("##", "")
+
+
+def _example_answers(example, feature_ids, features, start_logits, end_logits, detokenize,
                      lower_case, n_best_size, max_answer_length, version_2):
   """n-best list of one example and its null score (None unless version_2)."""
   cands = []  # (feature, start, end, start_logit, end_logit) in run_squad's order
@@ -190,7 +198,7 @@ def _example_answers(example, feature_ids, features, start_logits, end_logits, p
     if len(nbest) >= n_best_size:
       break
     f, s, e, sl, el = cands[k]
-    text = "" if s == 0 else _span_text(features, f, s, e, example, pieces, lower_case)
+    text = "" if s == 0 else _span_text(features, f, s, e, example, detokenize, lower_case)
     if text in seen:
       continue
     seen.add(text)
@@ -252,7 +260,7 @@ def postprocess(examples: Sequence[squad.SquadExample], features: squad.SquadFea
   texts, diffs, nbests = {}, {}, {}
   for i, ex in enumerate(examples):
     nbest, null = _example_answers(ex, by_example[i], features, start_logits, end_logits,
-                                   tokenizer.pieces, lower_case, n_best_size,
+                                   _detokenizer(tokenizer), lower_case, n_best_size,
                                    max_answer_length, version_2)
     nbests[ex.qas_id] = nbest
     best = next((c for c in nbest if c["text"]), None)
