@@ -316,6 +316,32 @@ def _span_last(span_start):
   return tf.gather(tf.reshape(last, [batch, length]), tf.maximum(span_start, 0), batch_dims=1)
 
 
+def _apply_outcomes(tokens, keys, positions, real, targets, outcome_at,
+                    vocab: masking.VocabInfo, mask_prob: float, random_prob: float):
+  """80/10/10 at the k chosen slots -> the masked [batch, length] tokens.
+
+  The outcome comes from the 24 low bits of stream 0 at `outcome_at` (the
+  position itself, or its span's first token), independent of the high
+  bits that ordered the choices; the replacement id from the high 32 bits of
+  stream 1 at the position (multiply-shift into the ordinary ids).
+  """
+  length = tf.shape(tokens)[1]
+  chosen_bits = random_bits(keys, outcome_at, 0)  # [batch, k]
+  u = tf.cast(tf.bitwise.bitwise_and(chosen_bits, _u64((1 << 24) - 1)), tf.float32)
+  u /= float(1 << 24)
+  high = tf.bitwise.right_shift(random_bits(keys, positions, 1), _u64(32))
+  pick = tf.bitwise.right_shift(high * _u64(len(vocab.ordinary_ids)), _u64(32))
+  random_ids = tf.gather(tf.constant(vocab.ordinary_ids), tf.cast(pick, tf.int32))
+  new = tf.where(u < mask_prob, vocab.mask_id,
+                 tf.where(u < mask_prob + random_prob, random_ids, targets))
+  # Unused slots write into an extra column that is cut off again (real
+  # positions are distinct, so the scatter has no conflicting writes).
+  rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(positions))
+  cols = tf.where(real, positions, length)
+  return tf.tensor_scatter_nd_update(tf.pad(tokens, [[0, 0], [0, 1]]),
+                                     tf.stack([rows, cols], -1), new)[:, :length]
+
+
 def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_predictions: int,
                       scheme: str = "token", rate: float = 0.15, mask_prob: float = 0.8,
                       random_prob: float = 0.1, span_probs=None):
@@ -337,7 +363,7 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
     tokens: int [batch, length] ids, trailing padding (pad_id) allowed;
       length < 2**20.
     seeds: int [batch, 2], one stateless seed per row (masking.example_seed).
-    vocab: vocabulary facts (whole_word needs vocab.word_start).
+    vocab: vocabulary facts (whole_word, span, ngram need vocab.word_start).
     max_predictions: width of the mlm_* outputs.
     scheme: one of BATCH_SCHEMES ('token', 'whole_word', 'span', 'ngram').
     rate: fraction of (non-pad) tokens to predict.
@@ -369,6 +395,7 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
   bits = random_bits(keys, tf.range(length), 0)  # [batch, length]
   cand = tf.logical_not(tf.gather(tf.constant(vocab.special), tokens))
   k = tf.minimum(max_predictions, length)
+  span_start = None
   if scheme == "token":
     positions, real = _select_tokens(bits, cand, budget, k)
   elif scheme == "whole_word":
@@ -382,28 +409,12 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
     positions, real = _first_k(span_start >= 0, k)
   positions = tf.where(real, positions, 0)  # [batch, k]
   targets = tf.where(real, tf.gather(tokens, positions, batch_dims=1), 0)
-
-  # 80/10/10 only at the k slots: the outcome from 24 low bits of the
-  # position's selection draw (independent of the high bits of its score),
-  # the replacement id from stream 1 (multiply-shift into the ordinary ids).
-  # SpanBERT: every token of a span reads the draw of the span's first token.
+  # SpanBERT: every token of a span reads the outcome draw of its first token.
   outcome_at = positions
   if scheme == "span":
     outcome_at = tf.where(real, tf.gather(span_start, positions, batch_dims=1), 0)
-  chosen_bits = random_bits(keys, outcome_at, 0)  # [batch, k]
-  u = tf.cast(tf.bitwise.bitwise_and(chosen_bits, _u64((1 << 24) - 1)), tf.float32)
-  u /= float(1 << 24)
-  high = tf.bitwise.right_shift(random_bits(keys, positions, 1), _u64(32))
-  pick = tf.bitwise.right_shift(high * _u64(len(vocab.ordinary_ids)), _u64(32))
-  random_ids = tf.gather(tf.constant(vocab.ordinary_ids), tf.cast(pick, tf.int32))
-  new = tf.where(u < mask_prob, vocab.mask_id,
-                 tf.where(u < mask_prob + random_prob, random_ids, targets))
-  # Unused slots write into an extra column that is cut off again (real
-  # positions are distinct, so the scatter has no conflicting writes).
-  rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(positions))
-  cols = tf.where(real, positions, length)
-  masked = tf.tensor_scatter_nd_update(tf.pad(tokens, [[0, 0], [0, 1]]),
-                                       tf.stack([rows, cols], -1), new)[:, :length]
+  masked = _apply_outcomes(tokens, keys, positions, real, targets, outcome_at, vocab,
+                           mask_prob, random_prob)
 
   pad = [[0, 0], [0, tf.maximum(max_predictions - k, 0)]]
   width = [None, max_predictions]

@@ -8,8 +8,10 @@ op seeded by a `[2]` seed tensor, so a pipeline is reproducible bit for bit:
   seed = example_seed(run_seed, epoch, index)   # one per example, new each epoch
   pair_seed, mask_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
-The pipeline masks 'token' and 'whole_word' on whole padded batches instead
-(bert_jax.data.batch_masking, same contract, a counter-based generator).
+The pipeline masks on whole padded batches instead, every scheme
+(bert_jax.data.batch_masking, same contract, a counter-based generator); the
+per-example functions here stay the reference the batched ones are tested
+against, and serve per-example maps (e.g. before packing.pack_mlm).
 
 No tokenizer is needed: vocabulary facts come in a `VocabInfo` (special ids, a
 bool table of special ids, and for whole-word schemes a bool table of word-start
