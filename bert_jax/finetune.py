@@ -85,7 +85,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model = train.model_config("bert", "tiny")  # used only when init_from is ''
 
   c.data = ml_collections.ConfigDict()
-  c.data.data_dir = ""
+  c.data.data_dir = ""  # glue: the GLUE root (or tfds data_dir); conll/squad: the files' folder
+  c.data.glue_source = "tsv"  # glue: 'tsv' (GLUE folders) or 'tfds' (prepared glue/<task>)
   c.data.tokenizer = ""  # vocab.txt or folder; '' = init_from's (folder or pretraining run's)
   c.data.lower_case = True
   c.data.train_split = "train"
@@ -152,6 +153,9 @@ def validate(config) -> tuple[int, int, int]:
   """Checks the fine-tuning fields before anything is read or compiled; returns the mesh shape."""
   if config.task not in TASK_KINDS:
     _fail("task", f"unknown task {config.task!r}; choose one of {list(TASK_KINDS)}")
+  if config.data.glue_source not in ("tsv", "tfds"):
+    _fail("data.glue_source", f"unknown source {config.data.glue_source!r}; choose 'tsv' or "
+          "'tfds'")
   if config.family not in FAMILIES:
     _fail("family", f"unknown family {config.family!r}; choose one of {list(FAMILIES)}")
   if config.decode.beam_size < 1 or config.decode.alpha < 0:

@@ -67,6 +67,14 @@ def _limit(items: list, n: int) -> list:
   return items[:n] if n > 0 else items
 
 
+def _read_glue(config, task: glue.GlueTask, split: str) -> list:
+  """A GLUE split from the TSV folders or, with data.glue_source='tfds', from a
+  prepared tfds `glue/<task>` in data.data_dir (never downloaded)."""
+  if config.data.glue_source == "tfds":
+    return glue.read_tfds(task, split, config.data.data_dir)
+  return glue.read_tsv(config.data.data_dir, task, split)
+
+
 class _Task:
   """What every task shares: padding of encoder features by `config.data.padding`."""
   decodes = False  # True: outputs are decoded texts (Text2TextTask.decode)
@@ -99,7 +107,7 @@ class GlueTask(_Task):
     self.metric = self.task.primary_metric
 
   def load(self, split: str, limit: int) -> Split:
-    examples = _limit(glue.read_tsv(self.config.data.data_dir, self.task, split), limit)
+    examples = _limit(_read_glue(self.config, self.task, split), limit)
     features = glue.encode_examples(examples, self.tokenizer, self.task,
                                     max_length=self.config.data.max_length)
     return Split(split, examples, features)
@@ -245,7 +253,7 @@ class Text2TextTask(_Task):
   def _read(self, split: str, limit: int):
     """(examples, inputs, targets (None where unlabelled), extra) of a split."""
     if self.kind == "glue":
-      examples = _limit(glue.read_tsv(self.config.data.data_dir, self.glue, split), limit)
+      examples = _limit(_read_glue(self.config, self.glue, split), limit)
       return (examples,) + text2text.glue_to_text(self.glue, examples) + (None,)
     if self.kind == "conll":
       sentences = _limit(ner.read_conll(_data_file(self.config, split)).sentences, limit)

@@ -341,8 +341,9 @@ def read_tfds(task: Union[str, GlueTask], split: str,
     data_dir: tfds data folder (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
 
   Returns:
-    Examples with guid 'folder[split]#i', index = tfds `idx`, labels as this
-    module's label names (None where tfds stores -1, i.e. the test splits).
+    Examples in GLUE file order (by tfds `idx`, their `index`), guid
+    'folder[split]#i', labels as this module's label names (None where tfds
+    stores -1, i.e. the test splits).
 
   Raises:
     FileNotFoundError when glue/<task> is not prepared there; ValueError for
@@ -371,7 +372,9 @@ def read_tfds(task: Union[str, GlueTask], split: str,
         guid=where, index=int(ex["idx"]), text_a=ex[key_a].decode("utf-8"),
         text_b=ex[key_b].decode("utf-8") if key_b else None,
         label=_tfds_label(task, ex["label"], class_names, where)))
-  return examples
+  # tfds stores examples shuffled by a hash of their key; `idx` is the row of
+  # the GLUE file, so sorting by it gives the TSV order (and the same batches).
+  return sorted(examples, key=lambda e: e.index)
 
 
 def _tfds_label(task: GlueTask, value, class_names: List[str], where: str):
