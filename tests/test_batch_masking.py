@@ -144,9 +144,11 @@ def _sequential_spans(anchor, span_len, lengths, run, budget, truncate):
 
 def test_greedy_spans_batch_equals_sequential():
   rng = np.random.default_rng(11)
-  for truncate in (True, False):
-    fn = tf.function(lambda *a, t=truncate: batch_masking._greedy_spans_batch(*a, t))
-    for _ in range(4):
+  # window: attempts of the first pass (the rest follow in a second one).
+  for truncate, window in ((True, None), (False, None), (True, 3), (False, 7), (True, 60)):
+    fn = tf.function(lambda *a, t=truncate, w=window: batch_masking._greedy_spans_batch(
+        *a, t, max_len=10, window=w))
+    for _ in range(3):
       rows, width = 64, 50
       anchor, span_len = np.zeros((rows, width), np.int32), np.ones((rows, width), np.int32)
       valid, lengths = np.zeros((rows, width), bool), np.zeros((rows, width), np.int32)
@@ -163,7 +165,7 @@ def test_greedy_spans_batch_equals_sequential():
       got = fn(anchor, span_len, valid, lengths, run_end, np.array(budget, np.int32)).numpy()
       for r, case in enumerate(cases):
         want = _sequential_spans(*case, truncate)
-        assert got[r, :len(want)].tolist() == want, (r, truncate)
+        assert got[r, :len(want)].tolist() == want, (r, truncate, window)
         assert not got[r, len(want):].any()
 
 

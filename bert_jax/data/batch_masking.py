@@ -223,17 +223,87 @@ def _draw_lengths(bits, probs):
   return 1 + tf.searchsorted(table, u, side="right", out_type=tf.int32)  # #(cdf <= u)
 
 
-def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, truncate: bool):
+def _take_spans(lo, hi, need, before, blocked, left, truncate: bool, max_len: int):
+  """Takes attempts [batch, A] in visiting order, one per row and loop step.
+
+  An attempt that cannot be taken now never can later (words only get
+  taken, the budget only shrinks), so each step moves every row straight to
+  its first attempt that can be taken: steps = most spans in one row + 1,
+  not the number of attempts. The loop holds [batch, A] and [batch] tensors
+  only, updated elementwise (taking a span blocks the attempts it touches).
+
+  Args:
+    lo, hi: int32 [batch, A] word range of each attempt (hi - lo <= max_len).
+    need: int32 [batch, A] tokens the attempt needs to be taken at all.
+    before: int32 [batch, W + 1] tokens before each word.
+    blocked: bool [batch, A] attempts that can never be taken.
+    left: int32 [batch] budget left.
+    truncate: keep the fitting words of an overflowing span.
+    max_len: most words of a span.
+
+  Returns:
+    (end int32 [batch, A]: the word after the taken part of each taken
+    attempt, 0 otherwise; left int32 [batch]).
+  """
+  num = tf.shape(lo)[1]
+  aidx = tf.range(num)[None, :]
+  steps = tf.range(1, max_len + 1)[None, :]  # [1, max_len]
+  last = tf.shape(before)[1] - 1
+
+  def at_pick(pick, values):  # [batch, 1] value of the picked attempt (0 if none)
+    return tf.reduce_sum(tf.where(pick, values, 0), axis=1, keepdims=True)
+
+  def body(end, blocked, left, more):
+    del more
+    ok = ~blocked & (need <= left[:, None])  # [batch, A]
+    first = tf.reduce_min(tf.where(ok, aidx, num), axis=1, keepdims=True)
+    pick = tf.equal(aidx, first)  # one-hot, or none when nothing can be taken
+    lo_f, hi_f = at_pick(pick, lo), at_pick(pick, hi)  # [batch, 1]
+    if truncate:  # tokens of the span's first 1..max_len words; keep those that fit
+      cum = (tf.gather(before, tf.minimum(lo_f + steps, last), batch_dims=1)
+             - tf.gather(before, lo_f, batch_dims=1))  # [batch, max_len]
+      fits = (steps <= hi_f - lo_f) & (cum <= left[:, None])
+      hi_f = lo_f + tf.reduce_sum(tf.cast(fits, tf.int32), axis=1, keepdims=True)
+      used = tf.reduce_max(tf.where(fits, cum, 0), axis=1)
+    else:
+      used = at_pick(pick, need)[:, 0]
+    return (tf.where(pick, hi_f, end), blocked | ((lo < hi_f) & (hi > lo_f)), left - used,
+            tf.reduce_any(first < num))
+
+  more = tf.reduce_any(~blocked & (need <= left[:, None]))
+  end, _, left, _ = tf.while_loop(lambda end, blocked, left, more: more, body,
+                                  (tf.zeros_like(lo), blocked, left, more))
+  return end, left
+
+
+def _owner_of_words(lo, end, num_words):
+  """[batch, W]: 1 + anchor word of the taken span holding each word, 0 if none.
+
+  Taken spans [lo, end) never overlap, so +(lo + 1) at lo and -(lo + 1) at
+  end, summed along the row, mark exactly their words.
+  """
+  batch, size = tf.shape(lo)[0], num_words + 1
+  offset = (tf.range(batch) * size)[:, None]
+  dump = batch * size
+  taken = end > 0
+  keys = tf.concat([tf.where(taken, lo + offset, dump), tf.where(taken, end + offset, dump)], 1)
+  delta = tf.math.unsorted_segment_sum(tf.reshape(tf.concat([lo + 1, -lo - 1], 1), [-1]),
+                                       tf.reshape(keys, [-1]), dump + 1)[:-1]
+  return tf.cumsum(tf.reshape(delta, [batch, size]), axis=1)[:, :num_words]
+
+
+def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, truncate: bool,
+                        max_len: int = 10, window=None):
   """The sequential span attempts of masking._greedy_spans, for every row at once.
 
   Attempt i of a row covers words [anchor_i, min(anchor_i + span_len_i,
   run_end)). In visiting order, an attempt touching a taken word is
   rejected; one that overflows the budget keeps its whole words that fit
-  when `truncate` (SpanBERT), else is skipped (ALBERT, BERT wwm). An attempt
-  that cannot be taken now never can later (words only get taken, the
-  budget only shrinks), so each loop step moves every row straight to its
-  first attempt that can be taken and takes it: steps = most spans in one
-  row + 1, not the number of attempts.
+  when `truncate` (SpanBERT), else is skipped (ALBERT, BERT wwm).
+
+  Most rows fill their budget within their first few attempts, so the loop
+  first runs on the first `window` attempts (cheaper steps), then on the
+  rest from the state it left (usually over at once).
 
   Args:
     anchor: int32 [batch, A] first word of each attempt, in visiting order.
@@ -243,46 +313,35 @@ def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, trunc
     run_end: int32 [batch, W] 1 + the last word of each word's run.
     budget: int32 [batch] most tokens to select.
     truncate: keep the fitting words of an overflowing span (else skip it).
+    max_len: most words of a span (>= every span_len).
+    window: int (scalar tensor or Python) attempts of the first pass; None
+      = all in one pass.
 
   Returns:
     int32 [batch, W]: 1 + anchor word of the span holding each word, 0 if none.
   """
-  num_attempts = tf.shape(anchor)[1]
-  widx = tf.range(tf.shape(lengths)[1])[None, :]
-  aidx = tf.range(num_attempts)[None, :]
+  num_words = tf.shape(lengths)[1]
   lo = tf.where(valid, anchor, 0)
   hi = tf.minimum(lo + span_len, tf.gather(run_end, lo, batch_dims=1))  # [batch, A]
   before = tf.pad(tf.cumsum(lengths, axis=1), [[0, 0], [1, 0]])  # [batch, W + 1]
-  before_lo = tf.gather(before, lo, batch_dims=1)
   # Tokens an attempt needs to be taken at all: its first word when a
   # prefix may be kept, else the whole span.
   need = (tf.gather(lengths, lo, batch_dims=1) if truncate else
-          tf.gather(before, hi, batch_dims=1) - before_lo)
-
-  def at_pick(pick, values):  # [batch, 1] value of the picked attempt (0 if none)
-    return tf.reduce_sum(tf.where(pick, values, 0), axis=1, keepdims=True)
-
-  # Elementwise ops and row reductions only (no gathers) inside the loop:
-  # `blocked` marks attempts touching a taken word, updated per new span.
-  def body(owner, blocked, left, more):
-    del more
-    ok = ~blocked & (need <= left[:, None])  # [batch, A]
-    first = tf.reduce_min(tf.where(ok, aidx, num_attempts), axis=1, keepdims=True)
-    pick = tf.equal(aidx, first)  # one-hot, or none when nothing can be taken
-    lo_f, hi_f = at_pick(pick, lo), at_pick(pick, hi)  # [batch, 1]
-    keep = (widx >= lo_f) & (widx < hi_f)  # [batch, W]
-    if truncate:
-      keep &= before[:, 1:] - at_pick(pick, before_lo) <= left[:, None]
-      hi_f = lo_f + tf.reduce_sum(tf.cast(keep, tf.int32), axis=1, keepdims=True)
-    left -= tf.reduce_sum(tf.where(keep, lengths, 0), axis=1)
-    blocked |= (lo < hi_f) & (hi > lo_f)
-    return (tf.where(keep, lo_f + 1, owner), blocked, left,
-            tf.reduce_any(first < num_attempts))
-
-  owner, _, _, _ = tf.while_loop(
-      lambda owner, blocked, left, more: more, body,
-      (tf.zeros_like(lengths), ~valid, budget, tf.constant(True)))
-  return owner
+          tf.gather(before, hi, batch_dims=1) - tf.gather(before, lo, batch_dims=1))
+  if window is None:
+    end, _ = _take_spans(lo, hi, need, before, ~valid, budget, truncate, max_len)
+    return _owner_of_words(lo, end, num_words)
+  c = tf.minimum(tf.cast(window, tf.int32), tf.shape(lo)[1])
+  end, left = _take_spans(lo[:, :c], hi[:, :c], need[:, :c], before, ~valid[:, :c], budget,
+                          truncate, max_len)
+  owner = _owner_of_words(lo[:, :c], end, num_words)
+  # The remaining attempts, blocked where they touch a span already taken.
+  taken = tf.pad(tf.cumsum(tf.cast(owner > 0, tf.int32), axis=1), [[0, 0], [1, 0]])
+  lo, hi = lo[:, c:], hi[:, c:]
+  blocked = ~valid[:, c:] | (tf.gather(taken, hi, batch_dims=1)
+                             != tf.gather(taken, lo, batch_dims=1))
+  end, _ = _take_spans(lo, hi, need[:, c:], before, blocked, left, truncate, max_len)
+  return owner + _owner_of_words(lo, end, num_words)
 
 
 def _select_spans(tokens, keys, bits, cand, budget, vocab: masking.VocabInfo, probs,
@@ -297,8 +356,10 @@ def _select_spans(tokens, keys, bits, cand, budget, vocab: masking.VocabInfo, pr
   valid = tf.gather(words["start"], order, batch_dims=1)  # [batch, A]
   anchor = tf.maximum(tf.gather(words["word_num"], order, batch_dims=1), 0)
   span_len = _draw_lengths(random_bits(keys, order, 1), probs)
+  # Twice the largest budget: most rows are done within that many attempts.
+  window = 2 * tf.reduce_max(budget)
   owner = _greedy_spans_batch(anchor, span_len, valid, words["lengths"], words["run_end"],
-                              budget, truncate)  # [batch, W]
+                              budget, truncate, len(probs), window)  # [batch, W]
   word_num = tf.maximum(words["word_num"], 0)
   tok_owner = tf.where(cand, tf.gather(owner, word_num, batch_dims=1), 0)  # [batch, length]
   first = tf.gather(words["starts"], tf.maximum(tok_owner - 1, 0), batch_dims=1)
