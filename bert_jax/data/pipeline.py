@@ -29,13 +29,12 @@ Deterministic and exactly resumable (DESIGN.md, Data). Structure:
     index = (g * num_shards + shard) * 2**24 + k (unique per epoch while a
     group makes < 2**24 examples), then the objective and padding to the
     batch contract. Epochs repeat forever with new shuffles and new masks.
-  * 'token' (the default) and 'whole_word' masking run after batching
-    instead: each shard's padded batch is masked at once by
+  * Masking (every scheme: token, whole_word, span, ngram) runs after
+    batching instead: each shard's padded batch is masked at once by
     batch_masking.mask_tokens_batch, every row keyed by its own example seed
     (so a row's mask does not depend on its batch neighbours and resume
-    stays exact). For objective 'mlm' the seeds
-    and the padding are computed in the group map too, so no per-example map
-    runs at all. 'span' / 'ngram' mask per example with masking.mask_tokens.
+    stays exact). For objective 'mlm' the seeds and the padding are computed
+    in the group map too, so no per-example map runs at all.
 
 Position: what the trainer saves in its checkpoint (see bert_jax/data/position.py).
 
@@ -268,15 +267,15 @@ def _no_autograph(fn):
 
 
 def _batch_masked(cfg) -> bool:
-  """Whether masking runs on whole batches (batch_masking) rather than per example."""
-  return cfg.objective != "span_corruption" and cfg.masking in batch_masking.BATCH_SCHEMES
+  """Whether batches get MLM masks (batch_masking handles every masking scheme)."""
+  return cfg.objective != "span_corruption"
 
 
 def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   """One group of raw documents -> dict of [C, ...] raw examples with provenance.
 
-  For objective 'mlm' with batched masking the examples come out final but
-  unmasked: encoder_input_tokens padded to [C, seq_length] and `_seed` [C, 2].
+  For objective 'mlm' the examples come out final but unmasked:
+  encoder_input_tokens padded to [C, seq_length] and `_seed` [C, 2].
   """
   cfg, tok = plan.cfg, plan.tokenizer
   if cfg.objective in ("mlm_nsp", "mlm_sop"):  # pairs of whole paragraphs
@@ -291,11 +290,9 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   if cfg.objective in ("mlm_nsp", "mlm_sop"):  # chunks of < 2 ids make no example
     counts.append(plan.stats["skipped_one_token_documents"].assign_add(
         tf.math.count_nonzero(tf.equal(doc_ids.row_lengths(), 1))))
-  if cfg.objective == "mlm" and _batch_masked(cfg):
+  if cfg.objective == "mlm":
     chunks = examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id)
     out = dict(tokens=chunks.to_tensor(shape=[None, cfg.seq_length]))  # pad id 0
-  elif cfg.objective == "mlm":
-    out = dict(tokens=examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id))
   elif cfg.objective == "span_corruption":
     out = dict(tokens=examples_lib.t5_examples(doc_ids, plan.tokens_length))
   else:
@@ -316,7 +313,7 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   out["_epoch"] = tf.fill([c], tf.cast(epoch, tf.int64))
   out["_group"] = tf.fill([c], tf.cast(g, tf.int64))
   out["_k"] = tf.range(c, dtype=tf.int64)
-  if cfg.objective == "mlm" and _batch_masked(cfg):
+  if cfg.objective == "mlm":
     index = (tf.cast(g, tf.int64) * cfg.num_shards + shard) * (1 << _K_BITS) + out["_k"]
     out["_seed"] = batch_masking.example_seeds(plan.seed, epoch, index)
     out["encoder_input_tokens"] = out.pop("tokens")
@@ -332,7 +329,7 @@ def _example_features(plan: _Plan, ex, shard):
          for k, v in ex.items() if not k.startswith("_")}
   out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
                                      vocab=plan.vocab, tokenizer=plan.tokenizer,
-                                     mask=not _batch_masked(cfg))
+                                     mask=False)  # masked after batching
   out.update({k: ex[k] for k in _PROVENANCE})
   if _batch_masked(cfg):
     out["_seed"] = seed
@@ -357,7 +354,7 @@ def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
   ds = groups.map(_no_autograph(lambda g, d: _group_examples(plan, g, d, epoch, shard)),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = _check_not_empty(plan, ds, shard, epoch, start_group).unbatch()
-  if cfg.objective == "mlm" and _batch_masked(cfg):
+  if cfg.objective == "mlm":
     return ds  # already padded, masked after batching
   ds = ds.map(_no_autograph(lambda ex: _example_features(plan, ex, shard)),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
