@@ -9,6 +9,14 @@ From one run, on English Wikipedia text (../shared/data/wiki_en):
       per CPU second (the collator is single-threaded);
   (b) tokenise + BERT MLM, the whole pipeline (make_train_iterator) at 128 and
       512 tokens;
+  (b1) tokenise + MLM with NSP / SOP pairs (whole-paragraph segments,
+      examples.pair_examples) at 128, as ratios to MLM 128 run in the same
+      interleaved rounds (medians);
+  (b2) A/B of the pipeline's bookkeeping on MLM 128: as is vs the empty-epoch
+      check (pipeline._check_not_empty) off, vs the source's bad-UTF-8 byte
+      count off, vs both and the TrainIterator.stats counters off; switched
+      off by patching module attributes in this process (pipeline.py has no
+      switch; `bookkeeping`); interleaved rounds, medians;
   (c) tokenise + T5 span corruption at 512 / 114 with a SentencePiece model
       trained on part of the same text at the start (temp dir);
   (d) the arithmetic: examples/s one TPU v4 host needs to keep a BERT-base
@@ -19,10 +27,12 @@ From one run, on English Wikipedia text (../shared/data/wiki_en):
       --wiki=../shared/data/wiki_en/valid.txt.gz
 """
 import argparse
+import contextlib
 import gzip
 import os
 import tempfile
 import time
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -130,6 +140,66 @@ def bench_pipeline(cfg, batch, num_batches):
   return batch * num_batches / wall, batch * num_batches / cpu
 
 
+class _NoCounter:
+  """Stands in for a stats tf.Variable: assign_add adds nothing (the count is pruned)."""
+
+  def assign_add(self, value):
+    del value
+    return tf.constant(0, tf.int64)
+
+
+@contextlib.contextmanager
+def bookkeeping(check=True, utf8_count=True, stats=True):
+  """Switches parts of the pipeline's bookkeeping off while a pipeline is built and run.
+
+  pipeline.py has no option for them, so module attributes are patched:
+  `check` off makes pipeline._check_not_empty the identity on the group
+  dataset; `utf8_count` off makes the sources' fix_utf8 skip its counting
+  (a second, 'ignore' transcode of all text); `stats` off makes the stats
+  Variables (overlong paragraphs, one-token documents) no-ops. The batches
+  are unchanged.
+  """
+  with contextlib.ExitStack() as stack:
+    if not check:
+      stack.enter_context(mock.patch.object(pipeline, "_check_not_empty",
+                                            lambda plan, groups, *args: groups))
+    if not utf8_count:
+      fix_utf8 = tok_lib.fix_utf8
+      stack.enter_context(mock.patch.object(tok_lib, "fix_utf8",
+                                            lambda texts, counter=None: fix_utf8(texts)))
+    if not stats:
+      validate = pipeline._validate
+
+      def quiet_validate(*args, **kwargs):
+        plan = validate(*args, **kwargs)
+        plan.stats = {k: _NoCounter() for k in plan.stats}
+        return plan
+
+      stack.enter_context(mock.patch.object(pipeline, "_validate", quiet_validate))
+    yield
+
+
+BOOKKEEPING = {"as is": {}, "no empty-epoch check": dict(check=False),
+               "no bad-UTF-8 count": dict(utf8_count=False),
+               "none of the three": dict(check=False, utf8_count=False, stats=False)}
+
+
+def bench_rounds(runs, batch, num_batches, rounds):
+  """Median examples/s (wall, CPU) of each run {name: (cfg, bookkeeping switches)}.
+
+  Rounds interleave the runs, each round starting with the next one, so
+  load drift on a shared machine hits them alike and no order is favoured.
+  """
+  rates = {k: [] for k in runs}
+  names = list(runs)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      cfg, switches = runs[name]
+      with bookkeeping(**switches):
+        rates[name].append(bench_pipeline(cfg, batch, num_batches))
+  return {k: tuple(np.median(np.array(v), axis=0)) for k, v in rates.items()}
+
+
 def pipeline_config(args, **overrides):
   cfg = pipeline.default_data_config()
   cfg.source = args.wiki
@@ -188,6 +258,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=20,
                       help="passes over the examples in (a), ~36k masked examples")
   parser.add_argument("--pipeline_batches", type=int, default=20)
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="interleaved rounds of the comparisons (b1) and (b2)")
+  parser.add_argument("--round_batches", type=int, default=30,
+                      help="batches per pipeline run in (b1) and (b2)")
   parser.add_argument("--mfu", type=float, default=0.5)
   parser.add_argument("--usable_cpu_fraction", type=float, default=0.5)
   parser.add_argument("--vcpus_per_core", type=float, default=2.0)
@@ -228,6 +302,29 @@ def main():
     rates[f"MLM {seq}"] = (seq, preds, per_cpu)
     print(f"  MLM {seq}: {per_wall:8,.0f} ex/s wall ({THREADS} cores), {per_cpu:8,.0f} ex/CPU-s; "
           f"(tokenise + mask) / (HF collator, mask only) = {per_wall / hf[0]:.2f}x")
+
+  print(f"\n(b1) tokenise + MLM with NSP / SOP pairs at 128 vs MLM 128: median of "
+        f"{args.rounds} interleaved rounds of {args.round_batches} batches")
+  runs = {name: (pipeline_config(args, objective=objective, seq_length=128, max_predictions=20),
+                 {}) for name, objective in (("MLM 128", "mlm"), ("MLM+NSP 128", "mlm_nsp"),
+                                             ("MLM+SOP 128", "mlm_sop"))}
+  pairs = bench_rounds(runs, args.batch, args.round_batches, args.rounds)
+  base = pairs["MLM 128"]
+  for name, (per_wall, per_cpu) in pairs.items():
+    rates.setdefault(name, (128, 20, per_cpu))
+    print(f"  {name:12s}: {per_wall:8,.0f} ex/s wall, {per_cpu:8,.0f} ex/CPU-s; this / MLM 128 "
+          f"= {per_wall / base[0]:.2f}x wall, {per_cpu / base[1]:.2f}x CPU; / HF collator = "
+          f"{per_wall / hf[0]:.2f}x wall")
+
+  print(f"\n(b2) MLM 128 bookkeeping A/B: median of {args.rounds} interleaved rounds of "
+        f"{args.round_batches} batches")
+  cfg = pipeline_config(args, objective="mlm", seq_length=128, max_predictions=20)
+  ab = bench_rounds({name: (cfg, switches) for name, switches in BOOKKEEPING.items()},
+                    args.batch, args.round_batches, args.rounds)
+  base = ab["as is"]
+  for name, (per_wall, per_cpu) in ab.items():
+    print(f"  {name:20s}: {per_wall:8,.0f} ex/s wall, {per_cpu:8,.0f} ex/CPU-s; this / as is "
+          f"= {per_wall / base[0]:.3f}x wall, {per_cpu / base[1]:.3f}x CPU")
 
   print("\n(c) tokenise + T5 span corruption 512/114")
   with tempfile.TemporaryDirectory() as tmp:
