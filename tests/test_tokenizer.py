@@ -116,6 +116,9 @@ def test_invalid_utf8_is_replaced_and_counted(uncased):
   ds = tf.data.Dataset.from_tensor_slices(texts).batch(3).map(uncased.tokenize)
   list(ds)
   assert int(uncased.invalid_utf8_bytes.numpy()) - before == 8
+  # Valid text, even a literal U+FFFD, counts nothing (and skips the count).
+  uncased.tokenize(tf.constant(["ok \ufffd fine", "plain"]))
+  assert int(uncased.invalid_utf8_bytes.numpy()) - before == 8
 
 
 def test_missing_vocab_is_a_clear_error(tmp_path):
