@@ -270,32 +270,33 @@ def pair_examples(doc_paragraphs: tf.RaggedTensor, seq_length: int, seed, *,
   return out
 
 
-def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer, mask: bool = True):
+def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
   """Applies the objective to one raw example; returns unpadded features.
+
+  MLM objectives come out unmasked (no mlm_* keys): the pipeline masks whole
+  batches afterwards (batch_masking), every row keyed by its example seed.
 
   Args:
     ex: dict with `tokens` int32 [n] (mlm, span corruption) or tokens_a,
       tokens_b int32, target int32 scalar (+ nsp_labels for NSP).
     seed: int [2] stateless seed of this example.
     objective: 'mlm', 'mlm_nsp', 'mlm_sop' or 'span_corruption'.
-    cfg: the data config (masking, rates, lengths).
+    cfg: the data config (lengths, span corruption rates).
     vocab: masking.VocabInfo (MLM objectives) or None.
     tokenizer: the tokenizer (span corruption: vocab_size, eos_id).
-    mask: MLM objectives: apply masking.mask_tokens here. False leaves the
-      tokens unmasked (no mlm_* keys) for batch_masking after batching.
 
   Returns:
-    MLM: encoder_input_tokens [n'], mlm_* [max_predictions] (+ encoder_type_ids,
-    nsp_labels for NSP/SOP). Span corruption: inputs [n_in], targets [n_tgt].
+    MLM: encoder_input_tokens [n'] (+ encoder_type_ids, nsp_labels for
+    NSP/SOP). Span corruption: inputs [n_in], targets [n_tgt].
   """
   if objective == "span_corruption":
     return span_lib.span_corruption(
         ex["tokens"], seed, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
         noise_density=cfg.noise_density, mean_noise_span_length=cfg.mean_noise_span_length)
-  # Three streams as before the pairs came from the group map (the first is
-  # unused now), so masks keep their seeds.
+  # The pair's stream is the second of three, as when pairs and masks were
+  # both made here, so pairs keep their seeds.
   tokens = ex.get("tokens")
-  _, s_pair, s_mask = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  _, s_pair, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   extra = {}
   if objective == "mlm_nsp":
     extra = masking.labelled_pair(ex["tokens_a"], ex["tokens_b"], ex["nsp_labels"], s_pair,
@@ -306,10 +307,4 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer, mask: bo
     extra = masking.sop_pair(ex["tokens_a"], ex["tokens_b"], s_pair, vocab,
                              max_seq_length=cfg.seq_length, target_length=ex["target"])
     tokens = extra.pop("encoder_input_tokens")
-  if not mask:
-    return dict(encoder_input_tokens=tokens, **extra)
-  out = masking.mask_tokens(
-      tokens, s_mask, vocab, max_predictions=cfg.max_predictions, scheme=cfg.masking,
-      rate=cfg.mask_rate, mask_prob=cfg.mask_prob, random_prob=cfg.random_prob)
-  out.update(extra)
-  return out
+  return dict(encoder_input_tokens=tokens, **extra)

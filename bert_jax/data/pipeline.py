@@ -328,8 +328,7 @@ def _example_features(plan: _Plan, ex, shard):
   raw = {k: (tf.ensure_shape(v, [None]) if k in ("tokens", "tokens_a", "tokens_b") else v)
          for k, v in ex.items() if not k.startswith("_")}
   out = examples_lib.apply_objective(raw, seed, objective=cfg.objective, cfg=cfg,
-                                     vocab=plan.vocab, tokenizer=plan.tokenizer,
-                                     mask=False)  # masked after batching
+                                     vocab=plan.vocab, tokenizer=plan.tokenizer)
   out.update({k: ex[k] for k in _PROVENANCE})
   if _batch_masked(cfg):
     out["_seed"] = seed
