@@ -1,6 +1,7 @@
 """Tests of the pretraining pipeline: determinism, exact resume, hosts, batch contract."""
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -318,6 +319,23 @@ def test_bad_input(minilm_dir, corpus, t5_model, tmp_path):
   with pytest.raises(ValueError, match="num_shards=4"):
     pipeline.make_train_iterator(_config(vocab, corpus), seed=0, batch_size=4,
                                  position=bad_position)
+  # A position counts documents in its read mode: one file is dealt document by
+  # document, two whole files to the two shards; a folder that gained the
+  # second file cannot resume the first stream.
+  folder = tmp_path / "grows"
+  folder.mkdir()
+  shutil.copy(corpus, folder / "a.txt")
+  it = pipeline.make_train_iterator(_config(vocab, str(folder / "*.txt")), seed=0, batch_size=4)
+  next(it)
+  assert it.position["read_mode"] == "documents"
+  shutil.copy(corpus, folder / "b.txt")
+  with pytest.raises(ValueError, match="read in documents mode.*now read in files mode"):
+    pipeline.make_train_iterator(_config(vocab, str(folder / "*.txt")), seed=0, batch_size=4,
+                                 position=it.position)
+  files = pipeline.make_train_iterator(_config(vocab, str(folder / "*.txt")), seed=0,
+                                       batch_size=4)
+  next(files)
+  assert files.position["read_mode"] == "files"
 
 
 @pytest.mark.parametrize("objective,scheme", [("mlm", "whole_word"), ("mlm_sop", "token")])

@@ -47,9 +47,9 @@ In document mode each shard reads the whole source and keeps its share
 runs; file mode reads each file once. A shard's document index (shuffle
 blocks, groups, resume) counts within its own document stream (in file mode:
 its files' documents, file after file); the mode follows from the source and
-num_shards alone, so a saved position resumes the same stream. (Positions
-saved before tfds file mode existed, with a split of >= num_shards files, do
-not: they counted in document mode.)
+num_shards alone and is saved in the position, so a position resumes only the
+stream it came from (a source that gained or lost files so that its mode
+changed is an error, not a silently different stream).
 """
 import dataclasses
 import logging
@@ -456,6 +456,11 @@ def _host_batches(plan: _Plan, shards: List[int], start: Dict[int, tuple], per_s
   return ds.with_options(options)
 
 
+def read_mode(plan: _Plan) -> str:
+  """'files' (each data shard reads whole files) or 'documents' (see the module docstring)."""
+  return "files" if plan.shard_files is not None or plan.tfds_file_mode else "documents"
+
+
 def _host_shards(num_shards: int, batch_size: int, process_index: int,
                  process_count: int) -> List[int]:
   """The data shards host `process_index` runs; checks divisibility."""
@@ -519,6 +524,7 @@ class TrainIterator:
     self.shards = shards
     self._per_shard = per_shard
     self._cfg = plan.cfg
+    self._read_mode = read_mode(plan)
     self._next = dict(start)  # shard -> (epoch, group, offset)
     self._stats = dict(plan.stats, invalid_utf8_bytes=plan.source.invalid_utf8_bytes)
     self._it = _host_batches(plan, shards, start, per_shard).as_numpy_iterator()
@@ -536,7 +542,7 @@ class TrainIterator:
 
   @property
   def position(self) -> Dict[str, Any]:
-    return position_lib.make_position(self._cfg, self._next)
+    return position_lib.make_position(self._cfg, self._next, self._read_mode)
 
   @property
   def stats(self) -> Dict[str, int]:
@@ -566,7 +572,7 @@ def make_train_iterator(data_config, *, seed: int, batch_size: int, process_inde
   """
   shards = _host_shards(data_config.num_shards, batch_size, process_index, process_count)
   plan = _validate(data_config, seed, shards)
-  start = position_lib.start_of(data_config, position, shards)
+  start = position_lib.start_of(data_config, position, shards, read_mode(plan))
   return TrainIterator(plan, shards, batch_size // data_config.num_shards, start)
 
 
