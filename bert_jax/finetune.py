@@ -181,12 +181,12 @@ def validate(config) -> tuple[int, int, int]:
   if not (config.data.tokenizer or config.init_from):
     _fail("data.tokenizer", "empty, and no init_from folder to take vocab.txt from")
   shape = train.validate_mesh(config.mesh)
-  parallel = shape[0] * shape[1]
+  parallel = shape[0] * shape[1]  # over every host's devices (jax.device_count())
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
-    if config[section][name] % (parallel * jax.process_count()):
+    if config[section][name] % parallel or config[section][name] % jax.process_count():
       _fail(key, f"{config[section][name]} is not divisible by the data-parallel size "
-            f"{parallel} x {jax.process_count()} hosts")
+            f"{parallel} (mesh.data x mesh.fsdp) and the {jax.process_count()} hosts")
   return shape
 
 
@@ -399,7 +399,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.write(step, last)
         bar.update(step, loss=last["loss"])
         interval = []
-      if ckpt.preemption_requested(step):
+      # At an epoch's last step the notice is taken after the epoch's eval
+      # (below): a run resumed there starts at the next epoch.
+      if b < steps_per_epoch - 1 and ckpt.preemption_requested(step):
         train._check_finite(interval, last_saved)  # pylint: disable=protected-access
         ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
         ckpt.close()
@@ -424,6 +426,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if ((epoch + 1) % config.checkpoint.every_epochs == 0 or final) and ckpt.save(
         step, state, data_position={"best": best}, config=config, force=True):
       last_saved = step
+    if not final and ckpt.preemption_requested(step):
+      ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
+      ckpt.close()
+      best_ckpt.close()
+      writer.close()
+      raise train.Preempted(step)
 
   bar.close()
   ckpt.close()
@@ -478,16 +486,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str, split: str | None =
   GLUE: a submission TSV ('SST-2.tsv', ...); CoNLL: `word gold predicted`
   columns; SQuAD: the {id: answer} JSON. `data.max_eval_examples` > 0 limits
   the split to its first examples. Files go to `out` (a folder;
-  default WORKDIR/predictions). Returns the file's path.
+  default WORKDIR/predictions). Returns the file's path (process 0; '' on the
+  others, which write nothing).
   """
   config = ml_collections.ConfigDict(config.to_dict())
   run = _setup(config)
   params, predictor, _ = _restore_best(config, run, workdir)
   loaded = run.task.load(split or config.data.predict_split, config.data.max_eval_examples)
   outputs = predictor(params, loaded)
+  if jax.process_index() != 0:
+    return ""  # every process has all the outputs; process 0 alone writes the file
   path = run.task.write(loaded, outputs, out or os.path.join(workdir, "predictions"))
-  if jax.process_index() == 0:
-    print(f"wrote {path}")
+  print(f"wrote {path}")
   return path
 
 

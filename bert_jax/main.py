@@ -73,6 +73,7 @@ def _finetune(config, command: str) -> None:
   from bert_jax import finetune, train
   if not FLAGS.workdir:
     raise app.UsageError(f"{command} needs --workdir")
+  _init_distributed()
   logging.get_absl_logger().setLevel("WARNING")
   kwargs = {"out": FLAGS.out} if command == "predict" else {}
   try:

@@ -262,9 +262,6 @@ runpy.run_module("bert_jax.main", run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finetune: a preemption at the last step of an epoch "
-                   "saves before that epoch's eval; the resumed run starts at the next epoch, "
-                   "so that epoch is never evaluated nor considered for best/")
 def test_sigterm_at_the_last_step_of_an_epoch_still_evaluates_it(
     glue_dir, compile_cache, uninterrupted, tmp_path):
   workdir = tmp_path / "run"
@@ -319,9 +316,6 @@ def _two_processes(args_of, cache, timeout=300) -> list:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="main.py: finetune/evaluate/predict never call "
-                   "_init_distributed(), so each process runs alone on its 4 devices and both "
-                   "write the same workdir; finetune.predict: every process writes the file")
 def test_two_processes_equal_one(glue_dir, compile_cache, uninterrupted, tmp_path):
   """2 processes x 4 CPU devices (gloo): the 1 x 8 run's losses and dev accuracy."""
   workdir = tmp_path / "run"
@@ -349,9 +343,6 @@ def test_two_processes_equal_one(glue_dir, compile_cache, uninterrupted, tmp_pat
   assert {line.split("\t")[1] for line in lines[1:]} <= {"0", "1"}
 
 
-@pytest.mark.xfail(strict=True, reason="finetune.validate: the batch must divide by "
-                   "device_count() x process_count(), but device_count() already counts every "
-                   "host's devices")
 def test_two_hosts_need_only_the_global_device_count_to_divide_the_batch(glue_dir, monkeypatch):
   """jax.device_count() already counts every host's devices: batch 8 fits 2 x 4 devices."""
   config = finetune.default_config()

@@ -214,7 +214,8 @@ class SquadTask(_Task):
 
   def score(self, split: Split, outputs: list) -> dict:
     scores = squad_eval.evaluate(split.extra[0], self._answers(split, outputs))
-    return {k: float(v) for k, v in scores.items() if k in ("exact", "f1")}
+    # v2.0 also scores answerable (HasAns_) and unanswerable (NoAns_) questions apart.
+    return {k: float(v) for k, v in scores.items() if k.endswith(("exact", "f1"))}
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
     path = os.path.join(folder, os.path.basename(split.name).split(".json")[0]
