@@ -73,3 +73,55 @@ def run_two_processes(args_of, env, cwd, timeout=300) -> list:
     assert p.returncode == 0, f"process {i}: exit {p.returncode}\n{err[-4000:]}"
   return outputs
 
+
+def python_docstring_lines(module_names) -> list:
+  """Non-blank docstring lines of the named standard-library modules and their members:
+  English text that ships with Python, for training small tokenizers in tests."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import inspect  # pylint: disable=import-outside-toplevel
+  texts = []
+  for name in module_names:
+    module = importlib.import_module(name)
+    for _, obj in [(name, module)] + inspect.getmembers(module):
+      doc = inspect.getdoc(obj)
+      if doc:
+        texts.extend(line for line in doc.splitlines() if line.strip())
+  return texts
+
+
+def train_roberta_bpe(folder, texts, vocab_size: int):
+  """vocab.json + merges.txt in RoBERTa's layout (<s> <pad> </s> <unk> ... <mask> last),
+  trained on `texts` with the `tokenizers` package into `folder`."""
+  import json  # pylint: disable=import-outside-toplevel
+  tokenizers = pytest.importorskip("tokenizers")
+  trainer = tokenizers.ByteLevelBPETokenizer()
+  trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                              special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                              show_progress=False)
+  trainer.save_model(str(folder))
+  vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+  vocab["<mask>"] = len(vocab)  # RoBERTa's <mask> is the last id
+  (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+  return folder
+
+
+def prepare_tfds(data_dir, name: str, features: dict, splits: dict, *, config=None,
+                 num_files=None, version: str = "1.0.0"):
+  """Prepares tfds dataset `name` offline (nothing is downloaded); returns its folder.
+
+  Args:
+    data_dir: the tfds data_dir; the dataset lands in NAME[/CONFIG]/VERSION.
+    name, config, version: as a published dataset would be named (e.g. 'glue', 'sst2').
+    features: feature name -> tfds FeatureConnector.
+    splits: split name -> {feature name: list of values} (one entry per example).
+    num_files: shard files per split (tfds decides when None).
+  """
+  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  builder = tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version=version, config=config, data_dir=str(data_dir),
+      features=tfds.features.FeaturesDict(features),
+      split_datasets={k: tf.data.Dataset.from_tensor_slices(v) for k, v in splits.items()},
+      download_config=tfds.download.DownloadConfig(num_shards=num_files) if num_files else None)
+  return builder.data_dir
+

@@ -7,8 +7,6 @@ byte-level BPE with the `tokenizers` package (RoBERTa's special-token layout:
 strings below, and compares our ids with transformers.RobertaTokenizer loaded
 from the same vocab.json + merges.txt.
 """
-import importlib
-import inspect
 import json
 
 import numpy as np
@@ -17,6 +15,7 @@ import tensorflow as tf
 
 from bert_jax.data import bpe
 from bert_jax.data import tokenizer as tok_lib
+from conftest import python_docstring_lines, train_roberta_bpe
 
 # Contractions (GPT-2 splits only lower-case 's 't 're 've 'm 'll 'd), runs of
 # spaces, leading/trailing spaces, tabs and newlines, digits next to letters,
@@ -43,34 +42,14 @@ HAND_STRINGS = [
 ]
 
 
-def _python_corpus():
-  """English text that comes with Python: docstrings of standard-library modules."""
-  texts = []
-  for name in ("os", "re", "json", "collections", "argparse", "unittest", "logging",
-               "subprocess", "threading", "pathlib", "functools", "itertools", "inspect",
-               "email.message", "http.client", "urllib.parse", "decimal", "datetime"):
-    module = importlib.import_module(name)
-    for _, obj in [(name, module)] + inspect.getmembers(module):
-      doc = inspect.getdoc(obj)
-      if doc:
-        texts.extend(line for line in doc.splitlines() if line.strip())
-  return texts + HAND_STRINGS * 5
-
-
 @pytest.fixture(scope="module")
 def roberta_files(tmp_path_factory):
   """A RoBERTa-layout vocab.json + merges.txt trained with `tokenizers`."""
-  tokenizers = pytest.importorskip("tokenizers")
-  folder = tmp_path_factory.mktemp("bpe")
-  trainer = tokenizers.ByteLevelBPETokenizer()
-  trainer.train_from_iterator(_python_corpus(), vocab_size=3000, min_frequency=2,
-                              special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                              show_progress=False)
-  trainer.save_model(str(folder))
-  vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-  vocab["<mask>"] = len(vocab)  # RoBERTa's <mask> is the last id
-  (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-  return folder
+  corpus = python_docstring_lines(
+      ("os", "re", "json", "collections", "argparse", "unittest", "logging", "subprocess",
+       "threading", "pathlib", "functools", "itertools", "inspect", "email.message",
+       "http.client", "urllib.parse", "decimal", "datetime"))
+  return train_roberta_bpe(tmp_path_factory.mktemp("bpe"), corpus + HAND_STRINGS * 5, 3000)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from bert_jax import finetune
 from bert_jax import save_pretrained
 from bert_jax.models import bert
 from bert_jax.tasks import glue, ner, squad
+from conftest import prepare_tfds
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -189,37 +190,19 @@ def test_conll_finetune_and_predict_columns(shared_data, tmp_path):
     assert all(len(r) == 3 and r[2] in labels for r in rows)
 
 
-def _prepare_tfds_sst2(data_dir, train, dev):
-  """A prepared tfds folder glue/sst2/2.0.0 holding the given rows (no download)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-
-  class Glue(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    VERSION = tfds.core.Version("2.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="sst2")]
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "sentence": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=["negative", "positive"]),
-          "idx": np.int32}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples(train), "validation": self._generate_examples(dev)}
-
-    def _generate_examples(self, rows):
-      for i, ex in enumerate(rows):
-        yield i, {"sentence": ex.text_a, "label": int(ex.label), "idx": i}
-
-  Glue(config="sst2", data_dir=str(data_dir)).download_and_prepare()
-
-
 @pytest.mark.slow
 def test_glue_from_tfds_trains_exactly_as_from_tsv(shared_data, tmp_path):
   """data.glue_source='tfds' reads a prepared glue/sst2: the same rows give the same run."""
   train = glue.read_tsv(str(shared_data), "sst2", "train")[:16]
   dev = glue.read_tsv(str(shared_data), "sst2", "dev")[:16]
-  _prepare_tfds_sst2(tmp_path / "tfds", train, dev)
+  tfds = pytest.importorskip("tensorflow_datasets")
+  prepare_tfds(tmp_path / "tfds", "glue", {
+      "sentence": tfds.features.Text(), "idx": np.int32,
+      "label": tfds.features.ClassLabel(names=["negative", "positive"])}, {
+          split: {"sentence": [e.text_a for e in rows], "label": [int(e.label) for e in rows],
+                  "idx": list(range(len(rows)))}
+          for split, rows in (("train", train), ("validation", dev))},
+      config="sst2", version="2.0.0")
   vocab = _vocab(tmp_path / "vocab.txt", [e.text_a for e in train + dev])
   fields = {"data.max_train_examples": 16, "data.max_eval_examples": 16,
             "data.max_length": 32, "train.batch_size": 8, "eval.batch_size": 16,

@@ -30,7 +30,6 @@ from bert_jax.models import t5
 from bert_jax.tasks import adapters
 from bert_jax.tasks import glue
 from bert_jax.tasks import text2text
-from conftest import run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 384  # 256 pieces + 100 sentinels, rounded up to a multiple of 128
@@ -283,8 +282,9 @@ def test_init_from_span_corruption_pretraining_workdir(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_decode_what_one_decodes(shared_data, hf_t5, sst2_run, tmp_path):
-  """`bert-jax evaluate` / `predict` on 2 processes x 4 devices: each host decodes its rows."""
+def test_two_processes_evaluate_and_predict_as_one(shared_data, hf_t5, sst2_run, tmp_path):
+  """`bert-jax evaluate` / `predict` on 2 processes x 4 devices give the 1 x 8 results."""
+  from conftest import run_two_processes  # pylint: disable=import-outside-toplevel
   config = _config("sst2", shared_data, **{"init_from": str(hf_t5),
                                            "data.max_eval_examples": 16,
                                            "data.max_length": 64, "eval.batch_size": 16,
@@ -305,4 +305,53 @@ def test_two_processes_decode_what_one_decodes(shared_data, hf_t5, sst2_run, tmp
   run_two_processes(command("predict", "--config.data.predict_split=dev", f"--out={out}"),
                     _env(4), ROOT, timeout=600)
   assert (out / one.name).read_text() == one.read_text()
+
+
+def decode_texts(hf: str, data_dir: str) -> list:
+  """Greedy texts of the first 16 SST-2 dev rows by the T5 of `hf`, through
+  Text2TextTask.decode on a data-parallel mesh of every process's devices."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  from bert_jax import from_pretrained, sharding  # pylint: disable=import-outside-toplevel
+  config = finetune.default_config()
+  config.update_from_flattened_dict({
+      "family": "t5", "data.data_dir": data_dir, "data.max_length": 64,
+      "data.max_target_length": 8, "data.pad_multiple": 32})
+  tokenizer = tok_lib.load_tokenizer(hf)
+  task = adapters.make_task(config, tokenizer)
+  model, params = from_pretrained(hf, task="seq2seq")
+  mesh = sharding.make_mesh()
+  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  return task.decode(model, params, task.load("dev", 16), 8, sharding.batch_sharding(mesh))
+
+
+_DECODE_SCRIPT = """
+import json, sys
+import jax
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(flags["coordinator_address"], int(flags["num_processes"]),
+                           int(flags["process_id"]))
+sys.path.insert(0, "tests")
+from test_finetune_t5 import decode_texts
+texts = decode_texts(flags["hf"], flags["data"])
+print("TEXTS " + json.dumps(texts))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_decode_the_texts_of_one(shared_data, hf_t5):
+  """Text2TextTask.decode: each host decodes its rows of every batch; all hosts get all texts.
+
+  The model is the random one, so its texts are varied junk: a row decoded on
+  the wrong host or put back in the wrong place would show.
+  """
+  from conftest import run_two_processes  # pylint: disable=import-outside-toplevel
+  expected = decode_texts(str(hf_t5), str(shared_data))
+  assert len(set(expected)) > 4, expected
+  outputs = run_two_processes(
+      lambda i: [sys.executable, "-c", _DECODE_SCRIPT, f"--hf={hf_t5}", f"--data={shared_data}"],
+      _env(4), ROOT, timeout=600)
+  for stdout, _ in outputs:  # every process has every row's text
+    line = next(l for l in stdout.splitlines() if l.startswith("TEXTS "))
+    assert json.loads(line[len("TEXTS "):]) == expected
 

@@ -9,6 +9,7 @@ import pytest
 from bert_jax.data import pipeline
 from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
+from conftest import prepare_tfds
 
 _WORDS = (
     "the of and to in is was for on are with as his they be at one have this from or had by "
@@ -565,26 +566,13 @@ def test_nsp_pairs_in_the_pipeline_are_document_text(minilm_dir, corpus, corpus_
 # tfds sources: a split stored in several shard files, prepared offline.
 # ----------------------------------------------------------------------------
 
-def _prepare_tfds(data_dir, docs, num_files, name):
-  """Prepares tfds dataset `name` (Text feature 'text', one document each) in
-  `num_files` shard files under data_dir; returns the files' folder."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-  import tensorflow as tf
-  texts = ["\n".join(d) for d in docs]
-  builder = tfds.dataset_builders.TfDataBuilder(
-      name=name, version="1.0.0", data_dir=str(data_dir),
-      split_datasets={"train": tf.data.Dataset.from_tensor_slices({"text": texts})},
-      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=num_files))
-  return builder.data_dir
-
-
 @pytest.fixture(scope="module")
 def tfds_corpus(tmp_path_factory):
   """data_dir of tfds 'pipe_corpus': 24 documents in 4 shard files."""
   data_dir = tmp_path_factory.mktemp("tfds")
-  _prepare_tfds(data_dir, _docs(13, 24), 4, "pipe_corpus")
+  tfds = pytest.importorskip("tensorflow_datasets")
+  prepare_tfds(data_dir, "pipe_corpus", {"text": tfds.features.Text()},
+               {"train": {"text": ["\n".join(d) for d in _docs(13, 24)]}}, num_files=4)
   return data_dir
 
 

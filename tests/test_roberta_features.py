@@ -6,8 +6,6 @@ the layouts; a tiny random RobertaForSequenceClassification (PyTorch) proves
 that a batch built by our features and pad_batch(pad_id=1) gives the logits
 PyTorch gives each example alone, i.e. padding and positions are right.
 """
-import importlib
-import inspect
 import json
 
 import numpy as np
@@ -20,6 +18,7 @@ from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
 from bert_jax.tasks import squad
+from conftest import python_docstring_lines, train_roberta_bpe
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,33 +32,13 @@ PAIRS = [
 ]
 
 
-def _python_corpus():
-  """English text that comes with Python: docstrings of standard-library modules."""
-  texts = []
-  for name in ("os", "re", "json", "collections", "argparse", "unittest", "logging",
-               "subprocess", "threading", "pathlib", "functools", "itertools", "decimal"):
-    module = importlib.import_module(name)
-    for _, obj in [(name, module)] + inspect.getmembers(module):
-      doc = inspect.getdoc(obj)
-      if doc:
-        texts.extend(line for line in doc.splitlines() if line.strip())
-  return texts
-
-
 @pytest.fixture(scope="module")
 def bpe_folder(tmp_path_factory):
   """vocab.json + merges.txt in RoBERTa's layout (<s> <pad> </s> <unk> ... <mask>)."""
-  tokenizers = pytest.importorskip("tokenizers")
-  folder = tmp_path_factory.mktemp("roberta_bpe")
-  trainer = tokenizers.ByteLevelBPETokenizer()
-  trainer.train_from_iterator(_python_corpus(), vocab_size=1500, min_frequency=2,
-                              special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                              show_progress=False)
-  trainer.save_model(str(folder))
-  vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-  vocab["<mask>"] = len(vocab)
-  (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-  return folder
+  corpus = python_docstring_lines(
+      ("os", "re", "json", "collections", "argparse", "unittest", "logging", "subprocess",
+       "threading", "pathlib", "functools", "itertools", "decimal"))
+  return train_roberta_bpe(tmp_path_factory.mktemp("roberta_bpe"), corpus, 1500)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from bert_jax.data import sources
+from conftest import prepare_tfds
 
 
 def _reference_documents(text: str):
@@ -184,22 +185,12 @@ SHARDED_TEXTS = [f"Doc {i} first.\nDoc {i} second." if i % 7 else f"Doc {i} alon
                  for i in range(20)]
 
 
-def _prepare_sharded_tfds(data_dir, texts, num_files, name="sharded_corpus"):
-  """Prepares tfds dataset `name` (one Text feature 'text') in `num_files` shard files."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-  builder = tfds.dataset_builders.TfDataBuilder(
-      name=name, version="1.0.0", data_dir=str(data_dir),
-      split_datasets={"train": tf.data.Dataset.from_tensor_slices({"text": texts})},
-      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(num_shards=num_files))
-  return builder.data_dir
-
-
 @pytest.fixture(scope="module")
 def sharded_tfds_dir(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds_sharded")
-  _prepare_sharded_tfds(data_dir, SHARDED_TEXTS, 4)
+  tfds = pytest.importorskip("tensorflow_datasets")
+  prepare_tfds(data_dir, "sharded_corpus", {"text": tfds.features.Text()},
+               {"train": {"text": SHARDED_TEXTS}}, num_files=4)
   return data_dir
 
 
