@@ -13,6 +13,7 @@ import uuid
 import pytest
 import tensorflow as tf
 
+from bert_jax.data import files as files_lib
 from bert_jax.data import pipeline
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tok_lib
@@ -49,12 +50,12 @@ def _english_lines(n: int):
 
 def test_ram_filesystem_is_a_remote_gfile_path(ram_dir):
   # The premise of every other test: ram:// goes through tf.io.gfile like gs://.
-  assert tok_lib.is_remote(ram_dir) and tok_lib.is_remote("gs://bucket/x")
-  assert not tok_lib.is_remote("/tmp/x") and not tok_lib.is_remote("data/gs:/x")
+  assert files_lib.is_remote(ram_dir) and files_lib.is_remote("gs://bucket/x")
+  assert not files_lib.is_remote("/tmp/x") and not files_lib.is_remote("data/gs:/x")
   _write(ram_dir, "sub/a.txt", b"hello")
-  assert tf.io.gfile.isdir(ram_dir + "/sub") and tok_lib.isfile(ram_dir + "/sub/a.txt")
-  assert not tok_lib.isfile(ram_dir + "/sub") and not tok_lib.isfile(ram_dir + "/nope")
-  assert tok_lib.glob_paths(ram_dir + "/*/*.txt") == [ram_dir + "/sub/a.txt"]
+  assert tf.io.gfile.isdir(ram_dir + "/sub") and files_lib.isfile(ram_dir + "/sub/a.txt")
+  assert not files_lib.isfile(ram_dir + "/sub") and not files_lib.isfile(ram_dir + "/nope")
+  assert files_lib.glob_paths(ram_dir + "/*/*.txt") == [ram_dir + "/sub/a.txt"]
   assert not os.path.exists(ram_dir)  # nothing on local disk
 
 
@@ -219,7 +220,7 @@ def test_train_for_source_into_ram_workdir_then_reuses_it(ram_dir, monkeypatch):
   workdir = ram_dir + "/workdir"
   path = tok_lib.train_for_source(config, workdir)
   assert path == f"{workdir}/spm_mlm_250.model"
-  assert tok_lib.isfile(path) and tok_lib.isfile(f"{workdir}/spm_mlm_250.vocab")
+  assert files_lib.isfile(path) and files_lib.isfile(f"{workdir}/spm_mlm_250.vocab")
   tok = tok_lib.load_tokenizer(path, extra_ids=0)
   assert tok.vocab_size == 250 and tok.mask_id == 4  # BERT-style for objective 'mlm'
   with tf.io.gfile.GFile(path, "rb") as f:

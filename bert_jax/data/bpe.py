@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from bert_jax.data import files as files_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 
 VOCAB_FILE = "vocab.json"
@@ -118,7 +119,7 @@ def pretokenize_pattern() -> "re.Pattern":
 
 
 def _read_vocab(path: str) -> Dict[str, int]:
-  with tokenizer_lib.open_text(path) as f:
+  with files_lib.open_text(path) as f:
     try:
       vocab = json.load(f)
     except json.JSONDecodeError as e:
@@ -135,7 +136,7 @@ def _read_vocab(path: str) -> Dict[str, int]:
 def _read_merges(path: str) -> Dict[Tuple[str, str], int]:
   """(left, right) -> rank; the '#version' header line is skipped."""
   ranks = {}
-  with tokenizer_lib.open_text(path) as f:
+  with files_lib.open_text(path) as f:
     for number, line in enumerate(f, 1):
       line = line.rstrip("\n")
       if (number == 1 and line.startswith("#version")) or not line:
@@ -173,7 +174,7 @@ class BpeTokenizer(tokenizer_lib.Tokenizer):
       vocab_path = os.path.join(vocab_path, VOCAB_FILE)
     merges_path = merges_path or os.path.join(os.path.dirname(vocab_path), MERGES_FILE)
     for path in (vocab_path, merges_path):
-      if not tokenizer_lib.isfile(path):
+      if not files_lib.isfile(path):
         raise FileNotFoundError(f"BPE tokenizer file {path} does not exist")
     vocab = _read_vocab(vocab_path)
     pieces = [None] * len(vocab)
@@ -310,5 +311,5 @@ class BpeTokenizer(tokenizer_lib.Tokenizer):
 
 def is_bpe_folder(path: str) -> bool:
   """True when `path` is a folder holding vocab.json and merges.txt."""
-  return (tf.io.gfile.isdir(path) and tokenizer_lib.isfile(os.path.join(path, VOCAB_FILE))
-          and tokenizer_lib.isfile(os.path.join(path, MERGES_FILE)))
+  return (tf.io.gfile.isdir(path) and files_lib.isfile(os.path.join(path, VOCAB_FILE))
+          and files_lib.isfile(os.path.join(path, MERGES_FILE)))

@@ -45,6 +45,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import tensorflow as tf
 
+from bert_jax.data import files as files_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 
 # Lines are grouped into documents this many at a time (one vectorised step
@@ -185,14 +186,14 @@ def shard(ds: tf.data.Dataset, process_index: int, process_count: int) -> tf.dat
 
 def _expand_files(spec: str) -> List[str]:
   if glob.has_magic(spec):
-    paths = sorted(p for p in tokenizer_lib.glob_paths(spec) if tokenizer_lib.isfile(p))
+    paths = sorted(p for p in files_lib.glob_paths(spec) if files_lib.isfile(p))
     if not paths:
       raise FileNotFoundError(f"text source glob {spec} matches no file")
     return paths
   if tf.io.gfile.isdir(spec):
     raise ValueError(f"text source {spec} is a folder; name its files with a glob, "
                      f"e.g. {os.path.join(spec, '*.txt')}")
-  if not tokenizer_lib.isfile(spec):
+  if not files_lib.isfile(spec):
     raise FileNotFoundError(f"text source file {spec} does not exist")
   return [spec]
 
@@ -200,7 +201,7 @@ def _expand_files(spec: str) -> List[str]:
 def _check_not_empty(path: str) -> None:
   """Raises unless the file holds a non-blank line (reads up to the first one)."""
   try:
-    with tokenizer_lib.open_binary(path) as f:
+    with files_lib.open_binary(path) as f:
       for line in f:
         if line.strip():
           return
@@ -271,7 +272,7 @@ def _tfds_folder(name: str, data_dir: str) -> str:
   base = os.path.join(data_dir, *name.split("/"))
 
   def prepared(v):
-    return tokenizer_lib.isfile(os.path.join(base, v, "dataset_info.json"))
+    return files_lib.isfile(os.path.join(base, v, "dataset_info.json"))
 
   if version:
     candidates = [version] if prepared(version) else []

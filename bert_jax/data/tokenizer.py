@@ -28,22 +28,21 @@ calls, also inside tf.data). Nothing ever raises on bad bytes.
 Files may be local or remote (`gs://...`, or any filesystem TensorFlow knows,
 e.g. `ram://` in tests): reading goes through tf.io.gfile, and a remote
 SentencePiece model is trained in a local temporary folder, then copied (see
-`glob_paths` and `open_text`, which bert_jax.data.sources also uses).
+bert_jax/data/files.py).
 """
 import contextlib
-import glob
-import gzip
-import io
 import os
 import re
 import shutil
 import tempfile
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 import tensorflow_text as tf_text
+
+from bert_jax.data.files import glob_paths, is_remote, isfile, open_text
 
 # T5's convention: the sentinels are appended after the SentencePiece pieces,
 # <extra_id_0> last, so sentinel i is vocab_size - 1 - i.
@@ -79,81 +78,6 @@ def fix_utf8(texts: tf.Tensor, counter: Optional[tf.Variable] = None) -> tf.Tens
                 count_bad)
   with tf.control_dependencies([counter.assign_add(bad)]):
     return tf.identity(fixed)
-
-
-# ----------------------------------------------------------------------------
-# Files: local paths or URLs (gs://...) through tf.io.gfile
-# ----------------------------------------------------------------------------
-
-def is_remote(path) -> bool:
-  """True for a URL such as gs://bucket/x (any `scheme://`), False for a local path."""
-  return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
-
-
-def glob_paths(pattern: str) -> List[str]:
-  """The paths matching `pattern` (unsorted), local or remote.
-
-  Local patterns keep Python's glob rules (hidden files need an explicit dot,
-  `dir//x` works, paths come back as written); tf.io.gfile.glob differs on
-  those, so only URLs go through it.
-  """
-  if is_remote(pattern):
-    return tf.io.gfile.glob(pattern)
-  return glob.glob(pattern)
-
-
-def isfile(path: str) -> bool:
-  """os.path.isfile for local paths and URLs alike."""
-  return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
-
-
-class _GFileReader(io.RawIOBase):
-  """A tf.io.gfile.GFile (binary, read) as a raw stream io can buffer and decode."""
-
-  def __init__(self, path: str):
-    super().__init__()
-    self._file = tf.io.gfile.GFile(path, "rb")
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, buffer) -> int:
-    data = self._file.read(len(buffer))
-    buffer[:len(data)] = data
-    return len(data)
-
-  def close(self) -> None:
-    if not self.closed:
-      self._file.close()
-    super().close()
-
-
-class _OwningGzipFile(gzip.GzipFile):
-  """A GzipFile that also closes the file it reads from (GzipFile leaves it open)."""
-
-  def __init__(self, fileobj: io.BufferedIOBase):
-    super().__init__(fileobj=fileobj, mode="rb")
-    self._source = fileobj
-
-  def close(self) -> None:
-    try:
-      super().close()
-    finally:
-      self._source.close()
-
-
-def open_binary(path: str) -> io.BufferedIOBase:
-  """Opens a local or remote file for reading bytes; `.gz` files are decompressed."""
-  raw = io.BufferedReader(_GFileReader(path))
-  return _OwningGzipFile(raw) if path.endswith(".gz") else raw
-
-
-def open_text(path: str, *, errors: str = "strict") -> io.TextIOWrapper:
-  """Opens a local or remote (optionally `.gz`) UTF-8 text file, as open() would.
-
-  Universal newlines as in open(..., "rt"): '\r\n' and '\r' read as '\n'.
-  """
-  return io.TextIOWrapper(open_binary(path), encoding="utf-8", errors=errors)
 
 
 class Tokenizer:
