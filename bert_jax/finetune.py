@@ -307,6 +307,18 @@ def _split_names(text: str) -> list[str]:
 # ------------------------------------------------------------------ the loop
 
 
+def _stop_for_preemption(step: int, state, best, config, ckpt, best_ckpt, writer):
+  """Saves `step` (off the epoch grid if need be), closes the writers, raises Preempted.
+
+  The same command resumes there: the checkpoint's data position holds the
+  best epoch so far, and the epoch's batches are recomputed from the seed.
+  """
+  ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
+  for closable in (ckpt, best_ckpt, writer):
+    closable.close()
+  raise train.Preempted(step)
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes `config`'s task in `workdir`, resuming from its last checkpoint.
 
@@ -403,11 +415,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       # (below): a run resumed there starts at the next epoch.
       if b < steps_per_epoch - 1 and ckpt.preemption_requested(step):
         train._check_finite(interval, last_saved)  # pylint: disable=protected-access
-        ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
-        ckpt.close()
-        best_ckpt.close()
-        writer.close()
-        raise train.Preempted(step)
+        _stop_for_preemption(step, state, best, config, ckpt, best_ckpt, writer)
 
     # ---- evaluate; keep the best epoch's params by the task's primary metric.
     scores = _evaluate(task, predictor, state.params, eval_splits)
@@ -427,11 +435,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         step, state, data_position={"best": best}, config=config, force=True):
       last_saved = step
     if not final and ckpt.preemption_requested(step):
-      ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
-      ckpt.close()
-      best_ckpt.close()
-      writer.close()
-      raise train.Preempted(step)
+      _stop_for_preemption(step, state, best, config, ckpt, best_ckpt, writer)
 
   bar.close()
   ckpt.close()
