@@ -125,3 +125,36 @@ def prepare_tfds(data_dir, name: str, features: dict, splits: dict, *, config=No
       download_config=tfds.download.DownloadConfig(num_shards=num_files) if num_files else None)
   return builder.data_dir
 
+
+def sequential_spans(anchor, span_len, lengths, run, budget: int, truncate: bool,
+                     label_by_anchor: bool = False) -> list:
+  """Plain attempt-by-attempt span selection: the semantics the vectorised
+  greedy passes (masking._greedy_spans, batch_masking._greedy_spans_batch) must equal.
+
+  Attempt i tries words anchor[i] .. anchor[i] + span_len[i] - 1, cut at the
+  end of the anchor's run; it is rejected when a word is already taken;
+  words are added while the token budget allows, and a span cut short is kept
+  only with `truncate`. Returns the owner of each word: 0 if none, else
+  1 + the attempt index (or 1 + the anchor word with label_by_anchor).
+  """
+  num = len(lengths)
+  run_end = [max(j for j in range(num) if run[j] == run[w]) + 1 for w in range(num)]
+  owner, used = [0] * num, 0
+  for i, (a, n) in enumerate(zip(anchor, span_len)):
+    if used >= budget:
+      break
+    span = range(a, min(a + n, run_end[a]))
+    if any(owner[w] for w in span):
+      continue
+    fit, total = [], used
+    for w in span:
+      if total + lengths[w] > budget:
+        break
+      fit.append(w)
+      total += lengths[w]
+    if fit and (truncate or len(fit) == len(span)):
+      for w in fit:
+        owner[w] = (a if label_by_anchor else i) + 1
+      used = total
+  return owner
+

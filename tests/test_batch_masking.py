@@ -16,6 +16,7 @@ from scipy import stats
 from bert_jax.data import batch_masking
 from bert_jax.data import masking
 from bert_jax.data import pipeline
+from conftest import sequential_spans
 
 V = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -115,33 +116,6 @@ def _check_contract(tokens, out, max_pred=MAX_PRED):
   return codes
 
 
-def _sequential_spans(anchor, span_len, lengths, run, budget, truncate):
-  """Plain attempt-by-attempt span selection (the semantics of masking._greedy_spans).
-
-  Returns owner per word: 1 + anchor word of its span, 0 if none.
-  """
-  num = len(lengths)
-  run_end = [max(j for j in range(num) if run[j] == run[w]) + 1 for w in range(num)]
-  owner, used = [0] * num, 0
-  for a, n in zip(anchor, span_len):
-    if used >= budget:
-      break
-    span = range(a, min(a + n, run_end[a]))
-    if any(owner[w] for w in span):
-      continue
-    fit, total = [], used
-    for w in span:
-      if total + lengths[w] > budget:
-        break
-      fit.append(w)
-      total += lengths[w]
-    if fit and (truncate or len(fit) == len(span)):
-      for w in fit:
-        owner[w] = a + 1
-      used = total
-  return owner
-
-
 def test_greedy_spans_batch_equals_sequential():
   rng = np.random.default_rng(11)
   # window: attempts of the first pass (the rest follow in a second one).
@@ -164,7 +138,7 @@ def test_greedy_spans_batch_equals_sequential():
         cases.append((anc, sl, lens, run, budget[-1]))
       got = fn(anchor, span_len, valid, lengths, run_end, np.array(budget, np.int32)).numpy()
       for r, case in enumerate(cases):
-        want = _sequential_spans(*case, truncate)
+        want = sequential_spans(*case, truncate, label_by_anchor=True)
         assert got[r, :len(want)].tolist() == want, (r, truncate, window)
         assert not got[r, len(want):].any()
 

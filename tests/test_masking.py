@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from bert_jax.data import batch_masking
 from bert_jax.data import masking
+from conftest import sequential_spans
 
 V = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -188,30 +189,6 @@ def test_span_sampler_matches_geometric_table():
   assert abs(draws.mean() - 3.797) < 0.05
 
 
-def _sequential_spans(anchor, span_len, lengths, run, budget, truncate):
-  """Plain attempt-by-attempt span selection, the semantics _greedy_spans vectorises."""
-  num = len(lengths)
-  run_end = [max(j for j in range(num) if run[j] == run[w]) + 1 for w in range(num)]
-  owner, used = [0] * num, 0
-  for i in range(num):
-    if used >= budget:
-      break
-    span = range(anchor[i], min(anchor[i] + span_len[i], run_end[anchor[i]]))
-    if any(owner[w] for w in span):
-      continue
-    fit, total = [], used
-    for w in span:
-      if total + lengths[w] > budget:
-        break
-      fit.append(w)
-      total += lengths[w]
-    if fit and (truncate or len(fit) == len(span)):
-      for w in fit:
-        owner[w] = i + 1
-      used = total
-  return owner
-
-
 def test_vectorised_span_selection_equals_sequential():
   rng = np.random.default_rng(11)
   vec = tf.TensorSpec([None], tf.int32)
@@ -227,7 +204,7 @@ def test_vectorised_span_selection_equals_sequential():
     budget = int(rng.integers(1, 30))
     for truncate in (True, False):
       got = greedy[truncate](anchor, span_len, lengths, run, budget).numpy()
-      want = _sequential_spans(anchor, span_len, lengths, run, budget, truncate)
+      want = sequential_spans(anchor, span_len, lengths, run, budget, truncate)
       assert got.tolist() == want, (case, truncate)
 
 
