@@ -404,17 +404,18 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       state, step_metrics = train_step(state, train._global_batch(  # pylint: disable=protected-access
           _local_rows(batch), run.batch_sharding))
       interval.append((step, step_metrics))
-      if step % config.log.every_steps == 0 or b == steps_per_epoch - 1:
+      # At an epoch's last step the notice is taken after the epoch's eval
+      # (below): a run resumed there starts at the next epoch. A preempted
+      # step logs the steps since the last log (the resumed run starts after).
+      preempted = b < steps_per_epoch - 1 and ckpt.preemption_requested(step)
+      if step % config.log.every_steps == 0 or b == steps_per_epoch - 1 or preempted:
         fetched = train._check_finite(interval, last_saved)  # pylint: disable=protected-access
         last = train._summarize_interval(fetched)  # pylint: disable=protected-access
         last["epoch"] = step / steps_per_epoch
         writer.write(step, last)
         bar.update(step, loss=last["loss"])
         interval = []
-      # At an epoch's last step the notice is taken after the epoch's eval
-      # (below): a run resumed there starts at the next epoch.
-      if b < steps_per_epoch - 1 and ckpt.preemption_requested(step):
-        train._check_finite(interval, last_saved)  # pylint: disable=protected-access
+      if preempted:
         _stop_for_preemption(step, state, best, config, ckpt, best_ckpt, writer)
 
     # ---- evaluate; keep the best epoch's params by the task's primary metric.

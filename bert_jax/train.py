@@ -432,8 +432,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         jax.block_until_ready(step_metrics)
         throughput.start(step)
 
-      # ---- log (and check the loss) every log.every_steps.
-      if step % config.log.every_steps == 0 or step == num_steps:
+      # ---- log (and check the loss) every log.every_steps, and the steps
+      # since the last log when a preemption stops the run here (they would
+      # be missing from metrics.jsonl otherwise: the resumed run starts after).
+      preempted = ckpt.preemption_requested(step)
+      if step % config.log.every_steps == 0 or step == num_steps or preempted:
         fetched = _check_finite(interval, last_saved)
         last = _summarize_interval(fetched)
         if step > start + 1:  # the first step's time is mostly compilation
@@ -446,7 +449,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.update(step, loss=last["loss"])
 
       # ---- checkpoint: never from a step whose loss was not finite.
-      preempted = ckpt.preemption_requested(step)
       if step % config.checkpoint.every_steps == 0 or step == num_steps or preempted:
         if interval:
           _check_finite(interval, last_saved)

@@ -78,11 +78,11 @@ def _check(proc):
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
 
 
-def _signal_at(workdir, spm, step, sig, timeout=600) -> tuple[int, str]:
+def _signal_at(workdir, spm, step, sig, *extra, timeout=600) -> tuple[int, str]:
   """Runs a training process, sends `sig` once metrics.jsonl logs `step`; (status, stderr)."""
   err_path = os.path.join(os.path.dirname(workdir), "stderr.txt")
   with open(err_path, "w") as err:  # a file, not a pipe: a full pipe would block the run
-    proc = subprocess.Popen(_command(workdir, spm), cwd=ROOT, env=_env(8), stderr=err)
+    proc = subprocess.Popen(_command(workdir, spm, *extra), cwd=ROOT, env=_env(8), stderr=err)
     try:
       deadline = time.time() + timeout
       while proc.poll() is None and time.time() < deadline:
@@ -127,14 +127,15 @@ def test_resume_after_sigkill_is_exact(spm, uninterrupted, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(spm, uninterrupted, tmp_path):
   workdir = str(tmp_path / "run")
-  status, err = _signal_at(workdir, spm, 13, signal.SIGTERM)
+  # Logged every 4 steps: the stop must still log the steps since the last line.
+  status, err = _signal_at(workdir, spm, 12, signal.SIGTERM, "--config.log.every_steps=4")
   assert status == 143, err[-3000:]  # stopped, not finished
   assert "preempted: saved step" in err
-  stopped = max(_losses(workdir))
-  assert 13 <= stopped < 20
   steps_saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))
                        if s.isdigit())
-  assert steps_saved == [10, stopped]  # the preemption save, off the every-10 grid
+  stopped = steps_saved[-1]
+  assert steps_saved == [10, stopped] and 12 < stopped < 20  # off the every-10 grid
+  assert max(_losses(workdir)) == stopped
 
   _check(_run(workdir, spm))
   resumed = _losses(workdir)
