@@ -13,40 +13,22 @@ Prints examples/s per wall second and per process CPU second, and the ratio.
       --wiki=../shared/data/wiki_en/valid.txt.gz
 """
 import argparse
-import gzip
 import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bert_jax.data import batch_masking  # noqa: E402
 from bert_jax.data import masking  # noqa: E402
 from bert_jax.data import tokenizer as tok_lib  # noqa: E402
+# The same Wikipedia rows as bench/data_throughput.py (this folder is on sys.path).
+from data_throughput import mlm_rows, read_paragraphs  # noqa: E402
 
 THREADS = 2
 tf.config.threading.set_intra_op_parallelism_threads(THREADS)
 tf.config.threading.set_inter_op_parallelism_threads(THREADS)
-
-
-def read_paragraphs(path, limit):
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    lines = [line.strip() for line in f if line.strip()]
-  return lines[:limit]
-
-
-def rows_of(tokenizer, paragraphs, length):
-  """[n, length] rows: [CLS] length-2 ids [SEP], cut from the text stream."""
-  ids = tokenizer.tokenize(tf.constant(paragraphs)).flat_values.numpy().astype(np.int32)
-  body = length - 2
-  n = len(ids) // body
-  rows = np.empty((n, length), np.int32)
-  rows[:, 0], rows[:, -1] = tokenizer.cls_id, tokenizer.sep_id
-  rows[:, 1:-1] = ids[:n * body].reshape(n, body)
-  return rows
 
 
 def _options():
@@ -101,7 +83,7 @@ def main():
 
   tokenizer = tok_lib.load_tokenizer(args.vocab, lower_case=True)
   vocab = masking.VocabInfo.from_tokenizer(tokenizer)
-  rows = rows_of(tokenizer, read_paragraphs(args.wiki, args.paragraphs), args.seq_length)
+  rows = mlm_rows(tokenizer, read_paragraphs(args.wiki, args.paragraphs), args.seq_length)
   print(f"{len(rows)} rows of {args.seq_length} tokens from {args.wiki}; batch {args.batch}; "
         f"max_predictions {args.max_predictions}; {THREADS} threads; "
         f"{os.cpu_count()} CPUs visible")

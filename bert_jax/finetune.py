@@ -228,8 +228,7 @@ def _make_predictor(config, run: _Run, param_shardings) -> Callable:
     outputs = [None] * len(split.features)
     for indices in batching.bucket_batches(lengths, config.eval.batch_size):
       batch = run.task.pad([split.features[i] for i in indices], config.eval.batch_size)
-      out = jax.device_get(predict_step(params, train._global_batch(  # pylint: disable=protected-access
-          _local_rows(batch), run.batch_sharding)))
+      out = jax.device_get(predict_step(params, batching.on_mesh(batch, run.batch_sharding)))
       for row, i in enumerate(indices):
         outputs[i] = {k: np.asarray(v[row]) for k, v in out.items()}
     return outputs
@@ -257,13 +256,6 @@ def _epoch_batches(config, features: list, epoch: int) -> list:
   order = np.random.default_rng(seed).permutation(len(features))
   return [order[i:i + config.train.batch_size]
           for i in range(0, len(order), config.train.batch_size)]
-
-
-def _local_rows(batch: dict) -> dict:
-  """This host's share of a global batch (every host builds the same global one)."""
-  n = len(next(iter(batch.values()))) // jax.process_count()
-  start = jax.process_index() * n
-  return {k: v[start:start + n] for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------- setup
@@ -401,8 +393,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       if step <= start:
         continue
       batch = task.pad([train_split.features[i] for i in indices], batch_size)
-      state, step_metrics = train_step(state, train._global_batch(  # pylint: disable=protected-access
-          _local_rows(batch), run.batch_sharding))
+      state, step_metrics = train_step(state, batching.on_mesh(batch, run.batch_sharding))
       interval.append((step, step_metrics))
       # At an epoch's last step the notice is taken after the epoch's eval
       # (below): a run resumed there starts at the next epoch. A preempted

@@ -281,11 +281,9 @@ def _check_objective(objective: str) -> None:
 
 
 def _example_weights(batch: Batch) -> Array:
-  """`example_weights` when the batch has them, else 1.0 for rows with any non-0 token.
-
-  Filler rows are all padding; the fallback only knows pad id 0, so
-  fine-tuning batches of RoBERTa (pad id 1) carry explicit weights.
-  """
+  """`example_weights` when the batch has them (fine-tuning batches, see
+  tasks/batching.pad_batch), else 1.0 for rows with any non-0 token: filler
+  rows of pretraining batches are all padding id 0."""
   if "example_weights" in batch:
     return batch["example_weights"].astype(jnp.float32)
   return jnp.any(batch["encoder_input_tokens"] != 0, axis=-1).astype(jnp.float32)

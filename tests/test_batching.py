@@ -21,6 +21,7 @@ def test_pad_batch_dynamic_and_fillers():
   assert not batch["encoder_input_tokens"][2:].any()
   assert batch["classifier_labels"].tolist() == [1, 0, -1, -1]
   assert batch["classifier_weights"].tolist() == [1.0, 1.0, 0.0, 0.0]
+  assert batch["example_weights"].tolist() == [1.0, 1.0, 0.0, 0.0]
   token = [{"encoder_input_tokens": np.array([1, 2], np.int32),
             "token_labels": np.array([-100, 3], np.int32)}]
   assert batching.pad_batch(token, multiple=4)["token_labels"].tolist() == [[-100, 3, -100, -100]]

@@ -67,6 +67,24 @@ def _limit(items: list, n: int) -> list:
   return items[:n] if n > 0 else items
 
 
+def _glue_task(config) -> glue.GlueTask:
+  try:
+    return glue.get_task(config.glue_task)
+  except ValueError as e:
+    raise ValueError(f"config.glue_task: {e}") from None
+
+
+def _ner_scores(metrics: dict) -> dict:
+  """The overall entity scores of ner.entity_metrics (per-type ones left out)."""
+  return {k: float(metrics[k]) for k in ("precision", "recall", "f1", "accuracy")}
+
+
+def _squad_scores(scores: dict) -> dict:
+  """Official EM/F1; v2.0 also scores answerable (HasAns_) and unanswerable
+  (NoAns_) questions apart."""
+  return {k: float(v) for k, v in scores.items() if k.endswith(("exact", "f1"))}
+
+
 def _read_glue(config, task: glue.GlueTask, split: str) -> list:
   """A GLUE split from the TSV folders or, with data.glue_source='tfds', from a
   prepared tfds `glue/<task>` in data.data_dir (never downloaded)."""
@@ -98,10 +116,7 @@ class GlueTask(_Task):
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
-    try:
-      self.task = glue.get_task(config.glue_task)
-    except ValueError as e:
-      raise ValueError(f"config.glue_task: {e}") from None
+    self.task = _glue_task(config)
     self.objective = "regression" if self.task.is_regression else "classification"
     self.num_labels = self.task.num_labels
     self.metric = self.task.primary_metric
@@ -157,8 +172,8 @@ class ConllTask(_Task):
             for o, positions in zip(outputs, split.extra)]
 
   def score(self, split: Split, outputs: list) -> dict:
-    m = ner.entity_metrics([s.tags for s in split.examples], self._tags(split, outputs))
-    return {k: float(m[k]) for k in ("precision", "recall", "f1", "accuracy")}
+    return _ner_scores(ner.entity_metrics([s.tags for s in split.examples],
+                                          self._tags(split, outputs)))
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
     path = os.path.join(folder, os.path.basename(split.name).replace(".gz", "") + ".conll")
@@ -191,12 +206,6 @@ class SquadTask(_Task):
                        "end_positions": b["end_positions"][i]})
     return Split(split, data.examples, features, (data, windows))
 
-  def pad(self, features: list, batch_size: int) -> dict:
-    """As _Task.pad, plus 'example_weights' (0.0 on filler rows, whatever the pad id)."""
-    batch = super().pad(features, batch_size)
-    batch["example_weights"] = (np.arange(batch_size) < len(features)).astype(np.float32)
-    return batch
-
   def _answers(self, split: Split, outputs: list) -> dict:
     data, windows = split.extra
     shape = windows.batch["encoder_input_tokens"].shape
@@ -213,9 +222,7 @@ class SquadTask(_Task):
                              version_2=data.version_2).texts
 
   def score(self, split: Split, outputs: list) -> dict:
-    scores = squad_eval.evaluate(split.extra[0], self._answers(split, outputs))
-    # v2.0 also scores answerable (HasAns_) and unanswerable (NoAns_) questions apart.
-    return {k: float(v) for k, v in scores.items() if k.endswith(("exact", "f1"))}
+    return _squad_scores(squad_eval.evaluate(split.extra[0], self._answers(split, outputs)))
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
     path = os.path.join(folder, os.path.basename(split.name).split(".json")[0]
@@ -246,7 +253,7 @@ class Text2TextTask(_Task):
                        "needs a T5-layout SentencePiece model")
     self.kind = config.task
     if self.kind == "glue":
-      self.glue = GlueTask(config, tokenizer).task
+      self.glue = _glue_task(config)
       self.metric = self.glue.primary_metric
     else:
       self.metric = "f1"
@@ -322,10 +329,9 @@ class Text2TextTask(_Task):
     lengths = [len(f["encoder_input_tokens"]) for f in split.features]
     texts = [None] * len(lengths)
     for indices in batching.bucket_batches(lengths, batch_size):
-      tokens = self.pad([split.features[i] for i in indices], batch_size)["encoder_input_tokens"]
-      n = batch_size // jax.process_count()
-      local = tokens[jax.process_index() * n:(jax.process_index() + 1) * n]
-      tokens = jax.make_array_from_process_local_data(batch_sharding, local)
+      padded = self.pad([split.features[i] for i in indices], batch_size)
+      tokens = batching.on_mesh({"tokens": padded["encoder_input_tokens"]},
+                                batch_sharding)["tokens"]  # [batch, enc_len]
       if d.beam_size == 1:
         out, _ = text2text.greedy_decode(model, params, tokens, max_decode_length=max_decode,
                                          eos_id=self.tokenizer.eos_id)
@@ -341,15 +347,14 @@ class Text2TextTask(_Task):
     return texts
 
   def score(self, split: Split, outputs: list) -> dict:
+    """The scores the encoder task reports, plus 'num_unparseable' (GLUE, NER)."""
     if self.kind == "glue":
-      m = text2text.glue_metrics(self.glue, outputs, split.examples)
-    elif self.kind == "conll":
+      return {k: float(v) for k, v in
+              text2text.glue_metrics(self.glue, outputs, split.examples).items()}
+    if self.kind == "conll":
       m = text2text.ner_metrics(split.examples, outputs)
-    else:
-      m = text2text.squad_metrics(split.extra, outputs)
-    keep = {"exact", "f1", "precision", "recall", "accuracy", "num_unparseable"}
-    return {k: float(v) for k, v in m.items()
-            if k in keep or (self.kind == "glue" and np.isscalar(v))}
+      return dict(_ner_scores(m), num_unparseable=float(m["num_unparseable"]))
+    return _squad_scores(text2text.squad_metrics(split.extra, outputs))
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
     """The task's own predictions file (unparseable texts: class 0 / score 0.0, counted)."""

@@ -16,7 +16,7 @@ with their `PAD_VALUES` (0 for tokens/types/segments/positions, -100 for
 `token_labels`, which the loss ignores); scalar keys (e.g.
 `classifier_labels`) are stacked. `batch_size` adds filler rows, so the last,
 short evaluation batch still fits a mesh that needs a fixed batch dimension;
-`classifier_weights` marks them 0.0 so metrics skip them.
+`example_weights` (and `classifier_weights`) mark them 0.0 so metrics skip them.
 
 Length bucketing. Dynamic padding only helps when the examples of one batch
 have similar lengths. `bucket_batches` groups example indices by length: in
@@ -24,9 +24,13 @@ training it sorts within shuffled pools of `pool_batches` batches and then
 shuffles the batch order, so batches stay random (no long-then-short
 curriculum) yet carry little padding; in evaluation, where order does not
 matter, it sorts everything by length.
+
+On the mesh. Fine-tuning data is small, so every host builds the same global
+batch; `on_mesh` puts each host's share of its rows on that host's devices.
 """
 from typing import Dict, List, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 
@@ -60,8 +64,9 @@ def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8
 
   Returns:
     [batch, length] arrays for per-token keys, [batch] for scalar keys, plus
-    'classifier_weights' float32 [batch] (1.0 real, 0.0 filler) when the
-    features carry 'classifier_labels'.
+    'example_weights' float32 [batch] (1.0 real, 0.0 filler: the losses need
+    not guess fillers from the pad id) and, when the features carry
+    'classifier_labels', the same as 'classifier_weights'.
   """
   if not features:
     raise ValueError("pad_batch needs at least one feature")
@@ -89,8 +94,9 @@ def pad_batch(features: Sequence[Mapping[str, np.ndarray]], *, multiple: int = 8
       out = np.full((rows,), -1, first.dtype)  # [batch]
       out[:n] = [f[key] for f in features]
     batch[key] = out
+  batch["example_weights"] = (np.arange(rows) < n).astype(np.float32)
   if "classifier_labels" in batch:
-    batch["classifier_weights"] = (np.arange(rows) < n).astype(np.float32)
+    batch["classifier_weights"] = batch["example_weights"]
   return batch
 
 
@@ -132,3 +138,16 @@ def bucket_batches(lengths: Sequence[int], batch_size: int, *, seed: Optional[in
   if seed is not None:
     batches = [batches[i] for i in rng.permutation(len(batches))]
   return batches
+
+
+def on_mesh(batch: Mapping[str, np.ndarray], batch_sharding) -> Dict[str, jax.Array]:
+  """A global batch every host holds in full -> global arrays split over the batch axis.
+
+  Host p of P contributes rows [p * n, (p + 1) * n) (n = rows / P), which is
+  where `batch_sharding`'s device order puts them.
+  """
+  n = len(next(iter(batch.values()))) // jax.process_count()
+  start = jax.process_index() * n
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v[start:start + n])
+          for k, v in batch.items()}
+
