@@ -4,7 +4,28 @@ Install for running:   pip install -e .
 Install for testing:   pip install -e ".[test]"   (CPU torch + transformers for parity tests)
 Install on a TPU VM:   pip install -e ".[tpu]"
 """
-import setuptools
+import sys
+
+# Every jax/jaxlib release in the pinned range (0.7 to 0.10) declares
+# Requires-Python >= 3.11. Checked before anything else, so an older Python
+# gets this message instead of a resolver error about jax. The upper bound is
+# the newest Python that tensorflow-text (2.20+) ships wheels for: 3.13.
+PYTHON_REQUIRES = ">=3.11,<3.14"
+PYTHON_MIN = (3, 11)
+
+
+def check_python(version_info) -> None:
+  """Raises SystemExit naming the required Python where `version_info` is older."""
+  if tuple(version_info)[:2] < PYTHON_MIN:
+    found = ".".join(str(n) for n in tuple(version_info)[:3])
+    raise SystemExit(
+        f"bert_jax needs Python >= {PYTHON_MIN[0]}.{PYTHON_MIN[1]} (jax >= 0.7 requires it); "
+        f"this is Python {found}. On a TPU VM, tpu_scripts/tpu.py setup installs one.")
+
+
+check_python(sys.version_info)
+
+import setuptools  # noqa: E402  (after the check: its message comes first)
 
 # Ranges, not pins: each lower bound is the oldest release whose API we use
 # (jax.make_mesh axis_types, orbax CheckpointManager options, flax logical
@@ -46,7 +67,7 @@ setuptools.setup(
     description="Pretrain and fine-tune BERT-family encoders and T5 in JAX/Flax on TPU pods.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10,<3.13",
+    python_requires=PYTHON_REQUIRES,
     packages=setuptools.find_packages(include=["bert_jax", "bert_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -42,7 +42,9 @@ os.environ.setdefault("MKL_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bert_jax import defaults
 from bert_jax.data import batch_masking  # noqa: E402
+from bert_jax.data import files as files_lib  # noqa: E402
 from bert_jax.data import masking  # noqa: E402
 from bert_jax.data import pipeline  # noqa: E402
 from bert_jax.data import tokenizer as tok_lib  # noqa: E402
@@ -164,8 +166,8 @@ def bookkeeping(check=True, utf8_count=True, stats=True):
       stack.enter_context(mock.patch.object(pipeline, "_check_not_empty",
                                             lambda plan, groups, *args: groups))
     if not utf8_count:
-      fix_utf8 = tok_lib.fix_utf8
-      stack.enter_context(mock.patch.object(tok_lib, "fix_utf8",
+      fix_utf8 = files_lib.fix_utf8
+      stack.enter_context(mock.patch.object(files_lib, "fix_utf8",
                                             lambda texts, counter=None: fix_utf8(texts)))
     if not stats:
       validate = pipeline._validate
@@ -201,7 +203,7 @@ def bench_rounds(runs, batch, num_batches, rounds):
 
 
 def pipeline_config(args, **overrides):
-  cfg = pipeline.default_data_config()
+  cfg = defaults.data_config()
   cfg.source = args.wiki
   cfg.tokenizer = args.vocab
   cfg.num_shards = THREADS

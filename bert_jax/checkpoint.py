@@ -14,21 +14,22 @@ Reliability rules (DESIGN.md, "Reliability stance"):
   `<step>.orbax-checkpoint-tmp-<time>` and renames it when complete (local
   disks), or writes `<step>/commit_success.txt` last (GCS); it writes that
   marker in both modes, so a step folder without it is unfinished.
-- A step that cannot be read (truncated or deleted files) is skipped with a
-  warning and the previous one is restored; the unreadable step folders are
-  moved aside (renamed, never deleted) so the resumed run can save those
-  step numbers again.
-- Preemption: a SIGTERM (single process) or jax.distributed's preemption
-  notice (several processes, agreed on one step by every host) asks the
-  trainer to save and stop.
+- A step that cannot be read (truncated or deleted files) is skipped with one
+  warning (the step and the reader's error) and the previous one is
+  restored, with no asyncio noise after it (`_draining_event_loops`); the
+  unreadable step folders are moved aside (renamed, never deleted) so the
+  resumed run can save those step numbers again.
+Preemption (when to save and stop) is the loop's, not the checkpointer's:
+loop.Preemption, one per run.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import threading
+import re
 import time
 from typing import Any, Mapping
 
@@ -109,9 +110,77 @@ def _check_writable(directory: epath.Path) -> None:
 
 
 def _short(error: Exception, limit: int = 400) -> str:
-  """`Type: message`, cut to `limit` characters (tensorstore errors embed whole specs)."""
-  text = f"{type(error).__name__}: {error}"
+  """`Type: message`, cut to `limit` characters.
+
+  Tensorstore errors append the whole JSON spec of the array they failed on
+  (` [tensorstore_spec[1]='...']`); the reason comes before it, so it is dropped.
+  """
+  text = re.split(r" \[tensorstore_spec\b", f"{type(error).__name__}: {error}", maxsplit=1)[0]
   return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# How long closing a restore's event loop waits for its reads still in flight.
+_DRAIN_SECONDS = 60.0
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop whose close() first lets its unfinished tasks end.
+
+  orbax 0.12.8 runs a restore's reads with `loop.run_until_complete(gather)`
+  on a fresh loop and then closes it (asyncio_utils.run_sync). When one read
+  fails (a damaged checkpoint), gather raises at once and the loop is closed
+  while the other tensorstore reads are still in flight; each one then
+  completes into `call_soon_threadsafe` on the closed loop and Python prints
+  a "RuntimeError: Event loop is closed" traceback, hundreds of lines for a
+  real model. Waiting for those reads here (they end in a success or the same
+  error, quickly) closes the loop only once nothing can call back into it.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.set_exception_handler(_quiet_exception_handler)
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        done, _ = self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_SECONDS))
+        for task in done:  # retrieved: asyncio would log each as never retrieved
+          if not task.cancelled():
+            task.exception()
+    super().close()
+
+
+def _quiet_exception_handler(loop, context) -> None:
+  """Logs asyncio's leftovers of a failed restore at DEBUG, not as ERROR tracebacks.
+
+  The restore's own exception already says what failed (it is the warning);
+  the other reads of the same damaged step fail the same way.
+  """
+  del loop  # unused
+  logging.debug("orbax restore: %s %s", context.get("message"), context.get("exception", ""))
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _DrainingEventLoop
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """Event loops created inside (by orbax's restore) drain before they close.
+
+  A policy and not a patch of orbax: the policy is asyncio's documented hook
+  for what `asyncio.new_event_loop()` returns (deprecated from Python 3.14,
+  which setup.py excludes); the previous one is put back. It is process-wide
+  for the duration: a restore runs before the trainer's first save, so no
+  other thread is making loops then, and one that did would only drain too.
+  """
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
 
 
 def _all_hosts_agree(ok: bool) -> bool:
@@ -164,15 +233,6 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_STATE, _DATA, _CONFIG))
     self._multi_process = jax.process_count() > 1
-    self._preempted = threading.Event()
-    self._previous_handler = None
-    self._handler_installed = False
-    # With several processes a per-host handler would make one host save
-    # alone while the others wait in a collective: jax.distributed's
-    # preemption sync point (reached_preemption) handles that case instead.
-    if not self._multi_process and threading.current_thread() is threading.main_thread():
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-      self._handler_installed = True
 
   # ------------------------------------------------------------------ queries
 
@@ -199,7 +259,8 @@ class Checkpointer:
         _DATA: ocp.args.JsonRestore(),
         _CONFIG: ocp.args.JsonRestore(),
     })
-    out = self._manager.restore(step, args=args)
+    with _draining_event_loops():
+      out = self._manager.restore(step, args=args)
     return Restored(step=step, state=out[_STATE], data_position=out[_DATA]["value"],
                     config=out[_CONFIG]["value"])
 
@@ -260,7 +321,8 @@ class Checkpointer:
         path = self._step_path(step)
         target = path.parent / f"{path.name}.unreadable-{stamp}"
         path.rename(target)
-        logging.warning("moved unusable checkpoint step %d to %s", step, target)
+        # INFO: the step's warning (why it is unusable) was logged already.
+        logging.info("moved unusable checkpoint step %d to %s", step, target)
     if self._multi_process:
       multihost_utils.sync_global_devices("bert_jax.checkpoint.set_aside")
     self._manager.reload()
@@ -302,25 +364,6 @@ class Checkpointer:
       logging.info("saving checkpoint step %d to %s", step, self.directory)
     return bool(saved)
 
-  # --------------------------------------------------------------- preemption
-
-  def _on_sigterm(self, signum, frame) -> None:
-    logging.warning("SIGTERM received: the trainer will checkpoint and stop")
-    self._preempted.set()
-    if callable(self._previous_handler):  # chain, unless it was SIG_DFL/SIG_IGN
-      self._previous_handler(signum, frame)
-
-  def preemption_requested(self, step: int) -> bool:
-    """Whether the trainer should save at `step` and stop.
-
-    Call it at every step on every process: with several processes it is
-    jax.distributed's preemption sync point, which answers True on the same
-    step everywhere (so every host joins the same final save).
-    """
-    if self._multi_process:
-      return bool(self._manager.reached_preemption(step))
-    return self._preempted.is_set()
-
   # ---------------------------------------------------------------- shutdown
 
   def wait_until_finished(self) -> None:
@@ -328,11 +371,6 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and puts the previous SIGTERM handler back."""
+    """Waits for pending saves and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
-    if self._handler_installed:
-      # None: the previous handler was not installed from Python.
-      previous = self._previous_handler
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-      self._handler_installed = False

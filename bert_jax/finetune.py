@@ -57,136 +57,66 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import finetune_init
+from bert_jax import loop
 from bert_jax import metrics as metrics_lib
+from bert_jax import models
 from bert_jax import optim
 from bert_jax import sharding
 from bert_jax import steps
-from bert_jax import train
 from bert_jax.data import tokenizer as tokenizer_lib
-from bert_jax.models import bert
-from bert_jax.models import t5
+from bert_jax.defaults import ConfigError
 from bert_jax.tasks import adapters
 from bert_jax.tasks import batching
 
-TASK_KINDS = tuple(adapters.TASKS)  # glue, conll, squad
 PADDINGS = ("max", "dynamic", "bucket")
-FAMILIES = ("bert", "t5")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Every field the fine-tuning loop reads, with defaults; config files set the task."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.family = "bert"  # 'bert': a BERT-family encoder + task head; 't5': text-to-text
-  c.task = "glue"  # one of TASK_KINDS
-  c.glue_task = "sst2"  # glue only: a key of glue.TASKS
-  c.init_from = ""  # HF folder or bert_jax pretraining workdir; '' = random init of `model`
-  c.dtype = "float32"  # computation dtype (params stay float32)
-  c.model = train.model_config("bert", "tiny")  # used only when init_from is ''
-
-  c.data = ml_collections.ConfigDict()
-  c.data.data_dir = ""  # glue: the GLUE root (or tfds data_dir); conll/squad: the files' folder
-  c.data.glue_source = "tsv"  # glue: 'tsv' (GLUE folders) or 'tfds' (prepared glue/<task>)
-  c.data.tokenizer = ""  # vocab.txt or folder; '' = init_from's (folder or pretraining run's)
-  c.data.lower_case = True
-  c.data.train_split = "train"
-  c.data.eval_splits = "dev"  # comma-separated
-  c.data.predict_split = "test"
-  c.data.max_length = 128  # encoder tokens (T5: input ids + EOS)
-  c.data.max_target_length = 64  # t5: target ids + EOS
-  c.data.max_train_examples = 0  # 0 = all: the first N examples otherwise
-  c.data.max_eval_examples = 0
-  c.data.padding = "bucket"  # one of PADDINGS
-  c.data.pad_multiple = 32
-  c.data.label_all_subwords = False  # conll
-  c.data.doc_stride = 128  # squad
-  c.data.max_query_length = 64  # squad
-  c.data.n_best_size = 20  # squad
-  c.data.max_answer_length = 30  # squad
-
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.freeze_encoder = False
-  c.finetune.freeze_layers = 0  # freeze the embeddings and the lowest N layers
-  c.finetune.reinit_layers = 0  # top K layers (and pooler) start fresh
-  c.finetune.layerwise_lr_decay = 1.0  # 1.0 = off
-
-  c.optim = optim.default_config("adamw")
-  c.optim.learning_rate = 2e-5
-  c.optim.warmup_steps = 0  # replaced by train.warmup_fraction when that is > 0
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_epochs = 3
-  c.train.batch_size = 32
-  c.train.warmup_fraction = 0.1
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 64
-
-  c.decode = ml_collections.ConfigDict()  # t5: how eval / predict decode
-  c.decode.beam_size = 1  # 1 = greedy
-  c.decode.alpha = 0.6  # beam search length penalty exponent
-  c.decode.max_decode_length = 0  # 0 = data.max_target_length
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_epochs = 1  # the last state, for resuming (always after the last epoch)
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.rules = "data_parallel"
-
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 50
-  c.log.progress = True
-  return c
 
 
 # ------------------------------------------------------------------- checks
 
 
-def _fail(key: str, message: str):
-  raise ValueError(f"config.{key}: {message}")
-
-
 def validate(config) -> tuple[int, int, int]:
   """Checks the fine-tuning fields before anything is read or compiled; returns the mesh shape."""
-  if config.task not in TASK_KINDS:
-    _fail("task", f"unknown task {config.task!r}; choose one of {list(TASK_KINDS)}")
+  if config.task not in adapters.TASKS:
+    raise ConfigError("task", f"unknown task {config.task!r}; choose one of "
+                      f"{list(adapters.TASKS)}")
   if config.data.glue_source not in ("tsv", "tfds"):
-    _fail("data.glue_source", f"unknown source {config.data.glue_source!r}; choose 'tsv' or "
-          "'tfds'")
-  if config.family not in FAMILIES:
-    _fail("family", f"unknown family {config.family!r}; choose one of {list(FAMILIES)}")
+    raise ConfigError("data.glue_source", f"unknown source {config.data.glue_source!r}; "
+                      "choose 'tsv' or 'tfds'")
+  if config.family not in models.FAMILIES:
+    raise ConfigError("family", f"unknown family {config.family!r}; choose one of "
+                      f"{sorted(models.FAMILIES)}")
   if config.decode.beam_size < 1 or config.decode.alpha < 0:
-    _fail("decode", f"beam_size must be >= 1 and alpha >= 0, got {config.decode.beam_size}, "
-          f"{config.decode.alpha}")
+    raise ConfigError("decode", f"beam_size must be >= 1 and alpha >= 0, got "
+                      f"{config.decode.beam_size}, {config.decode.alpha}")
   if config.data.padding not in PADDINGS:
-    _fail("data.padding", f"unknown padding {config.data.padding!r}; choose one of "
-          f"{list(PADDINGS)}")
+    raise ConfigError("data.padding", f"unknown padding {config.data.padding!r}; choose one "
+                      f"of {list(PADDINGS)}")
   for key in ("train.num_epochs", "train.batch_size", "eval.batch_size", "data.max_length",
-              "data.max_target_length", "data.pad_multiple", "log.every_steps", "checkpoint.every_epochs"):
+              "data.max_target_length", "data.pad_multiple", "log.every_steps",
+              "checkpoint.every_epochs"):
     section, name = key.split(".")
     if config[section][name] < 1:
-      _fail(key, f"must be >= 1, got {config[section][name]}")
+      raise ConfigError(key, f"must be >= 1, got {config[section][name]}")
   if not 0.0 <= config.train.warmup_fraction < 1.0:
-    _fail("train.warmup_fraction", f"must be in [0, 1), got {config.train.warmup_fraction}")
+    raise ConfigError("train.warmup_fraction", f"must be in [0, 1), got "
+                      f"{config.train.warmup_fraction}")
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
-    _fail("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
-          f"{config.finetune.layerwise_lr_decay}")
-  if config.init_from and not (finetune_init.is_pretraining_workdir(config.init_from) or os.path.isfile(
-      os.path.join(config.init_from, "config.json"))):
-    _fail("init_from", f"{config.init_from!r} is neither a Hugging Face folder (config.json) "
-          "nor a bert_jax pretraining workdir (checkpoints/)")
+    raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
+                      f"{config.finetune.layerwise_lr_decay}")
+  if config.init_from and not (finetune_init.is_pretraining_workdir(config.init_from)
+                               or os.path.isfile(os.path.join(config.init_from, "config.json"))):
+    raise ConfigError("init_from", f"{config.init_from!r} is neither a Hugging Face folder "
+                      "(config.json) nor a bert_jax pretraining workdir (checkpoints/)")
   if not (config.data.tokenizer or config.init_from):
-    _fail("data.tokenizer", "empty, and no init_from folder to take vocab.txt from")
-  shape = train.validate_mesh(config.mesh)
+    raise ConfigError("data.tokenizer", "empty, and no init_from folder to take vocab.txt from")
+  shape = sharding.mesh_shape_of(config.mesh)
   parallel = shape[0] * shape[1]  # over every host's devices (jax.device_count())
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
     if config[section][name] % parallel or config[section][name] % jax.process_count():
-      _fail(key, f"{config[section][name]} is not divisible by the data-parallel size "
-            f"{parallel} (mesh.data x mesh.fsdp) and the {jax.process_count()} hosts")
+      raise ConfigError(key, f"{config[section][name]} is not divisible by the data-parallel "
+                        f"size {parallel} (mesh.data x mesh.fsdp) and the "
+                        f"{jax.process_count()} hosts")
   return shape
 
 
@@ -219,7 +149,7 @@ def _make_predictor(config, run: _Run, param_shardings) -> Callable:
   def apply(params, batch):
     return run.model.apply({"params": params}, **steps.model_inputs(run.model, batch))
   mesh = run.mesh
-  predict_step = jax.jit(steps._in_context(apply, mesh, run.rules),  # pylint: disable=protected-access
+  predict_step = jax.jit(steps.in_context(apply, mesh, run.rules),
                          in_shardings=(param_shardings, run.batch_sharding),
                          out_shardings=NamedSharding(mesh, P()))
 
@@ -273,23 +203,22 @@ def _setup(config) -> _Run:
                                            lower_case=config.data.lower_case)
   task = adapters.make_task(config, tokenizer)
   model_cfg, pretrained = finetune_init.model_config(config, mesh, rules)
+  family = models.get(config.family)
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    _fail("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, more than the "
-          f"model's vocab_size {model_cfg.vocab_size}")
-  if config.family != "t5" and tokenizer.pad_id != model_cfg.pad_token_id:
-    _fail("data.tokenizer", f"{tokenizer.path} pads with id {tokenizer.pad_id} but the model's "
-          f"pad_token_id is {model_cfg.pad_token_id} (a RoBERTa checkpoint needs its own "
-          "vocab.json + merges.txt)")
-  if config.family == "t5":
-    model = t5.T5Model(model_cfg)
-  else:
-    positions = model_cfg.max_position_embeddings - model_cfg.position_offset
-    if config.data.max_length > positions:
-      _fail("data.max_length", f"{config.data.max_length} > the model's {positions} positions")
-    kwargs = {} if task.num_labels is None else {"num_labels": task.num_labels}
-    model = bert.build(model_cfg, task.model_task, **kwargs)
+    raise ConfigError("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, "
+                      f"more than the model's vocab_size {model_cfg.vocab_size}")
+  if family.checks_pad_id and tokenizer.pad_id != model_cfg.pad_token_id:
+    raise ConfigError("data.tokenizer", f"{tokenizer.path} pads with id {tokenizer.pad_id} but "
+                      f"the model's pad_token_id is {model_cfg.pad_token_id} (a RoBERTa "
+                      "checkpoint needs its own vocab.json + merges.txt)")
+  positions = family.positions(model_cfg)
+  if positions is not None and config.data.max_length > positions:
+    raise ConfigError("data.max_length", f"{config.data.max_length} > the model's {positions} "
+                      "positions")
+  kwargs = {} if task.num_labels is None else {"num_labels": task.num_labels}
+  model = family.build(model_cfg, task.model_task, **kwargs)
   return _Run(task, tokenizer, model, pretrained, mesh, rules, sharding.batch_sharding(mesh),
-              finetune_init.init_shapes(config.family))
+              steps.init_shapes(family.init_features))
 
 
 def _split_names(text: str) -> list[str]:
@@ -299,23 +228,11 @@ def _split_names(text: str) -> list[str]:
 # ------------------------------------------------------------------ the loop
 
 
-def _stop_for_preemption(step: int, state, best, config, ckpt, best_ckpt, writer):
-  """Saves `step` (off the epoch grid if need be), closes the writers, raises Preempted.
-
-  The same command resumes there: the checkpoint's data position holds the
-  best epoch so far, and the epoch's batches are recomputed from the seed.
-  """
-  ckpt.save(step, state, data_position={"best": best}, config=config, force=True)
-  for closable in (ckpt, best_ckpt, writer):
-    closable.close()
-  raise train.Preempted(step)
-
-
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes `config`'s task in `workdir`, resuming from its last checkpoint.
 
   Args:
-    config: `default_config()` filled in by a config file (configs/glue.py, ...).
+    config: `defaults.finetune_config()` filled in by a config file (configs/glue.py, ...).
     workdir: checkpoints/, best/ and metrics.jsonl go here.
 
   Returns:
@@ -325,7 +242,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Raises:
     ValueError / FileNotFoundError: a bad config or missing data, before any compile.
     FloatingPointError: a non-finite loss (nothing saved from that step on).
-    train.Preempted: after saving, when a preemption notice (SIGTERM) arrived.
+    loop.Preempted: after saving, when a preemption notice (SIGTERM) arrived.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   run = _setup(config)
@@ -346,8 +263,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  {s.name: len(s.features) for s in eval_splits})
 
   # ---- optimizer and state shapes.
-  layers = finetune_init.num_layers(model.config)
-  overrides = finetune_init.optimizer_rules(config, layers)
+  family = models.get(config.family)
+  layers = family.num_layers(model.config)
+  overrides = finetune_init.optimizer_rules(config, family, layers)
   if config.train.warmup_fraction > 0:
     overrides["warmup_steps"] = int(round(config.train.warmup_fraction * num_steps))
   try:
@@ -358,7 +276,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   abstract, state_shardings = steps.abstract_sharded_state(model, tx, run.init_shapes, run.mesh,
                                                            run.rules)
 
-  # ---- restore or init (best/ first: the last Checkpointer owns SIGTERM).
+  # ---- restore or init.
   best_ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "best"), every_steps=1,
                                           keep=1, async_save=False)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -373,7 +291,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                           config.seed)
     if run.pretrained is not None:
       state = state.replace(params=finetune_init.load_pretrained(
-          state.params, run.pretrained, state_shardings.params, layers,
+          state.params, run.pretrained, state_shardings.params, family, layers,
           config.finetune.reinit_layers))
     start, best = 0, None
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if restored else -1,
@@ -383,56 +301,63 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      run.batch_sharding, rules=run.rules, schedule=schedule)
   predictor = _make_predictor(config, run, state_shardings.params)
   bar = metrics_lib.ProgressBar(num_steps, start, enabled=is_main and config.log.progress)
-  interval, last, step = [], {}, start
-  last_saved = start if restored is not None else None
+  log = loop.StepLog(writer, bar, last_saved=start if restored is not None else None)
+  preemption = loop.Preemption()
+  last, step, preempted = {}, start, False
 
-  for epoch in range(start // steps_per_epoch, config.train.num_epochs):
-    # ---- one epoch; a resumed run skips the batches its checkpoint has seen.
-    for b, indices in enumerate(_epoch_batches(config, train_split.features, epoch)):
-      step = epoch * steps_per_epoch + b + 1
-      if step <= start:
-        continue
-      batch = task.pad([train_split.features[i] for i in indices], batch_size)
-      state, step_metrics = train_step(state, batching.on_mesh(batch, run.batch_sharding))
-      interval.append((step, step_metrics))
-      # At an epoch's last step the notice is taken after the epoch's eval
-      # (below): a run resumed there starts at the next epoch. A preempted
-      # step logs the steps since the last log (the resumed run starts after).
-      preempted = b < steps_per_epoch - 1 and ckpt.preemption_requested(step)
-      if step % config.log.every_steps == 0 or b == steps_per_epoch - 1 or preempted:
-        fetched = train._check_finite(interval, last_saved)  # pylint: disable=protected-access
-        last = train._summarize_interval(fetched)  # pylint: disable=protected-access
-        last["epoch"] = step / steps_per_epoch
-        writer.write(step, last)
-        bar.update(step, loss=last["loss"])
-        interval = []
+  def save(step: int) -> None:
+    """The resumable state; the data position holds the best epoch so far (the
+    epoch's batches are recomputed from the seed)."""
+    if ckpt.save(step, state, data_position={"best": best}, config=config, force=True):
+      log.last_saved = step
+
+  with loop.closing(best_ckpt, ckpt, writer, bar, preemption):
+    for epoch in range(start // steps_per_epoch, config.train.num_epochs):
+      # ---- one epoch; a resumed run skips the batches its checkpoint has seen.
+      for b, indices in enumerate(_epoch_batches(config, train_split.features, epoch)):
+        step = epoch * steps_per_epoch + b + 1
+        if step <= start:
+          continue
+        batch = task.pad([train_split.features[i] for i in indices], batch_size)
+        state, step_metrics = train_step(state, batching.on_mesh(batch, run.batch_sharding))
+        log.add(step, step_metrics)
+        # At an epoch's last step the notice is taken after the epoch's eval
+        # (below): a run resumed there starts at the next epoch. A preempted
+        # step logs the steps since the last log (the resumed run starts after).
+        preempted = b < steps_per_epoch - 1 and preemption.requested(step)
+        if loop.every(step, config.log.every_steps) or b == steps_per_epoch - 1 or preempted:
+          last = log.summarize()
+          last["epoch"] = step / steps_per_epoch
+          log.write(step, last)
+        if preempted:
+          save(step)  # off the epoch grid: the same command resumes here
+          break
       if preempted:
-        _stop_for_preemption(step, state, best, config, ckpt, best_ckpt, writer)
+        break
 
-    # ---- evaluate; keep the best epoch's params by the task's primary metric.
-    scores = _evaluate(task, predictor, state.params, eval_splits)
-    value = scores[primary] if primary else float(epoch)
-    if best is None or value > best["value"]:
-      best = {"epoch": epoch + 1, "step": step, "metric": primary, "value": value}
-      best_ckpt.save(step, {"params": state.params}, data_position=best, config=config,
-                     force=True)
-    last = {f"eval/{k}": v for k, v in scores.items()}
-    writer.write(step, dict(last, epoch=epoch + 1, **{"best/value": best["value"],
-                                                      "best/epoch": best["epoch"]}))
-    if is_main:
-      logging.info("epoch %d: %s (best: epoch %d, %s %.4f)", epoch + 1, scores,
-                   best["epoch"], primary, best["value"])
-    final = epoch + 1 == config.train.num_epochs
-    if ((epoch + 1) % config.checkpoint.every_epochs == 0 or final) and ckpt.save(
-        step, state, data_position={"best": best}, config=config, force=True):
-      last_saved = step
-    if not final and ckpt.preemption_requested(step):
-      _stop_for_preemption(step, state, best, config, ckpt, best_ckpt, writer)
-
-  bar.close()
-  ckpt.close()
-  best_ckpt.close()
-  writer.close()
+      # ---- evaluate; keep the best epoch's params by the task's primary metric.
+      scores = _evaluate(task, predictor, state.params, eval_splits)
+      value = scores[primary] if primary else float(epoch)
+      if best is None or value > best["value"]:
+        best = {"epoch": epoch + 1, "step": step, "metric": primary, "value": value}
+        best_ckpt.save(step, {"params": state.params}, data_position=best, config=config,
+                       force=True)
+      last = {f"eval/{k}": v for k, v in scores.items()}
+      writer.write(step, dict(last, epoch=epoch + 1, **{"best/value": best["value"],
+                                                        "best/epoch": best["epoch"]}))
+      if is_main:
+        logging.info("epoch %d: %s (best: epoch %d, %s %.4f)", epoch + 1, scores,
+                     best["epoch"], primary, best["value"])
+      final = epoch + 1 == config.train.num_epochs
+      if loop.every(epoch + 1, config.checkpoint.every_epochs) or final:
+        save(step)
+      if not final and preemption.requested(step):
+        preempted = True
+        if not loop.every(epoch + 1, config.checkpoint.every_epochs):
+          save(step)
+        break
+  if preempted:
+    raise loop.Preempted(step)
   return dict(last, best=best)
 
 

@@ -20,32 +20,18 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import defaults
+from bert_jax import models
 from bert_jax import optim
 from bert_jax import steps
 from bert_jax import train
 from bert_jax.convert import from_pretrained
-from bert_jax.models import bert
-from bert_jax.models import t5
-
-# Features a model's parameters are traced with (lengths do not matter).
-ENCODER_SHAPES = {"encoder_input_tokens": jax.ShapeDtypeStruct((1, 1), jnp.int32)}
-SEQ2SEQ_SHAPES = dict(ENCODER_SHAPES,
-                      decoder_input_tokens=jax.ShapeDtypeStruct((1, 1), jnp.int32))
-
-
-def _fail(key: str, message: str):
-  raise ValueError(f"config.{key}: {message}")
-
-
-def init_shapes(family: str) -> dict:
-  """The example features of the fine-tuning model of `family` ('bert' or 't5')."""
-  return SEQ2SEQ_SHAPES if family == "t5" else ENCODER_SHAPES
+from bert_jax.defaults import ConfigError
 
 
 def is_pretraining_workdir(path: str) -> bool:
@@ -64,9 +50,9 @@ def pretraining_config(workdir: str) -> tuple[str, int, ml_collections.ConfigDic
   with open(os.path.join(folder, str(finished[-1]), "config", "metadata"), encoding="utf-8") as f:
     fields = json.load(f)["value"]
   if "task" in fields:
-    _fail("init_from", f"{workdir} is a fine-tuning workdir; give a pretraining one (bert-jax "
-          "train) or a Hugging Face folder")
-  saved = train.default_config()
+    raise ConfigError("init_from", f"{workdir} is a fine-tuning workdir; give a pretraining one "
+                      "(bert-jax train) or a Hugging Face folder")
+  saved = defaults.train_config()
   model = fields.pop("model", None)
   saved.update(fields)
   if model is not None:  # the run's own fields only, not merged into the default BERT's
@@ -83,7 +69,7 @@ def pretraining_tokenizer(workdir: str) -> tuple[str, bool]:
   saved = pretraining_config(workdir)[2]
   if saved.data.tokenizer:
     return saved.data.tokenizer, saved.data.lower_case
-  path = train._tokenizer_path(saved, workdir)  # pylint: disable=protected-access
+  path = train.tokenizer_path(saved, workdir)
   return path, saved.data.lower_case
 
 
@@ -91,14 +77,16 @@ def _from_pretraining_workdir(config, mesh, rules) -> tuple[Any, dict]:
   """Model config and params of a `bert-jax train` workdir's latest step.
 
   The run's own config (stored with every checkpoint) rebuilds its model and
-  optimizer, so the state restores exactly; a BERT run keeps its encoder.
+  optimizer, so the state restores exactly; the family's `carried_over`
+  subtrees are kept (a BERT run's encoder, all of a T5 run).
   """
   folder, num_finished, saved = pretraining_config(config.init_from)
   if saved.family != config.family:
-    _fail("init_from", f"{folder} holds a {saved.family!r} run; config.family is "
-          f"{config.family!r}")
+    raise ConfigError("init_from", f"{folder} holds a {saved.family!r} run; config.family is "
+                      f"{config.family!r}")
+  family = models.get(saved.family)
   model = train.build_model(saved)
-  shapes = init_shapes(saved.family)
+  shapes = steps.init_shapes(family.init_features)
   tx, _ = optim.make_optimizer(saved.optim, steps.param_shapes(model, shapes),
                                num_steps=saved.train.num_steps)
   abstract, _ = steps.abstract_sharded_state(model, tx, shapes, mesh, rules)
@@ -106,82 +94,77 @@ def _from_pretraining_workdir(config, mesh, rules) -> tuple[Any, dict]:
                                          async_save=False).restore(abstract)
   logging.info("init_from: step %d of %s", restored.step, folder)
   params = restored.state.params
-  return (_model_config(config.family, dict(saved.model.to_dict(), dtype=config.dtype)),
-          params if config.family == "t5" else {"encoder": params["encoder"]})
-
-
-def _model_config(family: str, fields: dict):
-  if family == "t5":
-    fields["activations"] = tuple(fields["activations"])
-    return t5.T5Config.from_dict(fields)
-  return bert.BertConfig.from_dict(fields)
+  if family.carried_over is not None:
+    params = {k: params[k] for k in family.carried_over}
+  return family.config_from_dict(dict(saved.model.to_dict(), dtype=config.dtype)), params
 
 
 def model_config(config, mesh, rules) -> tuple[Any, dict | None]:
-  """The model's hyperparameters (BertConfig / T5Config) and pretrained params (None: random).
+  """The model's hyperparameters (the family's config) and pretrained params (None: random).
 
-  BERT params come as {'encoder': ...}; T5 params are the whole model's.
+  Params hold what the family carries over: {'encoder': ...} for BERT, the
+  whole model for T5.
   """
+  family = models.get(config.family)
   if config.init_from and is_pretraining_workdir(config.init_from):
     return _from_pretraining_workdir(config, mesh, rules)
   if config.init_from:
-    task = "seq2seq" if config.family == "t5" else "encoder"
-    model, params = from_pretrained(config.init_from, task=task, dtype=config.dtype)
-    if isinstance(model, t5.T5Model) != (config.family == "t5"):
-      _fail("init_from", f"{config.init_from} holds a {type(model).__name__}; config.family "
-            f"is {config.family!r}")
+    model, params = from_pretrained(config.init_from, task=family.finetune_task,
+                                    dtype=config.dtype)
+    if models.family_of(model) is not family:
+      raise ConfigError("init_from", f"{config.init_from} holds a {type(model).__name__}; "
+                        f"config.family is {config.family!r}")
     return model.config, params
   try:
-    return _model_config(config.family, dict(config.model.to_dict(), dtype=config.dtype)), None
+    return family.config_from_dict(dict(config.model.to_dict(), dtype=config.dtype)), None
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from None
 
 
-def num_layers(model_cfg) -> int:
-  """Layers the per-layer controls count: BERT's encoder layers, T5's encoder layers."""
-  return getattr(model_cfg, "num_layers", None) or model_cfg.num_encoder_layers
-
-
-def optimizer_rules(config, layers: int) -> dict:
+def optimizer_rules(config, family: models.Family, layers: int) -> dict:
   """optim overrides for freezing and layer-wise LR decay (added to the config's own).
 
-  For T5 only `freeze_encoder` applies (the per-layer controls name BERT's
-  `encoder/layer_i` parameters).
+  The per-layer controls need the family's `layer_prefix`; without one (T5)
+  only `freeze_encoder` applies.
   """
   ft = config.finetune
-  if config.family == "t5":
+  if family.layer_prefix is None:
     for key in ("freeze_layers", "reinit_layers"):
       if ft[key]:
-        _fail(f"finetune.{key}", "is BERT-only; for T5 use finetune.freeze_encoder")
+        raise ConfigError(f"finetune.{key}", f"needs per-layer names, which the "
+                          f"{family.name!r} family lacks; use finetune.freeze_encoder")
     if ft.layerwise_lr_decay < 1.0:
-      _fail("finetune.layerwise_lr_decay", "is BERT-only (1.0 = off for T5)")
+      raise ConfigError("finetune.layerwise_lr_decay", f"needs per-layer names, which the "
+                        f"{family.name!r} family lacks (1.0 = off)")
   if ft.freeze_layers > layers:
-    _fail("finetune.freeze_layers", f"{ft.freeze_layers} > the encoder's {layers} layers")
+    raise ConfigError("finetune.freeze_layers", f"{ft.freeze_layers} > the encoder's {layers} "
+                      "layers")
   if not 0 <= ft.reinit_layers <= layers:
-    _fail("finetune.reinit_layers", f"{ft.reinit_layers} not in [0, {layers}]")
-  freeze = list(optim._patterns(config.optim.freeze))  # pylint: disable=protected-access
+    raise ConfigError("finetune.reinit_layers", f"{ft.reinit_layers} not in [0, {layers}]")
+  freeze = list(optim.patterns(config.optim.freeze))
   if ft.freeze_encoder:
     freeze.append(r"^encoder/")
   elif ft.freeze_layers:
-    freeze += [r"^encoder/embeddings/"] + [f"^encoder/layer_{i}/"
-                                            for i in range(ft.freeze_layers)]
+    freeze += [f"^{family.embeddings_prefix}"] + [
+        "^" + family.layer_prefix.format(i=i) for i in range(ft.freeze_layers)]
   multipliers = [tuple(r) for r in config.optim.lr_multipliers]
   if ft.layerwise_lr_decay < 1.0:
     multipliers += optim.layerwise_lr_multipliers(layers, ft.layerwise_lr_decay)
   return {"freeze": tuple(freeze), "lr_multipliers": tuple(multipliers)}
 
 
-def load_pretrained(params: Any, pretrained: dict, shardings: Any, layers: int,
-                    reinit_layers: int) -> Any:
+def load_pretrained(params: Any, pretrained: dict, shardings: Any, family: models.Family,
+                    layers: int, reinit_layers: int) -> Any:
   """params with the pretrained weights put in, each onto its sharding.
 
   Heads and, with reinit_layers=K, the top K encoder layers and the pooler
   keep their fresh init (Zhang et al. 2021, "Revisiting few-sample BERT
   fine-tuning").
   """
-  fresh_prefixes = tuple(f"encoder/layer_{i}/" for i in range(layers - reinit_layers, layers))
-  if reinit_layers:
-    fresh_prefixes += ("encoder/pooler/",)
+  fresh_prefixes = tuple(family.layer_prefix.format(i=i)
+                         for i in range(layers - reinit_layers, layers)) if reinit_layers else ()
+  if reinit_layers and family.pooler_prefix:
+    fresh_prefixes += (family.pooler_prefix,)
   source = {"/".join(k): v for k, v in traverse_util.flatten_dict(pretrained).items()}
   flat = traverse_util.flatten_dict(params)
   flat_shardings = traverse_util.flatten_dict(shardings)

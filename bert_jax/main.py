@@ -8,14 +8,29 @@
 
 Config fields are overridden with --config.a.b=value; the config is locked,
 so a misspelt field is an error that names it.
+
+Exit status and errors (the message on stderr is one line, `error: ...`;
+--verbose prints the traceback above it):
+  0    done.
+  2    bad input: a misspelt or mistyped --config override, a config file or
+       variant that does not exist, a missing flag (--workdir), a missing or
+       unreadable file, an empty corpus, a bad config value.
+  1    the input was fine but the run failed: a non-finite loss
+       (FloatingPointError). Any other error is a bug and shows its traceback.
+  143  preempted (SIGTERM) after saving a checkpoint: rerun to resume.
 """
+import difflib
 import os
+import re
 import sys
 import tempfile
+import traceback
+from typing import NoReturn
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -35,50 +50,47 @@ flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of pr
                     "(not needed on TPU VMs, where jax finds its peers itself).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool("verbose", False, "On an error, print its traceback above the one-line "
+                  "message.")
 FLAGS = flags.FLAGS
 
 
 def _init_distributed() -> None:
   """jax.distributed.initialize() for a multi-host run, before JAX touches devices.
 
-  Explicit flags (CPU tests, GPU clusters) or a multi-worker TPU VM slice,
-  whose environment lists several worker hostnames; single hosts skip it.
+  Explicit flags (CPU tests, GPU clusters), or a multi-process cluster found
+  the way JAX finds one (TPU VM slice via the metadata server, GKE, Slurm,
+  Open MPI); single hosts skip it. The decision is bert_jax.distributed's.
   """
-  import jax
-  if FLAGS.coordinator_address:
-    # CPU processes talk over gloo (the default CPU client has no collectives).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()
+  from bert_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
 def _train(config) -> None:
-  from bert_jax import train
-  if not FLAGS.workdir:
+  if not FLAGS.workdir:  # before the imports below (JAX, TensorFlow: seconds)
     raise app.UsageError("train needs --workdir (local folder or gs://bucket/path)")
+  from bert_jax import loop, train
   _init_distributed()
   # Orbax logs every save step at INFO through absl's logger; the trainer's
   # own progress lines (root logger) are enough.
   logging.get_absl_logger().setLevel("WARNING")
   try:
     train.train_and_evaluate(config, FLAGS.workdir)
-  except train.Preempted as e:
+  except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)  # what a process ended by SIGTERM reports: not finished
 
 
 def _finetune(config, command: str) -> None:
-  from bert_jax import finetune, train
   if not FLAGS.workdir:
     raise app.UsageError(f"{command} needs --workdir")
+  from bert_jax import finetune, loop
   _init_distributed()
   logging.get_absl_logger().setLevel("WARNING")
   kwargs = {"out": FLAGS.out} if command == "predict" else {}
   try:
     finetune.COMMANDS[command](config, FLAGS.workdir, **kwargs)
-  except train.Preempted as e:
+  except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(143)
 
@@ -114,7 +126,174 @@ def _train_tokenizer() -> None:
   print(f"wrote {tok.path} ({tok.vocab_size} ids including {FLAGS.extra_ids} extra ids)")
 
 
-def main(argv) -> None:
+# ---------------------------------------------------------------------- errors
+
+# Exit statuses (the module docstring). 2 is what absl and argparse use for a
+# usage error; 1 is what Python exits with on an uncaught exception.
+_BAD_INPUT, _RUN_FAILED = 2, 1
+
+# The errors that mean "the input is wrong", whose message says what to fix:
+# the package raises ValueError naming the config key ("config.train.batch_size:
+# ...", defaults.ConfigError) or the data ("text file x.txt is empty"), and these
+# OSErrors name the path. Any other type (a TypeError in JAX, a RuntimeError)
+# is a bug somewhere, and its traceback is what a report needs. A plain OSError
+# (disk full, network) is not listed: it is the machine's problem, not the input's.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, FileExistsError, flags.Error, app.UsageError)
+
+# absl wraps a config file's ValueError/TypeError as `flag --config=X: <this>
+# <traceback>` (ml_collections config_flags puts the traceback in the message).
+_CONFIG_FILE_ERROR = "Error whilst parsing config file:"
+
+
+def _fail(error: BaseException, status: int, verbose: bool,
+          message: str | None = None) -> NoReturn:
+  """Prints `error: MESSAGE` as the last line of stderr and exits with `status`.
+
+  Args:
+    error: the exception; its traceback is printed first when `verbose`.
+    status: the exit status.
+    verbose: --verbose (parsed or, before flags parsing ends, read from argv).
+    message: the text after `error: ` (default: str(error)); joined into one line.
+  """
+  if verbose:
+    traceback.print_exception(error)
+  text = message if message is not None else (str(error) or type(error).__name__)
+  # One line whatever the message: an error listing several items keeps them all.
+  line = " ".join(part.strip() for part in text.splitlines() if part.strip())
+  sys.stderr.write(f"error: {line}\n")
+  sys.stderr.flush()
+  sys.exit(status)
+
+
+def _verbose_requested(argv: list[str]) -> bool:
+  """--verbose read from argv directly: FLAGS.verbose is unset while flags fail to parse."""
+  verbose = False
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name, _, value = arg.lstrip("-").partition("=") if arg.startswith("-") else ("", "", "")
+    if name == "verbose":
+      verbose = value.lower() not in ("false", "0")
+    elif name == "noverbose":
+      verbose = False
+  return verbose
+
+
+def _config_argument(argv: list[str]) -> str | None:
+  """The value of the last --config=FILE[:variant] (or `--config FILE`) in argv."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    match = re.fullmatch(r"--?config(=(.*))?", arg, re.DOTALL)
+    if match:
+      value = match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """Raises FileNotFoundError (IsADirectoryError) when --config names no file (a folder).
+
+  ml_collections defers that error to the config's first use, where it is an
+  OSError quoting its internal module name; this one names the flag and file.
+  """
+  value = _config_argument(argv)
+  if value is None:
+    return
+  path = value.split(":", 1)[0]
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"--config={value}: config file {path!r} is a folder")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={value}: config file {path!r} does not exist")
+
+
+def _flags_error_message(error: flags.Error) -> str:
+  """absl's message, with a config file's error in place of the traceback absl quotes."""
+  message = str(error)
+  if _CONFIG_FILE_ERROR not in message:
+    return message
+  prefix = message.split(_CONFIG_FILE_ERROR, 1)[0].rstrip(": ")
+  # The chain: absl's error <- ml_collections' re-raise (the traceback text)
+  # <- what get_config raised (e.g. "configs/bert.py: unknown variant 'huge'").
+  cause = error
+  while cause is not None and not str(cause).startswith(_CONFIG_FILE_ERROR):
+    cause = cause.__cause__ or cause.__context__
+  cause = cause.__context__ if cause is not None else None
+  if cause is None:
+    return prefix
+  kind = "" if isinstance(cause, ValueError) else f"{type(cause).__name__}: "
+  return f"{prefix}: {kind}{cause}"
+
+
+def _missing_field(config, path: str) -> str | None:
+  """What is wrong with override `path` (a.b.c) of `config`, or None if it names a field."""
+  node, where = config, "config"
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"{where} is a {type(node).__name__}, not a group of fields"
+    if part not in node:
+      fields = sorted(str(k) for k in node.keys())
+      close = difflib.get_close_matches(part, fields, n=1, cutoff=0.75)
+      hint = f'; did you mean "{close[0]}"?' if close else f" (it has: {', '.join(fields)})"
+      return f'{where} has no field "{part}"{hint}'
+    node, where = node[part], f"{where}.{part}"
+  return None
+
+
+def _bad_override(argv: list[str]) -> str | None:
+  """`--config.a.b: config.a has no field "b" ...` for the first override naming no field.
+
+  A misspelt override fails inside ml_collections with a KeyError or
+  AttributeError (TypeError below a non-group field) that names neither the
+  flag nor the config. The config is loaded again (config files are plain
+  data) and each override's path walked through it. None when the config
+  itself does not load or every override names a field: then the error is
+  not the override's, and keeps its traceback.
+  """
+  value = _config_argument(argv)
+  if value is None:
+    return None
+  try:
+    config = FLAGS["config"].parser.parse(value)  # the parser that loaded it
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if not isinstance(config, ml_collections.ConfigDict):
+    return None
+  for arg in argv[1:]:
+    match = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+    problem = match and _missing_field(config, match.group(1))
+    if problem:
+      return f"--config.{match.group(1)}: {problem}"
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """FLAGS(argv) for app.run, with a bad command line reported in one line (exit 2).
+
+  absl prints a flags error as "FATAL Flags parsing error" with a config
+  file's whole traceback inside, and exits 1; a misspelt --config override
+  escapes it as a traceback of ml_collections internals.
+  """
+  verbose = _verbose_requested(argv)
+  try:
+    _check_config_file(argv)
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(e, _BAD_INPUT, verbose, _flags_error_message(e))
+  except _USER_ERRORS as e:
+    _fail(e, _BAD_INPUT, verbose)
+  except (KeyError, AttributeError, TypeError) as e:
+    message = _bad_override(argv)
+    if message is None:
+      raise
+    _fail(e, _BAD_INPUT, verbose, message)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def _run_command(argv) -> None:
   commands = ("train", "inspect", "train-tokenizer", "finetune", "evaluate", "predict")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: bert-jax {{{'|'.join(commands)}}} [--flags]; got {argv[1:]}")
@@ -128,9 +307,23 @@ def main(argv) -> None:
   return (_train if argv[1] == "train" else _inspect)(_CONFIG.value)
 
 
+def main(argv) -> None:
+  """Runs the command in argv[1]; bad input and a diverged run end in one line.
+
+  A preempted run exits 143 from _train/_finetune; what is not caught here
+  (a bug) reaches app.run with its traceback.
+  """
+  try:
+    _run_command(argv)
+  except FloatingPointError as e:  # a non-finite loss: good input, failed run
+    _fail(e, _RUN_FAILED, FLAGS.verbose)
+  except _USER_ERRORS as e:
+    _fail(e, _BAD_INPUT, FLAGS.verbose)
+
+
 def run() -> None:
   """Console-script entry point (`bert-jax`)."""
-  app.run(main, argv=sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ gs://: all file I/O goes through `tf.io.gfile`. Only process 0 should write;
 the other processes pass `enabled=False`, which makes every method a no-op.
 
 `Throughput` turns wall time between two logged steps into steps/s, tokens/s
-and model FLOPs utilisation (MFU), from the FLOP counts of `bert_train_flops`
-and `t5_train_flops` and the peak of `peak_flops_per_device`.
+and model FLOPs utilisation (MFU), from a FLOP count per step (each model
+family's formula, `bert_jax.models.flops`) and the peak of `peak_flops_per_device`.
 
 `ProgressBar` is the console view: `step 120/1000 [12%] 3.4 step/s ETA 4m19s
 loss 5.123`, redrawn in place on a terminal, one line at a time in logs.
@@ -258,101 +258,6 @@ def peak_flops_per_device(device_kind: str) -> float | None:
     if pattern.search(device_kind):
       return peak
   return None
-
-
-def _matmul(m: int, k: int, n: int) -> float:
-  """FLOPs of an [m, k] x [k, n] product: one multiply and one add per term."""
-  return 2.0 * m * k * n
-
-
-def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
-                     nsp: bool) -> float:
-  """Training FLOPs per example of a BERT-family pre-training model.
-
-  Counts matrix products only, 2 * m * k * n each, as `BertForPreTraining`
-  (nsp=True) or `BertForMaskedLM` (nsp=False) computes them. With S =
-  seq_length, H = hidden_size, A = num_heads * head_dim (= H), I =
-  intermediate_size, L = num_layers, P = max_predictions, V = vocab_size:
-
-    per layer   2*S*H*3A (q, k, v) + 2*S*A*H (out)
-                + 2*S*S*A (scores q.k) + 2*S*S*A (probabilities . v)
-                + 2*S*H*I + 2*S*I*H (MLP)
-    MLM head    2*P*H*H (transform) + 2*P*H*V (logits tied to the embedding)
-    NSP head    2*H*H (pooler, first token) + 2*H*2, when nsp
-    forward     L * per layer + MLM head [+ NSP head]
-    training    3 * forward: the backward pass takes two products per
-                forward product (gradients of both operands).
-
-  The MLM head runs only at the P gathered positions (`mlm_positions`);
-  P=None counts it at all S positions (no `mlm_positions`). Embedding
-  lookups, norms, softmax and activations are not counted: this is the
-  model-FLOPs count of MFU, and recomputation under `remat` is not added.
-
-  Args:
-    config: a `bert_jax.models.bert.BertConfig`.
-    seq_length: tokens per example (the padded/packed length).
-    max_predictions: gathered MLM positions per example, or None.
-    nsp: count the pooler and the next-sentence head.
-
-  Returns:
-    FLOPs of one example's forward and backward pass.
-  """
-  s, h, i = seq_length, config.hidden_size, config.intermediate_size
-  a = config.num_heads * config.head_dim
-  p = s if max_predictions is None else max_predictions
-  layer = (_matmul(s, h, 3 * a) + _matmul(s, a, h)  # [S, H] projections
-           + 2 * _matmul(s, a, s)  # [S, S] scores, then back to [S, A]
-           + _matmul(s, h, i) + _matmul(s, i, h))
-  forward = config.num_layers * layer
-  forward += _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
-  if nsp:
-    forward += _matmul(1, h, h) + _matmul(1, h, 2)
-  return 3.0 * forward
-
-
-def t5_train_flops(config, inputs_length: int, targets_length: int) -> float:
-  """Training FLOPs per example of a T5 encoder-decoder (`T5Model`).
-
-  Counts matrix products only, 2 * m * k * n each. With Se = inputs_length,
-  Sd = targets_length, D = d_model, A = num_heads * d_kv, F = d_ff,
-  G = len(activations) (1 plain, 2 gated), V = vocab_size:
-
-    attention(Sq, Skv)  2*Sq*D*A (q) + 2*Skv*D*2A (k, v) + 2*Sq*A*D (out)
-                        + 2*Sq*Skv*A (scores) + 2*Sq*Skv*A (probabilities . v)
-    mlp(S)              2*S*D*G*F (wi, or wi_0 and wi_1) + 2*S*F*D (wo)
-    encoder layer       attention(Se, Se) + mlp(Se)
-    decoder layer       attention(Sd, Sd) + attention(Sd, Se) + mlp(Sd)
-    logits              2*Sd*D*V (tied or untied alike)
-    training            3 * (num_encoder_layers * encoder layer
-                             + num_decoder_layers * decoder layer + logits)
-
-  Causal self-attention is counted over the full Sd x Sd square, as it is
-  computed (masked, not skipped). Embedding lookups, relative position
-  biases, norms, softmax and activations are not counted.
-
-  Args:
-    config: a `bert_jax.models.t5.T5Config`.
-    inputs_length: encoder tokens per example.
-    targets_length: decoder tokens per example.
-
-  Returns:
-    FLOPs of one example's forward and backward pass.
-  """
-  d, f, g = config.d_model, config.d_ff, len(config.activations)
-  a = config.num_heads * config.d_kv
-  se, sd = inputs_length, targets_length
-
-  def attention(sq, skv):
-    return (_matmul(sq, d, a) + _matmul(skv, d, 2 * a) + _matmul(sq, a, d)
-            + 2 * _matmul(sq, a, skv))
-
-  def mlp(s):
-    return _matmul(s, d, g * f) + _matmul(s, f, d)
-
-  forward = (config.num_encoder_layers * (attention(se, se) + mlp(se))
-             + config.num_decoder_layers * (attention(sd, sd) + attention(sd, se) + mlp(sd))
-             + _matmul(sd, d, config.vocab_size))
-  return 3.0 * forward
 
 
 class Throughput:

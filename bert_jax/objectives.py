@@ -1,4 +1,12 @@
-"""Losses and metrics on model logits, keyed by the batch contract.
+"""The objective registry, and the losses and metrics it is built from.
+
+`OBJECTIVES` maps a name to an `Objective`: the model task it trains, and
+its weighted `Term`s, each saying which model outputs and batch features it
+reads, its whole-batch normaliser and its summable metrics under its own
+prefix ('mlm/*', 'nsp/*', 'sop/*', 'seq2seq/*', 'cls/*', ...). The train and
+eval steps (steps.py) call only `Objective.normalizers / metrics / loss`;
+`register` adds one, `combine` sums several with weights (MLM + SBO,
+MLM + 50 x RTD, distillation's three terms).
 
 Every loss returns `(loss, metrics)`. `loss` is the scalar to differentiate;
 `metrics` holds *sums* only (a loss sum, a count, a number of correct
@@ -16,7 +24,8 @@ Metric keys are `"<prefix>/<name>"` with names:
 All arithmetic is float32 whatever the logits dtype: bfloat16 has 8 bits of
 mantissa, too few for a log-sum-exp over a 32k vocabulary.
 """
-from typing import Any, Mapping
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -282,37 +291,6 @@ def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weigh
   return _safe_div(loss_sum, count), metrics
 
 
-def replaced_token_loss(logits: Array, labels: Array, weights: Array | None = None, *,
-                        prefix: str = "rtd") -> tuple[Array, Metrics]:
-  """ELECTRA discriminator loss: sigmoid cross entropy per token.
-
-  Args:
-    logits: [batch, length] one logit per token (positive = replaced).
-    labels: [batch, length] 1 where the generator's sample differs from the
-      original token, else 0.
-    weights: optional [batch, length], 0.0 on padding.
-    prefix: metric key prefix.
-
-  Returns:
-    (mean loss over weighted tokens, metrics with loss_sum/count/correct);
-    ELECTRA's total is generator MLM loss + 50 x this loss.
-  """
-  if logits.shape != labels.shape:
-    raise ValueError(f"replaced_token_loss: logits shape {logits.shape} != labels shape "
-                     f"{labels.shape}")
-  w = _weights_like(labels, weights)
-  x = logits.astype(jnp.float32)
-  y = labels.astype(jnp.float32)
-  # log(1 + e^x) - x*y, written to stay finite for large |x|.
-  per_token = jax.nn.softplus(x) - x * y
-  loss_sum = jnp.sum(w * per_token)
-  count = jnp.sum(w)
-  correct = ((x > 0).astype(jnp.float32) == y).astype(jnp.float32)
-  metrics = {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
-             f"{prefix}/correct": jnp.sum(w * correct)}
-  return _safe_div(loss_sum, count), metrics
-
-
 def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
   """Turns summed metrics into averages: the one place sums become ratios.
 
@@ -344,3 +322,228 @@ def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
           stat, stat.replace("correct", "accuracy"))
       out[f"{p}/{mean_name}"] = float(value) / count if count > 0 else 0.0
   return out
+
+
+# ---------------------------------------------------------------------------
+# The registry: objectives as records.
+# ---------------------------------------------------------------------------
+#
+# An objective is a weighted sum of terms. Each term reads some model outputs
+# and batch features, returns summable metrics under its own prefix (its
+# '<prefix>/loss_sum' is the loss numerator) and names its whole-batch
+# normaliser. The train step computes every normaliser from the whole batch
+# first (so accumulated microbatch gradients equal the large-batch gradient)
+# and optimises sum_t weight_t * loss_sum_t / normaliser_t. steps.py knows
+# nothing else about objectives: a new one is a `register(Objective(...))`.
+
+# Token label that token classification does not score.
+IGNORE_LABEL = -100
+
+
+def example_weights(batch: Mapping[str, Array]) -> Array:
+  """Per-row weights: `example_weights` when the batch has them (fine-tuning
+  batches, tasks/batching.pad_batch), else 1.0 for rows with any non-0 token
+  (filler rows of pretraining batches are all padding id 0)."""
+  if "example_weights" in batch:
+    return batch["example_weights"].astype(jnp.float32)
+  return jnp.any(batch["encoder_input_tokens"] != 0, axis=-1).astype(jnp.float32)
+
+
+def classifier_weights(batch: Mapping[str, Array]) -> Array:
+  """Per-example weights of the classification objectives (0.0 for filler rows)."""
+  if "classifier_weights" in batch:
+    return batch["classifier_weights"].astype(jnp.float32)
+  return example_weights(batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One loss of an objective.
+
+  Attributes:
+    prefix: metric prefix ('mlm', 'nsp', 'sop', 'seq2seq', 'cls', ...).
+    metrics: (outputs, batch, prefix=..., **options) -> summable metrics,
+      including '<prefix>/loss_sum'. `outputs` is the model's output dict.
+    normalizer: batch -> the whole batch's denominator of this term (a term
+      whose denominator is 0 contributes 0, not NaN).
+    outputs: the model outputs it reads.
+    features: the batch features it reads (beyond the model's inputs);
+      optional ones (`example_weights`) count too, so none is dropped.
+    options: names of run options it takes (e.g. 'z_loss').
+    weight: its factor in the objective's sum.
+  """
+  prefix: str
+  metrics: Callable[..., Metrics]
+  normalizer: Callable[[Mapping[str, Array]], Array]
+  outputs: tuple[str, ...]
+  features: tuple[str, ...]
+  options: tuple[str, ...] = ()
+  weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A training objective: what the model must output and how its loss is summed.
+
+  Attributes:
+    name: the registry key (`config.train.objective`, or the data objective's
+      name when that is empty; a fine-tuning task names its own).
+    model_task: the task the family builds for it (models.Family.build).
+    terms: its weighted losses.
+    data: the pipeline objectives (`config.data.objective`) whose batches
+      feed it; empty for fine-tuning objectives (the task adapters feed them).
+  """
+  name: str
+  model_task: str
+  terms: tuple[Term, ...]
+  data: tuple[str, ...] = ()
+
+  @property
+  def features(self) -> tuple[str, ...]:
+    """Every batch feature a term reads."""
+    return tuple(dict.fromkeys(f for t in self.terms for f in t.features))
+
+  def normalizers(self, batch: Mapping[str, Array]) -> dict[str, Array]:
+    """Each term's denominator over the WHOLE batch (they do not depend on the params)."""
+    return {t.prefix: t.normalizer(batch) for t in self.terms}
+
+  def metrics(self, outputs: Any, batch: Mapping[str, Array], **options) -> Metrics:
+    """Every term's summable metrics of one (micro)batch; outputs: the model's."""
+    if not isinstance(outputs, Mapping):  # T5 returns its logits alone
+      outputs = {"logits": outputs}
+    out: Metrics = {}
+    for t in self.terms:
+      out.update(t.metrics(outputs, batch, prefix=t.prefix,
+                           **{k: options[k] for k in t.options if k in options}))
+    return out
+
+  def loss(self, metrics: Mapping[str, Array], normalizers: Mapping[str, Array]) -> Array:
+    """sum_t weight_t * loss_sum_t / normaliser_t (a term with normaliser 0 adds 0)."""
+    total = jnp.zeros([], jnp.float32)
+    for t in self.terms:
+      term = _safe_div(metrics[f"{t.prefix}/loss_sum"], normalizers[t.prefix])
+      total += term if t.weight == 1.0 else t.weight * term
+    return total
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+  """Adds `objective` to the registry; a name is registered once, prefixes are unique."""
+  if objective.name in OBJECTIVES:
+    raise ValueError(f"objective {objective.name!r} is already registered")
+  prefixes = [t.prefix for t in objective.terms]
+  if len(set(prefixes)) != len(prefixes):
+    raise ValueError(f"objective {objective.name!r}: repeated metric prefix in {prefixes}")
+  OBJECTIVES[objective.name] = objective
+  return objective
+
+
+def get(name: str) -> Objective:
+  """The objective called `name`; an unknown name is an error listing the known ones."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]
+
+
+def combine(name: str, model_task: str, *parts: tuple[Objective | Term, float],
+            data: tuple[str, ...] = ()) -> Objective:
+  """An objective summing others' terms with weights, e.g. MLM + 50 x RTD.
+
+  Each part is (objective or term, weight); an objective's terms are all
+  scaled by its weight. Every term keeps its prefix, so each logs its own.
+  """
+  terms = []
+  for part, weight in parts:
+    for t in (part.terms if isinstance(part, Objective) else (part,)):
+      terms.append(dataclasses.replace(t, weight=t.weight * weight))
+  return Objective(name=name, model_task=model_task, terms=tuple(terms), data=data)
+
+
+# ---- the terms
+
+
+def _mlm_metrics(outputs, batch, *, prefix):
+  return mlm_loss(outputs["mlm_logits"], batch, prefix=prefix)[1]
+
+
+def _nsp_metrics(outputs, batch, *, prefix):
+  return nsp_loss(outputs["nsp_logits"], batch["nsp_labels"], example_weights(batch),
+                  prefix=prefix)[1]
+
+
+def _seq2seq_metrics(outputs, batch, *, prefix, z_loss=0.0):
+  return seq2seq_loss(outputs["logits"], batch["decoder_target_tokens"],
+                      batch["decoder_loss_weights"], z_loss=z_loss, prefix=prefix)[1]
+
+
+def _classification_metrics(outputs, batch, *, prefix):
+  # Filler rows carry label -1: any valid index will do under weight 0.
+  labels = jnp.maximum(batch["classifier_labels"], 0)
+  return classification_loss(outputs["logits"], labels, classifier_weights(batch),
+                             prefix=prefix)[1]
+
+
+def _regression_metrics(outputs, batch, *, prefix):
+  return classification_loss(outputs["logits"],
+                             batch["classifier_labels"].astype(jnp.float32),
+                             classifier_weights(batch), prefix=prefix)[1]
+
+
+def _token_metrics(outputs, batch, *, prefix):
+  return token_classification_loss(outputs["logits"], batch["token_labels"],
+                                   ignore_label=IGNORE_LABEL, prefix=prefix)[1]
+
+
+def _span_metrics(outputs, batch, *, prefix):
+  return span_loss(outputs["start_logits"], outputs["end_logits"],
+                   jnp.maximum(batch["start_positions"], 0),
+                   jnp.maximum(batch["end_positions"], 0), example_weights(batch),
+                   prefix=prefix)[1]
+
+
+def _sum_of(key: str, offset: float = 0.0):
+  return lambda batch: jnp.sum(batch[key].astype(jnp.float32)) + offset
+
+
+def _examples(batch):
+  return jnp.sum(example_weights(batch))
+
+
+def _classified(batch):
+  return jnp.sum(classifier_weights(batch))
+
+
+def _scored_tokens(batch):
+  return jnp.sum((batch["token_labels"] != IGNORE_LABEL).astype(jnp.float32))
+
+
+_WEIGHTS = ("example_weights",)
+# Original BERT's epsilon: a batch without masked tokens gives 0, not NaN.
+MLM = Term("mlm", _mlm_metrics, _sum_of("mlm_weights", MLM_DENOMINATOR_EPS),
+           outputs=("mlm_logits",), features=("mlm_targets", "mlm_weights"))
+NSP = Term("nsp", _nsp_metrics, _examples, outputs=("nsp_logits",),
+           features=("nsp_labels",) + _WEIGHTS)
+# ALBERT's sentence-order prediction: NSP's loss on swapped pairs, logged as sop/*.
+SOP = dataclasses.replace(NSP, prefix="sop")
+SEQ2SEQ = Term("seq2seq", _seq2seq_metrics, _sum_of("decoder_loss_weights"),
+               outputs=("logits",), features=("decoder_target_tokens", "decoder_loss_weights"),
+               options=("z_loss",))
+_CLASSIFIED = ("classifier_labels", "classifier_weights") + _WEIGHTS
+
+register(Objective("mlm", "mlm", (MLM,), data=("mlm",)))
+register(Objective("mlm_nsp", "pretraining", (MLM, NSP), data=("mlm_nsp",)))
+register(Objective("mlm_sop", "pretraining", (MLM, SOP), data=("mlm_sop",)))
+register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
+# Fine-tuning (tasks/adapters.py names them).
+register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))
+register(Objective("classification", "sequence_classification", (
+    Term("cls", _classification_metrics, _classified, ("logits",), _CLASSIFIED),)))
+register(Objective("regression", "sequence_classification", (
+    Term("cls", _regression_metrics, _classified, ("logits",), _CLASSIFIED),)))
+register(Objective("token_classification", "token_classification", (
+    Term("token", _token_metrics, _scored_tokens, ("logits",), ("token_labels",)),)))
+register(Objective("question_answering", "question_answering", (
+    Term("span", _span_metrics, _examples, ("start_logits", "end_logits"),
+         ("start_positions", "end_positions") + _WEIGHTS),)))

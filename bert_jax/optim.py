@@ -17,7 +17,7 @@ Masks depend on the tree's paths only, so the optimizer can be built from
 exists. Flax `nn.Partitioned` boxes count as leaves (their `.value` is not
 part of the path).
 
-Config fields (`config.optim.*`, see `default_config`): name, learning_rate,
+Config fields (`config.optim.*`, see `defaults.optim_config`): name, learning_rate,
 schedule, warmup_steps, num_steps, end_factor, weight_decay, b1, b2, eps,
 clip_norm, bias_correction, decay_rate, momentum, factored, multiply_by_parameter_scale,
 clipping_threshold, min_dim_size_to_factor, no_decay, freeze, lr_multipliers.
@@ -29,57 +29,15 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
+
+from bert_jax import defaults
 
 Schedule = Callable[[Any], jax.Array]
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant")
 OPTIMIZERS = ("adamw", "adafactor", "lamb")
-# Original BERT excludes any name containing "bias" or "LayerNorm" (its
-# output_bias too); our norms name their gain "scale".
-DEFAULT_NO_DECAY = (r"bias|scale$|(?i:norm)",)
-
-_COMMON = dict(
-    learning_rate=1e-4, schedule="linear", warmup_steps=10_000,
-    num_steps=0,  # 0: make_optimizer(num_steps=...) gives it (the run's total).
-    end_factor=0.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0,
-    bias_correction=True,  # False: original BERT's AdamWeightDecayOptimizer.
-    decay_rate=0.8, momentum=0.0, factored=True, multiply_by_parameter_scale=True,
-    clipping_threshold=1.0, min_dim_size_to_factor=128,
-    no_decay=DEFAULT_NO_DECAY, freeze=(), lr_multipliers=())
-_PRESETS = {
-    # BERT run_pretraining.py.
-    "adamw": dict(name="adamw"),
-    # ALBERT: LAMB, lr 0.00176 at batch 4096, 3125 warmup steps.
-    "lamb": dict(name="lamb", learning_rate=0.00176, warmup_steps=3125),
-    # t5x pretraining: "constant * rsqrt_decay", base 1.0, 10k warmup, no
-    # global clipping (Adafactor clips each update's RMS to 1 itself).
-    "adafactor": dict(name="adafactor", learning_rate=1.0, schedule="rsqrt",
-                      weight_decay=0.0, clip_norm=0.0),
-}
-
-
-def default_config(name: str = "adamw") -> ml_collections.ConfigDict:
-  """Every optimizer field, with the published defaults of `name`'s model family.
-
-  adamw: BERT (lr 1e-4, linear warmup 10k then linear decay to 0, decay 0.01,
-  b1 0.9, b2 0.999, eps 1e-6, clip 1.0). lamb: ALBERT (lr 0.00176, 3125 warmup
-  steps). adafactor: t5x (lr 1.0 under rsqrt, 10k warmup, decay_rate 0.8, no
-  momentum, factored, no weight decay, no global clipping). Fields an
-  optimizer does not use are ignored by it: b1/b2/eps/bias_correction by adafactor,
-  decay_rate/momentum/factored/multiply_by_parameter_scale/
-  clipping_threshold/min_dim_size_to_factor by adamw and lamb.
-
-  Args:
-    name: one of OPTIMIZERS.
-
-  Returns:
-    A ConfigDict to put at `config.optim` and override field by field.
-  """
-  if name not in _PRESETS:
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}")
-  return ml_collections.ConfigDict({**_COMMON, **_PRESETS[name]})
+DEFAULT_NO_DECAY = defaults.DEFAULT_NO_DECAY
 
 
 # ----------------------------------------------------------------- schedules
@@ -393,13 +351,13 @@ def _as_dict(config: Any) -> dict[str, Any]:
   return dict(config)
 
 
-def _patterns(value: Any) -> list[str]:
+def patterns(value: Any) -> list[str]:
   """A regex list; a lone string is one regex, not a list of characters."""
   return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
 def resolve_config(config: Any = None, **overrides) -> dict[str, Any]:
-  """Config fields merged over `default_config(name)`; unknown keys are errors.
+  """Config fields merged over `defaults.optim_config(name)`; unknown keys are errors.
 
   Args:
     config: ConfigDict, mapping, or None (all defaults).
@@ -412,11 +370,11 @@ def resolve_config(config: Any = None, **overrides) -> dict[str, Any]:
   name = given.get("name", "adamw")
   if name not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer optim.name={name!r}; choose one of {list(OPTIMIZERS)}")
-  defaults = default_config(name).to_dict()
-  unknown = sorted(set(given) - set(defaults))
+  known = defaults.optim_config(name).to_dict()
+  unknown = sorted(set(given) - set(known))
   if unknown:
-    raise ValueError(f"unknown optim field(s) {unknown}; valid fields: {sorted(defaults)}")
-  return {**defaults, **given}
+    raise ValueError(f"unknown optim field(s) {unknown}; valid fields: {sorted(known)}")
+  return {**known, **given}
 
 
 def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
@@ -430,7 +388,7 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
   for every optimizer and skips `no_decay` and frozen parameters.
 
   Args:
-    config: ConfigDict/mapping of fields (see `default_config`), or None.
+    config: ConfigDict/mapping of fields (see `defaults.optim_config`), or None.
     params: the parameter tree or its `jax.eval_shape` (only paths are read).
     num_steps: total training steps; overrides `num_steps` of the config
       (which, when 0, must be given here for linear/cosine schedules).
@@ -443,12 +401,12 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
   steps = num_steps if num_steps is not None else (cfg["num_steps"] or None)
   schedule = make_schedule(cfg["schedule"], float(cfg["learning_rate"]), steps,
                            int(cfg["warmup_steps"]), end_factor=float(cfg["end_factor"]))
-  frozen = regex_mask(params, _patterns(cfg["freeze"]), "freeze")
-  no_decay = regex_mask(params, _patterns(cfg["no_decay"]), "no_decay")
+  frozen = regex_mask(params, patterns(cfg["freeze"]), "freeze")
+  no_decay = regex_mask(params, patterns(cfg["no_decay"]), "no_decay")
   decay_mask = jax.tree.map(lambda f, n: not (f or n), frozen, no_decay)
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
   if all(jax.tree.leaves(frozen)):
-    raise ValueError(f"optim.freeze {_patterns(cfg['freeze'])} freezes every parameter")
+    raise ValueError(f"optim.freeze {patterns(cfg['freeze'])} freezes every parameter")
   parts = [
       optax.masked(optax.set_to_zero(), frozen),
       clip_by_global_norm(float(cfg["clip_norm"] or 0.0)),

@@ -75,6 +75,22 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   return tuple(sizes)
 
 
+def mesh_shape_of(mesh_config) -> tuple[int, int, int]:
+  """The (data, fsdp, tensor) sizes of a run's `config.mesh` on this run's devices.
+
+  Raises:
+    ValueError naming config.mesh.rules or the sizes that do not fit.
+  """
+  if mesh_config.rules not in RULES:
+    raise ValueError(f"config.mesh.rules: unknown preset {mesh_config.rules!r}; choose one of "
+                     f"{sorted(RULES)}")
+  try:
+    return mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
+                      jax.device_count())
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices.

@@ -6,21 +6,11 @@ model and the optimizer travel as static arguments of the steps (flax lm1b
 style). The steps are module-level functions; `make_train_step` and
 `make_eval_step` jit them with explicit shardings, the modern form of pjit.
 
-Objectives (the batch contract of DESIGN.md):
-  mlm              masked LM on the gathered `mlm_positions` (RoBERTa style),
-  mlm_nsp          masked LM + next-sentence prediction on `nsp_labels`
-                   (ALBERT's sentence-order prediction is the same loss),
-  span_corruption  T5 seq2seq loss on `decoder_target_tokens`, optional z-loss.
-Fine-tuning objectives (heads of models/bert.py, losses of objectives.py):
-  seq2seq               span_corruption's loss on a task cast as text (T5),
-  classification        softmax CE of `logits` on `classifier_labels` (GLUE),
-  regression            MSE of the single `logits` column on float
-                        `classifier_labels` (STS-B),
-  token_classification  per-token CE on `token_labels`, -100 ignored (NER),
-  question_answering    (CE(start) + CE(end)) / 2 on `start_positions` /
-                        `end_positions` (SQuAD).
-  Rows weighted 0 (`classifier_weights`, or all-padding filler rows) count
-  for nothing, so a short last batch may be padded to the batch size.
+The objective is a record of `objectives.OBJECTIVES` (or its name): the step
+asks it for the whole batch's normalisers, each microbatch's summable
+metrics and the weighted loss, and knows nothing else about it. Rows
+weighted 0 (`example_weights` / `classifier_weights`, or all-padding filler
+rows) count for nothing, so a short last batch may be padded.
 
 Each loss is a sum divided by a normaliser that depends on the batch only
 (masked tokens, scored examples, target tokens). The step computes the
@@ -51,14 +41,6 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 Metrics = dict[str, Array]
 
-OBJECTIVES = ("mlm", "mlm_nsp", "span_corruption", "seq2seq", "classification", "regression",
-              "token_classification", "question_answering")
-_SEQ2SEQ = ("span_corruption", "seq2seq")  # teacher-forced decoder cross-entropy
-# The loss metrics' prefix of each fine-tuning objective.
-_FINETUNE_PREFIX = {"classification": "cls", "regression": "cls",
-                    "token_classification": "token", "question_answering": "span"}
-# Token label that token_classification does not score (objectives' default).
-_IGNORE_LABEL = -100
 # Model arguments that are flags, never batch features.
 _NON_FEATURE_ARGS = ("self", "enable_dropout", "decode")
 
@@ -83,6 +65,12 @@ class TrainState:
 # ------------------------------------------------------------------ model I/O
 
 
+def model_input_names(model: nn.Module) -> tuple[str, ...]:
+  """The batch features `model.__call__` takes, by argument name."""
+  names = inspect.signature(type(model).__call__).parameters
+  return tuple(k for k in names if k not in _NON_FEATURE_ARGS)
+
+
 def model_inputs(model: nn.Module, batch: Batch) -> dict[str, Array]:
   """The batch features that `model.__call__` takes, by argument name.
 
@@ -90,8 +78,16 @@ def model_inputs(model: nn.Module, batch: Batch) -> dict[str, Array]:
   mlm_positions, decoder_input_tokens, ...), so any BERT or T5 model is fed
   from the same dict; labels and weights are left for the loss.
   """
-  names = inspect.signature(type(model).__call__).parameters
-  return {k: batch[k] for k in names if k in batch and k not in _NON_FEATURE_ARGS}
+  return {k: batch[k] for k in model_input_names(model) if k in batch}
+
+
+def init_shapes(features: tuple[str, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+  """int32 [1, 1] shapes of the features a model's parameters are traced with.
+
+  No parameter shape depends on a sequence length, so one token is enough
+  (`models.Family.init_features` names the features).
+  """
+  return {name: jax.ShapeDtypeStruct((1, 1), jnp.int32) for name in features}
 
 
 def _raw_key(rng: Any) -> Array:
@@ -275,96 +271,11 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
 # ------------------------------------------------------------------ the loss
 
 
-def _check_objective(objective: str) -> None:
-  if objective not in OBJECTIVES:
-    raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
-
-
-def _example_weights(batch: Batch) -> Array:
-  """`example_weights` when the batch has them (fine-tuning batches, see
-  tasks/batching.pad_batch), else 1.0 for rows with any non-0 token: filler
-  rows of pretraining batches are all padding id 0."""
-  if "example_weights" in batch:
-    return batch["example_weights"].astype(jnp.float32)
-  return jnp.any(batch["encoder_input_tokens"] != 0, axis=-1).astype(jnp.float32)
-
-
-def _classifier_weights(batch: Batch) -> Array:
-  """Per-example weights of the classification objectives (0.0 for filler rows)."""
-  if "classifier_weights" in batch:
-    return batch["classifier_weights"].astype(jnp.float32)
-  return _example_weights(batch)
-
-
-def _finetune_metrics(objective: str, outputs: Any, batch: Batch) -> Metrics:
-  """Summable metrics of a fine-tuning objective; filler rows weigh 0."""
-  prefix = _FINETUNE_PREFIX[objective]
-  if objective == "classification":
-    # Filler rows carry label -1: any valid index will do under weight 0.
-    labels = jnp.maximum(batch["classifier_labels"], 0)
-    _, metrics = objectives.classification_loss(outputs["logits"], labels,
-                                                _classifier_weights(batch), prefix=prefix)
-  elif objective == "regression":
-    _, metrics = objectives.classification_loss(
-        outputs["logits"], batch["classifier_labels"].astype(jnp.float32),
-        _classifier_weights(batch), prefix=prefix)
-  elif objective == "token_classification":
-    _, metrics = objectives.token_classification_loss(outputs["logits"], batch["token_labels"],
-                                                      prefix=prefix)
-  else:
-    _, metrics = objectives.span_loss(
-        outputs["start_logits"], outputs["end_logits"],
-        jnp.maximum(batch["start_positions"], 0), jnp.maximum(batch["end_positions"], 0),
-        _example_weights(batch), prefix=prefix)
-  return metrics
-
-
-def _finetune_normalizer(objective: str, batch: Batch) -> Array:
-  """Scored examples (tokens for NER) of the whole batch."""
-  if objective in ("classification", "regression"):
-    return jnp.sum(_classifier_weights(batch))
-  if objective == "token_classification":
-    return jnp.sum((batch["token_labels"] != _IGNORE_LABEL).astype(jnp.float32))
-  return jnp.sum(_example_weights(batch))
-
-
-def _normalizers(objective: str, batch: Batch) -> dict[str, Array]:
-  """Loss denominators of the WHOLE batch (they do not depend on the params)."""
-  if objective in _FINETUNE_PREFIX:
-    return {_FINETUNE_PREFIX[objective]: _finetune_normalizer(objective, batch)}
-  if objective in _SEQ2SEQ:
-    return {"seq2seq": jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))}
-  # Original BERT's epsilon: a batch without masked tokens gives 0, not NaN.
-  out = {"mlm": jnp.sum(batch["mlm_weights"].astype(jnp.float32))
-                + objectives.MLM_DENOMINATOR_EPS}
-  if objective == "mlm_nsp":
-    out["nsp"] = jnp.sum(_example_weights(batch))
-  return out
-
-
-def _objective_metrics(objective: str, outputs: Any, batch: Batch, z_loss: float) -> Metrics:
-  """Summable metrics (loss_sum, count, correct, ...) of one (micro)batch."""
-  if objective in _FINETUNE_PREFIX:
-    return _finetune_metrics(objective, outputs, batch)
-  if objective in _SEQ2SEQ:
-    _, metrics = objectives.seq2seq_loss(outputs, batch["decoder_target_tokens"],
-                                         batch["decoder_loss_weights"], z_loss=z_loss)
-    return metrics
-  _, metrics = objectives.mlm_loss(outputs["mlm_logits"], batch)
-  if objective == "mlm_nsp":
-    _, nsp = objectives.nsp_loss(outputs["nsp_logits"], batch["nsp_labels"],
-                                 _example_weights(batch))
-    metrics.update(nsp)
-  return metrics
-
-
-def _scaled_loss(metrics: Metrics, normalizers: Mapping[str, Array]) -> Array:
-  """sum over objectives of loss_sum / whole-batch normaliser (0 when it is 0)."""
-  total = jnp.zeros([], jnp.float32)
-  for prefix, denominator in normalizers.items():
-    safe = jnp.where(denominator > 0, denominator, 1.0)
-    total += jnp.where(denominator > 0, metrics[f"{prefix}/loss_sum"] / safe, 0.0)
-  return total
+def _resolve(objective: str | objectives.Objective) -> objectives.Objective:
+  """A registry name or an Objective record -> the record."""
+  if isinstance(objective, objectives.Objective):
+    return objective
+  return objectives.get(objective)
 
 
 def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
@@ -389,7 +300,8 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
-               tx: optax.GradientTransformation, objective: str, num_microbatches: int = 1,
+               tx: optax.GradientTransformation, objective: str | objectives.Objective,
+               num_microbatches: int = 1,
                z_loss: float = 0.0, schedule: Callable[[Array], Array] | None = None
                ) -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`, optionally accumulated over microbatches.
@@ -399,10 +311,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     batch: features and targets of the objective (the batch contract).
     model: the flax model (static).
     tx: the optimizer (static).
-    objective: one of OBJECTIVES.
+    objective: an `objectives.Objective` or its registry name.
     num_microbatches: split the batch into this many microbatches, scanned in
       sequence with gradients summed; the update equals the full-batch one.
-    z_loss: z-loss coefficient (span_corruption only).
+    z_loss: z-loss coefficient (the seq2seq term's option).
     schedule: the learning-rate schedule, to report `learning_rate`.
 
   Returns:
@@ -411,10 +323,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     the caller must check it is finite), 'grad_norm' (global norm before
     clipping) and, with a schedule, 'learning_rate' of this update.
   """
-  _check_objective(objective)
+  objective = _resolve(objective)
   if num_microbatches < 1:
     raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-  normalizers = _normalizers(objective, batch)
+  normalizers = objective.normalizers(batch)
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def grads_of(micro: Batch, index: Array):
@@ -423,8 +335,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     def loss_fn(params):
       outputs = model.apply({"params": params}, **model_inputs(model, micro),
                             enable_dropout=True, rngs={"dropout": dropout_rng})
-      metrics = _objective_metrics(objective, outputs, micro, z_loss)
-      return _scaled_loss(metrics, normalizers), metrics
+      metrics = objective.metrics(outputs, micro, z_loss=z_loss)
+      return objective.loss(metrics, normalizers), metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return loss, metrics, grads
@@ -458,8 +370,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   return new_state, metrics
 
 
-def eval_step(params: Any, batch: Batch, *, model: nn.Module, objective: str,
-              z_loss: float = 0.0) -> Metrics:
+def eval_step(params: Any, batch: Batch, *, model: nn.Module,
+              objective: str | objectives.Objective, z_loss: float = 0.0) -> Metrics:
   """Summable metrics of `batch` without dropout (sum them, then `objectives.summarize`).
 
   Args:
@@ -467,21 +379,21 @@ def eval_step(params: Any, batch: Batch, *, model: nn.Module, objective: str,
     batch: features and targets (the batch contract); all-padding rows
       count for nothing, so a short last batch may be padded.
     model: the flax model (static).
-    objective: one of OBJECTIVES.
+    objective: an `objectives.Objective` or its registry name.
     z_loss: z-loss coefficient included in the seq2seq loss sum.
 
   Returns:
     The objectives' sums: '<p>/loss_sum', '<p>/count', '<p>/correct', ...
   """
-  _check_objective(objective)
+  objective = _resolve(objective)
   outputs = model.apply({"params": params}, **model_inputs(model, batch))
-  return _objective_metrics(objective, outputs, batch, z_loss)
+  return objective.metrics(outputs, batch, z_loss=z_loss)
 
 
 # --------------------------------------------------------------- jit wrappers
 
 
-def _in_context(fn: Callable, mesh: Mesh, rules) -> Callable:
+def in_context(fn: Callable, mesh: Mesh, rules) -> Callable:
   """fn traced with the mesh and logical-axis rules in context.
 
   The models' `nn.with_logical_constraint` calls resolve their names through
@@ -495,7 +407,8 @@ def _in_context(fn: Callable, mesh: Mesh, rules) -> Callable:
   return wrapped
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: str,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    objective: str | objectives.Objective,
                     state_shardings: TrainState, batch_sharding: NamedSharding, *,
                     rules, num_microbatches: int = 1, z_loss: float = 0.0,
                     schedule: Callable[[Array], Array] | None = None,
@@ -514,18 +427,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
     A jitted `(state, batch) -> (state, metrics)`; the input state's buffers
     are donated (reused for the output), so the caller must drop it.
   """
-  _check_objective(objective)
   mesh = batch_sharding.mesh
-  step = functools.partial(train_step, model=model, tx=tx, objective=objective,
+  step = functools.partial(train_step, model=model, tx=tx, objective=_resolve(objective),
                            num_microbatches=num_microbatches, z_loss=z_loss,
                            schedule=schedule)
-  return jax.jit(_in_context(step, mesh, rules),
+  return jax.jit(in_context(step, mesh, rules),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),
                  donate_argnums=(0,), compiler_options=compiler_options)
 
 
-def make_eval_step(model: nn.Module, objective: str, param_shardings: Any,
+def make_eval_step(model: nn.Module, objective: str | objectives.Objective, param_shardings: Any,
                    batch_sharding: NamedSharding, *, rules, z_loss: float = 0.0,
                    compiler_options: dict[str, Any] | None = None) -> Callable:
   """`eval_step` jitted with explicit shardings: `(params, batch) -> metrics`.
@@ -540,9 +452,9 @@ def make_eval_step(model: nn.Module, objective: str, param_shardings: Any,
   Returns:
     The jitted eval step; its metrics are replicated scalars.
   """
-  _check_objective(objective)
   mesh = batch_sharding.mesh
-  step = functools.partial(eval_step, model=model, objective=objective, z_loss=z_loss)
-  return jax.jit(_in_context(step, mesh, rules),
+  step = functools.partial(eval_step, model=model, objective=_resolve(objective),
+                           z_loss=z_loss)
+  return jax.jit(in_context(step, mesh, rules),
                  in_shardings=(param_shardings, batch_sharding),
                  out_shardings=NamedSharding(mesh, P()), compiler_options=compiler_options)

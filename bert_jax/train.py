@@ -22,7 +22,6 @@ trained SentencePiece model when `data.tokenizer` is empty.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any, Iterable, Mapping
@@ -34,7 +33,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import loop
 from bert_jax import metrics as metrics_lib
+from bert_jax import models
 from bert_jax import objectives
 from bert_jax import optim
 from bert_jax import sharding
@@ -42,122 +43,25 @@ from bert_jax import steps
 from bert_jax.data import pipeline
 from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
-from bert_jax.models import bert
-from bert_jax.models import t5
+from bert_jax.defaults import ConfigError
 
-FAMILIES = ("bert", "t5")
-# Data objective -> train-step objective (SOP is NSP's loss on other pairs).
-_STEP_OBJECTIVE = {"mlm": "mlm", "mlm_nsp": "mlm_nsp", "mlm_sop": "mlm_nsp",
-                   "span_corruption": "span_corruption"}
 # Model vocabularies are padded to a multiple of this (TPU-friendly shapes).
 _VOCAB_MULTIPLE = 128
 
 
-class Preempted(Exception):
-  """A preemption notice arrived; the state of `step` is saved. Rerun to resume.
-
-  An exception, not a normal return, so that a supervisor (tpu_scripts'
-  recover loop, a batch scheduler) never mistakes a stopped run for a
-  finished one: the CLI exits with 143, the status of a process ended by
-  SIGTERM.
-  """
-
-  def __init__(self, step: int):
-    super().__init__(f"preempted: saved step {step}; run the same command to resume")
-    self.step = step
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The trainer's fields with their defaults; config files set model, data, optim.
-
-  Every key the loop reads is here, so a locked config rejects typos.
-  """
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.family = "bert"  # 'bert' (BERT-family encoder) or 't5'
-  c.model = model_config("bert", "tiny")
-  c.data = pipeline.default_data_config()
-  c.optim = optim.default_config("adamw")
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1_000_000  # with the adamw preset: BERT's 1M steps, 10k warmup
-  c.train.batch_size = 32  # global, over all hosts
-  c.train.num_microbatches = 1  # gradient accumulation (same update as the full batch)
-  c.train.z_loss = 0.0  # T5: 1e-4
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: the devices the other axes leave
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.rules = "data_parallel"  # 'data_parallel' | 'fsdp' | 'fsdp_tensor'
-
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 500
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
-
-  c.log = ml_collections.ConfigDict()
-  c.log.every_steps = 50
-  c.log.progress = True  # console progress bar (process 0)
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 500  # 0: never (the final step is always evaluated if a source is set)
-  c.eval.source = ""  # held-out source spec ('' = no eval); same tokenizer/objective as data
-  c.eval.split = "validation"  # tfds split of a tfds eval source
-  c.eval.batch_size = 32
-  c.eval.num_batches = 8
-  return c
-
-
-def model_config(family: str, preset: str, **overrides) -> ml_collections.ConfigDict:
-  """The `model` sub-config: every field of the family's preset, overridable.
-
-  `vocab_size=0` means "the tokenizer's size, rounded up to a multiple of
-  128" (filled in at start-up).
-  """
-  if family == "bert":
-    cfg = bert.BertConfig.preset(preset)
-  elif family == "t5":
-    cfg = t5.T5Config.preset(preset)
-  else:
-    raise ValueError(f"unknown model family {family!r}; choose one of {list(FAMILIES)}")
-  fields = dataclasses.asdict(cfg)
-  fields["dtype"] = jnp.dtype(fields["dtype"]).name
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+def objective_of(config: ml_collections.ConfigDict) -> objectives.Objective:
+  """The run's objective: `train.objective`, or the one named like `data.objective`."""
+  return objectives.get(config.train.objective or config.data.objective)
 
 
 def build_model(config: ml_collections.ConfigDict):
-  """The flax model of `config.family` for the data objective (config.model fields)."""
-  fields = config.model.to_dict()
-  if config.family == "t5":
-    fields["activations"] = tuple(fields["activations"])
-    return t5.T5Model(t5.T5Config.from_dict(fields))
-  task = "mlm" if config.data.objective == "mlm" else "pretraining"
-  return bert.build(bert.BertConfig.from_dict(fields), task)
+  """The flax model `config.family` builds for the objective's task (`config.model` fields)."""
+  family = models.get(config.family)
+  return family.build(family.config_from_dict(config.model.to_dict()),
+                      objective_of(config).model_task)
 
 
 # ------------------------------------------------------------------ checks
-
-
-def _fail(key: str, message: str):
-  raise ValueError(f"config.{key}: {message}")
-
-
-def validate_mesh(mesh_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """The (data, fsdp, tensor) sizes of `config.mesh` on this run's devices.
-
-  Raises:
-    ValueError naming config.mesh.rules or the sizes that do not fit.
-  """
-  if mesh_config.rules not in sharding.RULES:
-    _fail("mesh.rules", f"unknown preset {mesh_config.rules!r}; choose one of "
-          f"{sorted(sharding.RULES)}")
-  try:
-    return sharding.mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
-                               jax.device_count())
-  except ValueError as e:
-    raise ValueError(f"config.mesh: {e}") from None
 
 
 def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -166,30 +70,40 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   Raises:
     ValueError naming the config key and the offending values.
   """
-  if config.family not in FAMILIES:
-    _fail("family", f"unknown family {config.family!r}; choose one of {list(FAMILIES)}")
-  if config.data.objective not in _STEP_OBJECTIVE:
-    _fail("data.objective", f"unknown objective {config.data.objective!r}")
-  if (config.family == "t5") != (config.data.objective == "span_corruption"):
-    _fail("data.objective", f"{config.data.objective!r} does not train a "
-          f"{config.family!r} model (t5 <-> span_corruption, bert <-> mlm/mlm_nsp/mlm_sop)")
+  family = models.get(config.family) if config.family in models.FAMILIES else None
+  if family is None:
+    raise ConfigError("family", f"unknown family {config.family!r}; choose one of "
+                      f"{sorted(models.FAMILIES)}")
+  key = "train.objective" if config.train.objective else "data.objective"
+  name = config.train.objective or config.data.objective
+  if name not in objectives.OBJECTIVES:
+    raise ConfigError(key, f"unknown objective {name!r}; choose one of "
+                      f"{sorted(o.name for o in objectives.OBJECTIVES.values() if o.data)}")
+  objective = objectives.get(name)
+  if config.data.objective not in objective.data:
+    raise ConfigError("data.objective", f"{config.data.objective!r} batches do not feed the "
+                      f"{name!r} objective (it reads {list(objective.data) or 'task batches'})")
+  if objective.model_task not in family.tasks:
+    raise ConfigError(key, f"{name!r} trains a {objective.model_task!r} model, which the "
+                      f"{config.family!r} family does not build (it builds {list(family.tasks)})")
   for key in ("train.num_steps", "train.batch_size", "train.num_microbatches",
               "log.every_steps"):
-    section, name = key.split(".")
-    if config[section][name] < 1:
-      _fail(key, f"must be >= 1, got {config[section][name]}")
-  shape = validate_mesh(config.mesh)
+    section, field = key.split(".")
+    if config[section][field] < 1:
+      raise ConfigError(key, f"must be >= 1, got {config[section][field]}")
+  shape = sharding.mesh_shape_of(config.mesh)
   data_parallel = shape[0] * shape[1]
   batch, micro = config.train.batch_size, config.train.num_microbatches
   if batch % micro or (batch // micro) % data_parallel:
-    _fail("train.batch_size", f"{batch} / num_microbatches {micro} must be divisible by "
-          f"the data-parallel size mesh.data x mesh.fsdp = {shape[0]} x {shape[1]} = "
-          f"{data_parallel} ({jax.device_count()} devices)")
+    raise ConfigError("train.batch_size", f"{batch} / num_microbatches {micro} must be "
+                      f"divisible by the data-parallel size mesh.data x mesh.fsdp = {shape[0]} x "
+                      f"{shape[1]} = {data_parallel} ({jax.device_count()} devices)")
   if batch % jax.process_count():
-    _fail("train.batch_size", f"{batch} is not divisible by the {jax.process_count()} hosts")
+    raise ConfigError("train.batch_size", f"{batch} is not divisible by the "
+                      f"{jax.process_count()} hosts")
   if config.eval.source and config.eval.batch_size % data_parallel:
-    _fail("eval.batch_size", f"{config.eval.batch_size} is not divisible by the "
-          f"data-parallel size {data_parallel}")
+    raise ConfigError("eval.batch_size", f"{config.eval.batch_size} is not divisible by the "
+                      f"data-parallel size {data_parallel}")
   try:
     build_model(config)
   except (TypeError, ValueError) as e:
@@ -229,7 +143,7 @@ def _global_position(position: dict[str, Any]) -> dict[str, Any]:
   return position_lib.merge_positions(parts)
 
 
-def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`data.tokenizer`, or a SentencePiece model trained (once, by host 0) into workdir."""
   if config.data.tokenizer:
     return config.data.tokenizer
@@ -239,7 +153,16 @@ def _tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return tokenizer_lib.train_for_source(config.data, workdir)  # exists now: just its path
 
 
-def _eval_batches(config, batch_sharding) -> list[dict[str, jax.Array]]:
+def _device_features(model, objective: objectives.Objective) -> set[str]:
+  """The batch features a step reads: the model's inputs and the objective's.
+
+  The pipeline may emit more (SpanBERT's boundary positions, for `inspect`
+  and objectives that read them); the rest never leaves the host.
+  """
+  return set(steps.model_input_names(model)) | set(objective.features)
+
+
+def _eval_batches(config, batch_sharding, features: set[str]) -> list[dict[str, jax.Array]]:
   """The fixed held-out batches, on devices once for the whole run."""
   if not config.eval.source:
     return []
@@ -249,7 +172,8 @@ def _eval_batches(config, batch_sharding) -> list[dict[str, jax.Array]]:
       eval_data, seed=config.seed, batch_size=config.eval.batch_size,
       num_batches=config.eval.num_batches, process_index=jax.process_index(),
       process_count=jax.process_count())
-  return [_global_batch(b, batch_sharding) for b in batches]
+  return [_global_batch({k: v for k, v in b.items() if k in features}, batch_sharding)
+          for b in batches]
 
 
 def _evaluate(eval_step, params, batches: Iterable[Mapping[str, jax.Array]]) -> dict[str, float]:
@@ -261,44 +185,17 @@ def _evaluate(eval_step, params, batches: Iterable[Mapping[str, jax.Array]]) -> 
   return {f"eval/{k}": v for k, v in objectives.summarize(jax.device_get(total)).items()}
 
 
-# ------------------------------------------------------------ step metrics
-
-
-_PER_STEP = ("loss", "grad_norm", "learning_rate")
-
-
-def _check_finite(interval: list[tuple[int, dict]], last_saved: int | None) -> list[dict]:
-  """Host copies of the interval's metrics; raises at the first non-finite step."""
-  fetched = jax.device_get([m for _, m in interval])
-  for (step, _), m in zip(interval, fetched):
-    for key in ("loss", "grad_norm"):
-      if not np.isfinite(m[key]):
-        raise FloatingPointError(
-            f"non-finite {key} ({m[key]}) at step {step}; stopping without saving. The last "
-            f"checkpoint is step {last_saved} (lower optim.learning_rate or raise "
-            "optim.warmup_steps, then resume from it)")
-  return fetched
-
-
-def _summarize_interval(fetched: list[dict]) -> dict[str, float]:
-  """Mean loss over the interval, last lr / grad norm, objective averages."""
-  sums = {k: np.sum([m[k] for m in fetched]) for k in fetched[0] if k not in _PER_STEP}
-  out = {"loss": float(np.mean([m["loss"] for m in fetched])),
-         "learning_rate": float(fetched[-1]["learning_rate"]),
-         "grad_norm": float(fetched[-1]["grad_norm"])}
-  out.update({f"train/{k}": v for k, v in objectives.summarize(sums).items()})
-  return out
-
-
-def _flops_per_example(config, batch: Mapping[str, np.ndarray]) -> float:
-  """Training FLOPs of one example (metrics.py formulas), for MFU."""
-  model = build_model(config)
-  if config.family == "t5":
-    return metrics_lib.t5_train_flops(model.config, batch["encoder_input_tokens"].shape[1],
-                                      batch["decoder_target_tokens"].shape[1])
-  return metrics_lib.bert_train_flops(model.config, batch["encoder_input_tokens"].shape[1],
-                                      batch["mlm_positions"].shape[1],
-                                      nsp=config.data.objective != "mlm")
+def _throughput(family: models.Family, model_config, local: Mapping[str, np.ndarray],
+                batch_size: int) -> metrics_lib.Throughput:
+  """Tokens and FLOPs of a step (from the first batch's shapes), against the devices' peak."""
+  shapes = {k: v.shape for k, v in local.items()}
+  tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
+               if k in local) * jax.process_count()
+  devices = jax.devices()
+  peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
+  return metrics_lib.Throughput(
+      tokens_per_step=tokens, flops_per_step=family.train_flops(model_config, shapes) * batch_size,
+      peak_flops=peak * len(devices) if peak else None)
 
 
 def _describe_run(config, mesh, abstract_state, per_device_batch: int) -> str:
@@ -323,14 +220,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Pretrains `config` in `workdir`, resuming from its latest checkpoint.
 
   Args:
-    config: a full training config (`default_config()` + a config file).
+    config: a full training config (`defaults.train_config()` + a config file).
     workdir: checkpoints, metrics and the trained tokenizer go here.
 
   Returns:
     The last logged metrics (train and, when evaluated, 'eval/...').
 
   Raises:
-    Preempted: after saving, when a preemption notice (SIGTERM) arrived.
+    loop.Preempted: after saving, when a preemption notice (SIGTERM) arrived.
     FloatingPointError: a non-finite loss or gradient norm (nothing saved
       from that step on).
     ValueError: a bad config, before anything is compiled.
@@ -338,6 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # ours to fill in, unlocked
   mesh_shape = validate(config)
   is_main = jax.process_index() == 0
+  family, objective = models.get(config.family), objective_of(config)
 
   # ---- workdir: fails here, before any compile, when it cannot be written.
   ckpt = checkpoint_lib.Checkpointer(
@@ -345,25 +243,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
 
   # ---- tokenizer and model: the model's vocabulary covers the tokenizer's.
-  config.data.tokenizer = _tokenizer_path(config, workdir)
+  config.data.tokenizer = tokenizer_path(config, workdir)
   vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer,
                                        lower_case=config.data.lower_case).vocab_size
   if config.model.vocab_size == 0:
     config.model.vocab_size = -(-vocab // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
   elif config.model.vocab_size < vocab:
-    _fail("model.vocab_size", f"{config.model.vocab_size} < the tokenizer's {vocab} ids "
-          f"({config.data.tokenizer})")
+    raise ConfigError("model.vocab_size", f"{config.model.vocab_size} < the tokenizer's "
+                      f"{vocab} ids ({config.data.tokenizer})")
   model = build_model(config)
-  objective = _STEP_OBJECTIVE[config.data.objective]
 
   # ---- mesh, optimizer, state shapes and shardings (nothing computed yet).
   mesh = sharding.make_mesh(*mesh_shape)
   rules = sharding.get_rules(config.mesh.rules)
   batch_sharding = sharding.batch_sharding(mesh)
-  # Parameter shapes do not depend on sequence lengths: one token is enough.
-  init_shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((1, 1), jnp.int32)}
-  if config.family == "t5":
-    init_shapes["decoder_input_tokens"] = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  init_shapes = steps.init_shapes(family.init_features)
   num_steps = config.train.num_steps
   tx, schedule = optim.make_optimizer(config.optim, steps.param_shapes(model, init_shapes),
                                       num_steps=num_steps)
@@ -391,7 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.data, seed=config.seed, batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       position=position)
-  eval_batches = _eval_batches(config, batch_sharding)
+  features = _device_features(model, objective)
+  eval_batches = _eval_batches(config, batch_sharding, features)
 
   # ---- the jitted steps (compiled on first use).
   train_step = steps.make_train_step(
@@ -406,28 +301,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last = _evaluate(eval_step, state.params, eval_batches)
     writer.write(0, last)
   bar = metrics_lib.ProgressBar(num_steps, start, enabled=is_main and config.log.progress)
+  log = loop.StepLog(writer, bar, last_saved=start if restored is not None else None)
+  preemption = loop.Preemption()
   throughput = None
-  interval: list[tuple[int, dict]] = []
-  last_saved = start if restored is not None else None
   preempted = False
 
-  # The finally clause lets pending asynchronous saves finish even when the
-  # run stops on an error: the last good checkpoint is never lost.
-  try:
+  # Closing in reverse order lets pending asynchronous saves finish even when
+  # the run stops on an error: the last good checkpoint is never lost.
+  with loop.closing(ckpt, writer, bar, preemption):
     for step in range(start + 1, num_steps + 1):
-      local = next(data)
+      local = {k: v for k, v in next(data).items() if k in features}
       if throughput is None:
-        flops = _flops_per_example(config, local) * config.train.batch_size
-        tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
-                     if k in local) * jax.process_count()
-        devices = jax.devices()
-        peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
-        throughput = metrics_lib.Throughput(
-            tokens_per_step=tokens, flops_per_step=flops,
-            peak_flops=peak * len(devices) if peak else None)
+        throughput = _throughput(family, model.config, local, config.train.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = train_step(state, _global_batch(local, batch_sharding))
-      interval.append((step, step_metrics))
+      log.add(step, step_metrics)
       if step == start + 1:  # exclude the compile from the measured rate
         jax.block_until_ready(step_metrics)
         throughput.start(step)
@@ -435,34 +323,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # ---- log (and check the loss) every log.every_steps, and the steps
       # since the last log when a preemption stops the run here (they would
       # be missing from metrics.jsonl otherwise: the resumed run starts after).
-      preempted = ckpt.preemption_requested(step)
-      if step % config.log.every_steps == 0 or step == num_steps or preempted:
-        fetched = _check_finite(interval, last_saved)
-        last = _summarize_interval(fetched)
+      preempted = preemption.requested(step)
+      if loop.every(step, config.log.every_steps) or step == num_steps or preempted:
+        last = log.summarize()
         if step > start + 1:  # the first step's time is mostly compilation
           last.update(throughput.measure(step))
-        interval = []
-        if eval_batches and ((config.eval.every_steps and step % config.eval.every_steps == 0)
-                             or step == num_steps):
+        if eval_batches and (loop.every(step, config.eval.every_steps) or step == num_steps):
           last.update(_evaluate(eval_step, state.params, eval_batches))
-        writer.write(step, last)
-        bar.update(step, loss=last["loss"])
+        log.write(step, last)
 
       # ---- checkpoint: never from a step whose loss was not finite.
-      if step % config.checkpoint.every_steps == 0 or step == num_steps or preempted:
-        if interval:
-          _check_finite(interval, last_saved)
+      if loop.every(step, config.checkpoint.every_steps) or step == num_steps or preempted:
+        log.ready_to_save()
         if ckpt.save(step, state, data_position=_global_position(data.position), config=config,
                      force=step == num_steps or preempted):
-          last_saved = step
+          log.last_saved = step
       if preempted:
         break
-  finally:
-    bar.close()
-    ckpt.close()
-    writer.close()
   if preempted:
-    raise Preempted(step)
+    raise loop.Preempted(step)
   if is_main:
     logging.info("done: step %d; checkpoints in %s, metrics in %s", num_steps,
                  ckpt.directory, os.path.join(workdir, "metrics.jsonl"))

@@ -25,8 +25,7 @@ Variants: base (110M parameters), large (340M; lr 1e-4, batch 256, same recipe).
 """
 import ml_collections
 
-from bert_jax import optim
-from bert_jax import train
+from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,33 +33,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = arg or "base"
   if size not in ("base", "large"):
     raise ValueError(f"configs/bert.py: unknown variant {size!r}; choose base or large")
-  config = train.default_config()
-  config.seed = 0
-  config.family = "bert"
-  config.model = train.model_config("bert", size, vocab_size=0, hidden_act="gelu_tanh")
+  config = defaults.train_config()
+  config.model = defaults.model_config("bert", size, vocab_size=0, hidden_act="gelu_tanh")
 
   config.data.source = "tfds:wikipedia/20230601.en:text"
-  config.data.data_dir = ""  # set to the prepared tfds folder (gs:// works)
-  config.data.tokenizer = ""  # set: the BERT uncased vocab.txt ('' trains SentencePiece)
+  # Set data.data_dir (the prepared tfds folder; gs:// works) and
+  # data.tokenizer (the BERT uncased vocab.txt; '' trains SentencePiece).
   config.data.vocab_size = 30522  # only used when training a tokenizer
-  config.data.lower_case = True
   config.data.split = "train[:99%]"  # the last 1% is held out for eval
   config.data.objective = "mlm_nsp"
-  config.data.masking = "token"
-  config.data.seq_length = 128
-  config.data.max_predictions = 20
   config.data.num_shards = 64
+  # seq_length 128 with 20 predictions, token masking, uncased: the defaults.
 
-  config.optim = optim.default_config("adamw")  # lr 1e-4, 10k warmup, linear decay, wd 0.01
-  config.train.num_steps = 1_000_000
+  # optim: the adamw default (lr 1e-4, 10k warmup, linear decay, wd 0.01), 1M steps.
   config.train.batch_size = 256
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-  config.mesh.rules = "data_parallel"
 
   config.checkpoint.every_steps = 10_000
-  config.checkpoint.keep = 3
   config.log.every_steps = 200
   config.eval.every_steps = 10_000
   config.eval.source = config.data.source

@@ -18,50 +18,36 @@ mlm_sop, span_corruption (a T5 v1.1-tiny with Adafactor). Look at the batches:
 """
 import ml_collections
 
-from bert_jax import optim
-from bert_jax import train
+from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop or span_corruption."""
   objective = arg or "mlm"
-  config = train.default_config()
-  config.seed = 0
+  config = defaults.train_config()
 
-  config.data.source = "builtin:pydoc_topics"
+  # data.source builtin:pydoc_topics and data.tokenizer '' (train a
+  # SentencePiece model on the source first) are the defaults.
   config.data.objective = objective
   config.data.seq_length = 64  # short rows: a CPU run of minutes
   config.data.max_predictions = 10
-  config.data.num_shards = 8
-  config.data.tokenizer = ""  # empty: train a SentencePiece model on the source first
   config.data.vocab_size = 4000  # pieces of that trained vocabulary
 
   if objective == "span_corruption":
     config.family = "t5"
-    config.model = train.model_config("t5", "t5_v1_1_tiny", vocab_size=0, dropout_rate=0.0)
-    config.optim = optim.default_config("adafactor")
+    config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=0, dropout_rate=0.0)
+    config.optim = defaults.optim_config("adafactor")
     config.optim.warmup_steps = 100
     config.train.z_loss = 1e-4
   else:
-    config.family = "bert"
     # vocab_size 0: the tokenizer's 4,000 ids rounded up to 4,096.
-    config.model = train.model_config("bert", "tiny", vocab_size=0)
-    config.optim = optim.default_config("adamw")
+    config.model = defaults.model_config("bert", "tiny", vocab_size=0)
     config.optim.learning_rate = 1e-3  # a tiny model on a tiny corpus learns fast
     config.optim.warmup_steps = 40
 
   config.train.num_steps = 400
-  config.train.batch_size = 32  # global, over all hosts
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-  config.mesh.rules = "data_parallel"
-
   config.checkpoint.every_steps = 200
   config.checkpoint.keep = 2
-  config.log.every_steps = 50
   config.eval.every_steps = 100
   config.eval.source = "builtin:stdlib_docstrings"
-  config.eval.batch_size = 32
-  config.eval.num_batches = 8
   return config

@@ -19,48 +19,36 @@ project): fine-tuned GLUE dev MNLI-m 87.6, SST-2 94.8 for RoBERTa-base.
 """
 import ml_collections
 
-from bert_jax import optim
-from bert_jax import train
+from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: 'base' (the only variant)."""
   if arg not in (None, "base"):
     raise ValueError(f"configs/roberta.py: unknown variant {arg!r}; choose base")
-  config = train.default_config()
-  config.seed = 0
-  config.family = "bert"
-  config.model = train.model_config(
+  config = defaults.train_config()
+  config.model = defaults.model_config(
       "bert", "base", vocab_size=0, model_type="roberta", type_vocab_size=1,
       max_position_embeddings=514, position_offset=1, layer_norm_eps=1e-5)
 
   config.data.source = "tfds:wikipedia/20230601.en:text"
-  config.data.tokenizer = ""  # '' trains a SentencePiece model on the source
-  config.data.vocab_size = 50_000
+  config.data.vocab_size = 50_000  # data.tokenizer '' trains a SentencePiece model on the source
   config.data.split = "train[:99%]"  # the last 1% is held out for eval
-  config.data.objective = "mlm"  # full sentences, no NSP
-  config.data.masking = "token"
+  # data.objective 'mlm' (full sentences, no NSP) with token masking: the defaults.
   config.data.seq_length = 512
   config.data.max_predictions = 80
   config.data.num_shards = 256
 
-  config.optim = optim.default_config("adamw")
   config.optim.learning_rate = 6e-4
   config.optim.warmup_steps = 24_000
   config.optim.b2 = 0.98
   config.train.num_steps = 500_000
   config.train.batch_size = 8192
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-  config.mesh.rules = "data_parallel"
 
   config.checkpoint.every_steps = 5_000
-  config.checkpoint.keep = 3
   config.log.every_steps = 100
   config.eval.every_steps = 5_000
   config.eval.source = config.data.source
   config.eval.split = "train[99%:]"
   config.eval.batch_size = 1024
-  config.eval.num_batches = 8
   return config

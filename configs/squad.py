@@ -12,7 +12,7 @@ The shared data has only the dev set (../shared/data/squad/dev-v1.1.json.gz).
 """
 import ml_collections
 
-from bert_jax import finetune
+from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,22 +21,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if version not in ("v1", "v2"):
     raise ValueError(f"configs/squad.py: unknown variant {arg!r}; choose v1 or v2")
   suffix = "v1.1" if version == "v1" else "v2.0"
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.task = "squad"
   config.data.data_dir = "../shared/data/squad"
   config.data.train_split = f"train-{suffix}.json"
   config.data.eval_splits = f"dev-{suffix}.json"
   config.data.predict_split = f"dev-{suffix}.json"
   config.data.max_length = 384
-  config.data.doc_stride = 128
-  config.data.max_query_length = 64
   config.data.padding = "max"  # windows are nearly all full length
-  config.data.n_best_size = 20
-  config.data.max_answer_length = 30
+  # doc stride 128, questions of 64, n-best 20, answers of 30: the defaults.
 
   config.optim.learning_rate = 3e-5
   config.train.num_epochs = 2
-  config.train.batch_size = 32
-  config.train.warmup_fraction = 0.1
-  config.eval.batch_size = 64
   return config

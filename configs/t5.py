@@ -21,8 +21,7 @@ Variants: small (77M parameters), base (248M).
 """
 import ml_collections
 
-from bert_jax import optim
-from bert_jax import train
+from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,39 +29,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   size = arg or "small"
   if size not in ("small", "base"):
     raise ValueError(f"configs/t5.py: unknown variant {size!r}; choose small or base")
-  config = train.default_config()
-  config.seed = 0
+  config = defaults.train_config()
   config.family = "t5"
-  config.model = train.model_config("t5", f"t5_v1_1_{size}", vocab_size=32128,
-                                    dropout_rate=0.0, dtype="bfloat16")
+  config.model = defaults.model_config("t5", f"t5_v1_1_{size}", vocab_size=32128,
+                                       dropout_rate=0.0, dtype="bfloat16")
 
   config.data.source = "tfds:c4/en:3.1.0:text"
-  config.data.data_dir = ""  # set to the prepared tfds folder (gs:// works)
-  config.data.split = "train"
-  config.data.tokenizer = ""  # set: the C4 SentencePiece model ('' trains one)
+  # Set data.data_dir (the prepared tfds folder; gs:// works) and
+  # data.tokenizer (the C4 SentencePiece model; '' trains one).
   config.data.vocab_size = 32000
-  config.data.extra_ids = 100
-  config.data.objective = "span_corruption"
+  config.data.objective = "span_corruption"  # noise density 0.15, mean span 3, 100 sentinels
   config.data.seq_length = 512  # inputs; targets follow (114)
-  config.data.noise_density = 0.15
-  config.data.mean_noise_span_length = 3.0
   config.data.num_shards = 64
 
-  config.optim = optim.default_config("adafactor")  # rsqrt, base 1.0, 10k warmup
+  config.optim = defaults.optim_config("adafactor")  # rsqrt, base 1.0, 10k warmup
   config.train.num_steps = 524_288
   config.train.batch_size = 128
   config.train.z_loss = 1e-4
-  config.mesh.data = -1
   config.mesh.fsdp = 1 if size == "small" else 4
-  config.mesh.tensor = 1
   config.mesh.rules = "data_parallel" if size == "small" else "fsdp"
 
   config.checkpoint.every_steps = 5_000
-  config.checkpoint.keep = 3
   config.log.every_steps = 100
   config.eval.every_steps = 5_000
-  config.eval.source = config.data.source
-  config.eval.split = "validation"
+  config.eval.source = config.data.source  # its validation split
   config.eval.batch_size = 128
   config.eval.num_batches = 20
   return config

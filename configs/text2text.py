@@ -26,8 +26,7 @@ import os
 
 import ml_collections
 
-from bert_jax import optim
-from bert_jax.tasks import glue
+from bert_jax import defaults
 
 
 def _task_config(name: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -52,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.padding = "bucket"
   else:
     try:
-      glue.get_task(name)
+      defaults.glue_task_name(name)
     except ValueError as e:
       raise ValueError(f"configs/text2text.py: variant {name!r}: {e}; or conll, squad, "
                        "squad_v2") from None
@@ -63,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer = ""  # init_from's spiece.model
   config.data.pad_multiple = 32
 
-  config.optim = optim.default_config("adafactor")
+  config.optim = defaults.optim_config("adafactor")
   config.optim.learning_rate = 1e-3
   config.optim.schedule = "constant"
   config.optim.warmup_steps = 0

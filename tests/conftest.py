@@ -129,7 +129,8 @@ def prepare_tfds(data_dir, name: str, features: dict, splits: dict, *, config=No
 def sequential_spans(anchor, span_len, lengths, run, budget: int, truncate: bool,
                      label_by_anchor: bool = False) -> list:
   """Plain attempt-by-attempt span selection: the semantics the vectorised
-  greedy passes (masking._greedy_spans, batch_masking._greedy_spans_batch) must equal.
+  greedy pass (batch_masking._greedy_spans_batch) must equal, and the core of
+  the sequential span-masking reference in tests/test_batch_masking.py.
 
   Attempt i tries words anchor[i] .. anchor[i] + span_len[i] - 1, cut at the
   end of the anchor's run; it is rejected when a word is already taken;

@@ -1,10 +1,11 @@
 """Tests of batched SpanBERT 'span' and ALBERT 'ngram' masking (bert_jax.data.batch_masking).
 
-The batched generator differs from masking.mask_tokens (counter-based bits),
-so the tests compare semantics exactly where the randomness is factored out
-(the greedy span pass against a plain sequential loop) and distributions
-elsewhere (span lengths against the length tables and against the
-per-example implementation on the same rows).
+The tests compare semantics exactly where the randomness is factored out (the
+greedy span pass against a plain sequential loop, conftest.sequential_spans)
+and distributions elsewhere: span lengths against the length tables, and
+against a plain sequential reference of the whole selection (random anchor
+order, a drawn length per anchor, the same greedy rules) run with numpy's
+generator on the same rows.
 """
 import random
 
@@ -13,6 +14,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
+from bert_jax import defaults
 from bert_jax.data import batch_masking
 from bert_jax.data import masking
 from bert_jax.data import pipeline
@@ -179,29 +181,37 @@ def _batched_span_words(tokens, scheme, max_pred=MAX_PRED):
   return np.array(out)
 
 
-def _per_example_span_words(tokens, scheme):
-  """Words per accepted span from masking's per-example selection on the same rows."""
-  vocab = _vocab()
+def _sequential_span_words(tokens, scheme, seed=1):
+  """Words per accepted span from a plain sequential SpanBERT / ALBERT selection.
+
+  Per row, in Python: the words in a uniformly random order as anchors, a
+  length in words drawn from the scheme's table per anchor, then the greedy
+  attempt-by-attempt pass (conftest.sequential_spans: stop at the end of a
+  run of maskable tokens, reject overlaps, SpanBERT keeps the fitting words
+  of the span that overflows the budget, ALBERT skips it).
+  """
+  rng = np.random.default_rng(seed)
   probs = masking.spanbert_length_probs() if scheme == "span" else masking.ngram_length_probs()
-  length = tokens.shape[1]
-
-  def one(i, t):
-    words = masking._word_structure(t, vocab)
-    budget = masking.num_to_predict(t, PAD, MAX_PRED, 0.15)
-    owner = masking._select_spans(words, budget, probs, scheme == "span",
-                                  masking.example_seed(1, 0, i))
-    return tf.pad(owner, [[0, length - tf.size(owner)]])
-
-  ds = tf.data.Dataset.from_tensor_slices(tokens).enumerate().map(
-      one, num_parallel_calls=2, deterministic=True).batch(len(tokens))
-  owners = next(ds.as_numpy_iterator())
-  return np.concatenate([np.unique(o[o > 0], return_counts=True)[1] for o in owners])
+  out = []
+  for row in tokens:
+    words = _words(row)
+    if not words:
+      continue
+    cand = _candidates(row)
+    run_of_token = np.cumsum(cand & ~np.concatenate([[False], cand[:-1]]))
+    run = [int(run_of_token[w[0]]) for w in words]
+    anchor = rng.permutation(len(words))
+    span_len = rng.choice(np.arange(1, len(probs) + 1), size=len(words), p=probs)
+    owner = np.array(sequential_spans(anchor, span_len, [len(w) for w in words], run,
+                                      _budget(row), truncate=scheme == "span"))
+    out.extend(np.unique(owner[owner > 0], return_counts=True)[1].tolist())
+  return np.array(out)
 
 
 @pytest.mark.parametrize("scheme", SPAN_SCHEMES)
-def test_span_lengths_match_the_per_example_masking(scheme):
+def test_span_lengths_match_a_sequential_reference(scheme):
   tokens = _examples(2000, cont_frac=0.3)
-  ours, theirs = _batched_span_words(tokens, scheme), _per_example_span_words(tokens, scheme)
+  ours, theirs = _batched_span_words(tokens, scheme), _sequential_span_words(tokens, scheme)
   assert len(ours) > 5000
   probs = masking.spanbert_length_probs() if scheme == "span" else masking.ngram_length_probs()
   top = 8 if scheme == "span" else 3  # lengths >= 8 share a bin (few of them)
@@ -339,7 +349,7 @@ def _write_corpus(path):
 def test_pipeline_masks_spans_after_batching(minilm_dir, tmp_path):
   # One pipeline run (slow to build); 'ngram' takes the same route. Row
   # independence of the batched masks is tested above, on mask_tokens_batch.
-  cfg = pipeline.default_data_config()
+  cfg = defaults.data_config()
   cfg.tokenizer = str(minilm_dir / "vocab.txt")
   cfg.source = _write_corpus(tmp_path / "docs.txt")
   cfg.seq_length, cfg.max_predictions, cfg.group_size, cfg.num_shards = 32, 6, 2, 1

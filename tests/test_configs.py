@@ -5,6 +5,7 @@ import os
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 
+from bert_jax import defaults
 from bert_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +47,9 @@ def test_config_validates_and_documents_its_launch(name, variant):
   assert f"bert-jax train --config=configs/{name}.py" in module.__doc__
   assert "Expected" in module.__doc__
   # Every field the loop reads exists (the defaults' keys), nothing extra.
-  assert set(config.keys()) == set(train.default_config().keys())
+  assert set(config.keys()) == set(defaults.train_config().keys())
   for section in ("train", "mesh", "checkpoint", "log", "eval", "data", "optim"):
-    assert set(config[section].keys()) == set(train.default_config()[section].keys())
+    assert set(config[section].keys()) == set(defaults.train_config()[section].keys())
 
 
 def test_unknown_variant_is_an_error():

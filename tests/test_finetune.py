@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from bert_jax import defaults
 from bert_jax import finetune
 from bert_jax import save_pretrained
 from bert_jax.models import bert
@@ -62,7 +63,7 @@ def _tiny_model_fields(vocab_size):
 
 def _random_init_config(task, data_dir, vocab, **fields):
   """A fine-tuning config of a tiny random BERT; `fields` as 'a.b' -> value."""
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.task = task
   config.data.data_dir = str(data_dir)
   config.data.tokenizer = str(vocab)
@@ -128,7 +129,7 @@ def test_sst2_cli_finetune_then_evaluate_and_predict(shared_data, tmp_path):
   assert evals[-1]["best/epoch"] == best["epoch"]
   assert sorted(os.listdir(workdir / "best")) == [str(best["step"])]
 
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.update_from_flattened_dict({
       "glue_task": "sst2", "init_from": str(hf), "data.data_dir": str(shared_data),
       "data.max_eval_examples": 32, "data.max_length": 32, "data.pad_multiple": 16,
@@ -289,7 +290,7 @@ def test_init_from_a_pretraining_workdir(shared_data, tmp_path):
   """A `bert-jax train` checkpoint (state + config) gives the encoder and the tokenizer."""
   from bert_jax import checkpoint, optim, sharding, steps, train
   vocab = _vocab(tmp_path / "vocab.txt", ["hide new secretions from the parental units"])
-  pretrain = train.default_config()
+  pretrain = defaults.train_config()
   pretrain.data.objective = "mlm_nsp"
   pretrain.data.tokenizer = str(vocab)
   pretrain.model.update(_tiny_model_fields(len(vocab.read_text().split())))
@@ -305,7 +306,7 @@ def test_init_from_a_pretraining_workdir(shared_data, tmp_path):
   saver.save(7, state, data_position=None, config=pretrain, force=True)
   saver.close()
 
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.update_from_flattened_dict({"init_from": str(tmp_path / "pre"),
                                      "data.data_dir": str(shared_data)})
   run = finetune._setup(config)

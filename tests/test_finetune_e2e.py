@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
+from bert_jax import defaults
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import finetune
 from bert_jax.tasks import squad, squad_eval
@@ -249,14 +250,14 @@ def test_sigkill_after_an_epoch_checkpoint_resumes_exactly(
 # sys.argv[1] (then dropped from argv): the real handler, at an exact step.
 _SIGTERM_AT_STEP = """
 import runpy, signal, sys
-from bert_jax import checkpoint
+from bert_jax import loop
 at = int(sys.argv.pop(1))
-asked = checkpoint.Checkpointer.preemption_requested
-def preemption_requested(self, step):
+asked = loop.Preemption.requested
+def requested(self, step):
   if step == at:
     signal.raise_signal(signal.SIGTERM)  # handled before raise_signal returns
   return asked(self, step)
-checkpoint.Checkpointer.preemption_requested = preemption_requested
+loop.Preemption.requested = requested
 runpy.run_module("bert_jax.main", run_name="__main__", alter_sys=True)
 """
 
@@ -331,7 +332,7 @@ def test_two_processes_equal_one(glue_dir, compile_cache, uninterrupted, tmp_pat
 
 def test_two_hosts_need_only_the_global_device_count_to_divide_the_batch(glue_dir, monkeypatch):
   """jax.device_count() already counts every host's devices: batch 8 fits 2 x 4 devices."""
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.update_from_flattened_dict({
       "glue_task": "sst2", "data.data_dir": str(glue_dir),
       "data.tokenizer": str(glue_dir / "vocab.txt"), **_FIELDS,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from bert_jax import defaults
 from bert_jax import finetune
 from bert_jax import save_pretrained
 from bert_jax import train
@@ -146,7 +147,7 @@ def test_t5_needs_an_eos_tokenizer_and_rejects_bert_only_controls(shared_data, s
     finetune.finetune(config, str(tmp_path / "a"))
   config = _config("sst2", shared_data, **{"data.tokenizer": str(spm),
                                            "finetune.freeze_layers": 1})
-  config.model = train.model_config("t5", "t5_v1_1_tiny", vocab_size=VOCAB)
+  config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=VOCAB)
   with pytest.raises(ValueError, match="finetune.freeze_layers.*BERT-only"):
     finetune.finetune(config, str(tmp_path / "b"))
   config = _config("sst2", shared_data, **{"data.tokenizer": str(spm), "decode.beam_size": 0})
@@ -231,7 +232,7 @@ def test_conll_and_squad_as_text_random_init(shared_data, spm, tmp_path, variant
       "data.max_eval_examples": 8, "data.max_length": 96, "data.max_target_length": 16,
       "train.batch_size": 8, "eval.batch_size": 8, "train.num_epochs": 3,
       "optim.learning_rate": 1e-2})
-  config.model = train.model_config("t5", "t5_v1_1_tiny", vocab_size=VOCAB, dropout_rate=0.0)
+  config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=VOCAB, dropout_rate=0.0)
   workdir = tmp_path / variant
   out = finetune.finetune(config, str(workdir))
   losses = [r["loss"] for r in _records(workdir) if "loss" in r]
@@ -312,7 +313,7 @@ def decode_texts(hf: str, data_dir: str) -> list:
   Text2TextTask.decode on a data-parallel mesh of every process's devices."""
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
   from bert_jax import from_pretrained, sharding  # pylint: disable=import-outside-toplevel
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.update_from_flattened_dict({
       "family": "t5", "data.data_dir": data_dir, "data.max_length": 64,
       "data.max_target_length": 8, "data.pad_multiple": 32})

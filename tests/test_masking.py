@@ -1,11 +1,12 @@
-"""Tests of bert_jax.data.masking: MLM schemes, NSP/SOP pairing, seeding."""
+"""Tests of bert_jax.data.masking (seeding, VocabInfo, NSP/SOP pairing, padding) and of
+batched 'token' / 'whole_word' masking (bert_jax.data.batch_masking); 'span' / 'ngram':
+tests/test_batch_masking.py."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from bert_jax.data import batch_masking
 from bert_jax.data import masking
-from conftest import sequential_spans
 
 V = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -36,16 +37,6 @@ def _examples(n, length=128, seed=0, cont_frac=0.3):
     body[0], body[real // 2], body[real - 1] = CLS, SEP, SEP
     out[i, :real] = body
   return out
-
-
-def _run(tokens, scheme, epoch=0, run_seed=7, max_predictions=MAX_PRED, **kw):
-  """Masks every row of `tokens` inside tf.data; returns numpy arrays."""
-  vocab = _vocab()
-  ds = tf.data.Dataset.from_tensor_slices(tokens).enumerate().map(
-      lambda i, t: masking.mask_tokens(t, masking.example_seed(run_seed, epoch, i), vocab,
-                                       max_predictions=max_predictions, scheme=scheme, **kw),
-      num_parallel_calls=2, deterministic=True)
-  return next(ds.batch(len(tokens)).as_numpy_iterator())
 
 
 def _expected_budget(row, max_pred=MAX_PRED, rate=0.15):
@@ -93,175 +84,24 @@ def _check_common(tokens, out, max_pred=MAX_PRED):
 
 def test_num_to_predict_matches_python_round():
   for n in [1, 3, 7, 10, 30, 50, 70, 128, 500]:
-    row = tf.concat([tf.fill([n], 7), tf.zeros([5], tf.int32)], 0)
-    got = int(masking.num_to_predict(row, PAD, 76, 0.15))
+    row = tf.concat([tf.fill([1, n], 7), tf.zeros([1, 5], tf.int32)], 1)
+    got = int(batch_masking.num_to_predict_batch(row, PAD, 76, 0.15)[0])
     assert got == min(76, max(1, round(n * 0.15))), n
-  assert int(masking.num_to_predict(tf.fill([30], 7), PAD, 76)) == 4  # 4.5 -> 4 (float64)
+  # 4.5 -> 4 (float64, half to even), as Python's round in create_pretraining_data.py.
+  assert int(batch_masking.num_to_predict_batch(tf.fill([1, 30], 7), PAD, 76, 0.15)[0]) == 4
 
 
-def test_token_masking_statistics():
-  tokens = _examples(2000)
-  out = _run(tokens, "token")
-  codes = np.concatenate(_check_common(tokens, out))
-  for row, w in zip(tokens, out["mlm_weights"]):
-    # Exact budget: min(num_to_predict, number of maskable tokens).
-    assert int(w.sum()) == min(_expected_budget(row), int(_candidates(row).sum()))
-  real = (tokens != PAD).sum()
-  assert abs(out["mlm_weights"].sum() / real - 0.15) < 0.01
-  frac = np.bincount(codes, minlength=3) / len(codes)
-  # ~25k predictions: 3 sigma of a 10% share is ~0.006.
-  assert abs(frac[0] - 0.8) < 0.015 and abs(frac[1] - 0.1) < 0.01 and abs(frac[2] - 0.1) < 0.01
-
-
-def test_configurable_outcome_probabilities():
-  tokens = _examples(500)
-  out = _run(tokens, "token", mask_prob=0.5, random_prob=0.3)
-  codes = np.concatenate(_check_common(tokens, out))
-  frac = np.bincount(codes, minlength=3) / len(codes)
-  assert abs(frac[0] - 0.5) < 0.03 and abs(frac[1] - 0.3) < 0.03 and abs(frac[2] - 0.2) < 0.03
-
-
-def test_whole_word_masking_selects_whole_words():
-  tokens = _examples(1500, cont_frac=0.4)
-  out = _run(tokens, "whole_word")
-  codes = _check_common(tokens, out)
-  mixed = multi = 0
-  for row, pos, w, c in zip(tokens, out["mlm_positions"], out["mlm_weights"], codes):
-    chosen = dict(zip(pos[:int(w.sum())].tolist(), c.tolist()))
-    for word in _words(row):
-      hit = [i in chosen for i in word.tolist()]
-      assert all(hit) or not any(hit), f"partial word {word} in {sorted(chosen)}"
-      if all(hit) and len(word) > 1:
-        multi += 1
-        mixed += len({chosen[i] for i in word.tolist()}) > 1
-  # Each sub-token draws its own outcome: P(mixed) = 1 - .8^2 - .1^2 - .1^2 = .34 for
-  # two pieces, more for longer words; one draw per word would give 0.
-  assert multi > 500 and mixed / multi > 0.25
-
-
-def test_whole_word_skips_words_that_do_not_fit():
-  # Budget 2 (round(12 * .15)); one 9-piece word and one single-piece word.
-  row = np.array([CLS, 10] + [600] * 8 + [20, SEP], np.int32)[None].repeat(200, 0)
-  out = _run(row, "whole_word")
-  pos = out["mlm_positions"][out["mlm_weights"] > 0]
-  assert set(pos.tolist()) == {10}, "only the short word fits; the long one is skipped"
-  assert np.all(out["mlm_weights"].sum(1) == 1)
-
-
-def test_span_masking_spans_and_lengths():
-  # Long runs of single-piece words, so spans are rarely clipped at a run end.
-  rng = np.random.default_rng(3)
-  tokens = rng.integers(5, CONT[0], (400, 512)).astype(np.int32)
-  tokens[:, 0], tokens[:, -1] = CLS, SEP
-  out = _run(tokens, "span", max_predictions=80)
-  codes = _check_common(tokens, out, max_pred=80)
-  lengths = []
-  for row, c, pos, left, right, w in zip(tokens, codes, out["mlm_positions"],
-                                         out["sbo_left_positions"], out["sbo_right_positions"],
-                                         out["mlm_weights"]):
-    num = int(w.sum())
-    spans = {}
-    for k in range(num):
-      spans.setdefault((left[k], right[k]), []).append((pos[k], c[k]))
-    for (lo, hi), members in spans.items():
-      assert [p for p, _ in members] == list(range(lo + 1, hi)), "span is contiguous"
-      outcomes = {o for _, o in members}
-      # One draw per span; a random replacement may equal the original (p ~ 1/1000).
-      assert len(outcomes) == 1 or outcomes == {1, 2}
-      lengths.append(hi - lo - 1)
-    assert abs(num - _expected_budget(row, 80)) <= 0, "SpanBERT fills the budget"
-  hist = np.bincount(lengths, minlength=11)[1:11] / len(lengths)
-  probs = masking.spanbert_length_probs()
-  np.testing.assert_allclose(probs[:4], [.2241, .1792, .1434, .1147], atol=1e-4)
-  assert abs((probs * np.arange(1, 11)).sum() - 3.797) < 1e-3
-  # Overlap rejection and the budget cut at the end shorten a few spans.
-  assert np.abs(hist - probs).max() < 0.05, hist
-  assert 3.2 < np.mean(lengths) < 3.9
-
-
-def test_span_sampler_matches_geometric_table():
-  probs = masking.spanbert_length_probs()
-  draws = masking.sample_span_lengths(50000, probs, tf.constant([1, 2], tf.int64)).numpy()
-  hist = np.bincount(draws, minlength=11)[1:] / draws.size
-  assert draws.min() >= 1 and draws.max() <= 10
-  # 3 sigma of a 22% share over 50k draws is ~0.006.
-  np.testing.assert_allclose(hist, probs, atol=0.006)
-  assert abs(draws.mean() - 3.797) < 0.05
-
-
-def test_vectorised_span_selection_equals_sequential():
-  rng = np.random.default_rng(11)
-  vec = tf.TensorSpec([None], tf.int32)
-  greedy = {t: tf.function(lambda a, s, l, r, b, t=t: masking._greedy_spans(a, s, l, r, b, t),
-                           input_signature=[vec] * 4 + [tf.TensorSpec([], tf.int32)])
-            for t in (True, False)}
-  for case in range(300):
-    num = int(rng.integers(1, 50))
-    lengths = rng.integers(1, 4, num).astype(np.int32)
-    run = np.cumsum(rng.random(num) < 0.1).astype(np.int32) + 1
-    anchor = rng.permutation(num).astype(np.int32)
-    span_len = rng.integers(1, 11, num).astype(np.int32)
-    budget = int(rng.integers(1, 30))
-    for truncate in (True, False):
-      got = greedy[truncate](anchor, span_len, lengths, run, budget).numpy()
-      want = sequential_spans(anchor, span_len, lengths, run, budget, truncate)
-      assert got.tolist() == want, (case, truncate)
-
-
-def test_whole_word_spans_respect_word_boundaries():
-  tokens = _examples(200, length=256, cont_frac=0.4)
-  for scheme in ("span", "ngram"):
-    out = _run(tokens, scheme, max_predictions=40)
-    _check_common(tokens, out, max_pred=40)
-    for row, pos, w in zip(tokens, out["mlm_positions"], out["mlm_weights"]):
-      chosen = set(pos[:int(w.sum())].tolist())
-      for word in _words(row):
-        hit = np.isin(word, list(chosen))
-        assert all(hit) or not any(hit), (scheme, word)
-
-
-def test_ngram_lengths_at_most_three_words():
-  tokens = _examples(500, length=256, cont_frac=0.0)
-  out = _run(tokens, "ngram", max_predictions=40)
-  codes = _check_common(tokens, out, max_pred=40)
-  np.testing.assert_allclose(masking.ngram_length_probs(), [.5455, .2727, .1818], atol=1e-4)
-  frac = np.bincount(np.concatenate(codes), minlength=3) / sum(map(len, codes))
-  assert abs(frac[0] - 0.8) < 0.02  # per-token outcomes
-
-
-def test_determinism_and_epoch_dependence():
-  tokens = _examples(20)
-  for scheme in masking.MASKING_SCHEMES:
-    a, b = _run(tokens, scheme), _run(tokens, scheme)
-    c = _run(tokens, scheme, epoch=1)
-    for k in a:
-      np.testing.assert_array_equal(a[k], b[k])
-    assert not np.array_equal(a["mlm_positions"], c["mlm_positions"]), scheme
+def test_example_seed_is_deterministic_and_new_per_epoch_and_index():
   s = [masking.example_seed(1, e, i).numpy().tolist() for e in range(3) for i in range(3)]
   assert len({tuple(x) for x in s}) == 9
-
-
-def test_shapes_and_dtypes_in_graph_mode():
-  tokens = _examples(4)
-  vocab = _vocab()
-  ds = tf.data.Dataset.from_tensor_slices(tokens).map(
-      lambda t: masking.mask_tokens(t, tf.constant([1, 2], tf.int64), vocab,
-                                    max_predictions=MAX_PRED, scheme="span"))
-  spec = ds.element_spec
-  assert spec["encoder_input_tokens"].shape.as_list() == [128]
-  for k in ("mlm_positions", "mlm_targets", "sbo_left_positions", "sbo_right_positions"):
-    assert spec[k].shape.as_list() == [MAX_PRED] and spec[k].dtype == tf.int32
-  assert spec["mlm_weights"].shape.as_list() == [MAX_PRED]
-  assert spec["mlm_weights"].dtype == tf.float32
+  assert s == [masking.example_seed(1, e, i).numpy().tolist() for e in range(3) for i in range(3)]
+  assert masking.example_seed(2, 0, 0).numpy().tolist() != s[0]
 
 
 def test_bad_arguments_raise():
-  with pytest.raises(ValueError, match="unknown masking scheme"):
-    masking.mask_tokens(tf.constant([2, 9, 3]), tf.constant([1, 2]), _vocab(),
-                        max_predictions=2, scheme="words")
   with pytest.raises(ValueError, match="word_start"):
-    masking.mask_tokens(tf.constant([2, 9, 3]), tf.constant([1, 2]), _vocab(False),
-                        max_predictions=2, scheme="whole_word")
+    batch_masking.mask_tokens_batch(tf.constant([[2, 9, 3]]), tf.constant([[1, 2]]),
+                                    _vocab(False), max_predictions=2, scheme="whole_word")
   with pytest.raises(ValueError, match="outside the vocabulary"):
     masking.VocabInfo.create(10, pad_id=0, cls_id=1, sep_id=2, mask_id=10)
 
@@ -291,21 +131,21 @@ def test_truncate_pair_matches_original_lengths():
   assert fronts == {True, False}, "tokens are removed from the front and from the back"
 
 
-def test_nsp_and_sop_pairs():
+def test_labelled_and_sop_pairs():
   vocab = _vocab()
-  a, b, r = tf.range(10, 30), tf.range(30, 50), tf.range(700, 760)
-  labels = []
-  for i in range(200):
-    out = masking.nsp_pair(a, b, r, masking.example_seed(0, 0, i), vocab, max_seq_length=40)
+  a, b = tf.range(10, 30), tf.range(30, 50)
+  for label, target in ((0, None), (1, 25), (1, 7)):
+    out = masking.labelled_pair(a, b, label, tf.constant([label, 3], tf.int64), vocab,
+                                max_seq_length=40, target_length=target)
     tok, typ = out["encoder_input_tokens"].numpy(), out["encoder_type_ids"].numpy()
-    assert len(tok) <= 40 and tok[0] == CLS and tok[-1] == SEP and (tok == SEP).sum() == 2
+    # Truncated to max_seq_length - 3 = 37, or to the smaller target.
+    assert len(tok) - 3 == min(37, target or 37)
+    assert tok[0] == CLS and tok[-1] == SEP and (tok == SEP).sum() == 2
     first_sep = int(np.argmax(tok == SEP))
     np.testing.assert_array_equal(typ, (np.arange(len(tok)) > first_sep).astype(np.int32))
-    second = tok[first_sep + 1:-1]
-    label = int(out["nsp_labels"])
-    assert np.all((second >= 700) if label else (second < 50) & (second >= 30))
-    labels.append(label)
-  assert 0.38 < np.mean(labels) < 0.62
+    assert np.all((tok[1:first_sep] >= 10) & (tok[1:first_sep] < 30))
+    assert np.all((tok[first_sep + 1:-1] >= 30) & (tok[first_sep + 1:-1] < 50))
+    assert int(out["nsp_labels"]) == label
   swaps = []
   for i in range(120):
     out = masking.sop_pair(a, b, masking.example_seed(0, 0, i), vocab, max_seq_length=64)
@@ -331,21 +171,45 @@ def test_whole_word_masking_with_real_wordpiece_vocab(minilm_dir):
   assert sum(p.startswith("##") for p in pieces) >= 5, pieces
   starts = [i for i, p in enumerate(pieces) if not p.startswith("##")]
   words = [list(range(s, e)) for s, e in zip(starts, starts[1:] + [len(pieces)])]
-  ds = tf.data.Dataset.range(200).map(
-      lambda i: masking.mask_tokens(tokens, masking.example_seed(0, 0, i), vocab,
-                                    max_predictions=6, scheme="whole_word",
-                                    mask_prob=0.0, random_prob=1.0))
-  for out in ds.as_numpy_iterator():
-    chosen = set(out["mlm_positions"][out["mlm_weights"] > 0].tolist())
+  rows = np.repeat(tokens.numpy()[None], 200, 0)
+  out = batch_masking.mask_tokens_batch(rows, _seeds(200), vocab, max_predictions=6,
+                                        scheme="whole_word", mask_prob=0.0, random_prob=1.0)
+  out = {k: v.numpy() for k, v in out.items()}
+  for inp, pos, w in zip(out["encoder_input_tokens"], out["mlm_positions"], out["mlm_weights"]):
+    chosen = set(pos[w > 0].tolist())
     assert chosen and not chosen & {0, 13, len(pieces) - 1}, "[CLS]/[SEP] never masked"
-    for w in words:
-      assert {i in chosen for i in w} != {True, False}, ([pieces[i] for i in w], chosen)
-    replaced = out["encoder_input_tokens"][sorted(chosen)]
+    for word in words:
+      assert {i in chosen for i in word} != {True, False}, ([pieces[i] for i in word], chosen)
+    replaced = inp[sorted(chosen)]
     assert not any(tok.special[replaced]), "random replacement is a special id"
 
 
-# --- batched 'token' / 'whole_word' masking (bert_jax.data.batch_masking);
-# 'span' / 'ngram': tests/test_batch_masking.py ---
+def test_pad_mlm_example():
+  ex = dict(encoder_input_tokens=tf.constant([CLS, 9, 10, 11, SEP, 12, SEP]),
+            encoder_type_ids=tf.constant([0, 0, 0, 0, 0, 1, 1]),
+            mlm_positions=tf.constant([2, 5, 0]), mlm_targets=tf.constant([10, 12, 0]),
+            mlm_weights=tf.constant([1.0, 1.0, 0.0]), nsp_labels=tf.constant(1))
+  row = {k: v.numpy() for k, v in masking.pad_mlm_example(ex, 10).items()}
+  np.testing.assert_array_equal(row["encoder_input_tokens"], [CLS, 9, 10, 11, SEP, 12, SEP,
+                                                              0, 0, 0])
+  np.testing.assert_array_equal(row["encoder_type_ids"], [0, 0, 0, 0, 0, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(row["encoder_segment_ids"], [1] * 7 + [0] * 3)
+  np.testing.assert_array_equal(row["encoder_positions"], [0, 1, 2, 3, 4, 5, 6, 0, 0, 0])
+  np.testing.assert_array_equal(row["mlm_weights"], [1.0, 1.0, 0.0])
+  assert int(row["nsp_labels"]) == 1  # other features pass through
+  # Cut to the row: a prediction beyond it loses its weight; no type ids -> zeros.
+  ex.pop("encoder_type_ids")
+  cut = {k: v.numpy() for k, v in masking.pad_mlm_example(ex, 4).items()}
+  np.testing.assert_array_equal(cut["encoder_input_tokens"], [CLS, 9, 10, 11])
+  np.testing.assert_array_equal(cut["encoder_type_ids"], 0)
+  np.testing.assert_array_equal(cut["encoder_segment_ids"], 1)
+  np.testing.assert_array_equal(cut["mlm_weights"], [1.0, 0.0, 0.0])
+  # Inside tf.data (unknown length): static row shapes, as the pipeline needs.
+  ds = tf.data.Dataset.from_tensors(ex).map(lambda e: masking.pad_mlm_example(e, 10))
+  assert ds.element_spec["encoder_positions"].shape.as_list() == [10]
+
+
+# --- batched 'token' / 'whole_word' masking (bert_jax.data.batch_masking) ---
 
 def _run_batch(tokens, seeds, max_predictions=MAX_PRED, **kw):
   out = batch_masking.mask_tokens_batch(tf.constant(tokens), tf.constant(seeds, tf.int64),

@@ -14,6 +14,7 @@ from tensorflow.core.util import event_pb2
 from bert_jax import metrics
 from bert_jax import objectives
 from bert_jax.models import bert
+from bert_jax.models import flops
 from bert_jax.models import t5
 
 
@@ -228,7 +229,7 @@ def _bert_xla_flops(task, cfg, length, predictions, batch_size=2, compile=True):
 def test_bert_pretraining_flops_match_xla():
   cfg = bert.BertConfig.preset("tiny", hidden_size=256, num_heads=4, intermediate_size=1024,
                                vocab_size=1024, max_position_embeddings=128)
-  ours = metrics.bert_train_flops(cfg, 128, 20, nsp=True)
+  ours = flops.bert_train_flops(cfg, 128, 20, nsp=True)
   xla = _bert_xla_flops("pretraining", cfg, 128, 20)
   assert 1.0 <= xla / ours <= 1.06, xla / ours
 
@@ -246,7 +247,7 @@ def test_bert_nsp_head_flops_match_xla():
   head = {s: (_bert_xla_flops("pretraining", cfg, s, 20, compile=False)
               - _bert_xla_flops("mlm", cfg, s, 20, compile=False)) for s in (64, 128)}
   head_at_zero_length = 2 * head[64] - head[128]
-  ours = metrics.bert_train_flops(cfg, 64, 20, nsp=True) - metrics.bert_train_flops(
+  ours = flops.bert_train_flops(cfg, 64, 20, nsp=True) - flops.bert_train_flops(
       cfg, 64, 20, nsp=False)
   assert ours == 3 * (2 * 256 * 256 + 2 * 256 * 2)
   assert 1.0 <= head_at_zero_length / ours <= 1.05, head_at_zero_length / ours
@@ -281,7 +282,7 @@ def _t5_config(preset):
 def test_t5_flops_match_xla(preset):
   cfg = _t5_config(preset)
   xla = _t5_xla_flops(cfg, 128, 32)
-  ours = metrics.t5_train_flops(cfg, 128, 32)
+  ours = flops.t5_train_flops(cfg, 128, 32)
   assert 1.0 <= xla / ours <= 1.06, xla / ours
 
 
@@ -293,7 +294,7 @@ def test_t5_cross_attention_flops_match_xla():
   cfg = _t5_config("t5_v1_1_tiny")
   lengths = [(128, 64), (128, 32), (64, 64), (64, 32)]
   xla = [_t5_xla_flops(cfg, i, t, compile=False) for i, t in lengths]
-  ours = [metrics.t5_train_flops(cfg, i, t) for i, t in lengths]
+  ours = [flops.t5_train_flops(cfg, i, t) for i, t in lengths]
   mixed = lambda f: f[0] - f[1] - f[2] + f[3]
   assert mixed(ours) == 3 * 4 * (128 - 64) * (64 - 32) * 4 * 64  # 3 x 2 products x 2*Sq*Skv*A
   assert 1.0 <= mixed(xla) / mixed(ours) <= 1.06, mixed(xla) / mixed(ours)
@@ -305,7 +306,7 @@ def test_flop_formulas_match_their_docstrings_at_base_size():
   s, h, i, p, v = 128, 768, 3072, 20, 30522
   forward = 12 * (8 * s * h * h + 4 * s * s * h + 4 * s * h * i)
   forward += 2 * p * h * h + 2 * p * h * v + 2 * h * h + 4 * h
-  assert metrics.bert_train_flops(cfg, s, p, nsp=True) == 3 * forward
+  assert flops.bert_train_flops(cfg, s, p, nsp=True) == 3 * forward
   # T5 v1.1 base (gated, inner dim 12 x 64 = 768 = D), inputs 512, targets 114.
   cfg = t5.T5Config.preset("t5_v1_1_base")
   d, f, v, se, sd = 768, 2048, 32128, 512, 114
@@ -313,7 +314,7 @@ def test_flop_formulas_match_their_docstrings_at_base_size():
   mlp = lambda n: 2 * n * d * 2 * f + 2 * n * f * d
   forward = 12 * (attention(se, se) + mlp(se))
   forward += 12 * (attention(sd, sd) + attention(sd, se) + mlp(sd)) + 2 * sd * d * v
-  assert metrics.t5_train_flops(cfg, se, sd) == 3 * forward
+  assert flops.t5_train_flops(cfg, se, sd) == 3 * forward
 
 
 # ---------------------------------------------------------------------------

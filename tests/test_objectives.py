@@ -226,16 +226,3 @@ def test_seq2seq_constant_normalizing_factor():
   with pytest.raises(ValueError, match="loss_normalizing_factor"):
     objectives.seq2seq_loss(*map(jnp.asarray, (logits, targets, weights)),
                             loss_normalizing_factor=0.0)
-
-
-def test_replaced_token_loss_matches_numpy_bce():
-  logits = rand((2, 5), seed=8) * 10  # some large |x| to exercise stability
-  labels = np.array([[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]], np.int32)
-  weights = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.float32)
-  loss, m = objectives.replaced_token_loss(*map(jnp.asarray, (logits, labels, weights)))
-  x = logits.astype(np.float64)
-  # -log(sigmoid(x)) = log(1 + e^-x) and -log(1 - sigmoid(x)) = log(1 + e^x).
-  bce = labels * np.logaddexp(0, -x) + (1 - labels) * np.logaddexp(0, x)
-  np.testing.assert_allclose(loss, (weights * bce).sum() / weights.sum(), rtol=1e-5)
-  assert float(m["rtd/correct"]) == (((x > 0) == labels) * weights).sum()
-  assert float(m["rtd/count"]) == 7.0

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from bert_jax import defaults
 from bert_jax import optim
 from bert_jax.models import layers
 
@@ -155,7 +156,7 @@ def test_default_decay_mask_excludes_bias_scale_and_norms():
 def test_frozen_params_stay_bit_identical_and_have_no_state():
   params = tiny_params()
   for name in optim.OPTIMIZERS:
-    tx, _ = optim.make_optimizer(optim.default_config(name), params, num_steps=100,
+    tx, _ = optim.make_optimizer(defaults.optim_config(name), params, num_steps=100,
                                  warmup_steps=0, freeze=[r"embeddings/", r"layer_1/"])
     new, state = run_steps(tx, params, 4)
     enc, enc_new = params["encoder"], new["encoder"]
@@ -214,7 +215,7 @@ def test_config_errors():
   with pytest.raises(ValueError, match=r"unknown optim field\(s\) \['lerning_rate'\]"):
     optim.make_optimizer({"lerning_rate": 1.0}, tiny_params(), num_steps=10)
   with pytest.raises(ValueError, match="num_steps > warmup_steps"):
-    optim.make_optimizer(optim.default_config(), tiny_params())  # num_steps missing
+    optim.make_optimizer(defaults.optim_config(), tiny_params())  # num_steps missing
   with pytest.raises(ValueError, match="freezes every parameter"):
     optim.make_optimizer(None, tiny_params(), num_steps=10, warmup_steps=0, freeze=["."])
 
@@ -232,7 +233,7 @@ def test_optimizers_reduce_a_quadratic(name, lr, extra):
   def loss(p):
     return jnp.sum((p["w"]["kernel"] - target) ** 2) + jnp.sum(p["norm"]["scale"] ** 2)
 
-  tx, _ = optim.make_optimizer(optim.default_config(name), params, schedule="constant",
+  tx, _ = optim.make_optimizer(defaults.optim_config(name), params, schedule="constant",
                                warmup_steps=0, learning_rate=lr,
                                **{"weight_decay": 0.0, **extra})
   state = tx.init(params)
@@ -268,7 +269,7 @@ def test_clip_by_global_norm_clips_and_reports_norm():
 def test_make_optimizer_clips_and_reports_norm_without_frozen():
   params = tiny_params()
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 10.0), params)
-  tx, _ = optim.make_optimizer(optim.default_config("lamb"), params, num_steps=10,
+  tx, _ = optim.make_optimizer(defaults.optim_config("lamb"), params, num_steps=10,
                                warmup_steps=0, freeze=[r"embeddings/"], clip_norm=1.0)
   _, state = tx.update(grads, tx.init(params), params)
   n_trainable = sum(x.size for x in jax.tree.leaves(params)) - 20  # embedding 5x4 frozen
@@ -340,7 +341,7 @@ def test_adafactor_defaults_match_t5x_update():
   rng = np.random.default_rng(3)
   params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(128, 130)).astype(np.float32)),
                       "bias": jnp.zeros((130,), jnp.float32)}}
-  cfg = optim.default_config("adafactor")  # rsqrt, base 1.0, 10k warmup -> lr 0.01
+  cfg = defaults.optim_config("adafactor")  # rsqrt, base 1.0, 10k warmup -> lr 0.01
   tx, schedule = optim.make_optimizer(cfg, params)
   np.testing.assert_allclose(schedule(0), 0.01, rtol=1e-6)
   new, state = run_steps(tx, params, 3, seed=11)
@@ -355,7 +356,7 @@ def test_adafactor_defaults_match_t5x_update():
 
 
 def test_configdict_fields_and_bad_rule_shapes():
-  cfg = optim.default_config("adamw")
+  cfg = defaults.optim_config("adamw")
   cfg.lock()
   cfg.freeze = (r"embeddings/",)
   cfg.learning_rate = 2e-5
@@ -383,8 +384,8 @@ def test_adafactor_weight_decay_is_scaled_by_lr_and_masked():
   params = tiny_params()
   grads = rand_like(params, 5)
   common = dict(num_steps=10, warmup_steps=0, schedule="constant", learning_rate=0.3)
-  tx0, _ = optim.make_optimizer(optim.default_config("adafactor"), params, **common)
-  tx1, _ = optim.make_optimizer(optim.default_config("adafactor"), params, weight_decay=0.1,
+  tx0, _ = optim.make_optimizer(defaults.optim_config("adafactor"), params, **common)
+  tx1, _ = optim.make_optimizer(defaults.optim_config("adafactor"), params, weight_decay=0.1,
                                 **common)
   u0, _ = tx0.update(grads, tx0.init(params), params)
   u1, _ = tx1.update(grads, tx1.init(params), params)

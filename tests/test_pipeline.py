@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
+from bert_jax import defaults
 from bert_jax.data import pipeline
 from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -66,7 +67,7 @@ def t5_model(tmp_path_factory, corpus):
 
 
 def _config(tokenizer, source, **overrides):
-  cfg = pipeline.default_data_config()
+  cfg = defaults.data_config()
   cfg.tokenizer = str(tokenizer)
   cfg.source = source
   cfg.seq_length = 32

@@ -13,8 +13,8 @@ import uuid
 import pytest
 import tensorflow as tf
 
+from bert_jax import defaults
 from bert_jax.data import files as files_lib
-from bert_jax.data import pipeline
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tok_lib
 
@@ -138,10 +138,10 @@ def test_tfds_version_lookup_under_ram(ram_dir):
   for version in ("1.0.0", "1.10.0", "1.2.0"):
     _write(ram_dir, f"tiny/en/{version}/dataset_info.json", b"{}")
   _write(ram_dir, "tiny/en/2.0.0/unfinished.tmp", b"")  # no dataset_info.json
-  assert sources._tfds_folder("tiny/en", ram_dir) == f"{ram_dir}/tiny/en/1.10.0"
-  assert sources._tfds_folder("tiny/en:1.2.0", ram_dir) == f"{ram_dir}/tiny/en/1.2.0"
+  assert sources.tfds_folder("tiny/en", ram_dir) == f"{ram_dir}/tiny/en/1.10.0"
+  assert sources.tfds_folder("tiny/en:1.2.0", ram_dir) == f"{ram_dir}/tiny/en/1.2.0"
   with pytest.raises(FileNotFoundError, match="tiny/en:2.0.0 is not prepared in data_dir ram://"):
-    sources._tfds_folder("tiny/en:2.0.0", ram_dir)
+    sources.tfds_folder("tiny/en:2.0.0", ram_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_sentencepiece_trained_into_and_loaded_from_ram(tmp_path, ram_dir, monke
 
 def test_train_for_source_into_ram_workdir_then_reuses_it(ram_dir, monkeypatch):
   _write(ram_dir, "data/wiki.txt", "\n\n".join(_english_lines(2000)).encode())
-  config = pipeline.default_data_config()
+  config = defaults.data_config()
   with config.unlocked():
     config.source = ram_dir + "/data/*.txt"
     config.vocab_size = 250

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bert_jax
+from bert_jax import defaults
 from bert_jax.data import bpe
 from bert_jax.data import tokenizer as tok_lib
 from bert_jax.tasks import batching
@@ -241,7 +242,7 @@ def test_finetune_squad_from_roberta_folder(tok, bpe_folder, tmp_path, shared_da
   from bert_jax import finetune  # pylint: disable=import-outside-toplevel
   from bert_jax.tasks import adapters  # pylint: disable=import-outside-toplevel
   folder = _roberta_folder(bpe_folder, tmp_path, tok, "RobertaForQuestionAnswering")
-  config = finetune.default_config()
+  config = defaults.finetune_config()
   config.update_from_flattened_dict({
       "task": "squad", "init_from": str(folder), "data.data_dir": str(shared_data / "squad"),
       "data.train_split": "dev-v1.1.json", "data.eval_splits": "dev-v1.1.json",

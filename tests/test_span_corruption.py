@@ -113,15 +113,42 @@ def test_sentinel_budget_check():
   assert sc.max_noise_spans(1660) == 83 and sc.max_noise_spans(2100) == 105
 
 
-def test_concat_and_split():
-  docs = [np.arange(10, 10 + n, dtype=np.int32) + 1000 * k
-          for k, n in enumerate([5, 0, 17, 3, 30, 1])]
+def _check_decoder(row):
+  """decoder_input_tokens are the targets shifted right (0 first), weights 1 on targets."""
+  seg, pos = row["decoder_segment_ids"], row["decoder_positions"]
+  tgt, inp = row["decoder_target_tokens"], row["decoder_input_tokens"]
+  np.testing.assert_array_equal(row["decoder_loss_weights"], (seg > 0).astype(np.float32))
+  for i in range(len(seg)):
+    if seg[i] == 0 or pos[i] == 0:
+      assert inp[i] == 0
+    else:
+      assert inp[i] == tgt[i - 1] and seg[i - 1] == seg[i]
+
+
+def test_pad_seq2seq_example():
+  rng = np.random.default_rng(2)
+  docs = [rng.integers(2, 32000, rng.integers(1, 200)).astype(np.int32) for _ in range(10)]
   ds = tf.data.Dataset.from_generator(lambda: iter(docs),
                                       output_signature=tf.TensorSpec([None], tf.int32))
-  chunks = list(sc.concat_and_split(ds, 8, batch_size=4).as_numpy_iterator())
-  group1 = np.concatenate(docs[:4])  # 25 tokens -> 8, 8, 8, 1
-  group2 = np.concatenate(docs[4:])  # 31 tokens -> 8, 8, 8, 7
-  assert [len(c) for c in chunks] == [8, 8, 8, 1, 8, 8, 8, 7]
-  np.testing.assert_array_equal(np.concatenate(chunks[:4]), group1)
-  np.testing.assert_array_equal(np.concatenate(chunks[4:]), group2)
-  assert chunks[0].dtype == np.int32
+  ds = ds.enumerate().map(lambda i, t: sc.span_corruption(
+      t, masking.example_seed(0, 0, i), vocab_size=VOCAB, eos_id=EOS))
+  examples = list(ds.as_numpy_iterator())
+  padded = ds.map(lambda ex: sc.pad_seq2seq_example(ex, 64, 24))
+  assert padded.element_spec["encoder_input_tokens"].shape.as_list() == [64]
+  assert padded.element_spec["decoder_input_tokens"].shape.as_list() == [24]
+  for row, ex in zip(padded.as_numpy_iterator(), examples):
+    _check_decoder(row)
+    for key, stream, length in (("inputs", "encoder", 64), ("targets", "decoder", 24)):
+      n = min(len(ex[key]), length)  # cut to the row (an overlong one loses its EOS)
+      tokens = row["encoder_input_tokens" if stream == "encoder" else "decoder_target_tokens"]
+      np.testing.assert_array_equal(tokens[:n], ex[key][:n])
+      np.testing.assert_array_equal(tokens[n:], 0)
+      np.testing.assert_array_equal(row[stream + "_segment_ids"], np.arange(length) < n)
+      np.testing.assert_array_equal(row[stream + "_positions"],
+                                    np.where(np.arange(length) < n, np.arange(length), 0))
+  for key, length in (("inputs", 64), ("targets", 24)):
+    lengths = [len(ex[key]) for ex in examples]
+    assert min(lengths) < length < max(lengths), f"{key}: padding and cutting are exercised"
+  # Extra keys pass through (e.g. a resumable pipeline's provenance).
+  one = sc.pad_seq2seq_example(dict(examples[0], index=tf.constant(7)), 64, 24)
+  assert int(one["index"]) == 7 and "inputs" not in one and "targets" not in one

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from bert_jax import defaults
 from bert_jax import objectives
 from bert_jax import optim
 from bert_jax import sharding
@@ -215,8 +216,8 @@ def test_non_finite_loss_is_reported_and_bad_objective_rejected(runs):
   state = run["state"].replace(params=jax.tree.map(lambda x: x * jnp.nan, run["state"].params))
   _, metrics = run["train"](state, run["batch"])
   assert not np.isfinite(metrics["loss"])
-  with pytest.raises(ValueError, match="unknown objective 'mlm_sop'"):
-    steps.eval_step(state.params, run["batch"], model=None, objective="mlm_sop")
+  with pytest.raises(ValueError, match="unknown objective 'mlm_nsp_typo'"):
+    steps.eval_step(state.params, run["batch"], model=None, objective="mlm_nsp_typo")
 
 
 def test_adafactor_state_shardings_follow_params_or_replicate():
@@ -227,7 +228,7 @@ def test_adafactor_state_shardings_follow_params_or_replicate():
   param_shardings = sharding.logical_to_sharding(boxed["params"], mesh,
                                                  sharding.get_rules("fsdp_tensor"))
   shapes = steps.param_shapes(model, batch)
-  tx, _ = optim.make_optimizer(optim.default_config("adafactor"), shapes, num_steps=10,
+  tx, _ = optim.make_optimizer(defaults.optim_config("adafactor"), shapes, num_steps=10,
                                min_dim_size_to_factor=16)
   abstract = jax.eval_shape(tx.init, shapes)
   shardings = steps.opt_state_shardings(abstract, shapes, param_shardings, mesh)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from bert_jax import defaults
 from bert_jax import train
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -197,7 +198,7 @@ def test_misspelt_config_key_fails_naming_it(spm, tmp_path):
     (dict(hidden_size=129), "config.model"),
 ])
 def test_bad_config_fails_before_compiling(override, message):
-  config = train.default_config()
+  config = defaults.train_config()
   for key, value in override.items():
     section = {"batch_size": config.train, "num_microbatches": config.train,
                "rules": config.mesh, "family": config, "objective": config.data,
@@ -214,7 +215,7 @@ def test_unwritable_workdir_fails_before_compiling(tmp_path, monkeypatch):
   monkeypatch.setattr(train.steps, "make_train_step", lambda *a, **k: compiled.append(1))
   monkeypatch.setattr(train.steps, "create_sharded_state", lambda *a, **k: compiled.append(1))
   with pytest.raises(Exception, match="file/run"):
-    train.train_and_evaluate(train.default_config(), str(blocker / "run"))
+    train.train_and_evaluate(defaults.train_config(), str(blocker / "run"))
   assert not compiled
 
 

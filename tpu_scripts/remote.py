@@ -40,25 +40,81 @@ def _rm_lockfile() -> str:
   return f"rm -f {LOCKFILE} 2>/dev/null || sudo rm -f {LOCKFILE}"
 
 
+# The Pythons the pinned jax supports (setup.py's python_requires): every jax
+# release from 0.7 on needs 3.11+, and TPU images (Ubuntu 22.04) ship 3.10.
+PYTHON_MIN, PYTHON_STOP = (3, 11), (3, 14)
+UV_PYTHON = "3.12"  # what uv installs where the image has no supported Python
+PYTHON_CANDIDATES = ("python3.12", "python3.11")
+
+
+def _python_ok() -> str:
+  """A shell function `py_ok EXE`: true where EXE runs a Python setup.py accepts."""
+  check = (f"import sys; sys.exit(not {PYTHON_MIN} <= tuple(sys.version_info[:2]) "
+           f"< {PYTHON_STOP})")
+  return f"py_ok() {{ \"$1\" -c {shlex.quote(check)} >/dev/null 2>&1; }}"
+
+
+def _venv_lines(env: str, py: str) -> list[str]:
+  """Shell lines that leave a venv with pip on a supported Python at `env`.
+
+  A venv on a supported Python is reused. Else it is rebuilt on the first
+  supported Python found (`py`, then python3.12, python3.11), else on a
+  CPython that uv installs (uv itself from PyPI via the image's pip).
+  """
+  apt = "sudo apt-get update -qq && sudo apt-get install -y -qq"
+  uv = '"$HOME"/.local/bin/uv'
+  return [
+      _python_ok(),
+      f"if [ -x {env}/bin/pip ] && py_ok {env}/bin/python; then",
+      f"  echo \"BERT_JAX_VENV reused $({env}/bin/python --version 2>&1)\"",
+      "else",
+      f"  rm -rf {env}; base=",
+      f"  for c in {py} {' '.join(PYTHON_CANDIDATES)}; do",
+      "    if command -v \"$c\" >/dev/null 2>&1 && py_ok \"$c\"; then base=$c; break; fi",
+      "  done",
+      "  if [ -n \"$base\" ]; then",
+      # Ubuntu images may lack ensurepip; a half-made venv has no pip.
+      "    v=$(\"$base\" -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])')",
+      f"    \"$base\" -m venv {env} || {{ rm -rf {env}; {apt} \"python$v-venv\" && "
+      f"\"$base\" -m venv {env}; }}",
+      "  else",
+      f"    echo \"no Python {PYTHON_MIN[0]}.{PYTHON_MIN[1]}+ on $(hostname) (python3 is "
+      f"$(python3 --version 2>&1)); installing {UV_PYTHON} with uv\"",
+      f"    uv=$(command -v uv || true); [ -n \"$uv\" ] || uv={uv}",
+      "    if [ ! -x \"$uv\" ]; then",
+      "      python3 -m pip install --user -q uv || "
+      f"{{ {apt} python3-pip && python3 -m pip install --user -q uv; }}",
+      "    fi",
+      f"    \"$uv\" python install {UV_PYTHON}",
+      # --seed: pip in the venv, which the installs below use.
+      f"    \"$uv\" venv --python {UV_PYTHON} --seed {env}",
+      "  fi",
+      f"  py_ok {env}/bin/python || {{ echo \"BERT_JAX_SETUP_FAILED $(hostname): the venv's "
+      f"Python is $({env}/bin/python --version 2>&1), not {PYTHON_MIN[0]}.{PYTHON_MIN[1]}+\"; "
+      "exit 5; }",
+      f"  echo \"BERT_JAX_VENV created $({env}/bin/python --version 2>&1)\"",
+      "fi",
+  ]
+
+
 def setup_script(remote_dir: str, venv: str, python: str, pip_extra: Sequence[str]) -> str:
   """Unpacks the uploaded checkout and installs it with the [tpu] extra in a venv.
 
-  Idempotent: the code folder is replaced as a whole (no stale files), the venv
-  is reused when it works, and pip skips what is already installed. Refuses
+  The venv runs on a Python the pinned jax supports (3.11+): `python` where it
+  is one, else python3.12/python3.11, else a CPython that uv installs (TPU
+  images ship 3.10 only). Idempotent: the code folder is replaced as a whole
+  (no stale files), a venv with pip on a supported Python is reused (one on an
+  older Python is rebuilt), and pip skips what is already installed. Refuses
   (BERT_JAX_BUSY, exit 4) where a job is running.
   """
   code, new, env = home_path(remote_dir), home_path(remote_dir + ".new"), home_path(venv)
-  py = shlex.quote(python)
   lines = [
       "set -e",
       # Replacing the code under a running job would break its later imports.
       f"if {_pgrep()} >/dev/null; then echo BERT_JAX_BUSY $(hostname); exit 4; fi",
       f"rm -rf {new} && mkdir -p {new} && tar -xzf \"$HOME\"/{TARBALL} -C {new}",
       f"rm -rf {code} && mv {new} {code}",
-      # Ubuntu images may lack ensurepip; a half-made venv has no pip.
-      f"if [ ! -x {env}/bin/pip ]; then rm -rf {env}; {py} -m venv {env} || "
-      f"{{ sudo apt-get update -qq && sudo apt-get install -y -qq python3-venv && "
-      f"{py} -m venv {env}; }}; fi",
+      *_venv_lines(env, shlex.quote(python)),
       f"{env}/bin/pip install -q --upgrade pip",
       f"cd {code} && {env}/bin/pip install -q -e '.[tpu]'",
   ]
@@ -73,10 +129,13 @@ def check_code(devices: int, workers: int) -> str:
   return "\n".join([
       "import sys, jax",
       # On a pod every worker must join before device_count() sees the slice.
-      f"if {workers} > 1: jax.distributed.initialize()",
+      # The trainer's own decision, so a slice it would not join fails here.
+      "from bert_jax import distributed",
+      "started = distributed.initialize()",
       "n, p = jax.device_count(), jax.process_count()",
       "print(f'BERT_JAX_CHECK process={jax.process_index()} processes={p} devices={n} '",
-      "      f'local_devices={jax.local_device_count()} kind={jax.devices()[0].device_kind!r}')",
+      "      f'local_devices={jax.local_device_count()} kind={jax.devices()[0].device_kind!r} '",
+      "      f'distributed={started}')",
       f"sys.exit(0 if (n, p) == ({devices}, {workers}) else 3)",
   ])
 

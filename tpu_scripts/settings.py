@@ -48,7 +48,8 @@ SPECS = (
     Spec("REMOTE_DIR", "bert_jax", "str", "Code folder on each worker (relative to $HOME)."),
     Spec("VENV", "bert_jax_venv", "str", "Virtual environment on each worker."),
     Spec("LOG_DIR", "bert_jax_logs", "str", "Log folder on each worker."),
-    Spec("PYTHON", "python3", "str", "Python that creates the venv on the workers."),
+    Spec("PYTHON", "python3", "str", "Python that creates the venv on the workers if it is "
+         "3.11+ (else python3.12/3.11, else one that uv installs)."),
     Spec("PIP_EXTRA", "", "str", "Extra `pip install` arguments run after bert_jax[tpu]."),
     Spec("SSH_FLAGS", "", "str", "Extra gcloud ssh/scp flags, e.g. '--internal-ip'."),
     Spec("CREATE_FLAGS", "", "str", "Extra gcloud create flags, e.g. '--network=x'."),

@@ -3,9 +3,9 @@
     model, params = bert_jax.from_pretrained("path/to/hf_folder")
     bert_jax.save_pretrained(model, params, "path/to/out")   # loads in transformers
 
-One module per family (bert.py, t5.py) holds the parameter-name maps; this
-module reads the folder, picks the family from config.json and dispatches.
-Each family module provides:
+One module per family (bert.py, t5.py; `models.Family.convert_module` names
+it) holds the parameter-name maps; this module reads the folder, picks the
+family from config.json and dispatches. Each family module provides:
   MODEL_TYPES: the config.json `model_type` values it handles;
   load_hf(hf_config, state, task, dtype) -> (model, params);
   export_hf(model, params) -> (hf_config, {name: np.ndarray});
@@ -13,33 +13,31 @@ and bert.py also load_tf_checkpoint(path, task, dtype) for Google's TF BERT.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 
+from bert_jax import models
 from bert_jax.convert.hf import CheckpointError, load_state_dict, read_config, write_folder
 
-_FAMILIES = ("bert", "t5")
 
-
-def _family_module(name: str):
-  return importlib.import_module(f"bert_jax.convert.{name}")
+def _converters() -> list:
+  """Every registered family's converter module."""
+  return [family.converter() for family in models.FAMILIES.values()]
 
 
 def _family_for(hf_config: dict, source: str):
   model_type = hf_config.get("model_type")
   archs = hf_config.get("architectures") or []
-  for name in _FAMILIES:
-    module = _family_module(name)
+  for module in _converters():
     if model_type in module.MODEL_TYPES:
       return module
   raise CheckpointError(
       f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
       f"supported model_type values: "
-      f"{sorted(t for n in _FAMILIES for t in _family_module(n).MODEL_TYPES)}")
+      f"{sorted(t for module in _converters() for t in module.MODEL_TYPES)}")
 
 
 def from_pretrained(path: str | os.PathLike, *, task: str | None = None,
@@ -56,7 +54,7 @@ def from_pretrained(path: str | os.PathLike, *, task: str | None = None,
   """
   path = pathlib.Path(path)
   if (path / "bert_config.json").is_file() and not (path / "config.json").is_file():
-    return _family_module("bert").load_tf_checkpoint(path, task=task, dtype=dtype)
+    return models.get("bert").converter().load_tf_checkpoint(path, task=task, dtype=dtype)
   hf_config = read_config(path)
   family = _family_for(hf_config, str(path / "config.json"))
   state = load_state_dict(path)
@@ -66,8 +64,7 @@ def from_pretrained(path: str | os.PathLike, *, task: str | None = None,
 def save_pretrained(model: Any, params: dict, path: str | os.PathLike,
                     overwrite: bool = False) -> pathlib.Path:
   """Writes `(model, params)` as a Hugging Face folder that `transformers` loads."""
-  for name in _FAMILIES:
-    module = _family_module(name)
+  for module in _converters():
     if module.handles(model):
       hf_config, tensors = module.export_hf(model, params)
       return write_folder(path, hf_config, tensors, overwrite=overwrite)

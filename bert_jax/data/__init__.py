@@ -1,1 +1,1 @@
-"""Input pipelines: tokenizers, text sources, masking, span corruption, packing."""
+"""Input pipelines: tokenizers, text sources, masking, span corruption, the pipeline."""

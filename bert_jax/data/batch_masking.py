@@ -1,9 +1,9 @@
 """Vectorised masked-LM masking of a [batch, length] block (all four schemes).
 
-`masking.mask_tokens` works on one example inside a per-example tf.data map;
-the per-element map overhead and the per-example stateless RNG calls made it
-slower than a numpy collator. `mask_tokens_batch` masks a padded batch with a
-handful of elementwise ops, with the same contract per row.
+`mask_tokens_batch` masks a padded batch with a handful of elementwise ops,
+with the per-row contract of one example (see its docstring). It replaced a
+per-example tf.data map, whose per-element overhead and per-example
+stateless RNG calls made it slower than a numpy collator.
 
 Randomness is counter based: every random number is a pure function of (the
 row's own [2] seed, position, stream), computed as the splitmix64 output
@@ -12,8 +12,7 @@ row's own [2] seed, position, stream), computed as the splitmix64 output
 with 64-bit unsigned integer ops (mix = the splitmix64 / Stafford "Mix13"
 finaliser). So a row's mask does not depend on which other rows share its
 batch, nor on the padded length, and the pipeline stays reproducible and
-exactly resumable. The masks differ from `mask_tokens` for the same seed (a
-different generator), with the same distribution.
+exactly resumable.
 
 Selection of exactly the per-row budget ('token'): each maskable token gets a
 unique int64 score (40 random bits above its position), non-maskable ones
@@ -24,9 +23,10 @@ in score order and takes each that still fits, in vectorised rounds.
 'span' (SpanBERT) and 'ngram' (ALBERT) visit the words in the same score
 order as anchors; each anchor's length in words comes from the low 32 bits
 of stream 1 at its first piece (inverse CDF of the scheme's distribution),
-and the attempt-by-attempt greedy pass of masking._greedy_spans runs for
-all rows at once, one accepted span per row and loop step. SpanBERT's one
-80/10/10 draw per span is the outcome draw of the span's first token.
+and the attempt-by-attempt greedy span pass (its plain reference:
+sequential_spans in tests/conftest.py) runs for all rows at once, one
+accepted span per row and loop step. SpanBERT's one 80/10/10 draw per span
+is the outcome draw of the span's first token.
 Distinct uses of one position's bits take disjoint bit ranges: stream 0
 high 40 (order) / low 24 (outcome), stream 1 high 32 (random id) / low 32
 (span length).
@@ -85,7 +85,8 @@ def random_bits(keys, positions, stream: int):
 def num_to_predict_batch(tokens, pad_id: int, max_predictions: int, rate: float):
   """Per row min(max_predictions, max(1, round(len * rate))), len = non-pad tokens.
 
-  Same rule (half-to-even on float64) as masking.num_to_predict.
+  `round` is half-to-even on float64, as Python 3's `round` in the original
+  create_pretraining_data.py (float32 would turn 30 * 0.15 into 5, not 4).
   """
   length = tf.reduce_sum(tf.cast(tf.not_equal(tokens, pad_id), tf.float64), axis=1)
   n = tf.cast(tf.round(length * rate), tf.int32)
@@ -113,9 +114,11 @@ def _select_tokens(bits, cand, budget, k):
 def _select_whole_words(tokens, bits, cand, budget, k, vocab: masking.VocabInfo):
   """'whole_word': words in random order, each taken if it still fits (BERT wwm).
 
-  The per-row greedy pass runs in vectorised rounds for the whole batch (as
-  masking._select_words): a round takes every row's longest fitting prefix of
-  undecided words and drops its first overflowing word.
+  A word that would overflow the budget is skipped and later (shorter) words
+  may still be taken, exactly as create_pretraining_data.py does. The per-row
+  greedy pass runs in vectorised rounds for the whole batch: a round takes
+  every row's longest fitting prefix of undecided words and drops its first
+  overflowing word.
   """
   if vocab.word_start is None:
     raise ValueError("whole-word masking needs VocabInfo.word_start "
@@ -171,7 +174,7 @@ def _first_k(selected, k):
 
 
 def _word_table(tokens, cand, vocab: masking.VocabInfo):
-  """Words of maskable tokens, per row indexed by word number (as masking._word_structure).
+  """Words of maskable tokens, per row indexed by word number.
 
   A word starts at a word-start piece (no '##' / a '▁' piece) or where a run
   of maskable tokens starts, so specials split words and runs.
@@ -294,7 +297,7 @@ def _owner_of_words(lo, end, num_words):
 
 def _greedy_spans_batch(anchor, span_len, valid, lengths, run_end, budget, truncate: bool,
                         max_len: int = 10, window=None):
-  """The sequential span attempts of masking._greedy_spans, for every row at once.
+  """The sequential span attempts (conftest.sequential_spans), for every row at once.
 
   Attempt i of a row covers words [anchor_i, min(anchor_i + span_len_i,
   run_end)). In visiting order, an attempt touching a taken word is
@@ -408,8 +411,7 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
                       random_prob: float = 0.1, span_probs=None):
   """Masked-LM masking of a padded batch (any of BATCH_SCHEMES), one seed per row.
 
-  Per row the contract of masking.mask_tokens for the same scheme: budget
-  num_to_predict (never more than the maskable tokens); special ids and
+  Per row: budget num_to_predict_batch (never more than the maskable tokens); special ids and
   padding never chosen; whole_word takes whole words in random order,
   skipping a word that no longer fits; span (SpanBERT) takes spans of whole
   words from random anchors, lengths geometric(0.2) in 1..10 words, keeping
@@ -439,11 +441,11 @@ def mask_tokens_batch(tokens, seeds, vocab: masking.VocabInfo, *, max_prediction
     [batch, max_predictions] (1.0 real, 0.0 padding slots, whose position and
     target are 0); for 'span' also sbo_left_positions / sbo_right_positions
     int32 [batch, max_predictions]: the positions just before and after the
-    slot's span (0 in padding slots), as masking.mask_tokens.
+    slot's span (0 in padding slots).
   """
   if scheme not in BATCH_SCHEMES:
     raise ValueError(f"scheme={scheme!r} has no batched masking; expected one of "
-                     f"{BATCH_SCHEMES} (use masking.mask_tokens per example)")
+                     f"{BATCH_SCHEMES}")
   if not 0 <= mask_prob + random_prob <= 1 or min(mask_prob, random_prob) < 0:
     raise ValueError(f"mask_prob={mask_prob} and random_prob={random_prob} must be >= 0 "
                      "and sum to <= 1 (keep is the rest)")

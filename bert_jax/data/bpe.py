@@ -55,7 +55,7 @@ import numpy as np
 import tensorflow as tf
 
 from bert_jax.data import files as files_lib
-from bert_jax.data import tokenizer as tokenizer_lib
+from bert_jax.data import tokenizer_base
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -149,7 +149,7 @@ def _read_merges(path: str) -> Dict[Tuple[str, str], int]:
   return ranks
 
 
-class BpeTokenizer(tokenizer_lib.Tokenizer):
+class BpeTokenizer(tokenizer_base.Tokenizer):
   """Byte-level BPE from vocab.json + merges.txt (RoBERTa, GPT-2); see the module docstring.
 
   Attributes (besides Tokenizer's):

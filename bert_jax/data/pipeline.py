@@ -55,14 +55,12 @@ import dataclasses
 import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from bert_jax.data import batch_masking
 from bert_jax.data import examples as examples_lib
 from bert_jax.data import masking
-from bert_jax.data import packing
 from bert_jax.data import position as position_lib
 from bert_jax.data import sources
 from bert_jax.data import span_corruption as span_lib
@@ -81,38 +79,6 @@ _GROUP_SALT = -(1 << 40)
 _EVAL_SEED_OFFSET = 0x5EED
 _EMPTY_EPOCH = "empty data shard"
 _LOGGED_WHOLE_SOURCE = set()  # sources whose data shard mode was logged
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The `data` sub-config (locked). The run seed and the global batch size live
-  elsewhere (config.seed, config.train.batch_size) and are passed as arguments."""
-  c = ml_collections.ConfigDict()
-  c.source = "builtin:pydoc_topics"  # file path/glob, 'tfds:NAME[/CONFIG]:KEY', 'builtin:NAME'
-  c.data_dir = ""  # tfds data folder ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
-  c.split = "train"  # tfds split
-  c.tokenizer = ""  # vocab.txt (WordPiece) or .model (SentencePiece), or a folder;
-  #                   '' = train a SentencePiece model on `source` (tokenizer.train_for_source)
-  c.vocab_size = 8000  # pieces of that trained model (unused when `tokenizer` is set)
-  c.lower_case = True  # WordPiece: uncased vocabulary
-  c.objective = "mlm"  # 'mlm' (RoBERTa full sentences) | 'mlm_nsp' | 'mlm_sop' | 'span_corruption'
-  c.masking = "token"  # 'token' | 'whole_word' | 'span' (SpanBERT) | 'ngram' (ALBERT)
-  c.mask_rate = 0.15  # fraction of tokens predicted
-  c.mask_prob = 0.8  # chosen token -> [MASK]
-  c.random_prob = 0.1  # chosen token -> random token (the rest stays)
-  c.seq_length = 128  # encoder length; span_corruption: inputs length (e.g. 512)
-  c.max_predictions = 20  # width of mlm_positions/targets/weights
-  c.short_seq_prob = 0.1  # mlm_nsp/mlm_sop: P(target length random in [2, seq_length - 3])
-  #                       instead of seq_length - 3, as original BERT (fewer train/fine-tune
-  #                       length mismatches)
-  c.noise_density = 0.15  # span corruption
-  c.mean_noise_span_length = 3.0  # span corruption
-  c.extra_ids = 100  # sentinels appended to a SentencePiece vocabulary
-  c.group_size = 64  # documents tokenized and chunked together (resume unit)
-  c.num_shards = 8  # data shards (fixes the stream; a multiple of the host count)
-  c.shuffle = True  # shuffle documents per epoch
-  c.shuffle_buffer = 1024  # documents per shuffle block
-  c.lock()
-  return c
 
 
 @dataclasses.dataclass
@@ -333,8 +299,8 @@ def _example_features(plan: _Plan, ex, shard):
   if _batch_masked(cfg):
     out["_seed"] = seed
   if cfg.objective == "span_corruption":
-    return packing.pad_seq2seq_example(out, cfg.seq_length, plan.targets_length)
-  return packing.pad_mlm_example(out, cfg.seq_length)
+    return span_lib.pad_seq2seq_example(out, cfg.seq_length, plan.targets_length)
+  return masking.pad_mlm_example(out, cfg.seq_length)
 
 
 def _epoch_examples(plan: _Plan, shard, epoch, start_group) -> tf.data.Dataset:
@@ -555,7 +521,7 @@ def make_train_iterator(data_config, *, seed: int, batch_size: int, process_inde
   """Endless, deterministic, resumable iterator of this host's training batches.
 
   Args:
-    data_config: the `data` config (default_data_config()).
+    data_config: the `data` config (`defaults.data_config()`).
     seed: run seed (config.seed).
     batch_size: GLOBAL batch size (config.train.batch_size).
     process_index: this host (jax.process_index()).

@@ -33,7 +33,7 @@ index))`, which opens no other shard file. The pipeline assigns data shards
 this way (bert_jax.data.pipeline). A single text file or a builtin corpus has
 no files to divide: it is read whole.
 
-Invalid UTF-8 bytes are replaced by U+FFFD (see tokenizer.fix_utf8) and counted
+Invalid UTF-8 bytes are replaced by U+FFFD (see files.fix_utf8) and counted
 in `TextSource.invalid_utf8_bytes` as the dataset is read; they never raise.
 """
 import dataclasses
@@ -46,7 +46,6 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import tensorflow as tf
 
 from bert_jax.data import files as files_lib
-from bert_jax.data import tokenizer as tokenizer_lib
 
 # Lines are grouped into documents this many at a time (one vectorised step
 # instead of one tf.data step per line).
@@ -246,7 +245,7 @@ def _open_files(spec: str, paths: List[str]):
     # A blank line at the end closes the file's last document.
     lines = lines.concatenate(tf.data.Dataset.from_tensors(tf.constant("")))
     lines = lines.batch(_LINES_PER_CHUNK).map(
-        lambda chunk: tf.strings.strip(tokenizer_lib.fix_utf8(chunk, counter)))
+        lambda chunk: tf.strings.strip(files_lib.fix_utf8(chunk, counter)))
     docs = lines.scan(tf.zeros([0], tf.string), _group_lines)
     return docs.unbatch()
 
@@ -266,7 +265,7 @@ def _open_files(spec: str, paths: List[str]):
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def _tfds_folder(name: str, data_dir: str) -> str:
+def tfds_folder(name: str, data_dir: str) -> str:
   """data_dir/NAME[/CONFIG]/VERSION of a prepared dataset (newest version if none given)."""
   name, _, version = name.partition(":")
   base = os.path.join(data_dir, *name.split("/"))
@@ -307,7 +306,7 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
                      "e.g. tfds:c4/en:text")
   data_dir = os.path.expanduser(
       data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-  folder = _tfds_folder(name, data_dir)
+  folder = tfds_folder(name, data_dir)
   import tensorflow_datasets as tfds
   builder = tfds.builder_from_directory(folder)
   if split not in builder.info.splits:
@@ -343,7 +342,7 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
     ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
 
     def paragraphs(example):
-      text = tokenizer_lib.fix_utf8(example[key], counter)
+      text = files_lib.fix_utf8(example[key], counter)
       paras = tf.strings.strip(tf.strings.split(text, "\n"))
       return tf.boolean_mask(paras, tf.not_equal(paras, ""))  # [num_paragraphs]
 

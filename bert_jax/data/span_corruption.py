@@ -6,9 +6,9 @@ tokens gives exactly `inputs_length` input and `targets_length` target tokens:
 
   tokens_length, targets_length = compute_input_and_target_lengths(512)  # 568, 114
   check_sentinel_budget(tokens_length, num_extra_ids=100)  # fails fast
-  ds = concat_and_split(documents, tokens_length)          # 1-D id chunks
-  ds = ds.enumerate().map(lambda i, t: span_corruption(
-      t, example_seed(seed, epoch, i), vocab_size=32100, eos_id=1))
+  # chunks of tokens_length raw ids: examples.t5_examples (in the pipeline)
+  ex = span_corruption(chunk, example_seed(seed, epoch, i), vocab_size=32100, eos_id=1)
+  row = pad_seq2seq_example(ex, 512, targets_length)       # one example per row
 
 EOS: as in the t5 span_corruption task (tokenize without EOS ->
 reduce_concat_tokens -> split_tokens -> span_corruption -> append EOS),
@@ -178,30 +178,44 @@ def span_corruption(tokens, seed, *, vocab_size: int, eos_id: int = 1,
   return dict(inputs=tf.concat([inputs, eos], 0), targets=tf.concat([targets, eos], 0))
 
 
-def concat_and_split(dataset: tf.data.Dataset, tokens_length: int, batch_size: int = 128,
-                     pad_id: int = 0) -> tf.data.Dataset:
-  """t5 reduce_concat_tokens + split_tokens: documents -> chunks of raw tokens.
+def _decoder_features(ex):
+  """Adds decoder_input_tokens (targets shifted right, 0 at position 0) and loss weights."""
+  targets = ex.pop("decoder_target_tokens")
+  seg, pos = ex["decoder_segment_ids"], ex["decoder_positions"]
+  shifted = tf.pad(targets[:-1], [[1, 0]])
+  ex["decoder_input_tokens"] = tf.where((pos == 0) | (seg == 0), 0, shifted)
+  ex["decoder_target_tokens"] = targets
+  ex["decoder_loss_weights"] = tf.cast(seg > 0, tf.float32)
+  return ex
 
-  Concatenates groups of `batch_size` consecutive documents (no separator,
-  padding ids dropped), then cuts each group into chunks of `tokens_length`;
-  the group's last chunk may be shorter (as in t5). Empty documents vanish.
+
+def pad_seq2seq_example(ex, inputs_length: int, targets_length: int):
+  """Pads (or cuts) one {inputs, targets} example to the batch contract.
+
+  One example per row (the pipeline does not pack): segment ids are 1 on real
+  tokens and positions count from 0, the features a packed row would carry.
+  Inputs and targets longer than their row are cut (keeping the front, so a
+  cut sequence loses its EOS, as with t5's trim). Other keys pass through.
 
   Args:
-    dataset: elements are int [n] token-id tensors (one document each).
-    tokens_length: raw chunk length (see compute_input_and_target_lengths).
-    batch_size: documents concatenated together.
-    pad_id: id never present in real text, used to pad the group.
+    ex: dict with inputs int [n] and targets int [m] (+ any other keys).
+    inputs_length: encoder row length.
+    targets_length: decoder row length.
 
   Returns:
-    Dataset of int32 [<= tokens_length] chunks.
+    dict with encoder_input_tokens, encoder_segment_ids, encoder_positions
+    [inputs_length]; decoder_input_tokens (targets shifted right),
+    decoder_target_tokens, decoder_loss_weights, decoder_segment_ids,
+    decoder_positions [targets_length], in place of inputs/targets.
   """
-  def split(docs):
-    flat = tf.boolean_mask(docs, tf.not_equal(docs, pad_id))
-    n = tf.size(flat, out_type=tf.int64)
-    splits = tf.concat([tf.range(0, n, tokens_length, dtype=tf.int64), [n]], 0)
-    rows = tf.RaggedTensor.from_row_splits(tf.cast(flat, tf.int32), splits)
-    return tf.data.Dataset.from_tensor_slices(rows)
-
-  return (dataset.padded_batch(batch_size, padded_shapes=[None], padding_values=
-                               tf.cast(pad_id, dataset.element_spec.dtype))
-          .flat_map(split))
+  out = {k: v for k, v in ex.items() if k not in ("inputs", "targets")}
+  for name, key, length in (("encoder", "inputs", inputs_length),
+                            ("decoder", "targets", targets_length)):
+    x = tf.cast(ex[key][:length], tf.int32)
+    n = tf.size(x)
+    inside = tf.range(length) < n
+    tokens = tf.ensure_shape(tf.pad(x, [[0, length - n]]), [length])
+    out["encoder_input_tokens" if name == "encoder" else "decoder_target_tokens"] = tokens
+    out[name + "_segment_ids"] = tf.cast(inside, tf.int32)
+    out[name + "_positions"] = tf.where(inside, tf.range(length), 0)
+  return _decoder_features(out)

@@ -1,15 +1,163 @@
-"""Model families: BERT-style encoders (bert.py) and T5 encoder-decoders (t5.py)."""
+"""The model-family registry: what the trainers need to know about each family.
+
+A family (BERT-style encoders, T5 encoder-decoders, ...) is one `Family`
+record: its config dataclass and presets (models/configs.py), the module whose
+`build(config, task, **head_kwargs)` makes a flax model for a task, the
+features its parameters are traced with, its FLOPs formula, its Hugging Face
+converter, and the few facts fine-tuning needs (which parameters carry over
+from pretraining, how its layers are named for per-layer controls). train.py,
+finetune.py and finetune_init.py ask the record; none of them branches on a
+family's name, so a new family is one `register(Family(...))` plus its
+modules.
+
+This module imports no JAX: config files read `model_config` through
+`bert_jax.defaults`, and the flax modules load on first `build`.
+"""
+from __future__ import annotations
+
 import dataclasses
+import importlib
+from typing import Any, Callable, Mapping
+
+from bert_jax.models import configs
+from bert_jax.models import flops
 
 
-def config_from_dict(cls, d):
-  """Builds the config dataclass `cls` from a mapping; an unknown key is an error naming it.
+def _bert_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:
+  predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
+  return flops.bert_train_flops(config, shapes["encoder_input_tokens"][1], predictions,
+                                nsp="nsp_labels" in shapes)
 
-  Shared by BertConfig and T5Config so `config.model` typos fail the same way
-  in both families.
+
+def _t5_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:
+  return flops.t5_train_flops(config, shapes["encoder_input_tokens"][1],
+                              shapes["decoder_target_tokens"][1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One model family, as the trainers see it.
+
+  Attributes:
+    name: the `config.family` value.
+    config_class: its frozen hyperparameter dataclass (with `preset` and
+      `from_dict`), importable without JAX.
+    module: the flax module; `module.build(config, task, **kwargs)` makes the
+      model of a task and `module.TASKS` names the tasks.
+    convert_module: its Hugging Face converter (`bert_jax.convert.*`).
+    init_features: the features the model's parameters are traced with
+      (int32 [1, 1] each; no parameter shape depends on lengths).
+    train_flops: (config, {feature: shape}) -> training FLOPs of one example.
+    finetune_task: the task `from_pretrained` loads for fine-tuning ('encoder':
+      a head is added; 'seq2seq': the whole model trains text-to-text).
+    encoder_decoder: tasks run text-to-text (tasks/adapters.Text2TextTask).
+    carried_over: top-level parameter subtrees a fine-tuning model takes from
+      a pretraining run (None: all of them).
+    depth_field: the config field counting the (encoder) layers.
+    layer_prefix: parameter path of layer i ('{i}' filled in) for per-layer
+      controls (freezing, re-init, layer-wise LR decay); None: unsupported.
+    embeddings_prefix, pooler_prefix: frozen with the lower layers / re-initialised
+      with the top ones.
+    checks_pad_id: the tokenizer's pad id must equal the model's pad_token_id.
+    positions: config -> how many positions an input may have (None: unbounded).
   """
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - known)
+  name: str
+  config_class: type
+  module: str
+  convert_module: str
+  init_features: tuple[str, ...]
+  train_flops: Callable[[Any, Mapping[str, tuple[int, ...]]], float]
+  finetune_task: str
+  encoder_decoder: bool = False
+  carried_over: tuple[str, ...] | None = None
+  depth_field: str = "num_layers"
+  layer_prefix: str | None = None
+  embeddings_prefix: str | None = None
+  pooler_prefix: str | None = None
+  checks_pad_id: bool = True
+  positions: Callable[[Any], int | None] = lambda config: None
+
+  # ------------------------------------------------------------- configs
+
+  def preset(self, name: str, **overrides):
+    """The config dataclass of preset `name` with fields overridden."""
+    return self.config_class.preset(name, **overrides)
+
+  def config_from_dict(self, fields: Mapping[str, Any]):
+    """The config dataclass from `config.model`'s fields; a bad field is an error naming it."""
+    return self.config_class.from_dict(dict(fields))
+
+  def num_layers(self, config) -> int:
+    return getattr(config, self.depth_field)
+
+  # -------------------------------------------------------------- models
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(importlib.import_module(self.module).TASKS)
+
+  def build(self, config, task: str, **kwargs):
+    """The flax model of `task` (e.g. 'mlm', 'pretraining', 'seq2seq', 'token_classification')."""
+    return importlib.import_module(self.module).build(config, task, **kwargs)
+
+  def converter(self):
+    """The family's `bert_jax.convert` module (load_hf, export_hf, MODEL_TYPES, handles)."""
+    return importlib.import_module(self.convert_module)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  """Adds `family` to the registry (a name may be registered once)."""
+  if family.name in FAMILIES:
+    raise ValueError(f"model family {family.name!r} is already registered")
+  FAMILIES[family.name] = family
+  return family
+
+
+def get(name: str) -> Family:
+  """The family called `name`; an unknown name is an error listing the known ones."""
+  if name not in FAMILIES:
+    raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def family_of(model) -> Family:
+  """The family of a built flax model (by its config dataclass)."""
+  for family in FAMILIES.values():
+    if type(getattr(model, "config", None)) is family.config_class:
+      return family
+  raise ValueError(f"{type(model).__name__} is not a model of a registered family "
+                   f"({sorted(FAMILIES)})")
+
+
+def model_config(family: str, preset: str, **overrides) -> dict[str, Any]:
+  """Every field of `family`'s `preset`, overridden, as plain values (dtype by name).
+
+  `config.model` of the config files; `vocab_size=0` there means "the
+  tokenizer's size, rounded up" (filled in at start-up).
+  """
+  fields = dataclasses.asdict(get(family).preset(preset))
+  fields["dtype"] = fields["dtype"].name
+  unknown = sorted(set(overrides) - set(fields))
   if unknown:
-    raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
-  return cls(**dict(d))
+    raise ValueError(f"{family} model: unknown field(s) {unknown}; valid fields: "
+                     f"{sorted(fields)}")
+  fields.update(overrides)
+  return fields
+
+
+register(Family(
+    name="bert", config_class=configs.BertConfig, module="bert_jax.models.bert",
+    convert_module="bert_jax.convert.bert", init_features=("encoder_input_tokens",),
+    train_flops=_bert_flops, finetune_task="encoder", carried_over=("encoder",),
+    layer_prefix="encoder/layer_{i}/", embeddings_prefix="encoder/embeddings/",
+    pooler_prefix="encoder/pooler/",
+    positions=lambda c: c.max_position_embeddings - c.position_offset))
+register(Family(
+    name="t5", config_class=configs.T5Config, module="bert_jax.models.t5",
+    convert_module="bert_jax.convert.t5",
+    init_features=("encoder_input_tokens", "decoder_input_tokens"),
+    train_flops=_t5_flops, finetune_task="seq2seq", encoder_decoder=True,
+    depth_field="num_encoder_layers", checks_pad_id=False))

@@ -33,103 +33,15 @@ given by `encoder_mask` or, when both are None, by tokens != pad_token_id.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax import models
 from bert_jax.models import layers
+from bert_jax.models.configs import BertConfig
 
 Array = jax.Array
-
-# Turc et al. 2019 sizes (layers, hidden); heads = hidden / 64, FFN = 4 x hidden.
-_PRESET_SIZES = {
-    "tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512),
-    "base": (12, 768), "large": (24, 1024),
-}
-_ACTIVATION_NAMES = ("gelu", "gelu_tanh", "relu", "silu")
-
-
-@dataclasses.dataclass(frozen=True)
-class BertConfig:
-  """Hyperparameters of a BERT-family encoder.
-
-  Attributes:
-    vocab_size, hidden_size, num_layers, num_heads, intermediate_size: sizes.
-    hidden_act: 'gelu' (exact erf, Hugging Face) or 'gelu_tanh' (original BERT).
-    max_position_embeddings: rows of the position table.
-    type_vocab_size: rows of the token-type (segment A/B) table; RoBERTa has 1.
-    layer_norm_eps: LayerNorm epsilon.
-    dropout_rate: dropout on embeddings and on each sub-layer's output.
-    attention_dropout_rate: dropout on the attention probabilities.
-    pad_token_id: padding token (0 for BERT, 1 for RoBERTa checkpoints).
-    position_offset: row of the position table used for position 0. RoBERTa
-      reserves rows 0..pad_token_id, so its offset is pad_token_id + 1; with
-      an offset > 0 and no `encoder_positions`, positions count only the
-      non-padding tokens and padding tokens read row pad_token_id (as
-      Hugging Face RoBERTa does).
-    model_type: 'bert' or 'roberta': the Hugging Face naming used on export,
-      and RoBERTa's sequence classifier (dense + tanh over the first token
-      instead of the pooler).
-    remat: recompute each block's activations in the backward pass instead
-      of storing them (less memory for long sequences / large models).
-    dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16');
-      parameters are always float32.
-  """
-  vocab_size: int = 30522
-  hidden_size: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  intermediate_size: int = 3072
-  hidden_act: str = "gelu"
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  layer_norm_eps: float = 1e-12
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  pad_token_id: int = 0
-  position_offset: int = 0
-  model_type: str = "bert"
-  remat: bool = False
-  dtype: Any = jnp.float32
-
-  def __post_init__(self):
-    try:  # config files give names ('bfloat16'); the dataclass is frozen
-      object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
-    except TypeError as e:
-      raise ValueError(f"BertConfig: unknown dtype {self.dtype!r}") from e
-    if self.hidden_size % self.num_heads:
-      raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
-                       f"num_heads {self.num_heads}")
-    if self.hidden_act not in _ACTIVATION_NAMES:
-      raise ValueError(f"BertConfig: unknown hidden_act {self.hidden_act!r}; choose one of "
-                       f"{list(_ACTIVATION_NAMES)}")
-    if self.model_type not in ("bert", "roberta"):
-      raise ValueError(f"BertConfig: model_type must be 'bert' or 'roberta', got "
-                       f"{self.model_type!r}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_heads
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "BertConfig":
-    """A named size (tiny, mini, small, medium, base, large) with fields overridden."""
-    if name not in _PRESET_SIZES:
-      raise ValueError(f"unknown BERT preset {name!r}; choose one of {list(_PRESET_SIZES)}")
-    num_layers, hidden = _PRESET_SIZES[name]
-    fields = dict(num_layers=num_layers, hidden_size=hidden, num_heads=hidden // 64,
-                  intermediate_size=4 * hidden)
-    fields.update(overrides)
-    return cls.from_dict(fields)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "BertConfig":
-    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
-    return models.config_from_dict(cls, d)
 
 
 def _attention_mask(tokens: Array, segment_ids: Array | None, mask: Array | None,

@@ -37,7 +37,6 @@ states [batch, length, d_model].
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -46,89 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bert_jax import models
 from bert_jax.models import layers
+from bert_jax.models.configs import T5Config
 
 Array = jax.Array
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_V10 = dict(activations=("relu",), tie_word_embeddings=True, dropout_rate=0.1)
-# v1.1 was pretrained without dropout; fine-tuning configs may set it back to 0.1.
-_V11 = dict(activations=("gelu_tanh", "linear"), tie_word_embeddings=False, dropout_rate=0.0)
-# name: (d_model, d_ff, num_heads, num_layers per stack, family defaults)
-_PRESETS = {
-    "t5_v1_0_tiny": (64, 128, 4, 2, dict(_V10, vocab_size=512)),
-    "t5_v1_0_small": (512, 2048, 8, 6, _V10),
-    "t5_v1_0_base": (768, 3072, 12, 12, _V10),
-    "t5_v1_0_large": (1024, 4096, 16, 24, _V10),
-    "t5_v1_1_tiny": (64, 96, 4, 2, dict(_V11, vocab_size=512)),
-    "t5_v1_1_small": (512, 1024, 6, 8, _V11),
-    "t5_v1_1_base": (768, 2048, 12, 12, _V11),
-    "t5_v1_1_large": (1024, 2816, 16, 24, _V11),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class T5Config:
-  """Hyperparameters of a T5 encoder-decoder.
-
-  Attributes:
-    vocab_size: embedding rows (32128: 32000 pieces + 100 sentinels, padded to 128).
-    d_model, d_kv, d_ff, num_heads: width, per-head width, MLP width, heads.
-    num_encoder_layers, num_decoder_layers: depth of each stack.
-    relative_attention_num_buckets, relative_attention_max_distance: the bucket function.
-    dropout_rate: dropout on embeddings, sub-layer outputs, MLP hidden and attention.
-    activations: ('relu',) for v1.0; ('gelu_tanh', 'linear') for v1.1's gated GELU.
-    tie_word_embeddings: True (v1.0): logits = embedding.attend(x * d_model**-0.5);
-      False (v1.1): a separate, unscaled `logits_dense` projection.
-    layer_norm_eps: RMSNorm epsilon.
-    pad_token_id, eos_token_id, decoder_start_token_id: special ids.
-    dtype: computation dtype; parameters are always float32.
-  """
-  vocab_size: int = 32128
-  d_model: int = 512
-  d_kv: int = 64
-  d_ff: int = 2048
-  num_heads: int = 8
-  num_encoder_layers: int = 6
-  num_decoder_layers: int = 6
-  relative_attention_num_buckets: int = 32
-  relative_attention_max_distance: int = 128
-  dropout_rate: float = 0.1
-  activations: tuple[str, ...] = ("relu",)
-  tie_word_embeddings: bool = True
-  layer_norm_eps: float = 1e-6
-  pad_token_id: int = 0
-  eos_token_id: int = 1
-  decoder_start_token_id: int = 0
-  dtype: Any = jnp.float32
-
-  def __post_init__(self):
-    if isinstance(self.dtype, str):
-      if self.dtype not in _DTYPES:
-        raise ValueError(f"T5Config: unknown dtype {self.dtype!r}; choose one of {list(_DTYPES)}")
-      object.__setattr__(self, "dtype", _DTYPES[self.dtype])
-    object.__setattr__(self, "activations", tuple(self.activations))
-    for act in self.activations:
-      layers.get_activation(act)  # fails early on a misspelt name
-
-  @classmethod
-  def preset(cls, name: str, **overrides) -> "T5Config":
-    """A named size ('t5_v1_0_small', 't5_v1_1_base', ..., '*_tiny') with fields overridden."""
-    if name not in _PRESETS:
-      raise ValueError(f"unknown T5 preset {name!r}; choose one of {list(_PRESETS)}")
-    d_model, d_ff, heads, num_layers, family = _PRESETS[name]
-    fields = dict(family, d_model=d_model, d_ff=d_ff, num_heads=heads,
-                  d_kv=16 if name.endswith("tiny") else 64,
-                  num_encoder_layers=num_layers, num_decoder_layers=num_layers)
-    fields.update(overrides)
-    return cls.from_dict(fields)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "T5Config":
-    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
-    return models.config_from_dict(cls, d)
-
 
 # ---------------------------------------------------------------------------
 # Relative position bias.
@@ -495,3 +415,15 @@ class T5EncoderModel(nn.Module):
     """encoder_input_tokens [batch, length] -> [batch, length, d_model] (computation dtype)."""
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                         deterministic=not enable_dropout)
+
+
+TASKS = {"seq2seq": T5Model, "encoder": T5EncoderModel}
+
+
+def build(config: T5Config, task: str = "seq2seq", **kwargs) -> nn.Module:
+  """The model for `task` ('seq2seq': encoder-decoder, 'encoder': the encoder alone)."""
+  if task not in TASKS:
+    raise ValueError(f"unknown T5 task {task!r}; choose one of {list(TASKS)}")
+  if kwargs:
+    raise ValueError(f"T5 {task!r} models take no head arguments, got {sorted(kwargs)}")
+  return TASKS[task](config)

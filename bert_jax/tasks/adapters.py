@@ -27,6 +27,7 @@ import numpy as np
 import jax
 from jax.experimental import multihost_utils
 
+from bert_jax import models
 from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
@@ -385,13 +386,13 @@ TASKS = {"glue": GlueTask, "conll": ConllTask, "squad": SquadTask}
 
 
 def make_task(config, tokenizer):
-  """The task object of `config.task` (Text2TextTask for every task when family is 't5')."""
+  """The task object of `config.task` (Text2TextTask for every task of an encoder-decoder)."""
   if config.task not in TASKS:
     raise ValueError(f"config.task: unknown task {config.task!r}; choose one of "
                      f"{list(TASKS)}")
   if not config.data.data_dir or not os.path.isdir(config.data.data_dir):
     raise FileNotFoundError(f"config.data.data_dir: folder {config.data.data_dir!r} does not "
                             "exist")
-  if config.get("family", "bert") == "t5":
+  if models.get(config.family).encoder_decoder:
     return Text2TextTask(config, tokenizer)
   return TASKS[config.task](config, tokenizer)

@@ -354,7 +354,7 @@ def read_tfds(task: Union[str, GlueTask], split: str,
   task = get_task(task)
   data_dir = os.path.expanduser(
       data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-  folder = sources._tfds_folder(task.tfds_name, data_dir)  # pylint: disable=protected-access
+  folder = sources.tfds_folder(task.tfds_name, data_dir)
   builder = tfds.builder_from_directory(folder)
   name = tfds_split(task, split)
   if name not in builder.info.splits:

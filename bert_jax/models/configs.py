@@ -1,0 +1,210 @@
+"""Hyperparameters of the model families, importable without JAX.
+
+Config files (configs/*.py) and `bert_jax.defaults` read the presets and the
+field lists from here, so loading a config imports neither JAX nor
+TensorFlow; the flax modules (bert.py, t5.py) take these dataclasses as they
+are. dtypes are numpy dtypes (ml_dtypes supplies bfloat16), equal to the
+jnp ones: `BertConfig(dtype="bfloat16").dtype == jnp.bfloat16`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Every activation name the layers know (layers.ACTIVATIONS has the functions).
+ACTIVATION_NAMES = ("gelu", "gelu_tanh", "gelu_new", "relu", "silu", "linear")
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+
+
+def as_dtype(value: Any, owner: str) -> np.dtype:
+  """A computation dtype from its name or a dtype; an unknown one names `owner`."""
+  try:
+    dtype = np.dtype(DTYPES.get(value, value) if isinstance(value, str) else value)
+  except TypeError:
+    dtype = None
+  if dtype not in DTYPES.values():
+    raise ValueError(f"{owner}: unknown dtype {value!r}; choose one of {list(DTYPES)}")
+  return dtype
+
+
+def config_from_dict(cls, d):
+  """Builds the config dataclass `cls` from a mapping; an unknown key is an error naming it.
+
+  Shared by every family so `config.model` typos fail the same way in each.
+  """
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+  return cls(**dict(d))
+
+
+# ------------------------------------------------------------------- BERT
+
+
+# Turc et al. 2019 sizes (layers, hidden); heads = hidden / 64, FFN = 4 x hidden.
+BERT_PRESET_SIZES = {
+    "tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512),
+    "base": (12, 768), "large": (24, 1024),
+}
+_BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyperparameters of a BERT-family encoder.
+
+  Attributes:
+    vocab_size, hidden_size, num_layers, num_heads, intermediate_size: sizes.
+    hidden_act: 'gelu' (exact erf, Hugging Face) or 'gelu_tanh' (original BERT).
+    max_position_embeddings: rows of the position table.
+    type_vocab_size: rows of the token-type (segment A/B) table; RoBERTa has 1.
+    layer_norm_eps: LayerNorm epsilon.
+    dropout_rate: dropout on embeddings and on each sub-layer's output.
+    attention_dropout_rate: dropout on the attention probabilities.
+    pad_token_id: padding token (0 for BERT, 1 for RoBERTa checkpoints).
+    position_offset: row of the position table used for position 0. RoBERTa
+      reserves rows 0..pad_token_id, so its offset is pad_token_id + 1; with
+      an offset > 0 and no `encoder_positions`, positions count only the
+      non-padding tokens and padding tokens read row pad_token_id (as
+      Hugging Face RoBERTa does).
+    model_type: 'bert' or 'roberta': the Hugging Face naming used on export,
+      and RoBERTa's sequence classifier (dense + tanh over the first token
+      instead of the pooler).
+    remat: recompute each block's activations in the backward pass instead
+      of storing them (less memory for long sequences / large models).
+    dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16');
+      parameters are always float32.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  hidden_act: str = "gelu"
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  pad_token_id: int = 0
+  position_offset: int = 0
+  model_type: str = "bert"
+  remat: bool = False
+  dtype: Any = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", as_dtype(self.dtype, "BertConfig"))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
+                       f"num_heads {self.num_heads}")
+    if self.hidden_act not in _BERT_ACTIVATIONS:
+      raise ValueError(f"BertConfig: unknown hidden_act {self.hidden_act!r}; choose one of "
+                       f"{list(_BERT_ACTIVATIONS)}")
+    if self.model_type not in ("bert", "roberta"):
+      raise ValueError(f"BertConfig: model_type must be 'bert' or 'roberta', got "
+                       f"{self.model_type!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "BertConfig":
+    """A named size (tiny, mini, small, medium, base, large) with fields overridden."""
+    if name not in BERT_PRESET_SIZES:
+      raise ValueError(f"unknown BERT preset {name!r}; choose one of {list(BERT_PRESET_SIZES)}")
+    num_layers, hidden = BERT_PRESET_SIZES[name]
+    fields = dict(num_layers=num_layers, hidden_size=hidden, num_heads=hidden // 64,
+                  intermediate_size=4 * hidden)
+    fields.update(overrides)
+    return cls.from_dict(fields)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "BertConfig":
+    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
+    return config_from_dict(cls, d)
+
+
+# --------------------------------------------------------------------- T5
+
+
+_V10 = dict(activations=("relu",), tie_word_embeddings=True, dropout_rate=0.1)
+# v1.1 was pretrained without dropout; fine-tuning configs may set it back to 0.1.
+_V11 = dict(activations=("gelu_tanh", "linear"), tie_word_embeddings=False, dropout_rate=0.0)
+# name: (d_model, d_ff, num_heads, num_layers per stack, family defaults)
+T5_PRESETS = {
+    "t5_v1_0_tiny": (64, 128, 4, 2, dict(_V10, vocab_size=512)),
+    "t5_v1_0_small": (512, 2048, 8, 6, _V10),
+    "t5_v1_0_base": (768, 3072, 12, 12, _V10),
+    "t5_v1_0_large": (1024, 4096, 16, 24, _V10),
+    "t5_v1_1_tiny": (64, 96, 4, 2, dict(_V11, vocab_size=512)),
+    "t5_v1_1_small": (512, 1024, 6, 8, _V11),
+    "t5_v1_1_base": (768, 2048, 12, 12, _V11),
+    "t5_v1_1_large": (1024, 2816, 16, 24, _V11),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of a T5 encoder-decoder.
+
+  Attributes:
+    vocab_size: embedding rows (32128: 32000 pieces + 100 sentinels, padded to 128).
+    d_model, d_kv, d_ff, num_heads: width, per-head width, MLP width, heads.
+    num_encoder_layers, num_decoder_layers: depth of each stack.
+    relative_attention_num_buckets, relative_attention_max_distance: the bucket function.
+    dropout_rate: dropout on embeddings, sub-layer outputs, MLP hidden and attention.
+    activations: ('relu',) for v1.0; ('gelu_tanh', 'linear') for v1.1's gated GELU.
+    tie_word_embeddings: True (v1.0): logits = embedding.attend(x * d_model**-0.5);
+      False (v1.1): a separate, unscaled `logits_dense` projection.
+    layer_norm_eps: RMSNorm epsilon.
+    pad_token_id, eos_token_id, decoder_start_token_id: special ids.
+    dtype: computation dtype; parameters are always float32.
+  """
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  activations: tuple[str, ...] = ("relu",)
+  tie_word_embeddings: bool = True
+  layer_norm_eps: float = 1e-6
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  dtype: Any = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", as_dtype(self.dtype, "T5Config"))
+    object.__setattr__(self, "activations", tuple(self.activations))
+    for act in self.activations:  # fails early on a misspelt name
+      if act not in ACTIVATION_NAMES:
+        raise ValueError(f"T5Config: unknown activation {act!r}; choose one of "
+                         f"{list(ACTIVATION_NAMES)}")
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "T5Config":
+    """A named size ('t5_v1_0_small', 't5_v1_1_base', ..., '*_tiny') with fields overridden."""
+    if name not in T5_PRESETS:
+      raise ValueError(f"unknown T5 preset {name!r}; choose one of {list(T5_PRESETS)}")
+    d_model, d_ff, heads, num_layers, family = T5_PRESETS[name]
+    fields = dict(family, d_model=d_model, d_ff=d_ff, num_heads=heads,
+                  d_kv=16 if name.endswith("tiny") else 64,
+                  num_encoder_layers=num_layers, num_decoder_layers=num_layers)
+    fields.update(overrides)
+    return cls.from_dict(fields)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "T5Config":
+    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
+    return config_from_dict(cls, d)
