@@ -137,6 +137,11 @@ def train_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.family = "bert"  # a key of bert_jax.models.FAMILIES
+  # Continued pretraining (DAPT/TAPT): a Hugging Face folder or a bert-jax train
+  # workdir to start from (its weights, tokenizer and architecture; a fresh
+  # optimizer and data position). '' = random init. A resumed run restores its
+  # own checkpoint instead.
+  c.init_from = ""
   c.model = model_config("bert", "tiny")
   c.data = data_config()
   c.optim = optim_config("adamw")

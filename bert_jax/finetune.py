@@ -57,6 +57,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import finetune_init
+from bert_jax import init_from
 from bert_jax import loop
 from bert_jax import metrics as metrics_lib
 from bert_jax import models
@@ -103,7 +104,7 @@ def validate(config) -> tuple[int, int, int]:
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
                       f"{config.finetune.layerwise_lr_decay}")
-  if config.init_from and not (finetune_init.is_pretraining_workdir(config.init_from)
+  if config.init_from and not (init_from.is_pretraining_workdir(config.init_from)
                                or os.path.isfile(os.path.join(config.init_from, "config.json"))):
     raise ConfigError("init_from", f"{config.init_from!r} is neither a Hugging Face folder "
                       "(config.json) nor a bert_jax pretraining workdir (checkpoints/)")
@@ -196,8 +197,8 @@ def _setup(config) -> _Run:
   mesh_shape = validate(config)
   mesh = sharding.make_mesh(*mesh_shape)
   rules = sharding.get_rules(config.mesh.rules)
-  if not config.data.tokenizer and finetune_init.is_pretraining_workdir(config.init_from):
-    config.data.tokenizer, config.data.lower_case = finetune_init.pretraining_tokenizer(
+  if not config.data.tokenizer and init_from.is_pretraining_workdir(config.init_from):
+    config.data.tokenizer, config.data.lower_case = init_from.pretraining_tokenizer(
         config.init_from)
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer or config.init_from,
                                            lower_case=config.data.lower_case)
@@ -290,7 +291,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, _ = steps.create_sharded_state(model, tx, run.init_shapes, run.mesh, run.rules,
                                           config.seed)
     if run.pretrained is not None:
-      state = state.replace(params=finetune_init.load_pretrained(
+      state = state.replace(params=init_from.load_pretrained(
           state.params, run.pretrained, state_shardings.params, family, layers,
           config.finetune.reinit_layers))
     start, best = 0, None

@@ -33,6 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import init_from
 from bert_jax import loop
 from bert_jax import metrics as metrics_lib
 from bert_jax import models
@@ -168,10 +169,13 @@ def _eval_batches(config, batch_sharding, features: set[str]) -> list[dict[str, 
     return []
   eval_data = ml_collections.ConfigDict(config.data.to_dict())
   eval_data.source, eval_data.split = config.eval.source, config.eval.split
-  batches = pipeline.make_eval_iterator(
-      eval_data, seed=config.seed, batch_size=config.eval.batch_size,
-      num_batches=config.eval.num_batches, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  try:
+    batches = pipeline.make_eval_iterator(
+        eval_data, seed=config.seed, batch_size=config.eval.batch_size,
+        num_batches=config.eval.num_batches, process_index=jax.process_index(),
+        process_count=jax.process_count())
+  except (ValueError, FileNotFoundError) as e:  # the pipeline names data.*: say which
+    raise type(e)(str(e).replace("config.data.source", "config.eval.source", 1)) from e
   return [_global_batch({k: v for k, v in b.items() if k in features}, batch_sharding)
           for b in batches]
 
@@ -242,6 +246,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
 
+  # ---- continued pretraining: the init_from checkpoint's architecture and
+  # tokenizer (its weights go into the fresh state below).
+  mesh = sharding.make_mesh(*mesh_shape)
+  rules = sharding.get_rules(config.mesh.rules)
+  pretrained = None
+  if config.init_from:
+    pretrained = init_from.load(config.init_from, config.family, config.model.dtype, mesh, rules,
+                                lower_case=config.data.lower_case)
+    config.model = ml_collections.ConfigDict(init_from.merged_model_fields(
+        config.model.to_dict(), pretrained, config.init_from))
+    if not config.data.tokenizer:
+      config.data.tokenizer, config.data.lower_case = pretrained.tokenizer, pretrained.lower_case
+
   # ---- tokenizer and model: the model's vocabulary covers the tokenizer's.
   config.data.tokenizer = tokenizer_path(config, workdir)
   vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer,
@@ -253,9 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f"{vocab} ids ({config.data.tokenizer})")
   model = build_model(config)
 
-  # ---- mesh, optimizer, state shapes and shardings (nothing computed yet).
-  mesh = sharding.make_mesh(*mesh_shape)
-  rules = sharding.get_rules(config.mesh.rules)
+  # ---- optimizer, state shapes and shardings (nothing computed yet).
   batch_sharding = sharding.batch_sharding(mesh)
   init_shapes = steps.init_shapes(family.init_features)
   num_steps = config.train.num_steps
@@ -275,6 +290,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state, _ = steps.create_sharded_state(model, tx, init_shapes, mesh, rules, config.seed)
     position, start = None, 0
+    if pretrained is not None:  # a fresh optimizer and data position, the checkpoint's weights
+      state = state.replace(params=init_from.load_pretrained(
+          state.params, pretrained.params, state_shardings.params, family,
+          family.num_layers(model.config)))
   # Lines a killed run logged after its last checkpoint (all of them, when it
   # saved none) are dropped: the resumed run logs those steps again.
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if restored else -1,

@@ -13,7 +13,12 @@ from ~8.3 (about log 4096: uniform over the vocabulary) at step 0 to ~6.7 at
 step 400 (measured: 8.38 -> 7.01 at step 100 -> 6.73 at step 400).
 
 Variants (`--config=configs/quickstart.py:VARIANT`): mlm (default), mlm_nsp,
-mlm_sop, span_corruption (a T5 v1.1-tiny with Adafactor). Look at the batches:
+mlm_sop, span_corruption (a T5 v1.1-tiny with Adafactor), albert (a tiny
+ALBERT: embedding 64, all layers shared, SOP with n-gram masking):
+  bert-jax train --config=configs/quickstart.py:albert --workdir=/tmp/qs_albert
+Expected (albert; measured, 3.4 minutes): eval/mlm/loss 8.38 at step 0 -> 6.76
+at step 100 -> 6.67 at step 400, eval/sop/accuracy 0.52 -> 0.62 (256 held-out pairs).
+Look at the batches:
   bert-jax inspect --config=configs/quickstart.py --num_batches=2 --out=/tmp/batches.npz
 """
 import ml_collections
@@ -22,8 +27,10 @@ from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop or span_corruption."""
-  objective = arg or "mlm"
+  """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop, span_corruption or albert."""
+  variant = arg or "mlm"
+  # albert: ALBERT's own objective (SOP) and masking (n-grams) on its model.
+  objective = "mlm_sop" if variant == "albert" else variant
   config = defaults.train_config()
 
   # data.source builtin:pydoc_topics and data.tokenizer '' (train a
@@ -44,6 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = defaults.model_config("bert", "tiny", vocab_size=0)
     config.optim.learning_rate = 1e-3  # a tiny model on a tiny corpus learns fast
     config.optim.warmup_steps = 40
+  if variant == "albert":
+    # BERT-tiny's 2 x 128 with 64-wide embeddings and one stored layer.
+    config.model.update(model_type="albert", embedding_size=64, share_layers="all",
+                        hidden_act="gelu_new")
+    config.data.masking = "ngram"
 
   config.train.num_steps = 400
   config.checkpoint.every_steps = 200

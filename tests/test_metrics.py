@@ -253,6 +253,31 @@ def test_bert_nsp_head_flops_match_xla():
   assert 1.0 <= head_at_zero_length / ours <= 1.05, head_at_zero_length / ours
 
 
+def test_albert_flops_count_applied_layers_projection_and_factorised_head():
+  # ALBERT-base, S=128, P=20, E=128: the 12 shared layers are computed 12
+  # times; the E -> H projection runs at every position and the MLM head
+  # maps H -> E before the E-wide tied logits.
+  cfg = bert.BertConfig.preset("base", vocab_size=30000, embedding_size=128,
+                               share_layers="all", model_type="albert")
+  s, h, i, p, v, e = 128, 768, 3072, 20, 30000, 128
+  forward = 12 * (8 * s * h * h + 4 * s * s * h + 4 * s * h * i)
+  forward += 2 * s * e * h  # embedding projection
+  forward += 2 * p * h * e + 2 * p * e * v  # MLM transform + tied logits
+  forward += 2 * h * h + 4 * h  # pooler + sentence-order head
+  assert flops.bert_train_flops(cfg, s, p, nsp=True) == 3 * forward
+  unshared = bert.BertConfig.preset("base", vocab_size=30000, embedding_size=128)
+  assert flops.bert_train_flops(unshared, s, p, nsp=True) == 3 * forward
+
+
+def test_albert_flops_match_xla():
+  cfg = bert.BertConfig.preset("tiny", hidden_size=256, num_heads=4, intermediate_size=1024,
+                               vocab_size=1024, max_position_embeddings=128,
+                               embedding_size=64, share_layers="all", num_layers=3)
+  ours = flops.bert_train_flops(cfg, 128, 20, nsp=True)
+  xla = _bert_xla_flops("pretraining", cfg, 128, 20, compile=False)
+  assert 1.0 <= xla / ours <= 1.06, xla / ours
+
+
 def _t5_xla_flops(cfg, inputs_length, targets_length, batch_size=2, compile=True):
   model = t5.T5Model(cfg)
   rs = np.random.RandomState(0)

@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -41,7 +40,11 @@ rules = json.load(open(rules_path)) if os.path.exists(rules_path) else []
 counts_path = os.path.join(root, "counts.json")
 counts = json.load(open(counts_path)) if os.path.exists(counts_path) else {{}}
 line = " ".join(args)
+def bucket(url):  # gs://b/x -> FAKE_GCLOUD_DIR/gcs/b/x
+  return os.path.join(root, "gcs", url[len("gs://"):])
 for i, rule in enumerate(rules):
+  if rule.get("if_exists") and not os.path.exists(bucket(rule["if_exists"])):
+    continue
   if all(m in line for m in rule["match"]):
     n = counts.get(str(i), 0)
     counts[str(i)] = n + 1
@@ -50,6 +53,18 @@ for i, rule in enumerate(rules):
     sys.stdout.write(r.get("out", ""))
     sys.stderr.write(r.get("err", ""))
     sys.exit(r.get("rc", 0))
+if args[:2] == ["storage", "cat"]:  # a bucket on local disk
+  path = bucket(args[-1])
+  if not os.path.isfile(path):
+    sys.exit("ERROR: (gcloud.storage.cat) The following URLs matched no objects or files: "
+             + args[-1])
+  data = open(path).read()
+  if args[2].startswith("--range=-"):
+    data = data[-int(args[2][len("--range=-"):]):]
+  sys.stdout.write(data)
+elif args[:2] == ["storage", "cp"]:
+  os.makedirs(os.path.dirname(bucket(args[3])), exist_ok=True)
+  shutil.copy(args[2], bucket(args[3]))
 """
 
 NOT_FOUND = {"rc": 1, "err": "ERROR: (gcloud.compute.tpus) NOT_FOUND: Resource not found\n"}
@@ -68,17 +83,39 @@ class Fake:
     exe = self.dir / "bin" / "gcloud"
     exe.write_text(FAKE_GCLOUD.format(python=sys.executable))
     exe.chmod(0o755)
+    # A git checkout whose package and configs are this repository's (links),
+    # so launch builds the real configs; the tests commit to it.
     self.source = tmp_path / "checkout"
-    (self.source / "configs").mkdir(parents=True)
+    self.source.mkdir()
     (self.source / "setup.py").write_text("# a bert_jax checkout\n")
-    (self.source / "configs" / "bert.py").write_text("def get_config(arg=None): pass\n")
+    (self.source / "bert_jax").symlink_to(ROOT / "bert_jax")
+    (self.source / "configs").symlink_to(ROOT / "configs")
+    self.git("init", "-q")
+    self.commit("first")
     # An empty settings file, so a developer's tpu_scripts/settings.env stays out.
     self.settings = tmp_path / "empty.env"
     self.settings.write_text("")
 
+  def git(self, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          cwd=self.source, check=True, capture_output=True, text=True).stdout
+
+  def commit(self, message):
+    """Commits everything; returns the commit."""
+    self.git("add", "-A")
+    self.git("commit", "-q", "--allow-empty", "-m", message)
+    return self.git("rev-parse", "HEAD").strip()
+
   def rules(self, *rules):
+    """Rules (match, responses) or (match, responses, gs:// object that must exist)."""
+    (self.dir / "counts.json").unlink(missing_ok=True)  # new rules answer from their start
     (self.dir / "rules.json").write_text(json.dumps(
-        [{"match": list(m), "responses": list(r)} for m, r in rules]))
+        [{"match": list(r[0]), "responses": list(r[1]), "if_exists": r[2] if len(r) > 2 else ""}
+         for r in rules]))
+
+  def gcs(self, url):
+    """The local file behind a gs:// URL of the fake."""
+    return self.dir / "gcs" / url[len("gs://"):]
 
   def run(self, *args, path=None, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("BERT_JAX_")}
@@ -101,8 +138,10 @@ class Fake:
 
 def kind(call):
   """A short name for a recorded gcloud call."""
-  if call[:2] == ["storage", "cat"]:
-    return "storage-cat"
+  if call[0] == "alpha":
+    call = call[1:]
+  if call[0] == "storage":
+    return f"storage-{call[1]}"
   verb = f"{'qr' if call[2] == 'queued-resources' else 'vm'}-{call[3]}"
   if call[3] != "ssh":
     return verb
@@ -110,7 +149,7 @@ def kind(call):
   for marker, name in (("BERT_JAX_SETUP_DONE", "setup"), ("BERT_JAX_CHECK", "check"),
                        ("BERT_JAX_STOPPED", "stop"), ("BERT_JAX_LAUNCHED", "launch"),
                        ("BERT_JAX_JOB", "job"), ("BERT_JAX_STATUS", "status"),
-                       ("tail -n", "tail")):
+                       ("BERT_JAX_LOGS_COPIED", "copylogs"), ("tail -n", "tail")):
     if marker in command:
       return f"ssh-{name}"
   return "ssh-?"
@@ -270,6 +309,9 @@ def test_setup_uploads_checkout_installs_and_checks_every_worker(fake):
   (fake.source / "pkg" / "__pycache__").mkdir(parents=True)
   (fake.source / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_text("x")
   (fake.source / "pkg" / "m.py").write_text("x = 1\n")
+  (fake.source / ".gitignore").write_text(".venv/\n__pycache__/\n")
+  commit = fake.commit("pkg")
+  (fake.source / "pkg" / "m.py").write_text("x = 2  # not committed: not shipped\n")
   fake.rules((["BERT_JAX_CHECK process"], [check_lines(16, 4, 4)]))
   proc = fake.run("setup", *WHERE, "--name=n1", "--accelerator_type=v4-32")
   assert proc.returncode == 0, proc.stderr
@@ -284,7 +326,9 @@ def test_setup_uploads_checkout_installs_and_checks_every_worker(fake):
   assert "(16, 4)" in check_cmd and "distributed.initialize()" in check_cmd
   with tarfile.open(fake.dir / "uploaded.tar.gz") as tar:
     names = set(tar.getnames())
-  assert {"setup.py", "configs/bert.py", "pkg/m.py"} <= names
+    assert tar.extractfile("pkg/m.py").read() == b"x = 1\n"  # the commit, not the edit
+    assert tar.extractfile("BERT_JAX_REVISION").read().decode() == commit + "\n"
+  assert {"setup.py", "configs", "bert_jax", "pkg/m.py"} <= names
   assert not any(".venv" in n or "__pycache__" in n for n in names)
   assert "device check passed" in proc.stdout
 
@@ -304,25 +348,33 @@ def test_setup_refuses_to_replace_the_code_of_a_running_job(fake):
   assert [kind(c) for c in fake.calls] == ["vm-scp", "ssh-setup"]  # no device check
 
 
+DATA = ("--config.data.data_dir=gs://bkt/tfds", "--config.data.tokenizer=gs://bkt/vocab.txt")
+
+
 def test_launch_clears_leftovers_then_starts_job_on_all_workers(fake):
+  fake.rules((["tpu-vm describe"], [_out("READY")]),
+             (["queued-resources describe"], [_out("ACTIVE")]))
   proc = fake.run("launch", *WHERE, "--name=n1", "--accelerator_type=v4-32",
                   "--config=configs/bert.py:base", "--workdir=gs://bkt/run1",
-                  "--config.train.num_steps=10", "--config.data.source=a b",
+                  "--config.train.num_steps=10", "--config.data.source=a b", *DATA,
                   BERT_JAX_OVERRIDES="--config.seed=3", BERT_JAX_ENV="FOO=bar baz=1")
   assert proc.returncode == 0, proc.stderr
-  calls = fake.calls
-  assert [kind(c) for c in calls] == ["ssh-stop", "ssh-launch"]  # lock removed first
-  assert all("--worker=all" in c and c[4] == "n1" for c in calls)
-  stop_cmd, launch_cmd = flag(calls[0], "command"), flag(calls[1], "command")
+  calls = [c for c in fake.calls if c[0] != "storage"]
+  assert [kind(c) for c in calls] == ["qr-describe", "vm-describe", "ssh-stop",
+                                      "ssh-launch"]  # READY; lock removed first
+  assert all("--worker=all" in c and c[4] == "n1" for c in calls[2:])
+  stop_cmd, launch_cmd = flag(calls[2], "command"), flag(calls[3], "command")
   assert "rm -f /tmp/libtpu_lockfile" in stop_cmd and "pkill -TERM" in stop_cmd
   job_line = next(line for line in launch_cmd.splitlines() if line.startswith("setsid nohup"))
-  inner = shlex.split(job_line)[4]  # setsid nohup bash -c INNER >> log ...
-  job = shlex.split(inner.split(";")[0])
-  assert job[:2] == ["FOO=bar", "baz=1"]
+  assert "run.sh" in job_line and "train.log" in job_line and job_line.endswith("&")
+  wrapper = launch_cmd.split("run.sh <<'BERT_JAX_EOF'\n", 1)[1].split("\nBERT_JAX_EOF")[0]
+  job = shlex.split(next(line for line in wrapper.splitlines() if "bin/bert-jax" in line))
+  assert job[:2] == ["FOO=bar", "baz=1"] and job[-1] == "&"
   assert job[2].endswith("bert_jax_venv/bin/bert-jax")
-  assert job[3:] == ["train", "--config=configs/bert.py:base", "--workdir=gs://bkt/run1",
-                     "--config.seed=3", "--config.train.num_steps=10", "--config.data.source=a b"]
-  assert "exit_code" in inner and "train.log" in job_line and job_line.endswith("&")
+  assert job[3:-1] == ["train", "--config=configs/bert.py:base", "--workdir=gs://bkt/run1",
+                       "--config.seed=3", "--config.train.num_steps=10",
+                       "--config.data.source=a b", *DATA]
+  assert "exit_code" in wrapper
 
 
 def test_status_one_line_per_worker_and_metrics(fake):
@@ -370,16 +422,26 @@ def test_logs_stop_delete(fake):
 # ---------------------------------------------------------------------------
 
 RECOVER = (*WHERE, "--name=n1", "--accelerator_type=v4-32", "--provisioning=spot",
-           "--config=configs/bert.py:base", "--workdir=gs://bkt/run1")
+           "--config=configs/bert.py:base", "--workdir=gs://bkt/run1", *DATA)
+
+
+def jobs(state, workers=4):
+  """What job_script prints on `workers` workers."""
+  return _out("\n".join(f"BERT_JAX_JOB w={w} {state}" for w in range(workers)))
+
+
+def no_storage(calls):
+  return [c for c in calls if c[0] != "storage"]
 
 
 def test_recover_recreates_sets_up_and_relaunches_after_preemption(fake):
   fake.rules((["tpu-vm describe"], [_out("READY"), _out("PREEMPTED"), _out("READY")]),
-             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB running"), _out("BERT_JAX_JOB exited:0")]),
+             (["BERT_JAX_JOB"], [jobs("running"), jobs("exited:0")]),
              (["BERT_JAX_CHECK process"], [check_lines(16, 4, 4)]))
-  proc = fake.run("recover", *RECOVER, "--queued=false", "--config.train.num_steps=99")
+  proc = fake.run("recover", *RECOVER, "--queued=false", "--config.train.num_steps=99",
+                  BERT_JAX_HUNG_SECONDS="0")
   assert proc.returncode == 0, proc.stderr
-  calls = fake.calls
+  calls = no_storage(fake.calls)
   assert [kind(c) for c in calls] == [
       "vm-describe", "ssh-job",                      # healthy, running
       "vm-describe",                                 # PREEMPTED
@@ -388,7 +450,7 @@ def test_recover_recreates_sets_up_and_relaunches_after_preemption(fake):
       "ssh-stop", "ssh-launch",                      # lock clean-up, then launch
       "vm-describe", "ssh-job", "vm-describe", "ssh-job"]  # exited 0, confirmed
   assert "--spot" in calls[4] and "--version=tpu-ubuntu2204-base" in calls[4]
-  assert flag(calls[1], "worker") == "0"
+  assert flag(calls[1], "worker") == "all"  # every worker's job
   launch_cmd = flag(calls[10], "command")
   for part in ("--config=configs/bert.py:base", "--workdir=gs://bkt/run1",
                "--config.train.num_steps=99"):
@@ -398,12 +460,12 @@ def test_recover_recreates_sets_up_and_relaunches_after_preemption(fake):
 
 def test_recover_creates_a_missing_slice_and_launches(fake):
   fake.rules((["tpu-vm describe"], [NOT_FOUND, _out("READY")]),
-             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB exited:0")]),
+             (["BERT_JAX_JOB"], [jobs("exited:0", 1)]),
              (["BERT_JAX_CHECK process"], [check_lines(4, 1, 1)]))
   proc = fake.run("recover", *WHERE, "--name=n1", "--accelerator_type=v4-8", "--queued=false",
-                  "--config=configs/bert.py", "--workdir=gs://bkt/run1")
+                  "--config=configs/bert.py", "--workdir=gs://bkt/run1", *DATA)
   assert proc.returncode == 0, proc.stderr
-  assert [kind(c) for c in fake.calls] == [
+  assert [kind(c) for c in no_storage(fake.calls)] == [
       "vm-describe", "vm-delete", "vm-create", "vm-describe", "vm-scp", "ssh-setup",
       "ssh-check", "ssh-stop", "ssh-launch", "vm-describe", "ssh-job", "vm-describe", "ssh-job"]
   assert "does not exist yet" in proc.stdout and "preemption #" not in proc.stdout
@@ -412,11 +474,11 @@ def test_recover_creates_a_missing_slice_and_launches(fake):
 def test_recover_gives_up_after_max_attempts(fake):
   fake.rules((["queued-resources describe"], [_out("ACTIVE"), _out("SUSPENDED")]),
              (["tpu-vm describe"], [_out("READY")]),
-             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB running")]),
+             (["BERT_JAX_JOB"], [jobs("running")]),
              (["queued-resources create"], [{"rc": 1, "err": "ERROR: no capacity\n"}]))
-  proc = fake.run("recover", *RECOVER, BERT_JAX_MAX_ATTEMPTS="3")
+  proc = fake.run("recover", *RECOVER, BERT_JAX_MAX_ATTEMPTS="3", BERT_JAX_HUNG_SECONDS="0")
   assert proc.returncode == 1
-  kinds = [kind(c) for c in fake.calls]
+  kinds = [kind(c) for c in no_storage(fake.calls)]
   assert kinds[:3] == ["qr-describe", "vm-describe", "ssh-job"]
   assert kinds[3:] == ["qr-describe", "qr-delete", "qr-create"] * 3
   assert "gave up after 3 failed recovery attempts" in proc.stderr
@@ -425,10 +487,11 @@ def test_recover_gives_up_after_max_attempts(fake):
 
 def test_recover_does_not_relaunch_a_crash_on_a_healthy_slice(fake):
   fake.rules((["tpu-vm describe"], [_out("READY")]),
-             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB exited:1")]))
+             (["BERT_JAX_JOB"], [_out("BERT_JAX_JOB w=0 running\nBERT_JAX_JOB w=1 exited:1\n"
+                                      "BERT_JAX_JOB w=2 running\nBERT_JAX_JOB w=3 running")]))
   proc = fake.run("recover", *RECOVER, "--queued=false")
   assert proc.returncode == 1
-  assert [kind(c) for c in fake.calls] == ["vm-describe", "ssh-job"] * 2
+  assert [kind(c) for c in no_storage(fake.calls)] == ["vm-describe", "ssh-job"] * 2
   assert "exited with code 1" in proc.stderr and "not a preemption" in proc.stderr
 
 
@@ -439,7 +502,7 @@ def test_recover_does_not_relaunch_a_crash_on_a_healthy_slice(fake):
 @pytest.mark.parametrize("command", ["create", "setup", "launch", "logs", "status", "stop",
                                      "delete", "recover"])
 def test_dry_run_prints_commands_and_calls_nothing(fake, command):
-  extra = ["--config=configs/bert.py", "--workdir=gs://b/w"] if command in (
+  extra = ["--config=configs/bert.py", "--workdir=gs://b/w", *DATA] if command in (
       "launch", "recover") else []
   proc = fake.run(command, "--dry_run", *WHERE, "--name=n1", "--accelerator_type=v4-32",
                   "--provisioning=spot", *extra)
@@ -584,184 +647,13 @@ def test_remote_setup_script_unpacks_installs_and_is_idempotent(tmp_path, monkey
   job.chmod(0o755)
   running = subprocess.Popen([str(job), "train"], start_new_session=True)
   try:
-    assert _wait_for(lambda: _bash(remote.job_script("logs"), home).stdout.strip()
-                     == "BERT_JAX_JOB running")
+    assert _wait_for(lambda: remote.parse_job(_bash(remote.job_script("logs"), home).stdout)
+                     == "running")
     out = _bash(script, home)
     assert out.returncode == 4 and "BERT_JAX_BUSY" in out.stdout
   finally:
     os.killpg(running.pid, 9)  # the script and its sleep: our own process group
     running.wait()
-
-
-_RUN_SETUP_PY = """
-import collections, runpy, sys, setuptools
-setuptools.setup = lambda **kw: print('SETUP REACHED', kw['python_requires'])
-if len(sys.argv) > 1:  # pretend to be that Python, as setup.py sees it
-  sys.version_info = collections.namedtuple('v', 'major minor micro releaselevel serial')(
-      *map(int, sys.argv[1].split('.')), 'final', 0)
-runpy.run_path('setup.py', run_name='__main__')
-"""
-
-
-@pytest.mark.parametrize("version", ["3.10.12", "3.9.2", ""])
-def test_setup_py_names_the_python_it_needs(version):
-  # setup.py runs as pip runs it (as __main__) in an interpreter that reports
-  # `version`; an old one stops with the message before setuptools.setup().
-  proc = subprocess.run([sys.executable, "-c", _RUN_SETUP_PY, *([version] if version else [])],
-                        cwd=ROOT, capture_output=True, text=True, timeout=60)
-  if not version:  # this interpreter: supported, setup() runs
-    assert proc.returncode == 0 and "SETUP REACHED >=3.11,<3.14" in proc.stdout, proc.stderr
-    return
-  assert proc.returncode == 1 and "SETUP REACHED" not in proc.stdout
-  assert proc.stderr.strip().splitlines()[-1] == (
-      f"bert_jax needs Python >= 3.11 (jax >= 0.7 requires it); this is Python {version}. "
-      "On a TPU VM, tpu_scripts/tpu.py setup installs one.")
-
-
-# A Python that reports VERSION: `--version` prints it; `-c CODE` runs CODE in
-# the real interpreter with sys.version_info set to VERSION (so the setup
-# script's own version check decides); `-m venv DIR` makes a venv of itself;
-# `-m pip install --user uv` "installs" the fake uv. Every call is logged.
-FAKE_PYTHON = """#!/bin/bash
-echo "{name} $*" >> "$HOME/calls.log"
-case "$1" in
-  --version) echo "Python {version}";;
-  -c) exec {real} -I -S -c "import collections, sys
-sys.version_info = collections.namedtuple('v', 'major minor micro releaselevel serial')(
-    {major}, {minor}, {micro}, 'final', 0)
-$2";;
-  -m) if [ "$2" = venv ]; then mkdir -p "$3/bin" && ln -s {self} "$3/bin/python" &&
-        cp {fakes}/pip "$3/bin/pip";
-      elif [ "$*" = "-m pip install --user -q uv" ]; then mkdir -p "$HOME/.local/bin" &&
-        cp {fakes}/uv "$HOME/.local/bin/uv";
-      else exit 1; fi;;
-  *) exit 1;;
-esac
-"""
-
-# uv: `python install 3.12` puts a fake CPython 3.12 under ~/.local/share/uv;
-# `venv --python 3.12 --seed DIR` makes a venv of it, with pip (--seed).
-FAKE_UV = """#!/bin/bash
-echo "uv $*" >> "$HOME/calls.log"
-managed="$HOME/.local/share/uv/python/cpython-3.12.8/bin/python3.12"
-if [ "$1 $2 $3" = "python install 3.12" ]; then
-  mkdir -p "$(dirname "$managed")" && cp {fakes}/python3.12 "$managed"
-elif [ "$1 $2 $3 $4" = "venv --python 3.12 --seed" ] && [ -x "$managed" ]; then
-  mkdir -p "$5/bin" && ln -s "$managed" "$5/bin/python" && cp {fakes}/pip "$5/bin/pip"
-else
-  exit 2
-fi
-"""
-
-RECORDER = '#!/bin/bash\necho "{name} $*" >> "$HOME/calls.log"\n'
-
-
-def _python_sandbox(tmp_path, pythons):
-  """A worker with only the given fake Pythons: returns (home, env for bash).
-
-  `pythons` maps a command name on PATH (python3, python3.11) to the version
-  it reports. PATH holds those, recording sudo/apt-get stubs, and links to the
-  few system tools the script uses, and no real Python.
-  """
-  fakes, bin_dir, tools = tmp_path / "fakes", tmp_path / "bin", tmp_path / "tools"
-  for folder in (fakes, bin_dir, tools):
-    folder.mkdir()
-
-  def write(path, text):
-    path.write_text(text)
-    path.chmod(0o755)
-
-  def python(path, name, version):
-    major, minor, micro = version.split(".")
-    write(path, FAKE_PYTHON.format(name=name, version=version, real=sys.executable, self=path,
-                                   fakes=fakes, major=major, minor=minor, micro=micro))
-
-  python(fakes / "python3.12", "python3.12", "3.12.8")  # what uv installs
-  write(fakes / "uv", FAKE_UV.format(fakes=fakes))
-  write(fakes / "pip", '#!/bin/bash\necho "pip $* in $PWD" >> "$HOME/calls.log"\n')
-  for name, version in pythons.items():
-    python(bin_dir / name, name, version)
-  write(bin_dir / "sudo", '#!/bin/bash\necho "sudo $*" >> "$HOME/calls.log"\nexec "$@"\n')
-  write(bin_dir / "apt-get", RECORDER.format(name="apt-get"))
-  for tool in ("bash", "tar", "gzip", "rm", "mkdir", "mv", "cp", "ln", "cat", "dirname",
-               "hostname", "pgrep"):
-    found = shutil.which(tool)
-    if not found:
-      pytest.skip(f"needs {tool} on PATH")
-    (tools / tool).symlink_to(found)
-  path = f"{bin_dir}{os.pathsep}{tools}"
-  for name in ("python", "python3.11", "python3.12", "python3.13", "uv"):
-    if name not in pythons:
-      assert shutil.which(name, path=path) is None
-  home = tmp_path / "home"
-  home.mkdir()
-  from tpu_scripts import checkout
-  source = tmp_path / "src"
-  source.mkdir()
-  (source / "setup.py").write_text("")
-  checkout.pack(source, home / remote.TARBALL)
-  return home, {"HOME": str(home), "PATH": path, "LANG": "C"}
-
-
-def _setup_run(script, home, env):
-  """Runs the setup script; returns (its stdout, the calls it made but version queries)."""
-  log = home / "calls.log"
-  log.unlink(missing_ok=True)
-  out = subprocess.run([shutil.which("bash"), "-c", script], env=env, cwd=home,
-                       capture_output=True, text=True, timeout=30)
-  assert out.returncode == 0 and "BERT_JAX_SETUP_DONE" in out.stdout, out.stdout + out.stderr
-  calls = log.read_text().splitlines() if log.exists() else []
-  queries = ("-c ", "--version")
-  return out.stdout, [c for c in calls if not c.split(" ", 1)[1].startswith(queries)]
-
-
-def _venv_version(venv):
-  out = subprocess.run([str(venv / "bin" / "python"), "-c",
-                        "import sys; print('%d.%d' % sys.version_info[:2])"],
-                       capture_output=True, text=True, timeout=30)
-  return out.stdout.strip()
-
-
-def test_setup_script_on_a_python_3_10_image_installs_3_12_with_uv(tmp_path, monkeypatch):
-  venv = f"venv_{uuid.uuid4().hex[:12]}"
-  monkeypatch.setattr(remote, "JOB_PATTERN", f"{venv}/bin/bert-ja[x]")
-  home, env = _python_sandbox(tmp_path, {"python3": "3.10.12"})
-  script = remote.setup_script("code", venv, "python3", [])
-  install = [f"pip install -q --upgrade pip in {home}",
-             f"pip install -q -e .[tpu] in {home / 'code'}"]
-
-  stdout, calls = _setup_run(script, home, env)
-  assert "no Python 3.11+" in stdout and "python3 is Python 3.10.12" in stdout
-  assert "BERT_JAX_VENV created Python 3.12.8" in stdout
-  assert calls == ["python3 -m pip install --user -q uv", "uv python install 3.12",
-                   f"uv venv --python 3.12 --seed {home / venv}", *install]
-  assert _venv_version(home / venv) == "3.12"  # the version check itself, in the venv
-
-  # Again: the venv is reused as it is; uv is not asked for anything.
-  (home / venv / "marker").write_text("")
-  stdout, calls = _setup_run(script, home, env)
-  assert "BERT_JAX_VENV reused Python 3.12.8" in stdout
-  assert calls == install and (home / venv / "marker").exists()
-
-  # A venv left on 3.10 (an earlier setup) is rebuilt; the installed uv is reused.
-  (home / venv / "bin" / "python").unlink()
-  (home / venv / "bin" / "python").symlink_to(tmp_path / "bin" / "python3")
-  stdout, calls = _setup_run(script, home, env)
-  assert "BERT_JAX_VENV created Python 3.12.8" in stdout
-  assert not (home / venv / "marker").exists()
-  assert calls == ["uv python install 3.12", f"uv venv --python 3.12 --seed {home / venv}",
-                   *install]
-  assert _venv_version(home / venv) == "3.12"
-
-
-def test_setup_script_prefers_an_installed_python_3_11(tmp_path, monkeypatch):
-  venv = f"venv_{uuid.uuid4().hex[:12]}"
-  monkeypatch.setattr(remote, "JOB_PATTERN", f"{venv}/bin/bert-ja[x]")
-  home, env = _python_sandbox(tmp_path, {"python3": "3.10.12", "python3.11": "3.11.9"})
-  stdout, calls = _setup_run(remote.setup_script("code", venv, "python3", []), home, env)
-  assert "BERT_JAX_VENV created Python 3.11.9" in stdout
-  assert calls[0] == f"python3.11 -m venv {home / venv}"  # no uv, no apt
-  assert _venv_version(home / venv) == "3.11"
 
 
 def test_device_check_code_counts_devices():

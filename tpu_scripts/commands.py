@@ -7,6 +7,7 @@ input never reaches the cloud. `recover.py` composes these into its watch loop.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import re
 import sys
@@ -14,7 +15,7 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-from tpu_scripts import accelerators, checkout, gcloud, remote
+from tpu_scripts import accelerators, checkout, config_check, gcloud, remote, workdir
 from tpu_scripts.gcloud import CloudError, Gcloud
 from tpu_scripts.settings import Settings
 
@@ -37,6 +38,9 @@ class Context:
   slice: accelerators.Slice
   gc: Gcloud
   sleep: Callable[[float], None] = time.sleep
+  clock: Callable[[], float] = time.time  # wall clock: leases, markers, hang detection
+  allow_dirty: bool = False  # ship (and record) uncommitted edits
+  take_over: bool = False  # launch: take over a stale lease
 
   @property
   def dry(self) -> bool:
@@ -45,8 +49,8 @@ class Context:
 
 
 def log(message: str) -> None:
-  """Prints a time-stamped progress line."""
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+  """Prints a progress line stamped with the UTC date and time (recover's log is a record)."""
+  print(f"[{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}] {message}", flush=True)
 
 
 def source_dir(s: Settings) -> pathlib.Path:
@@ -70,6 +74,12 @@ def validate(command: str, s: Settings, overrides: Sequence[str]) -> accelerator
     raise UsageError(f"ACCELERATOR_TYPE ({s.sources['ACCELERATOR_TYPE']}): {e}") from None
   for key in ("OVERRIDES", "ENV", "SSH_FLAGS", "CREATE_FLAGS", "PIP_EXTRA"):
     s.split(key)  # a malformed value fails here, not halfway through a run
+  if gcloud.IAP_FLAG in s.split("SSH_FLAGS"):
+    raise UsageError(f"SSH_FLAGS ({s.sources['SSH_FLAGS']}): {gcloud.IAP_FLAG} is not a flag of "
+                     "the GA `gcloud compute tpus tpu-vm ssh/scp`; set IAP=true, which runs "
+                     "them as `gcloud alpha ...` with the flag")
+  if s.iap and "--internal-ip" in s.split("SSH_FLAGS"):
+    raise UsageError(f"IAP ({s.sources['IAP']}) and --internal-ip in SSH_FLAGS exclude each other")
   if overrides and command not in NEEDS_CONFIG:
     raise UsageError(f"config overrides ({' '.join(overrides)}) only go with launch or recover")
   if command in NEEDS_SOURCE:
@@ -83,9 +93,11 @@ def validate(command: str, s: Settings, overrides: Sequence[str]) -> accelerator
 
 
 def _validate_job(command: str, s: Settings, tpu: accelerators.Slice) -> None:
-  s.require("CONFIG", "WORKDIR")
+  # recover takes the config from WORKDIR/launch.json when there is one.
+  s.require(*(("WORKDIR",) if command == "recover" else ("CONFIG", "WORKDIR")))
   config_file = s.config.split(":", 1)[0]
-  if not config_file.startswith("/") and not (source_dir(s) / config_file).is_file():
+  if config_file and not config_file.startswith("/") and not (
+      source_dir(s) / config_file).is_file():
     raise UsageError(f"CONFIG ({s.sources['CONFIG']}): {config_file} is not a file of the "
                      f"checkout {source_dir(s)} that setup copies to the workers")
   for item in s.split("ENV"):
@@ -209,15 +221,27 @@ def create(ctx: Context) -> int:
   return 0
 
 
-def setup(ctx: Context) -> int:
-  """Copies the checkout to every worker, installs it in a venv, checks the devices."""
+def revision(ctx: Context, commit: str = "") -> checkout.Revision:
+  """The code setup ships and launch records: HEAD (or `commit`), edits only if allowed."""
+  try:
+    return checkout.revision(source_dir(ctx.s), ctx.allow_dirty, commit)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
+def setup(ctx: Context, rev: checkout.Revision | None = None) -> int:
+  """Copies one revision to every worker, installs it in a venv, checks the devices."""
   s, root = ctx.s, source_dir(ctx.s)
+  rev = rev or revision(ctx)
+  if not rev.dirty and checkout.revision(root, True, rev.commit).dirty:
+    log(f"{root} has uncommitted edits; shipping commit {rev.commit[:12]} without them "
+        "(--allow_dirty ships them, and launch.json records it)")
   with tempfile.TemporaryDirectory(prefix="bert_jax_tpu_") as tmp:
     tarball = str(pathlib.Path(tmp) / remote.TARBALL)
     if ctx.dry:
-      print(f"# pack {len(checkout.list_files(root))} files of {root} into {tarball}")
+      print(f"# pack {rev.stamp} of {root} into {tarball}")
     else:
-      log(f"packed {checkout.pack(root, tarball)} files of {root}")
+      log(f"packed {checkout.pack(root, tarball, rev)} files of {root} at {rev.stamp}")
     ctx.gc.run(gcloud.scp(s, tarball, remote.TARBALL))
   log(f"installing bert_jax[tpu] in ~/{s.venv} on {ctx.slice.workers} worker(s)")
   result = ctx.gc.run(gcloud.ssh(s, remote.setup_script(s.remote_dir, s.venv, s.python,
@@ -263,22 +287,91 @@ def check_devices(ctx: Context) -> None:
       f"and {t.workers} process(es)")
 
 
-def train_argv(s: Settings, overrides: Sequence[str]) -> list[str]:
-  """`bert-jax` arguments of the job: command, config, workdir, overrides."""
-  return [s.command, f"--config={s.config}", f"--workdir={s.workdir}",
-          *s.split("OVERRIDES"), *overrides]
+def train_argv(s: Settings, record: dict) -> list[str]:
+  """`bert-jax` arguments of the job: command, config, workdir, overrides (from the record)."""
+  return [record["command"], f"--config={record['config']}", f"--workdir={s.workdir}",
+          *record["overrides"]]
 
 
-def launch(ctx: Context, overrides: Sequence[str] = ()) -> int:
-  """Stops leftovers, clears the TPU lock, starts the job detached on all workers."""
+def new_run(ctx: Context, overrides: Sequence[str]) -> dict:
+  """The record of a new run, after its config was built locally from the shipped code.
+
+  Raises:
+    UsageError: the config does not build (the CLI's own message), or the
+      checkout cannot be pinned; nothing has been asked of the cloud.
+  """
   s = ctx.s
-  log(f"stopping leftover bert_jax processes and removing {remote.LOCKFILE} on all workers")
-  ctx.gc.run(gcloud.ssh(s, remote.stop_script(s.stop_grace_seconds)))
-  argv = train_argv(s, overrides)
-  log(f"launching on {ctx.slice.workers} worker(s): bert-jax {' '.join(argv)}")
+  s.require("CONFIG")
+  rev = revision(ctx)
+  all_overrides = [*s.split("OVERRIDES"), *overrides]
+  with tempfile.TemporaryDirectory(prefix="bert_jax_config_") as tmp:
+    tree = source_dir(s)
+    if not rev.dirty:  # check the config of the commit that will run, not the working tree
+      checkout.export(tree, rev, tmp)
+      tree = pathlib.Path(tmp)
+    try:
+      config_check.check(tree, s.command, s.config, s.workdir, all_overrides)
+    except config_check.ConfigCheckError as e:
+      raise UsageError(str(e)) from None
+  now = ctx.clock()
+  return workdir.make_record(s, rev, all_overrides, workdir.new_run_id(now), now)
+
+
+def require_ready(ctx: Context) -> None:
+  """Raises CloudError naming the slice's state unless it is READY."""
+  kind, detail = slice_health(ctx)
+  if kind != "ready" and not ctx.dry:
+    raise CloudError(f"{ctx.s.name} is not READY ({detail}): launch needs a READY slice "
+                     "(`tpu.py create` waits for one; `tpu.py status` shows it)")
+
+
+def launch(ctx: Context, overrides: Sequence[str] = (), record: dict | None = None,
+           check_ready: bool = True) -> int:
+  """Checks the run, then starts it detached on all workers under a lease.
+
+  Order: the config (local, no gcloud) -> the slice is READY -> the workdir's
+  lease -> the workers hold the recorded code, leftovers stopped -> record,
+  lease -> start. A `record` (recover) relaunches that run as it was.
+  """
+  s = ctx.s
+  record = record or new_run(ctx, overrides)
+  if check_ready:
+    require_ready(ctx)
+  if not ctx.dry:
+    workdir.check_lease(ctx, ctx.clock(), ctx.take_over)
+  log(f"checking the workers hold {record['stamp']}; stopping leftover bert_jax processes and "
+      f"removing {remote.LOCKFILE} on all workers")
+  result = ctx.gc.run(gcloud.ssh(s, remote.prepare_script(s.remote_dir, record["stamp"],
+                                                          s.stop_grace_seconds)),
+                      capture=True, check=False)
+  if not result.dry:
+    sys.stdout.write(result.stdout)
+    wrong = re.findall(r"BERT_JAX_WRONG_CODE (\S+) has (\S+)", result.stdout)
+    if wrong:
+      raise CloudError(f"worker {wrong[0][0]} holds code {wrong[0][1]}, but this run is "
+                       f"{record['stamp']}: run `tpu.py setup` first (with --allow_dirty if the "
+                       "run ships uncommitted edits)")
+    if result.returncode != 0:
+      raise CloudError(f"preparing the workers failed (ssh exit {result.returncode}): "
+                       f"{result.stderr.strip()[-300:]}")
+  now = ctx.clock()
+  workdir.write_json(ctx, workdir.RECORD, record)
+  workdir.write_json(ctx, workdir.LEASE, workdir.lease_record(s, record["run_id"], now,
+                                                              "launching"))
+  stamp = workdir.utc(now).replace("-", "").replace(":", "")
+  run = {"lease": workdir.url(s, workdir.LEASE), "run_id": record["run_id"],
+         "holder": json.dumps(workdir.holder(s)), "every": f"{s.heartbeat_seconds:g}",
+         "logs": workdir.url(s, f"logs/{s.name}-{stamp}")}
+  if not workdir.is_remote(s):
+    run.update(record=json.dumps(record, sort_keys=True),
+               record_path=workdir.url(s, workdir.RECORD))
+  argv = train_argv(s, record)
+  log(f"launching run {record['run_id']} ({record['stamp']}) on {ctx.slice.workers} worker(s): "
+      f"bert-jax {' '.join(argv)}")
   ctx.gc.run(gcloud.ssh(s, remote.launch_script(s.remote_dir, s.venv, s.log_dir, argv,
-                                                s.split("ENV"))))
-  log(f"running; logs in ~/{s.log_dir}/train.log on each worker: tpu.py logs / tpu.py status")
+                                                record["env"], run)))
+  log(f"running; logs in ~/{s.log_dir}/train.log on each worker and {run['logs']}/: "
+      "tpu.py logs / tpu.py status")
   return 0
 
 
@@ -332,13 +425,31 @@ def status(ctx: Context) -> int:
 
 
 def stop(ctx: Context) -> int:
-  """Stops the job on all workers (SIGTERM first, so it can checkpoint)."""
-  ctx.gc.run(gcloud.ssh(ctx.s, remote.stop_script(ctx.s.stop_grace_seconds)))
+  """Stops the job on all workers (SIGTERM first, so it can checkpoint).
+
+  WORKDIR/stopped.json is written first: a recover watching the run reads it
+  and stays stopped instead of relaunching.
+  """
+  if ctx.s.workdir:
+    workdir.write_json(ctx, workdir.STOPPED, workdir.stop_marker(ctx.clock()))
+  ctx.gc.run(gcloud.ssh(ctx.s, remote.stop_script(ctx.s.stop_grace_seconds, ctx.s.log_dir)))
   return 0
 
 
+def copy_logs(ctx: Context) -> None:
+  """Copies every worker's log to WORKDIR/logs/ (best effort: a preempted VM cannot answer)."""
+  result = ctx.gc.run(gcloud.ssh(ctx.s, remote.copy_logs_script(ctx.s.log_dir)), capture=True,
+                      check=False)
+  if not result.dry:
+    copied = result.stdout.count("BERT_JAX_LOGS_COPIED")
+    log(f"copied the logs of {copied} of {ctx.slice.workers} worker(s) to {ctx.s.workdir}/logs/"
+        + ("" if result.returncode == 0 else f" (ssh exit {result.returncode})"))
+
+
 def delete(ctx: Context) -> int:
-  """Deletes the node and, when queued, its queued resource."""
+  """Copies the workers' logs to the workdir, then deletes the node (and queued resource)."""
+  if ctx.s.workdir and slice_health(ctx)[0] == "ready":
+    copy_logs(ctx)
   log(f"deleting {'queued resource and node' if ctx.s.queued else 'TPU VM'} {ctx.s.name}")
   ctx.gc.run(gcloud.delete(ctx.s))
   return 0

@@ -130,22 +130,46 @@ def delete(s: Settings) -> list[str]:
   return [*TPUS, "tpu-vm", "delete", s.name, "--quiet", *_where(s)]
 
 
+IAP_FLAG = "--tunnel-through-iap"
+
+
+def _ssh_track(s: Settings) -> tuple[list[str], list[str]]:
+  """(gcloud release track, IAP flag) for tpu-vm ssh/scp.
+
+  The GA `compute tpus tpu-vm ssh/scp` have no --tunnel-through-iap; the alpha
+  track's do, so IAP=true moves only these two commands there.
+  """
+  return (["alpha"], [IAP_FLAG]) if s.iap else ([], [])
+
+
 def ssh(s: Settings, command: str, worker: str = "all") -> list[str]:
   """Runs a shell command on one worker or on all of them at once.
 
   `--quiet` answers gcloud's prompts with their defaults (e.g. it makes the
   SSH key on first use without asking), so unattended recover never blocks.
   """
-  return [*TPUS, "tpu-vm", "ssh", s.name, f"--worker={worker}", f"--command={command}",
-          "--quiet", *s.split("SSH_FLAGS"), *_where(s)]
+  track, iap = _ssh_track(s)
+  return [*track, *TPUS, "tpu-vm", "ssh", s.name, f"--worker={worker}", f"--command={command}",
+          "--quiet", *iap, *s.split("SSH_FLAGS"), *_where(s)]
 
 
 def scp(s: Settings, local: str, remote: str) -> list[str]:
   """Copies a local file to every worker."""
-  return [*TPUS, "tpu-vm", "scp", local, f"{s.name}:{remote}", "--worker=all", "--quiet",
-          *s.split("SSH_FLAGS"), *_where(s)]
+  track, iap = _ssh_track(s)
+  return [*track, *TPUS, "tpu-vm", "scp", local, f"{s.name}:{remote}", "--worker=all",
+          "--quiet", *iap, *s.split("SSH_FLAGS"), *_where(s)]
 
 
 def storage_tail(url: str, num_bytes: int = 16384) -> list[str]:
   """Prints the last bytes of a gs:// object."""
   return ["storage", "cat", f"--range=-{num_bytes}", url]
+
+
+def storage_cat(url: str) -> list[str]:
+  """Prints a gs:// object."""
+  return ["storage", "cat", url]
+
+
+def storage_cp(source: str, destination: str) -> list[str]:
+  """Copies a local file to gs:// (or back)."""
+  return ["storage", "cp", source, destination]

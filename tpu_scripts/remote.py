@@ -17,6 +17,7 @@ import shlex
 from typing import Sequence
 
 JOB_PATTERN = "bert_jax[.]main|bin/bert-ja[x]"
+STAMP_FILE = "BERT_JAX_REVISION"  # checkout.STAMP_FILE: the shipped code's revision
 LOCKFILE = "/tmp/libtpu_lockfile"
 TARBALL = "bert_jax_src.tar.gz"
 _METADATA_WORKER = ("http://metadata.google.internal/computeMetadata/v1/instance/"
@@ -154,10 +155,19 @@ def check_script(venv: str, devices: int, workers: int) -> str:
   ])
 
 
-def stop_script(grace_seconds: int) -> str:
-  """Stops this project's jobs (SIGTERM, then SIGKILL) and removes the TPU lock."""
+def stop_script(grace_seconds: int, log_dir: str | None = None) -> str:
+  """Stops this project's jobs (SIGTERM, then SIGKILL) and removes the TPU lock.
+
+  Only the trainer matches JOB_PATTERN: its wrapper (LOG_DIR/run.sh) does not,
+  so it lives on to write the exit code. With `log_dir` (a user's stop) the
+  marker LOG_DIR/stopped is written first, so the job reads as stopped, not
+  as exited or crashed.
+  """
   pgrep, pattern = _pgrep(), shlex.quote(JOB_PATTERN)
+  mark = [f"mkdir -p {home_path(log_dir)} && date -u +%FT%TZ > {home_path(log_dir)}/stopped"
+          ] if log_dir else []
   return "\n".join([
+      *mark,
       f"if {pgrep} >/dev/null; then",
       f"  echo stopping $({pgrep} | tr '\\n' ' ') on $(hostname)",
       f"  pkill -TERM -f {pattern} || true",
@@ -170,12 +180,110 @@ def stop_script(grace_seconds: int) -> str:
   ])
 
 
+def prepare_script(remote_dir: str, stamp: str, grace_seconds: int) -> str:
+  """Before a launch: checks the shipped code is `stamp`, then stops leftovers.
+
+  The check comes first, so a launch that would run other code than it
+  records (exit 6, BERT_JAX_WRONG_CODE) leaves a running job alone.
+  """
+  have = f"{home_path(remote_dir)}/{STAMP_FILE}"
+  return "\n".join([
+      f"have=$(cat {have} 2>/dev/null || echo none)",
+      f"if [ \"$have\" != {shlex.quote(stamp)} ]; then "
+      "echo \"BERT_JAX_WRONG_CODE $(hostname) has $have\"; exit 6; fi",
+      stop_script(grace_seconds),
+  ])
+
+
+# Renews the lease (worker 0) and copies this worker's log to the workdir while
+# the job lives; `final` once after it ended (releases the lease), `copy` copies
+# the log only. gs:// goes through tf.io.gfile: the job's own credentials.
+HEARTBEAT_PY = r"""
+import json, os, shutil, sys, time
+lease, run_id, holder, pid, every, log, log_dst, exit_file, mode = sys.argv[1:10]
+remote = any("://" in p for p in (lease, log_dst))
+if remote:
+  import tensorflow as tf
+  gfile = tf.io.gfile
+
+def read(path):
+  try:
+    if remote:
+      with gfile.GFile(path) as f:
+        return json.loads(f.read())
+    with open(path) as f:
+      return json.load(f)
+  except Exception:
+    return None
+
+def write(path, text):
+  folder = os.path.dirname(path)
+  if remote:
+    gfile.makedirs(folder)
+    with gfile.GFile(path, "w") as f:
+      f.write(text)
+    return
+  os.makedirs(folder, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+def alive():
+  try:
+    os.kill(int(pid), 0)
+    return mode == "loop"
+  except (OSError, ValueError):
+    return False
+
+while True:
+  running = alive()
+  if lease and mode != "copy":
+    held = read(lease)
+    if held and held.get("run_id") != run_id:
+      print(f"lease {lease} now held by run {held.get('run_id')}: not renewing it", flush=True)
+      lease = ""
+    else:
+      state = "running"
+      if not running:
+        state = "exited:" + (open(exit_file).read().strip() if os.path.exists(exit_file) else "?")
+      now = time.time()
+      write(lease, json.dumps(dict(json.loads(holder), run_id=run_id, heartbeat=now,
+                                   heartbeat_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                               time.gmtime(now)),
+                                   state=state, released=not running), indent=1))
+  if log_dst and os.path.exists(log):
+    try:
+      if remote:
+        gfile.copy(log, log_dst, overwrite=True)
+      else:
+        os.makedirs(os.path.dirname(log_dst), exist_ok=True)
+        shutil.copyfile(log, log_dst)
+    except Exception as e:
+      print(f"log copy to {log_dst} failed: {e}", flush=True)
+  if not running:
+    break
+  time.sleep(float(every))
+"""
+
+
+def _worker_number() -> str:
+  """Shell: w = this worker's number (metadata server), 0 off a TPU VM."""
+  return (f"w=$(curl -s -m 2 -H 'Metadata-Flavor: Google' {_METADATA_WORKER} 2>/dev/null "
+          "|| true); case $w in ''|*[!0-9]*) w=0;; esac")
+
+
 def launch_script(remote_dir: str, venv: str, log_dir: str, train_argv: Sequence[str],
-                  env: Sequence[str]) -> str:
+                  env: Sequence[str], run: dict[str, str] | None = None) -> str:
   """Starts `bert-jax ...` detached from the ssh session, logging to LOG_DIR/train.log.
 
-  The exit status lands in LOG_DIR/exit_code so status/recover can tell a
-  finished run from a crashed or killed one.
+  The job runs under a wrapper script, LOG_DIR/run.sh, which JOB_PATTERN does
+  not match (stop never kills it): it writes the job's exit status to
+  LOG_DIR/exit_code, so status/recover can tell a finished run from a crashed
+  or killed one. With `run` (keys: lease, run_id, holder, every, logs, record,
+  record_path) it also starts LOG_DIR/heartbeat.py, which renews the lease
+  (worker 0), copies the log to `logs`/worker-N.log, and releases the lease
+  when the job ends; `record` (JSON) is written to `record_path` (a local
+  workdir, on the worker).
   """
   logs = home_path(log_dir)
   assigns = []
@@ -186,29 +294,63 @@ def launch_script(remote_dir: str, venv: str, log_dir: str, train_argv: Sequence
     assigns.append(f"{key}={shlex.quote(value)}")
   job = " ".join([*assigns, f"{home_path(venv)}/bin/bert-jax",
                   *(shlex.quote(a) for a in train_argv)])
-  inner = f"{job}; echo $? > {logs}/exit_code"
-  return "\n".join([
+  python = f"{home_path(venv)}/bin/python"
+  wrapper = [f"cd {home_path(remote_dir)}", f"{job} &", "job=$!"]
+  tail = []
+  if run:
+    lease = shlex.quote(run["lease"]) if run.get("lease") else '""'
+    args = " ".join([f"{python} {logs}/heartbeat.py \"$lease\"", shlex.quote(run["run_id"]),
+                     shlex.quote(run["holder"]), "$job", shlex.quote(str(run["every"])),
+                     f"{logs}/train.log", f"\"{run['logs']}/worker-$w.log\"",
+                     f"{logs}/exit_code"])
+    wrapper += [_worker_number(), f"lease={lease}; [ \"$w\" = 0 ] || lease=",
+                f"{args} loop >> {logs}/heartbeat.log 2>&1 &", "hb=$!"]
+    tail = ["kill $hb 2>/dev/null; wait $hb 2>/dev/null",
+            f"{args} final >> {logs}/heartbeat.log 2>&1"]
+    copy = args.replace('"$lease"', '""').replace("$job", "0")
+  wrapper += ["wait $job", f"echo $? > {logs}/exit_code", *tail]
+  lines = [
       "set -e",
-      f"mkdir -p {logs} && rm -f {logs}/exit_code",
+      f"mkdir -p {logs} && rm -f {logs}/exit_code {logs}/stopped",
       f"cd {home_path(remote_dir)}",
+      f"cat > {logs}/run.sh <<'BERT_JAX_EOF'\n" + "\n".join(wrapper) + "\nBERT_JAX_EOF",
+  ]
+  if run:
+    lines += [f"cat > {logs}/heartbeat.py <<'BERT_JAX_EOF'\n{HEARTBEAT_PY.strip()}\nBERT_JAX_EOF",
+              f"cat > {logs}/copy_logs.sh <<'BERT_JAX_EOF'\n{_worker_number()}\n{copy} copy\n"
+              "BERT_JAX_EOF"]
+    if run.get("record_path"):
+      path = shlex.quote(run["record_path"])
+      lines.append(f"mkdir -p \"$(dirname {path})\" && printf '%s\\n' "
+                   f"{shlex.quote(run['record'])} > {path}")
+  lines += [
       f"echo \"=== launch $(date -u +%FT%TZ)\" >> {logs}/train.log",
       f"printf '%s\\n' {shlex.quote(shlex.join(train_argv))} >> {logs}/train.log",
       # setsid + nohup + closed fds: the job outlives the ssh session.
-      f"setsid nohup bash -c {shlex.quote(inner)} >> {logs}/train.log 2>&1 < /dev/null &",
+      f"setsid nohup bash {logs}/run.sh >> {logs}/train.log 2>&1 < /dev/null &",
       "echo BERT_JAX_LAUNCHED pid=$! on $(hostname)",
-  ])
+  ]
+  return "\n".join(lines)
+
+
+def copy_logs_script(log_dir: str) -> str:
+  """Copies each worker's log to the workdir (what the last launch set up), e.g. before delete."""
+  logs = home_path(log_dir)
+  return (f"if [ -f {logs}/copy_logs.sh ]; then bash {logs}/copy_logs.sh && "
+          "echo BERT_JAX_LOGS_COPIED $(hostname); fi")
 
 
 def _job_state(log_dir: str) -> str:
   logs = home_path(log_dir)
   return (f"if {_pgrep()} >/dev/null; then job=running; "
+          f"elif [ -f {logs}/stopped ]; then job=stopped; "
           f"elif [ -f {logs}/exit_code ]; then job=exited:$(cat {logs}/exit_code); "
-          "else job=stopped; fi")
+          "else job=gone; fi")
 
 
 def job_script(log_dir: str) -> str:
-  """Prints `BERT_JAX_JOB running|exited:N|stopped`."""
-  return f"{_job_state(log_dir)}\necho BERT_JAX_JOB $job"
+  """Prints `BERT_JAX_JOB w=N running|stopped|exited:N|gone` (N: the worker number)."""
+  return f"{_worker_number()}\n{_job_state(log_dir)}\necho BERT_JAX_JOB w=$w $job"
 
 
 def status_script(log_dir: str, local_metrics: str | None) -> str:
@@ -240,10 +382,18 @@ def parse_checks(output: str) -> tuple[list[dict[str, int]], int]:
   return checks, output.count("BERT_JAX_CHECK_SKIPPED")
 
 
+_JOB = r"BERT_JAX_JOB (?:w=(\S+) )?(running|stopped|gone|exited:-?\d+)"
+
+
 def parse_job(output: str) -> str | None:
-  """'running', 'exited:N' or 'stopped' from job_script output; None if absent."""
-  m = re.search(r"BERT_JAX_JOB (running|stopped|exited:-?\d+)", output)
-  return m[1] if m else None
+  """'running', 'stopped', 'exited:N' or 'gone' from job_script output; None if absent."""
+  m = re.search(_JOB, output)
+  return m[2] if m else None
+
+
+def parse_jobs(output: str) -> dict[str, str]:
+  """{worker: state} from job_script output of several workers."""
+  return {m[1] or "0": m[2] for m in re.finditer(_JOB, output)}
 
 
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"

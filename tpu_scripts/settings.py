@@ -52,12 +52,19 @@ SPECS = (
          "3.11+ (else python3.12/3.11, else one that uv installs)."),
     Spec("PIP_EXTRA", "", "str", "Extra `pip install` arguments run after bert_jax[tpu]."),
     Spec("SSH_FLAGS", "", "str", "Extra gcloud ssh/scp flags, e.g. '--internal-ip'."),
+    Spec("IAP", "false", "bool", "ssh/scp through Cloud IAP: `gcloud alpha ... tpu-vm ssh/scp "
+         "--tunnel-through-iap` (the GA commands lack the flag)."),
     Spec("CREATE_FLAGS", "", "str", "Extra gcloud create flags, e.g. '--network=x'."),
     Spec("POLL_SECONDS", "15", "float", "Interval between state queries while waiting."),
     Spec("WAIT_TIMEOUT_SECONDS", "7200", "float", "Give up waiting for READY after this."),
     Spec("WATCH_SECONDS", "60", "float", "recover: interval between health checks."),
     Spec("MAX_ATTEMPTS", "5", "int", "recover: consecutive failed recoveries before giving up."),
     Spec("STOP_GRACE_SECONDS", "60", "int", "stop: SIGTERM, then SIGKILL after this many s."),
+    Spec("HEARTBEAT_SECONDS", "180", "float", "The job renews WORKDIR/lease.json this often."),
+    Spec("LEASE_STALE_SECONDS", "900", "float", "A lease without a heartbeat for this long "
+         "is stale: launch --take_over may take it."),
+    Spec("HUNG_SECONDS", "1800", "float", "recover: no new metrics.jsonl line for this long "
+         "while the job runs means hung (stop, relaunch); 0: never."),
 )
 SPEC_BY_KEY = {s.key: s for s in SPECS}
 

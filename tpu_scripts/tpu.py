@@ -2,13 +2,16 @@
 """Run bert_jax on Cloud TPU VMs: one command per step, all through gcloud.
 
   python tpu_scripts/tpu.py create    # queued resource (or VM), wait until READY
-  python tpu_scripts/tpu.py setup     # copy this checkout, pip install .[tpu], check devices
+  python tpu_scripts/tpu.py setup     # ship HEAD (git archive), pip install .[tpu], check devices
   python tpu_scripts/tpu.py launch --config=configs/bert.py:base [--config.a.b=value ...]
+                                      # check the config locally, take the workdir's lease,
+                                      # write WORKDIR/launch.json, start on all workers
   python tpu_scripts/tpu.py logs      # follow worker 0's log (--worker=N, --no_follow)
   python tpu_scripts/tpu.py status    # slice state; per worker: job, step, loss, tokens/s
   python tpu_scripts/tpu.py stop      # stop the job on all workers (SIGTERM, then SIGKILL)
   python tpu_scripts/tpu.py delete    # delete the node and its queued resource
-  python tpu_scripts/tpu.py recover   # watch; recreate + relaunch after preemptions
+  python tpu_scripts/tpu.py recover   # watch; relaunch WORKDIR/launch.json's run after
+                                      # preemptions and hangs; honours `stop`
 
 Settings come from a KEY=VALUE file (--settings, $BERT_JAX_SETTINGS, or
 tpu_scripts/settings.env), BERT_JAX_<KEY> variables and --<key> flags, in
@@ -59,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, text in HELP.items():
     p = sub.add_parser(name, parents=[common], allow_abbrev=False, help=text, description=text)
+    if name in ("setup", "launch", "recover"):
+      p.add_argument("--allow_dirty", action="store_true",
+                     help="ship uncommitted edits too (launch.json records their hash); "
+                     "default: the checkout's HEAD commit only")
+    if name in ("launch", "recover"):
+      p.add_argument("--take_over", action="store_true",
+                     help="take over the workdir's lease when it is stale "
+                     "(no heartbeat for LEASE_STALE_SECONDS)")
     if name == "logs":
       p.add_argument("--worker", type=int, default=0, help="which worker's log (default 0)")
       p.add_argument("--lines", type=int, default=100, help="lines of history to print")
@@ -88,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = {spec.key: getattr(args, spec.key) for spec in settings.SPECS}
     s = settings.resolve(_settings_file(args.settings), os.environ, flags)
     tpu = commands.validate(args.command, s, overrides)
-    ctx = commands.Context(s=s, slice=tpu, gc=Gcloud(dry_run=args.dry_run))
+    ctx = commands.Context(s=s, slice=tpu, gc=Gcloud(dry_run=args.dry_run),
+                           allow_dirty=getattr(args, "allow_dirty", False),
+                           take_over=getattr(args, "take_over", False))
   except (settings.SettingsError, commands.UsageError) as e:
     print(f"{prefix} {e}", file=sys.stderr)
     return 2
@@ -102,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
       run = commands.launch if args.command == "launch" else recover.recover
       return run(ctx, overrides)
     return getattr(commands, args.command)(ctx)
+  except (settings.SettingsError, commands.UsageError) as e:
+    print(f"{prefix} {e}", file=sys.stderr)
+    return 2
   except CloudError as e:
     print(f"{prefix} {e}", file=sys.stderr)
     return 1

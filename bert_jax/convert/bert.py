@@ -1,11 +1,11 @@
-"""BERT and RoBERTa: Hugging Face and original TF checkpoints <-> bert_jax params.
+"""BERT, RoBERTa and ALBERT: Hugging Face and original TF checkpoints <-> bert_jax params.
 
 One table per naming scheme says, for every bert_jax parameter, which tensor
 of the checkpoint holds it, how many of its leading dimensions are inputs (to
 flatten a multi-head [embed, heads, kv] kernel into a 2-D matrix) and whether
 the source stores it transposed (PyTorch Linear: [out, in]; TF kernels are
 [in, out] as ours). Import and export walk the same table, so a name cannot be
-mapped one way and forgotten the other.
+mapped one way and forgotten the other. ALBERT's names live in albert.py.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bert_jax.convert import albert
 from bert_jax.convert.hf import CheckpointError, StateDict
 from bert_jax.models import bert, layers
 
-MODEL_TYPES = ("bert", "roberta")
+MODEL_TYPES = ("bert", "roberta", "albert")
 
 # Hugging Face architecture -> (model_type, task).
 ARCHITECTURES = {
@@ -37,10 +38,17 @@ ARCHITECTURES = {
     "RobertaForSequenceClassification": ("roberta", "sequence_classification"),
     "RobertaForTokenClassification": ("roberta", "token_classification"),
     "RobertaForQuestionAnswering": ("roberta", "question_answering"),
+    "AlbertModel": ("albert", "encoder"),
+    "AlbertForPreTraining": ("albert", "pretraining"),
+    "AlbertForMaskedLM": ("albert", "mlm"),
+    "AlbertForSequenceClassification": ("albert", "sequence_classification"),
+    "AlbertForTokenClassification": ("albert", "token_classification"),
+    "AlbertForQuestionAnswering": ("albert", "question_answering"),
 }
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "gelu_new": "gelu_new", "relu": "relu",
+              "silu": "silu"}
 # Tensors that are not parameters: buffers, optimiser slots, step counters.
 _NOT_PARAMS = ("position_ids", "adam_m", "adam_v", "global_step")
 
@@ -71,6 +79,9 @@ class _HFNames:
   def embed(self, path, name):
     return Entry(path + ("embedding",), f"{name}.weight", 1, False)
 
+  def vector(self, path, name):
+    return Entry(path, name, 0, False)
+
 
 class _TFNames:
   """Original TF BERT naming: slashes, kernels [in, out], LayerNorm gamma/beta."""
@@ -93,6 +104,9 @@ class _TFNames:
 
 def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> Iterator[Entry]:
   """The encoder's parameters; `base` is the checkpoint prefix ('bert', 'roberta' or '')."""
+  if cfg.model_type == "albert":
+    yield from albert.encoder_entries(cfg, n, base, add_pooler)
+    return
   j = lambda *parts: n.sep.join(p for p in parts if p)
   enc = ("encoder",)
   emb = enc + ("embeddings",)
@@ -115,6 +129,9 @@ def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> It
 
 def _hf_head_entries(model_type: str, task: str) -> Iterator[Entry]:
   n = _HFNames()
+  if model_type == "albert":
+    yield from albert.head_entries(task, n)
+    return
   if task in ("mlm", "pretraining"):
     if model_type == "roberta":
       yield from n.dense(("mlm", "transform"), "lm_head.dense")
@@ -241,6 +258,7 @@ def _config_from_hf(hf: dict, source: str, dtype) -> bert.BertConfig:
   if act not in _ACT_FROM_HF:
     raise CheckpointError(f"{source}: unsupported hidden_act {act!r}; supported: "
                           f"{sorted(_ACT_FROM_HF)}")
+  extra = albert.config_fields_from_hf(hf, source) if model_type == "albert" else {}
   try:
     pad = int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else
               (1 if model_type == "roberta" else 0))
@@ -254,7 +272,7 @@ def _config_from_hf(hf: dict, source: str, dtype) -> bert.BertConfig:
         dropout_rate=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.1),
         pad_token_id=pad, position_offset=pad + 1 if model_type == "roberta" else 0,
-        model_type=model_type, dtype=dtype)
+        model_type=model_type, dtype=dtype, **extra)
   except KeyError as e:
     raise CheckpointError(f"{source}: config.json lacks {e.args[0]!r}") from e
 
@@ -277,7 +295,7 @@ def _num_labels(hf: dict) -> int:
 
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32):
-  """A Hugging Face BERT/RoBERTa checkpoint as `(model, params)`.
+  """A Hugging Face BERT/RoBERTa/ALBERT checkpoint as `(model, params)`.
 
   Args:
     hf_config: the parsed config.json.
@@ -301,12 +319,15 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
   if task in ("sequence_classification", "token_classification"):
     kwargs["num_labels"] = _num_labels(hf_config)
   if task == "encoder":  # the pooler is optional in saved BertModels
-    kwargs["add_pooler"] = f"{base + '.' if base else ''}pooler.dense.weight" in state
+    kwargs["add_pooler"] = (albert.pooler_name(base) if model_type == "albert" else
+                            f"{base + '.' if base else ''}pooler.dense.weight") in state
   model = bert.build(config, task, **kwargs)
   entries = list(_encoder_entries(config, _HFNames(), base, _uses_pooler(model)))
   entries += list(_hf_head_entries(model_type, task))
   params = _params_from_state(model, entries, state, optional_heads=task != ckpt_task)
-  if task in ("mlm", "pretraining"):
+  if task in ("mlm", "pretraining") and model_type == "albert":
+    _check_tied(state, albert.tied(base))
+  elif task in ("mlm", "pretraining"):
     word = f"{base + '.' if base else ''}embeddings.word_embeddings.weight"
     head = "lm_head" if model_type == "roberta" else "cls.predictions"
     _check_tied(state, {f"{head}.decoder.weight": word,
@@ -328,7 +349,7 @@ def handles(model) -> bool:
 
 
 def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
-  """`(config.json dict, tensors)` that transformers' Bert*/Roberta* loads.
+  """`(config.json dict, tensors)` that transformers' Bert*/Roberta*/Albert* loads.
 
   The tied MLM decoder is not written (transformers ties it on load). A bare
   encoder built without a pooler exports hidden states faithfully, but
@@ -336,7 +357,12 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   """
   cfg: bert.BertConfig = model.config
   task = bert.task_of(model)
-  prefix = "Roberta" if cfg.model_type == "roberta" else "Bert"
+  prefix = {"roberta": "Roberta", "albert": "Albert"}.get(cfg.model_type, "Bert")
+  extra = albert.hf_config_fields(cfg) if cfg.model_type == "albert" else {}
+  if cfg.model_type != "albert" and (cfg.embedding_size or cfg.share_layers != "none"):
+    raise CheckpointError(f"cannot export to Hugging Face {cfg.model_type}: it has no factorised "
+                          f"embeddings or shared layers (embedding_size={cfg.embedding_size}, "
+                          f"share_layers={cfg.share_layers!r}); set model_type='albert'")
   expected_offset = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
   if cfg.position_offset != expected_offset:
     raise CheckpointError(f"cannot export to Hugging Face {cfg.model_type}: it needs "
@@ -370,6 +396,7 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   }
   if cfg.model_type == "roberta":
     hf.update(bos_token_id=0, eos_token_id=2)
+  hf.update(extra)
   if task in ("sequence_classification", "token_classification"):
     hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
     hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}

@@ -149,7 +149,18 @@ def _validate(cfg, seed: int, shards: Sequence[int]) -> _Plan:
 
 
 def _open_documents(plan: _Plan, shards: Sequence[int]):
-  """Opens the source: whole files per data shard if it has enough, else documents."""
+  """Opens the source: whole files per data shard if it has enough, else documents.
+
+  A source's own errors (missing file, empty corpus) name the key they came
+  from: 'config.data.source: text file x.txt is empty'.
+  """
+  try:
+    _open_source(plan, shards)
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"config.data.source: {e}") from e
+
+
+def _open_source(plan: _Plan, shards: Sequence[int]):
   cfg = plan.cfg
   files = sources.list_files(cfg.source)
   if files is not None and len(files) >= cfg.num_shards:

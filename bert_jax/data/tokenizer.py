@@ -362,6 +362,14 @@ def load_tokenizer(path: str, *, lower_case: bool = True,
   return WordPieceTokenizer(path, lower_case=lower_case)
 
 
+def _naming_source(paragraphs: Iterator[str]) -> Iterator[str]:
+  """The source's own errors (missing file, empty corpus) name its config key."""
+  try:
+    yield from paragraphs
+  except (ValueError, FileNotFoundError) as e:
+    raise type(e)(f"config.data.source: {e}") from e
+
+
 def train_for_source(data_config, out_dir: str) -> str:
   """Trains (once) a SentencePiece model on `data_config.source`; returns its path.
 
@@ -375,8 +383,8 @@ def train_for_source(data_config, out_dir: str) -> str:
   t5_style = data_config.objective == "span_corruption"
   prefix = os.path.join(out_dir, f"spm_{data_config.objective}_{data_config.vocab_size}")
   if not isfile(prefix + ".model"):
-    paragraphs = sources.iter_paragraphs(data_config.source, data_dir=data_config.data_dir or None,
-                                         split=data_config.split)
+    paragraphs = _naming_source(sources.iter_paragraphs(
+        data_config.source, data_dir=data_config.data_dir or None, split=data_config.split))
     train_sentencepiece(paragraphs, prefix, data_config.vocab_size,
                         extra_ids=data_config.extra_ids if t5_style else 0,
                         bert_special_tokens=not t5_style)

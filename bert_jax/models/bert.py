@@ -1,4 +1,4 @@
-"""BERT-family encoders (BERT, RoBERTa) and their task heads, in Flax Linen.
+"""BERT-family encoders (BERT, RoBERTa, ALBERT) and their task heads, in Flax Linen.
 
 Every module here takes the same inputs, named by the batch contract:
 
@@ -26,6 +26,10 @@ no pooler, as RoBERTa's task models). Heads return dicts:
 `mlm_logits` is [batch, max_predictions, vocab] when `mlm_positions` is given
 (the hidden states are gathered first, so the vocabulary matmul runs only
 there, as original BERT does) and [batch, length, vocab] otherwise.
+
+ALBERT is an option of the same modules: `embedding_size` factorises the
+embeddings (and the MLM head) and `share_layers` applies one layer's
+parameters (or one sub-block's) in every layer; see BertConfig.
 
 Attention mask: with `encoder_segment_ids` (packed rows) a token attends only
 to tokens of its own segment; otherwise to the non-padding keys of its row,
@@ -67,17 +71,24 @@ def _default_positions(tokens: Array, config: BertConfig) -> Array:
 
 
 class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  """Word + position + token-type embeddings, LayerNorm, dropout.
+
+  With `embedding_size` set (ALBERT) the tables and the LayerNorm are that
+  wide and a dense `projection` maps the result up to hidden_size, after the
+  dropout, as Hugging Face's `embedding_hidden_mapping_in` does.
+  """
   config: BertConfig
 
   def setup(self):
     cfg = self.config
-    embed = lambda n, axes: layers.Embed(n, cfg.hidden_size, axes=axes)
+    embed = lambda n, axes: layers.Embed(n, cfg.embed_dim, axes=axes)
     self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"))
     self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"))
     self.token_type_embeddings = embed(cfg.type_vocab_size, ("type", "embed"))
     self.layer_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype)
     self.dropout = nn.Dropout(cfg.dropout_rate)
+    if cfg.embedding_size:
+      self.projection = _square_dense(cfg.hidden_size, cfg.dtype, "projection")
 
   def __call__(self, tokens: Array, type_ids: Array, position_rows: Array,
                deterministic: bool) -> Array:
@@ -85,6 +96,8 @@ class BertEmbeddings(nn.Module):
     x = (self.word_embeddings(tokens) + self.position_embeddings(position_rows)
          + self.token_type_embeddings(type_ids))
     x = self.dropout(self.layer_norm(x), deterministic=deterministic)
+    if self.config.embedding_size:
+      x = self.projection(x)  # [batch, length, embedding_size] -> [batch, length, hidden]
     # [batch, length, embed]
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
@@ -95,30 +108,38 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+  """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x)).
+
+  `part` runs one sub-block only ('attention' or 'ffn'; 'all' runs both):
+  cross-layer sharing calls layer 0 for the shared sub-block and each layer
+  for its own, so a sub-block's parameters exist only where it is called.
+  """
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Array, deterministic: bool, part: str = "all") -> Array:
     cfg = self.config
-    h = layers.MultiHeadAttention(
-        num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, name="attention")(
-            x, x, mask=mask, deterministic=deterministic)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="attention_norm")(x + h)
-    # BERT drops out only the MLP output, not its hidden layer (Mlp's own dropout).
-    h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
-                   dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="mlp_norm")(x + h)
+    if part in ("all", "attention"):
+      h = layers.MultiHeadAttention(
+          num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+          dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, name="attention")(
+              x, x, mask=mask, deterministic=deterministic)
+      h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+      x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="attention_norm")(x + h)
+    if part in ("all", "ffn"):
+      # BERT drops out only the MLP output, not its hidden layer (Mlp's own dropout).
+      h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
+                     dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
+      h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+      x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="mlp_norm")(x + h)
     # [batch, length, embed]
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
 
 def _square_dense(features: int, dtype, name: str) -> layers.DenseGeneral:
-  # [embed, embed] kernels name their output 'mlp': one logical name may not
-  # appear twice in a kernel (both would map to the same mesh axis).
+  # [embed, embed] kernels (also hidden <-> embedding_size under ALBERT) name
+  # their output 'mlp': one logical name may not appear twice in a kernel
+  # (both would map to the same mesh axis).
   return layers.DenseGeneral(features, kernel_axes=("embed", "mlp"), dtype=dtype, name=name)
 
 
@@ -133,10 +154,14 @@ class BertEncoder(nn.Module):
   add_pooler: bool = True
 
   def setup(self):
-    self.embeddings = BertEmbeddings(self.config)
-    # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
-    block = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
-    self.layers = [block(self.config, name=f"layer_{i}") for i in range(self.config.num_layers)]
+    cfg = self.config
+    self.embeddings = BertEmbeddings(cfg)
+    # `deterministic` and `part` (arguments 3 and 4, counting self) are Python
+    # values: static under remat.
+    block = nn.remat(BertLayer, static_argnums=(3, 4)) if cfg.remat else BertLayer
+    # share_layers='all' stores one layer, applied num_layers times.
+    stored = 1 if cfg.share_layers == "all" else cfg.num_layers
+    self.layers = [block(cfg, name=f"layer_{i}") for i in range(stored)]
     if self.add_pooler:
       self.pooler = _square_dense(self.config.hidden_size, self.config.dtype, "pooler")
 
@@ -162,10 +187,21 @@ class BertEncoder(nn.Module):
       rows = encoder_positions + cfg.position_offset
     mask = _attention_mask(tokens, encoder_segment_ids, encoder_mask, cfg.pad_token_id)
     x = self.embeddings(tokens, type_ids, rows, deterministic)  # [batch, length, embed]
-    for layer in self.layers:
-      x = layer(x, mask, deterministic)
+    x = self._apply_layers(x, mask, deterministic)
     pooled = jnp.tanh(self.pooler(x[:, 0])) if self.add_pooler else None
     return x, pooled
+
+  def _apply_layers(self, x: Array, mask: Array, deterministic: bool) -> Array:
+    """num_layers blocks over x [batch, length, embed], sharing as config.share_layers says."""
+    share = self.config.share_layers
+    for i in range(self.config.num_layers):
+      if share in ("none", "all"):
+        x = self.layers[0 if share == "all" else i](x, mask, deterministic, "all")
+        continue
+      # One sub-block from layer 0 (shared), the other from layer i (its own).
+      for part in ("attention", "ffn"):
+        x = self.layers[0 if part == share else i](x, mask, deterministic, part)
+    return x
 
   def attend(self, x: Array) -> Array:
     """Logits against the word embedding, for tied MLM heads."""
@@ -173,14 +209,18 @@ class BertEncoder(nn.Module):
 
 
 class MlmHead(nn.Module):
-  """dense + activation + LayerNorm, then logits tied to the word embedding + bias."""
+  """dense + activation + LayerNorm, then logits tied to the word embedding + bias.
+
+  With factorised embeddings (ALBERT) the dense maps hidden_size down to
+  embedding_size, the width of the tied table.
+  """
   config: BertConfig
 
   @nn.compact
   def __call__(self, hidden: Array, encoder: BertEncoder) -> Array:
     """hidden [batch, n, embed] -> logits [batch, n, vocab]."""
     cfg = self.config
-    x = _square_dense(cfg.hidden_size, cfg.dtype, "transform")(hidden)
+    x = _square_dense(cfg.embed_dim, cfg.dtype, "transform")(hidden)  # [batch, n, embed_dim]
     # Pin the transform's output to the batch layout before the nonlinearity.
     # Left to the partitioner, fsdp_tensor keeps it split over 'tensor' and
     # XLA (jax 0.10.2, CPU SPMD) then computes a WRONG gradient of the

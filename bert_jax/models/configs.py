@@ -51,7 +51,11 @@ BERT_PRESET_SIZES = {
     "tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512),
     "base": (12, 768), "large": (24, 1024),
 }
-_BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+# gelu_new is Hugging Face's name for gelu_tanh (ALBERT's configs use it).
+_BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "relu", "silu")
+BERT_MODEL_TYPES = ("bert", "roberta", "albert")
+# Cross-layer parameter sharing (ALBERT): which sub-blocks every layer takes from layer 0.
+SHARE_LAYERS = ("none", "all", "attention", "ffn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +64,8 @@ class BertConfig:
 
   Attributes:
     vocab_size, hidden_size, num_layers, num_heads, intermediate_size: sizes.
-    hidden_act: 'gelu' (exact erf, Hugging Face) or 'gelu_tanh' (original BERT).
+    hidden_act: 'gelu' (exact erf, Hugging Face) or 'gelu_tanh' (original BERT;
+      'gelu_new' is the same function under Hugging Face's name, as ALBERT).
     max_position_embeddings: rows of the position table.
     type_vocab_size: rows of the token-type (segment A/B) table; RoBERTa has 1.
     layer_norm_eps: LayerNorm epsilon.
@@ -72,9 +77,19 @@ class BertConfig:
       an offset > 0 and no `encoder_positions`, positions count only the
       non-padding tokens and padding tokens read row pad_token_id (as
       Hugging Face RoBERTa does).
-    model_type: 'bert' or 'roberta': the Hugging Face naming used on export,
-      and RoBERTa's sequence classifier (dense + tanh over the first token
-      instead of the pooler).
+    model_type: 'bert', 'roberta' or 'albert': the Hugging Face naming used
+      on export, and RoBERTa's sequence classifier (dense + tanh over the
+      first token instead of the pooler).
+    embedding_size: ALBERT's factorised embeddings: the token, position and
+      type tables (and their LayerNorm) are this wide, projected up to
+      hidden_size before the first layer, and the MLM head maps back down to
+      it before the tied output. 0 (the default): no factorisation, the
+      tables are hidden_size wide and there is no projection.
+    share_layers: cross-layer parameter sharing. 'none': every layer has its
+      own parameters; 'all' (ALBERT): layer 0's parameters are applied
+      num_layers times; 'attention' / 'ffn': every layer uses layer 0's
+      attention (or feed-forward) sub-block, with its LayerNorm, and keeps
+      its own other sub-block. Compute is per applied layer either way.
     remat: recompute each block's activations in the backward pass instead
       of storing them (less memory for long sequences / large models).
     dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16');
@@ -94,6 +109,8 @@ class BertConfig:
   pad_token_id: int = 0
   position_offset: int = 0
   model_type: str = "bert"
+  embedding_size: int = 0
+  share_layers: str = "none"
   remat: bool = False
   dtype: Any = "float32"
 
@@ -105,13 +122,24 @@ class BertConfig:
     if self.hidden_act not in _BERT_ACTIVATIONS:
       raise ValueError(f"BertConfig: unknown hidden_act {self.hidden_act!r}; choose one of "
                        f"{list(_BERT_ACTIVATIONS)}")
-    if self.model_type not in ("bert", "roberta"):
-      raise ValueError(f"BertConfig: model_type must be 'bert' or 'roberta', got "
+    if self.model_type not in BERT_MODEL_TYPES:
+      raise ValueError(f"BertConfig: model_type must be one of {list(BERT_MODEL_TYPES)}, got "
                        f"{self.model_type!r}")
+    if self.share_layers not in SHARE_LAYERS:
+      raise ValueError(f"BertConfig: share_layers must be one of {list(SHARE_LAYERS)}, got "
+                       f"{self.share_layers!r}")
+    if self.embedding_size < 0:
+      raise ValueError(f"BertConfig: embedding_size must be >= 0 (0: hidden_size, no "
+                       f"factorisation), got {self.embedding_size}")
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """Width of the embedding tables: embedding_size when factorised, else hidden_size."""
+    return self.embedding_size or self.hidden_size
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "BertConfig":

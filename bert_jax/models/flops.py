@@ -18,17 +18,21 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
   Counts matrix products only, 2 * m * k * n each, as `BertForPreTraining`
   (nsp=True) or `BertForMaskedLM` (nsp=False) computes them. With S =
   seq_length, H = hidden_size, A = num_heads * head_dim (= H), I =
-  intermediate_size, L = num_layers, P = max_predictions, V = vocab_size:
+  intermediate_size, L = num_layers, P = max_predictions, V = vocab_size,
+  E = embedding_size (ALBERT's factorised embeddings; H when it is 0):
 
     per layer   2*S*H*3A (q, k, v) + 2*S*A*H (out)
                 + 2*S*S*A (scores q.k) + 2*S*S*A (probabilities . v)
                 + 2*S*H*I + 2*S*I*H (MLP)
-    MLM head    2*P*H*H (transform) + 2*P*H*V (logits tied to the embedding)
+    projection  2*S*E*H (embeddings E -> H), only when embedding_size > 0
+    MLM head    2*P*H*E (transform, H -> E) + 2*P*E*V (logits tied to the embedding)
     NSP head    2*H*H (pooler, first token) + 2*H*2, when nsp
-    forward     L * per layer + MLM head [+ NSP head]
+    forward     L * per layer [+ projection] + MLM head [+ NSP head]
     training    3 * forward: the backward pass takes two products per
                 forward product (gradients of both operands).
 
+  L counts applied layers: cross-layer sharing (`share_layers`, ALBERT)
+  stores fewer parameters but computes every layer all the same.
   The MLM head runs only at the P gathered positions (`mlm_positions`);
   P=None counts it at all S positions (no `mlm_positions`). Embedding
   lookups, norms, softmax and activations are not counted: this is the
@@ -49,8 +53,11 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
   layer = (_matmul(s, h, 3 * a) + _matmul(s, a, h)  # [S, H] projections
            + 2 * _matmul(s, a, s)  # [S, S] scores, then back to [S, A]
            + _matmul(s, h, i) + _matmul(s, i, h))
+  e = config.embedding_size
   forward = config.num_layers * layer
-  forward += _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
+  if e:
+    forward += _matmul(s, e, h)  # [S, E] -> [S, H]: the factorised embeddings' projection
+  forward += _matmul(p, h, e or h) + _matmul(p, e or h, config.vocab_size)
   if nsp:
     forward += _matmul(1, h, h) + _matmul(1, h, 2)
   return 3.0 * forward
