@@ -266,7 +266,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---- optimizer and state shapes.
   family = models.get(config.family)
   layers = family.num_layers(model.config)
-  overrides = finetune_init.optimizer_rules(config, family, layers)
+  overrides = finetune_init.optimizer_rules(config, family, model.config)
   if config.train.warmup_fraction > 0:
     overrides["warmup_steps"] = int(round(config.train.warmup_fraction * num_steps))
   try:

@@ -43,21 +43,27 @@ def model_config(config, mesh, rules) -> tuple[Any, dict | None]:
     raise ValueError(f"config.model: {e}") from None
 
 
-def optimizer_rules(config, family: models.Family, layers: int) -> dict:
+def optimizer_rules(config, family: models.Family, model_config) -> dict:
   """optim overrides for freezing and layer-wise LR decay (added to the config's own).
 
-  The per-layer controls need the family's `layer_prefix`; without one (T5)
-  only `freeze_encoder` applies.
+  The per-layer controls need a parameter tree per layer: the family's
+  `layer_prefix`, and no cross-layer sharing (ALBERT stores one layer for
+  all); otherwise only `freeze_encoder` applies.
   """
   ft = config.finetune
+  layers = family.num_layers(model_config)
   if family.layer_prefix is None:
+    lacking = f"per-layer names, which the {family.name!r} family lacks"
+  elif getattr(model_config, "share_layers", "none") != "none":
+    lacking = f"a parameter tree per layer; share_layers={model_config.share_layers!r}"
+  else:
+    lacking = None
+  if lacking:
     for key in ("freeze_layers", "reinit_layers"):
       if ft[key]:
-        raise ConfigError(f"finetune.{key}", f"needs per-layer names, which the "
-                          f"{family.name!r} family lacks; use finetune.freeze_encoder")
+        raise ConfigError(f"finetune.{key}", f"needs {lacking}; use finetune.freeze_encoder")
     if ft.layerwise_lr_decay < 1.0:
-      raise ConfigError("finetune.layerwise_lr_decay", f"needs per-layer names, which the "
-                        f"{family.name!r} family lacks (1.0 = off)")
+      raise ConfigError("finetune.layerwise_lr_decay", f"needs {lacking} (1.0 = off)")
   if ft.freeze_layers > layers:
     raise ConfigError("finetune.freeze_layers", f"{ft.freeze_layers} > the encoder's {layers} "
                       "layers")

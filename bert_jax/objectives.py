@@ -30,6 +30,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from bert_jax.models import bert
+
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -503,6 +505,39 @@ def _span_metrics(outputs, batch, *, prefix):
                    prefix=prefix)[1]
 
 
+def sbo_weights(batch: Mapping[str, Array]) -> Array:
+  """[batch, max_predictions] float32 weights of SpanBERT's boundary objective.
+
+  A slot is scored when MLM scores it and its span boundaries are real
+  positions around it: 0 <= s-1 < i < e+1 < length (the 'span' masking only
+  emits such spans, so this guards hand-built or other batches) and i is
+  among the span's first SBO_MAX_TARGETS tokens (the reference drops the
+  rest). Padding slots (all positions 0) fail `s-1 < i`.
+  """
+  missing = [k for k in ("sbo_left_positions", "sbo_right_positions") if k not in batch]
+  if missing:
+    raise ValueError(f"the span boundary objective needs {missing} in the batch "
+                     "(data.masking='span' emits them)")
+  pos = batch["mlm_positions"].astype(jnp.int32)
+  left = batch["sbo_left_positions"].astype(jnp.int32)
+  right = batch["sbo_right_positions"].astype(jnp.int32)
+  length = batch["encoder_input_tokens"].shape[1]
+  relative = bert.sbo_relative_positions(pos, left)
+  valid = ((left >= 0) & (left < pos) & (pos < right) & (right < length)
+           & (relative < bert.SBO_MAX_TARGETS))
+  return batch["mlm_weights"].astype(jnp.float32) * valid.astype(jnp.float32)
+
+
+def _sbo_metrics(outputs, batch, *, prefix):
+  # The targets are the masked tokens themselves (mlm_targets).
+  return _categorical(outputs["sbo_logits"], batch["mlm_targets"], sbo_weights(batch),
+                      prefix)[1]
+
+
+def _sbo_count(batch):
+  return jnp.sum(sbo_weights(batch))
+
+
 def _sum_of(key: str, offset: float = 0.0):
   return lambda batch: jnp.sum(batch[key].astype(jnp.float32)) + offset
 
@@ -530,11 +565,19 @@ SOP = dataclasses.replace(NSP, prefix="sop")
 SEQ2SEQ = Term("seq2seq", _seq2seq_metrics, _sum_of("decoder_loss_weights"),
                outputs=("logits",), features=("decoder_target_tokens", "decoder_loss_weights"),
                options=("z_loss",))
+# SpanBERT's span boundary objective over the 'span' masking's slots; its
+# normaliser has no epsilon: a batch without a scorable span adds 0 (_safe_div).
+SBO = Term("sbo", _sbo_metrics, _sbo_count, outputs=("sbo_logits",),
+           features=("mlm_targets", "mlm_weights", "mlm_positions", "sbo_left_positions",
+                     "sbo_right_positions", "encoder_input_tokens"))
 _CLASSIFIED = ("classifier_labels", "classifier_weights") + _WEIGHTS
 
 register(Objective("mlm", "mlm", (MLM,), data=("mlm",)))
 register(Objective("mlm_nsp", "pretraining", (MLM, NSP), data=("mlm_nsp",)))
 register(Objective("mlm_sop", "pretraining", (MLM, SOP), data=("mlm_sop",)))
+# SpanBERT: MLM + SBO (weight 1 each, the reference's --pair-loss-weight 1.0)
+# on full single segments; needs data.masking='span' for the boundaries.
+register(combine("mlm_sbo", "mlm_sbo", (MLM, 1.0), (SBO, 1.0), data=("mlm",)))
 register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
 # Fine-tuning (tasks/adapters.py names them).
 register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))

@@ -49,18 +49,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   books = "../shared/data/gutenberg"
   config.data.source = f"{books}/[a-s]*.txt.gz"  # austen .. shakespeare: 12 books
-  config.data.seq_length = 128
+  config.data.seq_length = 64  # CPU-sized; 128-512 on an accelerator
+  config.data.max_predictions = 10
   config.data.num_shards = 4  # 12 files: whole files per data shard
   # data.tokenizer '' takes the checkpoint's; data.objective 'mlm': full sentences.
 
   config.optim.learning_rate = 1e-4
-  config.optim.warmup_steps = 18  # 6% of the steps
-  config.train.num_steps = 300
+  config.optim.warmup_steps = 9  # 6% of the steps
+  config.train.num_steps = 150
   config.train.batch_size = 16
 
-  config.checkpoint.every_steps = 100
-  config.log.every_steps = 20
-  config.eval.every_steps = 100
+  config.checkpoint.every_steps = 50
+  config.log.every_steps = 10
+  config.eval.every_steps = 50
   config.eval.source = f"{books}/whitman-leaves.txt.gz"
   config.eval.batch_size = 16
   config.eval.num_batches = 8

@@ -234,3 +234,22 @@ def test_non_finite_finetuning_loss_closes_the_run(shared_data, tmp_path, monkey
   assert sorted(closed) == ["best", "checkpoints"]
   assert signal.getsignal(signal.SIGTERM) == handler
   assert not os.listdir(tmp_path / "run" / "checkpoints")  # nothing saved from a bad step
+
+
+def test_per_layer_controls_need_a_tree_per_layer():
+  from bert_jax import finetune_init
+  config = defaults.finetune_config()
+  config.finetune.freeze_layers = 1
+  bert = models.get("bert")
+  rules = finetune_init.optimizer_rules(config, bert, bert.preset("tiny"))
+  assert r"^encoder/layer_0/" in rules["freeze"]
+  with pytest.raises(ValueError, match="config.finetune.freeze_layers: needs a parameter tree "
+                                       "per layer; share_layers='all'"):
+    finetune_init.optimizer_rules(config, bert, bert.preset("tiny", share_layers="all",
+                                                             model_type="albert"))
+  config.finetune.freeze_layers = 0
+  config.finetune.layerwise_lr_decay = 0.9
+  with pytest.raises(ValueError, match="layerwise_lr_decay: needs per-layer names, which the "
+                                       "'t5' family lacks"):
+    finetune_init.optimizer_rules(config, models.get("t5"), models.get("t5").preset(
+        "t5_v1_1_tiny"))

@@ -10,9 +10,9 @@ from bert_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> variants (None = the file's default).
-CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert"],
+CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
-           "albert": [None, "large"], "dapt": [None, "base"]}
+           "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
 FINETUNE = {"glue", "conll", "squad", "text2text"}
 # The keys scripts and users rely on in every training config (issue "Training").

@@ -148,7 +148,7 @@ def test_t5_needs_an_eos_tokenizer_and_rejects_bert_only_controls(shared_data, s
   config = _config("sst2", shared_data, **{"data.tokenizer": str(spm),
                                            "finetune.freeze_layers": 1})
   config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=VOCAB)
-  with pytest.raises(ValueError, match="finetune.freeze_layers.*BERT-only"):
+  with pytest.raises(ValueError, match="finetune.freeze_layers: needs per-layer names"):
     finetune.finetune(config, str(tmp_path / "b"))
   config = _config("sst2", shared_data, **{"data.tokenizer": str(spm), "decode.beam_size": 0})
   with pytest.raises(ValueError, match="config.decode"):

@@ -2,7 +2,8 @@
 
 Masked positions are shown as `[input->target]` so the 80/10/10 outcome is
 visible (`[[MASK]->cat]`, `[dog->cat]` for a random replacement, `[cat->cat]`
-for a kept token); T5 examples show inputs with their sentinels and the
+for a kept token); span-masked (SpanBERT) rows also list each span with its
+two boundary tokens; T5 examples show inputs with their sentinels and the
 targets that fill them.
 """
 from __future__ import annotations
@@ -14,6 +15,25 @@ import numpy as np
 
 def _pieces(tokenizer, ids: Iterable[int]) -> list[str]:
   return [tokenizer.id_to_piece(int(i)) for i in ids]
+
+
+def _format_spans(batch: dict, row: int, tokenizer) -> str:
+  """SpanBERT rows: each masked span's targets between its two boundary tokens.
+
+  The boundaries are the tokens the span boundary objective reads
+  (sbo_left_positions = s-1, sbo_right_positions = e+1, per prediction slot),
+  shown as they enter the model: `<[CLS]> the quick fox <jumps>`.
+  """
+  tokens = batch["encoder_input_tokens"][row]
+  spans: dict[tuple[int, int], list[str]] = {}  # (s-1, e+1) -> targets, in slot order
+  for target, left, right, w in zip(batch["mlm_targets"][row],
+                                    batch["sbo_left_positions"][row],
+                                    batch["sbo_right_positions"][row], batch["mlm_weights"][row]):
+    if w > 0:
+      spans.setdefault((int(left), int(right)), []).append(tokenizer.id_to_piece(int(target)))
+  piece = lambda pos: tokenizer.id_to_piece(int(tokens[pos])) if 0 <= pos < len(tokens) else "?"
+  return " | ".join(f"<{piece(left)}> {' '.join(targets)} <{piece(right)}>"
+                    for (left, right), targets in sorted(spans.items()))
 
 
 def format_mlm_example(batch: dict, row: int, tokenizer) -> str:
@@ -28,6 +48,8 @@ def format_mlm_example(batch: dict, row: int, tokenizer) -> str:
   text = " ".join(p for p, v in zip(pieces, valid) if v)
   lines = [f"tokens ({int(valid.sum())} of {len(tokens)}, {int((weights > 0).sum())} "
            f"predictions): {text}"]
+  if "sbo_left_positions" in batch:
+    lines.append(f"spans (boundaries in <>): {_format_spans(batch, row, tokenizer)}")
   if "encoder_type_ids" in batch:
     types = batch["encoder_type_ids"][row][valid]
     lines.append(f"token types: A={int((types == 0).sum())} B={int((types == 1).sum())}")

@@ -19,6 +19,8 @@ no pooler, as RoBERTa's task models). Heads return dicts:
 
   BertForPreTraining             {'mlm_logits', 'nsp_logits' [batch, 2]}
   BertForMaskedLM                {'mlm_logits'}
+  BertForMaskedLMWithSbo         {'mlm_logits', 'sbo_logits' [batch, max_predictions, vocab]}
+                                 (SpanBERT; also takes sbo_left/right_positions)
   BertForSequenceClassification  {'logits' [batch, num_labels]} (num_labels=1: regression)
   BertForTokenClassification     {'logits' [batch, length, num_labels]}
   BertForQuestionAnswering       {'start_logits', 'end_logits'} [batch, length]
@@ -249,6 +251,65 @@ def _mlm_logits(head: MlmHead, encoder: BertEncoder, hidden: Array,
   return head(hidden, encoder)
 
 
+# SpanBERT's relative-position table: one row per token of a span, up to
+# the reference run's --max-pair-targets 15 (a span has at most 10 words, so
+# rarely more pieces); tokens past it get SBO weight 0, as the reference
+# drops them (objectives.sbo_weights).
+SBO_MAX_TARGETS = 15
+# Width of those position embeddings (--pair-positional-embedding-size).
+SBO_POSITION_SIZE = 200
+
+
+def sbo_relative_positions(mlm_positions: Array, sbo_left_positions: Array) -> Array:
+  """i - s: 0-based index of each prediction slot's token within its span (p_{i-s+1})."""
+  return mlm_positions.astype(jnp.int32) - sbo_left_positions.astype(jnp.int32) - 1
+
+
+class SboHead(nn.Module):
+  """SpanBERT's span boundary objective head (Joshi et al. 2020, section 3.2).
+
+  Predicts token x_i of a span (s..e) from the boundary states x_{s-1},
+  x_{e+1} and a position embedding p_{i-s+1}:
+    h = LN(act(W2 . LN(act(W1 . [x_{s-1}; x_{e+1}; p]))))
+  then logits tied to the word embedding plus the head's own bias (the
+  reference's BertPairTargetPredictionHead / MLPWithLayerNorm). W1 is stored
+  as three kernels (left, right, position) whose sum is W1 applied to the
+  concatenation: each then has a clean logical layout.
+  """
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, left: Array, right: Array, relative: Array,
+               encoder: BertEncoder) -> Array:
+    """hidden [batch, length, embed]; left/right/relative int [batch, n] -> [batch, n, vocab]."""
+    cfg = self.config
+    act = layers.get_activation(cfg.hidden_act)
+    table = layers.Embed(SBO_MAX_TARGETS, SBO_POSITION_SIZE, axes=("position", "sbo_position"),
+                         name="position_embeddings")
+    # Out-of-table slots are clipped only to stay in range; their loss weight is 0.
+    p = table(jnp.clip(relative, 0, SBO_MAX_TARGETS - 1))  # [batch, n, SBO_POSITION_SIZE]
+    h = cfg.hidden_size
+    x = (_square_dense(h, cfg.dtype, "left")(_gather(hidden, left))
+         + layers.DenseGeneral(h, kernel_axes=("embed", "mlp"), use_bias=False, dtype=cfg.dtype,
+                               name="right")(_gather(hidden, right))
+         + layers.DenseGeneral(h, kernel_axes=("sbo_position", "mlp"), use_bias=False,
+                               dtype=cfg.dtype, name="position")(p))  # [batch, n, hidden]
+    # Pinned to the batch layout before each nonlinearity, as in MlmHead (the
+    # fsdp_tensor gradient bug through the tied projection).
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="norm1")(act(x))
+    # W2 maps to the tied table's width (embedding_size under ALBERT).
+    x = _square_dense(cfg.embed_dim, cfg.dtype, "dense2")(x)  # [batch, n, embed_dim]
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="norm2")(act(x))
+    logits = encoder.attend(x)  # [batch, n, vocab]
+    bias = self.param("output_bias",
+                      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                      (cfg.vocab_size,), jnp.float32)
+    logits = logits + bias.astype(logits.dtype)
+    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
 def _classifier(num_labels: int, dtype, name: str) -> layers.DenseGeneral:
   return layers.DenseGeneral(num_labels, kernel_axes=("embed", "classes"), dtype=dtype,
                              name=name)
@@ -297,6 +358,40 @@ class BertForMaskedLM(_EncoderModel):
                              enable_dropout)
     return {"mlm_logits": _mlm_logits(MlmHead(self.config, name="mlm"), encoder, hidden,
                                       mlm_positions)}
+
+
+class BertForMaskedLMWithSbo(_EncoderModel):
+  """MLM + SpanBERT's span boundary objective (SBO); no NSP, no pooler.
+
+  Reads the 'span' masking's per-slot boundaries `sbo_left_positions` (s-1)
+  and `sbo_right_positions` (e+1), aligned with `mlm_positions`; the token's
+  place in its span is mlm_positions - sbo_left_positions - 1. Returns
+  {'mlm_logits', 'sbo_logits'}, both [batch, max_predictions, vocab].
+  """
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               sbo_left_positions=None, sbo_right_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    encoder = BertEncoder(self.config, add_pooler=False, name="encoder")
+    hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                             encoder_segment_ids, encoder_positions, encoder_mask,
+                             enable_dropout)
+    mlm = _mlm_logits(MlmHead(self.config, name="mlm"), encoder, hidden, mlm_positions)
+    spans = (mlm_positions, sbo_left_positions, sbo_right_positions)
+    if any(x is None for x in spans):
+      if not self.is_initializing():
+        raise ValueError("the span boundary objective needs mlm_positions, "
+                         "sbo_left_positions and sbo_right_positions in the batch "
+                         "(data.masking='span' emits them)")
+      # Parameters are traced from the tokens alone (Family.init_features).
+      zeros = jnp.zeros((encoder_input_tokens.shape[0], 1), jnp.int32)
+      spans = (zeros + 1, zeros, zeros + 2)
+    positions, left, right = spans
+    sbo = SboHead(self.config, name="sbo")(
+        hidden, left, right, sbo_relative_positions(positions, left), encoder)
+    return {"mlm_logits": mlm, "sbo_logits": sbo}
 
 
 class BertForSequenceClassification(_EncoderModel):
@@ -381,6 +476,7 @@ TASKS = {
     "encoder": BertModel,
     "pretraining": BertForPreTraining,
     "mlm": BertForMaskedLM,
+    "mlm_sbo": BertForMaskedLMWithSbo,
     "sequence_classification": BertForSequenceClassification,
     "token_classification": BertForTokenClassification,
     "question_answering": BertForQuestionAnswering,

@@ -6,13 +6,18 @@ each; the backward pass is counted as twice the forward.
 """
 
 
+# Width of the SBO head's position embeddings (models/bert.py SBO_POSITION_SIZE;
+# this module imports no JAX, so it keeps its own copy).
+SBO_POSITION_SIZE = 200
+
+
 def _matmul(m: int, k: int, n: int) -> float:
   """FLOPs of an [m, k] x [k, n] product: one multiply and one add per term."""
   return 2.0 * m * k * n
 
 
 def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
-                     nsp: bool) -> float:
+                     nsp: bool, sbo: bool = False) -> float:
   """Training FLOPs per example of a BERT-family pre-training model.
 
   Counts matrix products only, 2 * m * k * n each, as `BertForPreTraining`
@@ -27,7 +32,9 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
     projection  2*S*E*H (embeddings E -> H), only when embedding_size > 0
     MLM head    2*P*H*E (transform, H -> E) + 2*P*E*V (logits tied to the embedding)
     NSP head    2*H*H (pooler, first token) + 2*H*2, when nsp
-    forward     L * per layer [+ projection] + MLM head [+ NSP head]
+    SBO head    2*P*(2H + R)*H (boundaries and position, R = 200 wide)
+                + 2*P*H*E + 2*P*E*V, when sbo (SpanBERT)
+    forward     L * per layer [+ projection] + MLM head [+ NSP head] [+ SBO head]
     training    3 * forward: the backward pass takes two products per
                 forward product (gradients of both operands).
 
@@ -43,6 +50,7 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
     seq_length: tokens per example (the padded/packed length).
     max_predictions: gathered MLM positions per example, or None.
     nsp: count the pooler and the next-sentence head.
+    sbo: count SpanBERT's span boundary head (`BertForMaskedLMWithSbo`).
 
   Returns:
     FLOPs of one example's forward and backward pass.
@@ -60,6 +68,9 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
   forward += _matmul(p, h, e or h) + _matmul(p, e or h, config.vocab_size)
   if nsp:
     forward += _matmul(1, h, h) + _matmul(1, h, 2)
+  if sbo:
+    forward += (_matmul(p, 2 * h + SBO_POSITION_SIZE, h) + _matmul(p, h, e or h)
+                + _matmul(p, e or h, config.vocab_size))
   return 3.0 * forward
 
 
