@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from bert_jax.models import bert
+from bert_jax.models.configs import SBO_MAX_TARGETS
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -394,11 +394,14 @@ class Objective:
     terms: its weighted losses.
     data: the pipeline objectives (`config.data.objective`) whose batches
       feed it; empty for fine-tuning objectives (the task adapters feed them).
+    masking: the `config.data.masking` schemes it needs (empty: any), e.g.
+      'span' for SpanBERT's boundary positions.
   """
   name: str
   model_task: str
   terms: tuple[Term, ...]
   data: tuple[str, ...] = ()
+  masking: tuple[str, ...] = ()
 
   @property
   def features(self) -> tuple[str, ...]:
@@ -522,9 +525,9 @@ def sbo_weights(batch: Mapping[str, Array]) -> Array:
   left = batch["sbo_left_positions"].astype(jnp.int32)
   right = batch["sbo_right_positions"].astype(jnp.int32)
   length = batch["encoder_input_tokens"].shape[1]
-  relative = bert.sbo_relative_positions(pos, left)
+  relative = pos - left - 1  # the token's index within its span
   valid = ((left >= 0) & (left < pos) & (pos < right) & (right < length)
-           & (relative < bert.SBO_MAX_TARGETS))
+           & (relative < SBO_MAX_TARGETS))
   return batch["mlm_weights"].astype(jnp.float32) * valid.astype(jnp.float32)
 
 
@@ -577,7 +580,8 @@ register(Objective("mlm_nsp", "pretraining", (MLM, NSP), data=("mlm_nsp",)))
 register(Objective("mlm_sop", "pretraining", (MLM, SOP), data=("mlm_sop",)))
 # SpanBERT: MLM + SBO (weight 1 each, the reference's --pair-loss-weight 1.0)
 # on full single segments; needs data.masking='span' for the boundaries.
-register(combine("mlm_sbo", "mlm_sbo", (MLM, 1.0), (SBO, 1.0), data=("mlm",)))
+register(dataclasses.replace(combine("mlm_sbo", "mlm_sbo", (MLM, 1.0), (SBO, 1.0), data=("mlm",)),
+                             masking=("span",)))
 register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
 # Fine-tuning (tasks/adapters.py names them).
 register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))

@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   if config.data.objective not in objective.data:
     raise ConfigError("data.objective", f"{config.data.objective!r} batches do not feed the "
                       f"{name!r} objective (it reads {list(objective.data) or 'task batches'})")
+  if objective.masking and config.data.masking not in objective.masking:
+    raise ConfigError("data.masking", f"{config.data.masking!r}: the {name!r} objective needs "
+                      f"{' or '.join(map(repr, objective.masking))}")
   if objective.model_task not in family.tasks:
     raise ConfigError(key, f"{name!r} trains a {objective.model_task!r} model, which the "
                       f"{config.family!r} family does not build (it builds {list(family.tasks)})")

@@ -26,7 +26,7 @@ from bert_jax.models import flops
 def _bert_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:
   predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
   return flops.bert_train_flops(config, shapes["encoder_input_tokens"][1], predictions,
-                                nsp="nsp_labels" in shapes)
+                                nsp="nsp_labels" in shapes, sbo="sbo_left_positions" in shapes)
 
 
 def _t5_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:

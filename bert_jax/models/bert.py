@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax.models import configs
 from bert_jax.models import layers
 from bert_jax.models.configs import BertConfig
 
@@ -251,13 +252,8 @@ def _mlm_logits(head: MlmHead, encoder: BertEncoder, hidden: Array,
   return head(hidden, encoder)
 
 
-# SpanBERT's relative-position table: one row per token of a span, up to
-# the reference run's --max-pair-targets 15 (a span has at most 10 words, so
-# rarely more pieces); tokens past it get SBO weight 0, as the reference
-# drops them (objectives.sbo_weights).
-SBO_MAX_TARGETS = 15
-# Width of those position embeddings (--pair-positional-embedding-size).
-SBO_POSITION_SIZE = 200
+SBO_MAX_TARGETS = configs.SBO_MAX_TARGETS
+SBO_POSITION_SIZE = configs.SBO_POSITION_SIZE
 
 
 def sbo_relative_positions(mlm_positions: Array, sbo_left_positions: Array) -> Array:

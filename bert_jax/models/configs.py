@@ -158,6 +158,15 @@ class BertConfig:
     return config_from_dict(cls, d)
 
 
+# SpanBERT's boundary-objective head (an option of every BERT-family model):
+# one relative-position row per token of a span, up to the reference run's
+# --max-pair-targets 15 (a span has at most 10 words, so rarely more pieces);
+# tokens past it get SBO weight 0, as the reference drops them
+# (objectives.sbo_weights). Its width is --pair-positional-embedding-size.
+SBO_MAX_TARGETS = 15
+SBO_POSITION_SIZE = 200
+
+
 # --------------------------------------------------------------------- T5
 
 

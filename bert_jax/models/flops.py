@@ -6,9 +6,7 @@ each; the backward pass is counted as twice the forward.
 """
 
 
-# Width of the SBO head's position embeddings (models/bert.py SBO_POSITION_SIZE;
-# this module imports no JAX, so it keeps its own copy).
-SBO_POSITION_SIZE = 200
+from bert_jax.models.configs import SBO_POSITION_SIZE
 
 
 def _matmul(m: int, k: int, n: int) -> float:
