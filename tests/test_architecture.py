@@ -24,6 +24,7 @@ from bert_jax import finetune
 from bert_jax import models
 from bert_jax import objectives
 from bert_jax import train
+from conftest import tiny_pretraining_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "bert_jax"
@@ -54,20 +55,8 @@ def toy_objective():
 
 
 def test_a_new_objective_trains_five_steps_through_the_registry(toy_objective, tmp_path):
-  config = defaults.train_config()
+  config = tiny_pretraining_config(num_steps=5)
   config.train.objective = toy_objective.name
-  config.data.vocab_size = 600
-  config.data.seq_length = 32
-  config.data.max_predictions = 5
-  config.model = defaults.model_config("bert", "tiny", vocab_size=0, num_layers=1,
-                                       max_position_embeddings=32)
-  config.train.num_steps = 5
-  config.train.batch_size = 8
-  config.optim.warmup_steps = 2
-  config.log.every_steps = 1
-  config.log.progress = False
-  config.checkpoint.every_steps = 5
-  config.checkpoint.async_save = False
   last = train.train_and_evaluate(config, str(tmp_path))
 
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from bert_jax import train
 from bert_jax.data import inspect as inspect_lib
 from bert_jax.models import bert
 from bert_jax.models import flops
+from conftest import tiny_pretraining_config
 
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
@@ -185,21 +186,9 @@ def test_sharded_head_equals_unsharded():
 
 
 def test_mlm_sbo_trains_through_the_trainer(tmp_path):
-  config = defaults.train_config()
+  config = tiny_pretraining_config(num_steps=4)
   config.train.objective = "mlm_sbo"
   config.data.masking = "span"
-  config.data.vocab_size = 600
-  config.data.seq_length = 32
-  config.data.max_predictions = 5
-  config.model = defaults.model_config("bert", "tiny", vocab_size=0, num_layers=1,
-                                       max_position_embeddings=32)
-  config.train.num_steps = 4
-  config.train.batch_size = 8
-  config.optim.warmup_steps = 2
-  config.log.every_steps = 1
-  config.log.progress = False
-  config.checkpoint.every_steps = 4
-  config.checkpoint.async_save = False
   train.train_and_evaluate(config, str(tmp_path))
 
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:

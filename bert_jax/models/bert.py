@@ -211,6 +211,15 @@ class BertEncoder(nn.Module):
     return self.embeddings.attend(x)
 
 
+def _tied_logits(head: nn.Module, encoder: "BertEncoder", x: Array) -> Array:
+  """[batch, n, vocab] logits of x through the word embedding table plus the head's bias."""
+  logits = encoder.attend(x)  # [batch, n, vocab]
+  bias = head.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                    (head.config.vocab_size,), jnp.float32)
+  logits = logits + bias.astype(logits.dtype)
+  return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
 class MlmHead(nn.Module):
   """dense + activation + LayerNorm, then logits tied to the word embedding + bias.
 
@@ -232,12 +241,7 @@ class MlmHead(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     x = layers.get_activation(cfg.hidden_act)(x)
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(x)
-    logits = encoder.attend(x)  # [batch, n, vocab]
-    bias = self.param("output_bias",
-                      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                      (cfg.vocab_size,), jnp.float32)
-    logits = logits + bias.astype(logits.dtype)
-    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    return _tied_logits(self, encoder, x)
 
 
 def _gather(hidden: Array, positions: Array) -> Array:
@@ -298,12 +302,7 @@ class SboHead(nn.Module):
     x = _square_dense(cfg.embed_dim, cfg.dtype, "dense2")(x)  # [batch, n, embed_dim]
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="norm2")(act(x))
-    logits = encoder.attend(x)  # [batch, n, vocab]
-    bias = self.param("output_bias",
-                      nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
-                      (cfg.vocab_size,), jnp.float32)
-    logits = logits + bias.astype(logits.dtype)
-    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+    return _tied_logits(self, encoder, x)
 
 
 def _classifier(num_labels: int, dtype, name: str) -> layers.DenseGeneral:
