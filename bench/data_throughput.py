@@ -42,7 +42,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bert_jax import defaults
+from bert_jax import defaults  # noqa: E402
 from bert_jax.data import batch_masking  # noqa: E402
 from bert_jax.data import files as files_lib  # noqa: E402
 from bert_jax.data import masking  # noqa: E402
