@@ -126,6 +126,18 @@ def ours(family: str, config, task: str, objective: str, batch: dict):
 # ------------------------------------------------------------ Hugging Face
 
 
+def _torch_step(model, inputs, labels):
+  """One training step of a Hugging Face model: loss, backward, AdamW (lr 1e-4, decay 0.01)."""
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+  def run():
+    model(input_ids=inputs, labels=labels).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+  return run
+
+
 def hf_bert(config, batch: dict):
   """One Hugging Face BertForMaskedLM step (sdpa attention, AdamW)."""
   hf = transformers.BertConfig(
@@ -134,8 +146,7 @@ def hf_bert(config, batch: dict):
       intermediate_size=config.intermediate_size, hidden_act="gelu",
       hidden_dropout_prob=config.dropout_rate,
       attention_probs_dropout_prob=config.attention_dropout_rate)
-  model = transformers.BertForMaskedLM(hf).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+  model = transformers.BertForMaskedLM(hf)
   tokens = torch.from_numpy(batch["encoder_input_tokens"]).long()
   labels = torch.full_like(tokens, -100)
   if "mlm_positions" in batch:
@@ -144,13 +155,7 @@ def hf_bert(config, batch: dict):
   else:
     keep = torch.from_numpy(batch["mlm_weights"] > 0)
     labels[keep] = tokens[keep]
-
-  def run():
-    loss = model(input_ids=tokens, labels=labels).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-  return run
+  return _torch_step(model, tokens, labels)
 
 
 def hf_t5(config, batch: dict):
@@ -161,17 +166,9 @@ def hf_t5(config, batch: dict):
       num_decoder_layers=config.num_decoder_layers, feed_forward_proj="gated-gelu",
       tie_word_embeddings=False, dropout_rate=config.dropout_rate,
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-  model = transformers.T5ForConditionalGeneration(hf).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-  inputs = torch.from_numpy(batch["encoder_input_tokens"]).long()
-  labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
-
-  def run():
-    loss = model(input_ids=inputs, labels=labels).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-  return run
+  model = transformers.T5ForConditionalGeneration(hf)
+  return _torch_step(model, torch.from_numpy(batch["encoder_input_tokens"]).long(),
+                     torch.from_numpy(batch["decoder_target_tokens"]).long())
 
 
 # ------------------------------------------------------------------ timing

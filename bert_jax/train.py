@@ -71,10 +71,10 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   Raises:
     ValueError naming the config key and the offending values.
   """
-  family = models.get(config.family) if config.family in models.FAMILIES else None
-  if family is None:
+  if config.family not in models.FAMILIES:
     raise ConfigError("family", f"unknown family {config.family!r}; choose one of "
                       f"{sorted(models.FAMILIES)}")
+  family = models.get(config.family)
   key = "train.objective" if config.train.objective else "data.objective"
   name = config.train.objective or config.data.objective
   if name not in objectives.OBJECTIVES:

@@ -21,6 +21,7 @@ from bert_jax import train
 from bert_jax.data import inspect as inspect_lib
 from bert_jax.models import bert
 from bert_jax.models import flops
+from bert_jax.models.configs import SBO_MAX_TARGETS
 from conftest import tiny_pretraining_config
 
 VOCAB = 128
@@ -123,7 +124,7 @@ def test_sbo_targets_and_weights_on_a_known_span():
   long = dict(batch, mlm_positions=np.array([[2, 15, 16, 17, 0]], np.int32),
               sbo_left_positions=np.array([[1, 1, 1, 1, 0]], np.int32),
               sbo_right_positions=np.array([[18, 18, 18, 18, 0]], np.int32))
-  assert bert.SBO_MAX_TARGETS == 15
+  assert SBO_MAX_TARGETS == 15
   # Places 0, 13, 14 have rows; place 15 has none.
   np.testing.assert_array_equal(np.asarray(objectives.sbo_weights(long)), [[1, 1, 1, 0, 0]])
 
@@ -216,7 +217,6 @@ def test_wrong_masking_fails_before_compiling():
 
 def test_flops_count_the_sbo_head():
   cfg = bert.BertConfig.preset("base")
-  assert flops.SBO_POSITION_SIZE == bert.SBO_POSITION_SIZE
   extra = (flops.bert_train_flops(cfg, 512, 80, nsp=False, sbo=True)
            - flops.bert_train_flops(cfg, 512, 80, nsp=False))
   h, v = cfg.hidden_size, cfg.vocab_size

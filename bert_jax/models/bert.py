@@ -256,10 +256,6 @@ def _mlm_logits(head: MlmHead, encoder: BertEncoder, hidden: Array,
   return head(hidden, encoder)
 
 
-SBO_MAX_TARGETS = configs.SBO_MAX_TARGETS
-SBO_POSITION_SIZE = configs.SBO_POSITION_SIZE
-
-
 def sbo_relative_positions(mlm_positions: Array, sbo_left_positions: Array) -> Array:
   """i - s: 0-based index of each prediction slot's token within its span (p_{i-s+1})."""
   return mlm_positions.astype(jnp.int32) - sbo_left_positions.astype(jnp.int32) - 1
@@ -284,10 +280,10 @@ class SboHead(nn.Module):
     """hidden [batch, length, embed]; left/right/relative int [batch, n] -> [batch, n, vocab]."""
     cfg = self.config
     act = layers.get_activation(cfg.hidden_act)
-    table = layers.Embed(SBO_MAX_TARGETS, SBO_POSITION_SIZE, axes=("position", "sbo_position"),
-                         name="position_embeddings")
+    table = layers.Embed(configs.SBO_MAX_TARGETS, configs.SBO_POSITION_SIZE,
+                         axes=("position", "sbo_position"), name="position_embeddings")
     # Out-of-table slots are clipped only to stay in range; their loss weight is 0.
-    p = table(jnp.clip(relative, 0, SBO_MAX_TARGETS - 1))  # [batch, n, SBO_POSITION_SIZE]
+    p = table(jnp.clip(relative, 0, configs.SBO_MAX_TARGETS - 1))  # [batch, n, SBO_POSITION_SIZE]
     h = cfg.hidden_size
     x = (_square_dense(h, cfg.dtype, "left")(_gather(hidden, left))
          + layers.DenseGeneral(h, kernel_axes=("embed", "mlp"), use_bias=False, dtype=cfg.dtype,
