@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bert_jax import objectives
+from bert_jax import losses
 
 # Step metrics that are values of one step, not sums over the interval.
 _PER_STEP = ("loss", "grad_norm", "learning_rate")
@@ -151,7 +151,7 @@ class StepLog:
     out = {"loss": float(np.mean([m["loss"] for m in fetched])),
            "learning_rate": float(fetched[-1]["learning_rate"]),
            "grad_norm": float(fetched[-1]["grad_norm"])}
-    out.update({f"train/{k}": v for k, v in objectives.summarize(sums).items()})
+    out.update({f"train/{k}": v for k, v in losses.summarize(sums).items()})
     return out
 
   def write(self, step: int, line: dict[str, Any]) -> None:

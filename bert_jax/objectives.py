@@ -1,28 +1,13 @@
-"""The objective registry, and the losses and metrics it is built from.
+"""The objective registry: what each training objective computes and how it is summed.
 
 `OBJECTIVES` maps a name to an `Objective`: the model task it trains, and
 its weighted `Term`s, each saying which model outputs and batch features it
 reads, its whole-batch normaliser and its summable metrics under its own
-prefix ('mlm/*', 'nsp/*', 'sop/*', 'seq2seq/*', 'cls/*', ...). The train and
-eval steps (steps.py) call only `Objective.normalizers / metrics / loss`;
-`register` adds one, `combine` sums several with weights (MLM + SBO,
-MLM + 50 x RTD, distillation's three terms).
-
-Every loss returns `(loss, metrics)`. `loss` is the scalar to differentiate;
-`metrics` holds *sums* only (a loss sum, a count, a number of correct
-predictions), never ratios. Sums add up across microbatches, devices and
-hosts; `summarize` divides them once at the end. Averaging per-step ratios
-instead would weight a batch with 3 masked tokens like one with 3000.
-
-Metric keys are `"<prefix>/<name>"` with names:
-  loss_sum  sum over scored items of weight * loss (z-loss included for
-            seq2seq, which also reports z_loss_sum on its own),
-  count     sum of weights (tokens for MLM/seq2seq, examples otherwise),
-  correct   sum of weights where the argmax equals the target
-            (span: start_correct and end_correct).
-
-All arithmetic is float32 whatever the logits dtype: bfloat16 has 8 bits of
-mantissa, too few for a log-sum-exp over a 32k vocabulary.
+prefix ('mlm/*', 'nsp/*', 'sop/*', 'rtd/*', 'seq2seq/*', 'cls/*', ...). The
+train and eval steps (steps.py) call only `Objective.normalizers / metrics /
+loss`; `register` adds one, `combine` sums several with weights (MLM + SBO,
+MLM + 50 x RTD, distillation's three terms). The losses themselves, and
+`summarize`, are in losses.py.
 """
 import dataclasses
 from typing import Any, Callable, Mapping
@@ -30,301 +15,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from bert_jax import losses
+from bert_jax.losses import MLM_DENOMINATOR_EPS, safe_div
 from bert_jax.models.configs import SBO_MAX_TARGETS
 
 Array = jax.Array
 Metrics = dict[str, Array]
-
-# Original BERT (run_pretraining.py) adds this to the MLM denominator so a
-# batch with no masked token gives 0, not NaN.
-MLM_DENOMINATOR_EPS = 1e-5
-
-
-def _safe_div(numerator: Array, denominator: Array) -> Array:
-  """numerator / denominator, 0 where the denominator is 0 (NaN-free grads)."""
-  safe = jnp.where(denominator > 0, denominator, 1.0)
-  return jnp.where(denominator > 0, numerator / safe, 0.0)
-
-
-def _weights_like(targets: Array, weights: Array | None) -> Array:
-  """float32 weights shaped like targets (all ones when None)."""
-  if weights is None:
-    return jnp.ones(targets.shape, jnp.float32)
-  if weights.shape != targets.shape:
-    raise ValueError(f"weights shape {weights.shape} != targets shape {targets.shape}")
-  return weights.astype(jnp.float32)
-
-
-def _check_logits(logits: Array, targets: Array, name: str) -> None:
-  if logits.shape[:-1] != targets.shape:
-    raise ValueError(
-        f"{name}: logits shape {logits.shape} does not fit targets shape "
-        f"{targets.shape} (expected targets.shape + (num_classes,))")
-
-
-def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0,
-                  z_loss: float = 0.0) -> tuple[Array, Array]:
-  """Per-item softmax cross entropy with integer targets, in float32.
-
-  Label smoothing follows t5x: the target gets probability 1 - s and every
-  other class s / (num_classes - 1); the entropy of that smoothed target is
-  subtracted, so the loss is the KL divergence (0 for a perfect prediction)
-  and its gradient is that of plain smoothed cross entropy.
-
-  The z-loss (PaLM / t5x) adds z_loss * logsumexp(logits)**2 per item, which
-  keeps the softmax normaliser near 1 and bf16 logits in range.
-
-  Args:
-    logits: [..., num_classes] any float dtype.
-    targets: [...] integer class ids in [0, num_classes).
-    label_smoothing: s in [0, 1).
-    z_loss: coefficient of the squared log normaliser.
-
-  Returns:
-    (loss, z_term), both float32 [...]; loss includes z_term.
-  """
-  _check_logits(logits, targets, "cross_entropy")
-  logits = logits.astype(jnp.float32)
-  num_classes = logits.shape[-1]
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
-                                     axis=-1)[..., 0]
-  if label_smoothing:
-    if num_classes < 2:
-      raise ValueError("label_smoothing needs at least 2 classes")
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (num_classes - 1)
-    # sum_c q_c * logit_c without materialising the one-hot q: [...]
-    expected_logit = low * jnp.sum(logits, axis=-1) + (confidence - low) * target_logit
-    target_entropy = -(confidence * jnp.log(confidence)
-                       + (num_classes - 1) * low * jnp.log(low + 1e-20))
-    loss = log_z - expected_logit - target_entropy
-  else:
-    loss = log_z - target_logit
-  z_term = z_loss * jnp.square(log_z)
-  return loss + z_term, z_term
-
-
-def _correct(logits: Array, targets: Array) -> Array:
-  return (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-
-
-def _categorical(logits: Array, targets: Array, weights: Array | None,
-                 prefix: str) -> tuple[Array, Metrics]:
-  """Weighted mean cross entropy + sums, the shared body of several losses."""
-  _check_logits(logits, targets, prefix)
-  w = _weights_like(targets, weights)
-  per_item, _ = cross_entropy(logits, targets)
-  loss_sum = jnp.sum(w * per_item)
-  count = jnp.sum(w)
-  metrics = {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
-             f"{prefix}/correct": jnp.sum(w * _correct(logits, targets))}
-  return _safe_div(loss_sum, count), metrics
-
-
-def mlm_loss(mlm_logits: Array, batch: Mapping[str, Array], *,
-             targets_key: str = "mlm_targets", weights_key: str = "mlm_weights",
-             prefix: str = "mlm") -> tuple[Array, Metrics]:
-  """Masked-LM loss of original BERT: sum(w * CE) / (sum(w) + 1e-5).
-
-  Works on the gathered form ([batch, max_predictions, vocab] logits with
-  `mlm_targets`/`mlm_weights`) and equally on logits at every position
-  ([batch, length, vocab]) with per-position targets/weights under other keys.
-
-  Args:
-    mlm_logits: [batch, n, vocab].
-    batch: holds targets [batch, n] int and weights [batch, n] float
-      (0.0 for padding slots, which are then ignored entirely).
-    targets_key: batch key of the targets.
-    weights_key: batch key of the weights.
-    prefix: metric key prefix.
-
-  Returns:
-    (loss, metrics) with `<prefix>/loss_sum`, `/count` (masked tokens) and
-    `/correct`; sum metrics over microbatches/hosts, then `summarize`.
-  """
-  targets, weights = batch[targets_key], batch[weights_key]
-  _, metrics = _categorical(mlm_logits, targets, weights, prefix)
-  loss_sum, count = metrics[f"{prefix}/loss_sum"], metrics[f"{prefix}/count"]
-  return loss_sum / (count + MLM_DENOMINATOR_EPS), metrics
-
-
-def nsp_loss(nsp_logits: Array, nsp_labels: Array, weights: Array | None = None, *,
-             prefix: str = "nsp") -> tuple[Array, Metrics]:
-  """Next-sentence (or sentence-order) prediction: mean cross entropy.
-
-  Args:
-    nsp_logits: [batch, 2].
-    nsp_labels: [batch] int (BERT: 0 = B follows A, 1 = random B;
-      ALBERT SOP: 1 = swapped order).
-    weights: optional [batch], 0.0 for padding examples.
-    prefix: metric key prefix ("sop" for ALBERT).
-
-  Returns:
-    (weighted mean loss, metrics with loss_sum/count/correct).
-  """
-  return _categorical(nsp_logits, nsp_labels, weights, prefix)
-
-
-def classification_loss(logits: Array, labels: Array, weights: Array | None = None, *,
-                        prefix: str = "cls") -> tuple[Array, Metrics]:
-  """Sequence classification: softmax CE, or MSE regression if num_labels == 1.
-
-  Regression (STS-B) reads `labels` as floats and reports no `correct`.
-
-  Args:
-    logits: [batch, num_labels].
-    labels: [batch] int class ids, or float targets when num_labels == 1.
-    weights: optional [batch], 0.0 for padding examples.
-    prefix: metric key prefix.
-
-  Returns:
-    (weighted mean loss, metrics with loss_sum/count[/correct]).
-  """
-  if logits.shape[-1] != 1:
-    return _categorical(logits, labels, weights, prefix)
-  _check_logits(logits, labels, "classification_loss")
-  w = _weights_like(labels, weights)
-  err = logits[..., 0].astype(jnp.float32) - labels.astype(jnp.float32)
-  loss_sum = jnp.sum(w * jnp.square(err))
-  count = jnp.sum(w)
-  return _safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum,
-                                      f"{prefix}/count": count}
-
-
-def token_classification_loss(logits: Array, labels: Array, weights: Array | None = None,
-                              *, ignore_label: int = -100,
-                              prefix: str = "token") -> tuple[Array, Metrics]:
-  """Per-token classification (NER): mean CE over labelled tokens.
-
-  A token is scored when its label is not `ignore_label` (continuation
-  sub-words, special tokens, padding) and, if given, its weight is non-zero.
-
-  Args:
-    logits: [batch, length, num_labels].
-    labels: [batch, length] int, `ignore_label` where unscored.
-    weights: optional [batch, length] extra weights.
-    ignore_label: label value meaning "not scored".
-    prefix: metric key prefix.
-
-  Returns:
-    (mean loss over scored tokens, metrics with loss_sum/count/correct).
-  """
-  _check_logits(logits, labels, "token_classification_loss")
-  scored = (labels != ignore_label).astype(jnp.float32)
-  w = _weights_like(labels, weights) * scored
-  # The gather needs a valid index; the weight already drops these tokens.
-  safe_labels = jnp.where(labels == ignore_label, 0, labels)
-  return _categorical(logits, safe_labels, w, prefix)
-
-
-def span_loss(start_logits: Array, end_logits: Array, start_positions: Array,
-              end_positions: Array, weights: Array | None = None, *,
-              prefix: str = "span") -> tuple[Array, Metrics]:
-  """Extractive QA loss of BERT run_squad: (CE(start) + CE(end)) / 2.
-
-  Args:
-    start_logits: [batch, length].
-    end_logits: [batch, length].
-    start_positions: [batch] int in [0, length) (0 = [CLS] for no answer).
-    end_positions: [batch] int in [0, length).
-    weights: optional [batch], 0.0 for padding examples.
-    prefix: metric key prefix.
-
-  Returns:
-    (weighted mean loss, metrics with loss_sum/count/start_correct/end_correct).
-  """
-  _check_logits(start_logits, start_positions, "span_loss start")
-  _check_logits(end_logits, end_positions, "span_loss end")
-  w = _weights_like(start_positions, weights)
-  start_ce, _ = cross_entropy(start_logits, start_positions)
-  end_ce, _ = cross_entropy(end_logits, end_positions)
-  loss_sum = jnp.sum(w * 0.5 * (start_ce + end_ce))
-  count = jnp.sum(w)
-  metrics = {
-      f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
-      f"{prefix}/start_correct": jnp.sum(w * _correct(start_logits, start_positions)),
-      f"{prefix}/end_correct": jnp.sum(w * _correct(end_logits, end_positions)),
-  }
-  return _safe_div(loss_sum, count), metrics
-
-
-def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weights: Array,
-                 z_loss: float = 0.0, label_smoothing: float = 0.0, *,
-                 loss_normalizing_factor: float | None = None,
-                 prefix: str = "seq2seq") -> tuple[Array, Metrics]:
-  """T5 decoder loss: cross entropy with optional z-loss and label smoothing.
-
-  Normalisation: by default the returned loss is sum(w * (CE + z-loss)) /
-  sum(w), the mean per scored target token of this batch (0 if no token is
-  scored). With `loss_normalizing_factor` it is the sum divided by that
-  constant instead (t5x's option), which weights each batch by its token
-  count; with packed batches of nearly constant token count the two differ
-  by a near-constant factor. The metrics are sums either way.
-
-  Args:
-    logits: [batch, length, vocab], any float dtype.
-    decoder_target_tokens: [batch, length] int.
-    decoder_loss_weights: [batch, length], 0.0 on padding (t5x/seqio name).
-    z_loss: coefficient of logsumexp(logits)**2 (t5x pretraining: 1e-4).
-    label_smoothing: t5x-style smoothing (see `cross_entropy`).
-    loss_normalizing_factor: optional constant divisor of the loss sum.
-    prefix: metric key prefix.
-
-  Returns:
-    (loss, metrics with loss_sum (z-loss included), z_loss_sum, count,
-    correct); sum metrics over microbatches/hosts, then `summarize`.
-  """
-  _check_logits(logits, decoder_target_tokens, "seq2seq_loss")
-  w = _weights_like(decoder_target_tokens, decoder_loss_weights)
-  per_token, z_term = cross_entropy(logits, decoder_target_tokens,
-                                    label_smoothing=label_smoothing, z_loss=z_loss)
-  loss_sum = jnp.sum(w * per_token)
-  count = jnp.sum(w)
-  metrics = {
-      f"{prefix}/loss_sum": loss_sum, f"{prefix}/z_loss_sum": jnp.sum(w * z_term),
-      f"{prefix}/count": count,
-      f"{prefix}/correct": jnp.sum(w * _correct(logits, decoder_target_tokens)),
-  }
-  if loss_normalizing_factor is not None:
-    if loss_normalizing_factor <= 0:
-      raise ValueError(f"loss_normalizing_factor must be > 0, got {loss_normalizing_factor}")
-    return loss_sum / loss_normalizing_factor, metrics
-  return _safe_div(loss_sum, count), metrics
-
-
-def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
-  """Turns summed metrics into averages: the one place sums become ratios.
-
-  For every prefix with a `count`: `<p>/loss` = loss_sum / count,
-  `<p>/accuracy` = correct / count (`start_accuracy`/`end_accuracy` for spans,
-  `z_loss` for z_loss_sum), plus `<p>/count` itself. Keys without a count
-  (e.g. a learning rate) pass through unchanged.
-
-  Args:
-    metrics: name -> scalar (array or number), already summed over steps.
-
-  Returns:
-    name -> python float.
-  """
-  out: dict[str, float] = {}
-  prefixes = {k.rsplit("/", 1)[0] for k in metrics if k.endswith("/count")}
-  for key, value in metrics.items():
-    head, _, name = key.rpartition("/")
-    if head not in prefixes:
-      out[key] = float(value)
-  for p in sorted(prefixes):
-    count = float(metrics[f"{p}/count"])
-    out[f"{p}/count"] = count
-    for name, value in metrics.items():
-      head, _, stat = name.rpartition("/")
-      if head != p or stat == "count":
-        continue
-      mean_name = {"loss_sum": "loss", "z_loss_sum": "z_loss"}.get(
-          stat, stat.replace("correct", "accuracy"))
-      out[f"{p}/{mean_name}"] = float(value) / count if count > 0 else 0.0
-  return out
-
 
 # ---------------------------------------------------------------------------
 # The registry: objectives as records.
@@ -426,7 +122,7 @@ class Objective:
     """sum_t weight_t * loss_sum_t / normaliser_t (a term with normaliser 0 adds 0)."""
     total = jnp.zeros([], jnp.float32)
     for t in self.terms:
-      term = _safe_div(metrics[f"{t.prefix}/loss_sum"], normalizers[t.prefix])
+      term = safe_div(metrics[f"{t.prefix}/loss_sum"], normalizers[t.prefix])
       total += term if t.weight == 1.0 else t.weight * term
     return total
 
@@ -470,42 +166,42 @@ def combine(name: str, model_task: str, *parts: tuple[Objective | Term, float],
 
 
 def _mlm_metrics(outputs, batch, *, prefix):
-  return mlm_loss(outputs["mlm_logits"], batch, prefix=prefix)[1]
+  return losses.mlm_loss(outputs["mlm_logits"], batch, prefix=prefix)[1]
 
 
 def _nsp_metrics(outputs, batch, *, prefix):
-  return nsp_loss(outputs["nsp_logits"], batch["nsp_labels"], example_weights(batch),
-                  prefix=prefix)[1]
+  return losses.nsp_loss(outputs["nsp_logits"], batch["nsp_labels"], example_weights(batch),
+                         prefix=prefix)[1]
 
 
 def _seq2seq_metrics(outputs, batch, *, prefix, z_loss=0.0):
-  return seq2seq_loss(outputs["logits"], batch["decoder_target_tokens"],
-                      batch["decoder_loss_weights"], z_loss=z_loss, prefix=prefix)[1]
+  return losses.seq2seq_loss(outputs["logits"], batch["decoder_target_tokens"],
+                             batch["decoder_loss_weights"], z_loss=z_loss, prefix=prefix)[1]
 
 
 def _classification_metrics(outputs, batch, *, prefix):
   # Filler rows carry label -1: any valid index will do under weight 0.
   labels = jnp.maximum(batch["classifier_labels"], 0)
-  return classification_loss(outputs["logits"], labels, classifier_weights(batch),
-                             prefix=prefix)[1]
+  return losses.classification_loss(outputs["logits"], labels, classifier_weights(batch),
+                                    prefix=prefix)[1]
 
 
 def _regression_metrics(outputs, batch, *, prefix):
-  return classification_loss(outputs["logits"],
-                             batch["classifier_labels"].astype(jnp.float32),
-                             classifier_weights(batch), prefix=prefix)[1]
+  return losses.classification_loss(outputs["logits"],
+                                    batch["classifier_labels"].astype(jnp.float32),
+                                    classifier_weights(batch), prefix=prefix)[1]
 
 
 def _token_metrics(outputs, batch, *, prefix):
-  return token_classification_loss(outputs["logits"], batch["token_labels"],
-                                   ignore_label=IGNORE_LABEL, prefix=prefix)[1]
+  return losses.token_classification_loss(outputs["logits"], batch["token_labels"],
+                                          ignore_label=IGNORE_LABEL, prefix=prefix)[1]
 
 
 def _span_metrics(outputs, batch, *, prefix):
-  return span_loss(outputs["start_logits"], outputs["end_logits"],
-                   jnp.maximum(batch["start_positions"], 0),
-                   jnp.maximum(batch["end_positions"], 0), example_weights(batch),
-                   prefix=prefix)[1]
+  return losses.span_loss(outputs["start_logits"], outputs["end_logits"],
+                          jnp.maximum(batch["start_positions"], 0),
+                          jnp.maximum(batch["end_positions"], 0), example_weights(batch),
+                          prefix=prefix)[1]
 
 
 def sbo_weights(batch: Mapping[str, Array]) -> Array:
@@ -533,12 +229,28 @@ def sbo_weights(batch: Mapping[str, Array]) -> Array:
 
 def _sbo_metrics(outputs, batch, *, prefix):
   # The targets are the masked tokens themselves (mlm_targets).
-  return _categorical(outputs["sbo_logits"], batch["mlm_targets"], sbo_weights(batch),
-                      prefix)[1]
+  return losses.categorical(outputs["sbo_logits"], batch["mlm_targets"], sbo_weights(batch),
+                            prefix)[1]
 
 
 def _sbo_count(batch):
   return jnp.sum(sbo_weights(batch))
+
+
+def real_tokens(batch: Mapping[str, Array]) -> Array:
+  """[batch, length] float32, 1.0 for real tokens: segment ids > 0 when given, else ids != 0."""
+  if "encoder_segment_ids" in batch:
+    return (batch["encoder_segment_ids"] > 0).astype(jnp.float32)
+  return (batch["encoder_input_tokens"] != 0).astype(jnp.float32)
+
+
+def _rtd_metrics(outputs, batch, *, prefix):
+  return losses.rtd_loss(outputs["rtd_logits"], outputs["rtd_labels"], real_tokens(batch),
+                         prefix=prefix)[1]
+
+
+def _real_token_count(batch):
+  return jnp.sum(real_tokens(batch))
 
 
 def _sum_of(key: str, offset: float = 0.0):
@@ -569,11 +281,14 @@ SEQ2SEQ = Term("seq2seq", _seq2seq_metrics, _sum_of("decoder_loss_weights"),
                outputs=("logits",), features=("decoder_target_tokens", "decoder_loss_weights"),
                options=("z_loss",))
 # SpanBERT's span boundary objective over the 'span' masking's slots; its
-# normaliser has no epsilon: a batch without a scorable span adds 0 (_safe_div).
+# normaliser has no epsilon: a batch without a scorable span adds 0 (safe_div).
 SBO = Term("sbo", _sbo_metrics, _sbo_count, outputs=("sbo_logits",),
            features=("mlm_targets", "mlm_weights", "mlm_positions", "sbo_left_positions",
                      "sbo_right_positions", "encoder_input_tokens"))
 _CLASSIFIED = ("classifier_labels", "classifier_weights") + _WEIGHTS
+# ELECTRA's discriminator over every real token (the generator makes its labels).
+RTD = Term("rtd", _rtd_metrics, _real_token_count, outputs=("rtd_logits", "rtd_labels"),
+           features=("encoder_input_tokens", "encoder_segment_ids"))
 
 register(Objective("mlm", "mlm", (MLM,), data=("mlm",)))
 register(Objective("mlm_nsp", "pretraining", (MLM, NSP), data=("mlm_nsp",)))
@@ -582,6 +297,9 @@ register(Objective("mlm_sop", "pretraining", (MLM, SOP), data=("mlm_sop",)))
 # on full single segments; needs data.masking='span' for the boundaries.
 register(dataclasses.replace(combine("mlm_sbo", "mlm_sbo", (MLM, 1.0), (SBO, 1.0), data=("mlm",)),
                              masking=("span",)))
+# ELECTRA: the generator's MLM (logged as mlm/*) + 50 x replaced-token
+# detection (rtd/*), the reference's gen_weight 1.0 and disc_weight 50.0.
+register(combine("electra", "electra", (MLM, 1.0), (RTD, 50.0), data=("mlm",)))
 register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
 # Fine-tuning (tasks/adapters.py names them).
 register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))

@@ -331,10 +331,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
   def grads_of(micro: Batch, index: Array):
     dropout_rng = jax.random.fold_in(step_rng, index)
+    # 'sample': models that draw (ELECTRA's generator samples) get their own stream.
+    rngs = {"dropout": dropout_rng, "sample": jax.random.fold_in(dropout_rng, 1)}
 
     def loss_fn(params):
       outputs = model.apply({"params": params}, **model_inputs(model, micro),
-                            enable_dropout=True, rngs={"dropout": dropout_rng})
+                            enable_dropout=True, rngs=rngs)
       metrics = objective.metrics(outputs, micro, z_loss=z_loss)
       return objective.loss(metrics, normalizers), metrics
 
@@ -372,7 +374,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
 def eval_step(params: Any, batch: Batch, *, model: nn.Module,
               objective: str | objectives.Objective, z_loss: float = 0.0) -> Metrics:
-  """Summable metrics of `batch` without dropout (sum them, then `objectives.summarize`).
+  """Summable metrics of `batch` without dropout (sum them, then `losses.summarize`).
 
   Args:
     params: the model's params (TrainState.params).

@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import init_from
+from bert_jax import losses
 from bert_jax import loop
 from bert_jax import metrics as metrics_lib
 from bert_jax import models
@@ -189,11 +190,11 @@ def _evaluate(eval_step, params, batches: Iterable[Mapping[str, jax.Array]]) -> 
   for batch in batches:
     m = eval_step(params, batch)
     total = m if total is None else jax.tree.map(jnp.add, total, m)
-  return {f"eval/{k}": v for k, v in objectives.summarize(jax.device_get(total)).items()}
+  return {f"eval/{k}": v for k, v in losses.summarize(jax.device_get(total)).items()}
 
 
-def _throughput(family: models.Family, model_config, local: Mapping[str, np.ndarray],
-                batch_size: int) -> metrics_lib.Throughput:
+def _throughput(family: models.Family, model_config, task: str,
+                local: Mapping[str, np.ndarray], batch_size: int) -> metrics_lib.Throughput:
   """Tokens and FLOPs of a step (from the first batch's shapes), against the devices' peak."""
   shapes = {k: v.shape for k, v in local.items()}
   tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
@@ -201,7 +202,8 @@ def _throughput(family: models.Family, model_config, local: Mapping[str, np.ndar
   devices = jax.devices()
   peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
   return metrics_lib.Throughput(
-      tokens_per_step=tokens, flops_per_step=family.train_flops(model_config, shapes) * batch_size,
+      tokens_per_step=tokens,
+      flops_per_step=family.train_flops(model_config, shapes, task) * batch_size,
       peak_flops=peak * len(devices) if peak else None)
 
 
@@ -334,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, num_steps + 1):
       local = {k: v for k, v in next(data).items() if k in features}
       if throughput is None:
-        throughput = _throughput(family, model.config, local, config.train.batch_size)
+        throughput = _throughput(family, model.config, objective.model_task, local,
+                                 config.train.batch_size)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = train_step(state, _global_batch(local, batch_sharding))
       log.add(step, step_metrics)

@@ -15,7 +15,8 @@ step 400 (measured: 8.38 -> 7.01 at step 100 -> 6.73 at step 400).
 Variants (`--config=configs/quickstart.py:VARIANT`): mlm (default), mlm_nsp,
 mlm_sop, span_corruption (a T5 v1.1-tiny with Adafactor), albert (a tiny
 ALBERT: embedding 64, all layers shared, SOP with n-gram masking), spanbert
-(span masking, MLM + span boundary objective, no NSP):
+(span masking, MLM + span boundary objective, no NSP), electra (a BERT-tiny
+discriminator with a 1/4-wide generator, replaced-token detection):
   bert-jax train --config=configs/quickstart.py:albert --workdir=/tmp/qs_albert
 Expected (albert; measured, 3.4 minutes): eval/mlm/loss 8.38 at step 0 -> 6.76
 at step 100 -> 6.67 at step 400, eval/sop/accuracy 0.52 -> 0.62 (256 held-out pairs).
@@ -32,12 +33,13 @@ from bert_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop, span_corruption, albert
-  or spanbert."""
+  """`arg` picks the objective: mlm (default), mlm_nsp, mlm_sop, span_corruption, albert,
+  spanbert or electra."""
   variant = arg or "mlm"
   # albert: ALBERT's own objective (SOP) and masking (n-grams) on its model;
-  # spanbert: MLM + span boundary objective on 'mlm' batches with span masking.
-  objective = {"albert": "mlm_sop", "spanbert": "mlm"}.get(variant, variant)
+  # spanbert: MLM + span boundary objective on 'mlm' batches with span masking;
+  # electra: generator + discriminator on 'mlm' batches.
+  objective = {"albert": "mlm_sop", "spanbert": "mlm", "electra": "mlm"}.get(variant, variant)
   config = defaults.train_config()
 
   # data.source builtin:pydoc_topics and data.tokenizer '' (train a
@@ -66,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "spanbert":
     config.train.objective = "mlm_sbo"
     config.data.masking = "span"  # whole-word spans, Geometric(0.2) clipped at 10 words
+  if variant == "electra":
+    # BERT-tiny's 2 x 128 discriminator and a 1/4-wide generator (32, one head).
+    config.model.update(model_type="electra", generator_size=0.25)
+    config.train.objective = "electra"
+    config.data.mask_prob, config.data.random_prob = 0.85, 0.0  # ELECTRA's masking
 
   config.train.num_steps = 400
   config.checkpoint.every_steps = 200

@@ -21,6 +21,7 @@ import pytest
 from bert_jax import checkpoint
 from bert_jax import defaults
 from bert_jax import finetune
+from bert_jax import losses
 from bert_jax import models
 from bert_jax import objectives
 from bert_jax import train
@@ -66,7 +67,7 @@ def test_a_new_objective_trains_five_steps_through_the_registry(toy_objective, t
     # Each term logs under its own prefix; the optimised loss is their weighted sum.
     assert r["train/conf/count"] == r["train/mlm/count"] > 0
     count = r["train/mlm/count"]
-    mlm = r["train/mlm/loss"] * count / (count + objectives.MLM_DENOMINATOR_EPS)
+    mlm = r["train/mlm/loss"] * count / (count + losses.MLM_DENOMINATOR_EPS)
     expected = mlm + 0.5 * r["train/conf/loss"]
     assert r["loss"] == pytest.approx(expected, rel=1e-4)
     assert r["train/conf/loss"] < 0  # minus an entropy

@@ -10,9 +10,11 @@ from bert_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> variants (None = the file's default).
-CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert"],
+CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert",
+                          "electra"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
-           "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"]}
+           "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
+           "electra": [None, "base"]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
 FINETUNE = {"glue", "conll", "squad", "text2text"}
 # The keys scripts and users rely on in every training config (issue "Training").

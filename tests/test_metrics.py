@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
+from bert_jax import losses
 from bert_jax import metrics
-from bert_jax import objectives
 from bert_jax.models import bert
 from bert_jax.models import flops
 from bert_jax.models import t5
@@ -218,9 +218,9 @@ def _bert_xla_flops(task, cfg, length, predictions, batch_size=2, compile=True):
   def loss_fn(params, batch):
     out = model.apply({"params": params}, batch["encoder_input_tokens"],
                       mlm_positions=batch["mlm_positions"])
-    loss, _ = objectives.mlm_loss(out["mlm_logits"], batch)
+    loss, _ = losses.mlm_loss(out["mlm_logits"], batch)
     if "nsp_logits" in out:
-      loss += objectives.nsp_loss(out["nsp_logits"], batch["nsp_labels"])[0]
+      loss += losses.nsp_loss(out["nsp_logits"], batch["nsp_labels"])[0]
     return loss
 
   return _xla_flops_per_example(loss_fn, params, batch, compile)
@@ -292,8 +292,8 @@ def _t5_xla_flops(cfg, inputs_length, targets_length, batch_size=2, compile=True
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["encoder_input_tokens"],
                          batch["decoder_input_tokens"])
-    return objectives.seq2seq_loss(logits, batch["decoder_target_tokens"],
-                                   batch["decoder_loss_weights"])[0]
+    return losses.seq2seq_loss(logits, batch["decoder_target_tokens"],
+                               batch["decoder_loss_weights"])[0]
 
   return _xla_flops_per_example(loss_fn, params, batch, compile)
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from bert_jax import defaults
+from bert_jax import losses
 from bert_jax import objectives
 from bert_jax import sharding
 from bert_jax import steps
@@ -152,7 +153,7 @@ def test_sbo_loss_against_numpy():
   assert float(metrics["sbo/count"]) == float(norms["sbo"]) == w.sum() == 11
   correct = (outputs["sbo_logits"].argmax(-1) == batch["mlm_targets"]) * w
   assert float(metrics["sbo/correct"]) == correct.sum()
-  expected = ((w * mlm_ce).sum() / (w.sum() + objectives.MLM_DENOMINATOR_EPS)
+  expected = ((w * mlm_ce).sum() / (w.sum() + losses.MLM_DENOMINATOR_EPS)
               + (w * sbo_ce).sum() / w.sum())
   assert float(objective.loss(metrics, norms)) == pytest.approx(expected, rel=1e-5)
 
@@ -200,7 +201,7 @@ def test_mlm_sbo_trains_through_the_trainer(tmp_path):
     assert r["train/sbo/count"] == r["train/mlm/count"] > 0
     assert 0 <= r["train/sbo/accuracy"] <= 1
     count = r["train/mlm/count"]
-    mlm = r["train/mlm/loss"] * count / (count + objectives.MLM_DENOMINATOR_EPS)
+    mlm = r["train/mlm/loss"] * count / (count + losses.MLM_DENOMINATOR_EPS)
     assert r["loss"] == pytest.approx(mlm + r["train/sbo/loss"], rel=1e-4)
 
 

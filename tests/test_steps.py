@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from bert_jax import defaults
-from bert_jax import objectives
+from bert_jax import losses
 from bert_jax import optim
 from bert_jax import sharding
 from bert_jax import steps
@@ -113,7 +113,7 @@ def test_metrics_are_sums_with_lr_and_grad_norm(runs):
   assert first["nsp/count"] == 8
   assert 0 <= first["mlm/correct"] <= 32
   np.testing.assert_allclose(
-      first["loss"], first["mlm/loss_sum"] / (32 + objectives.MLM_DENOMINATOR_EPS)
+      first["loss"], first["mlm/loss_sum"] / (32 + losses.MLM_DENOMINATOR_EPS)
       + first["nsp/loss_sum"] / 8, rtol=1e-5)
   np.testing.assert_allclose(first["learning_rate"], 3e-3, rtol=1e-6)
   assert first["grad_norm"] > 0 and np.isfinite(first["grad_norm"])
@@ -200,7 +200,7 @@ def test_t5_span_corruption_bf16_with_z_loss_and_microbatches():
   assert metrics["seq2seq/count"] == 16 * 4
   assert metrics["seq2seq/z_loss_sum"] > 0
   assert np.isfinite(metrics["loss"])
-  summary = objectives.summarize(metrics)
+  summary = losses.summarize(metrics)
   assert 0 < summary["seq2seq/z_loss"] < summary["seq2seq/loss"]
   evaluate = steps.make_eval_step(model, "span_corruption", jax.tree.map(
       lambda x: x.sharding, state.params), sharding.batch_sharding(mesh),

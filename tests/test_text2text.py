@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax import objectives
+from bert_jax import losses
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tok_lib
 from bert_jax.models import t5
@@ -377,8 +377,8 @@ def test_few_steps_of_training_teach_greedy_decoding_the_labels(tokenizer):
     def loss_fn(p):
       logits = model.apply({"params": p}, batch["encoder_input_tokens"],
                            batch["decoder_input_tokens"])
-      return objectives.seq2seq_loss(logits, batch["decoder_target_tokens"],
-                                     batch["decoder_loss_weights"])[0]
+      return losses.seq2seq_loss(logits, batch["decoder_target_tokens"],
+                                 batch["decoder_loss_weights"])[0]
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -388,11 +388,11 @@ def test_few_steps_of_training_teach_greedy_decoding_the_labels(tokenizer):
                              encoder_input_tokens=batch["encoder_input_tokens"], batch_size=3,
                              max_decode_length=6)
   before = decode(params)
-  losses = []
+  history = []
   for _ in range(40):
     params, opt_state, loss = step(params, opt_state)
-    losses.append(float(loss))
-  assert losses[-1] < 0.05 * losses[0], losses
+    history.append(float(loss))
+  assert history[-1] < 0.05 * history[0], history
   texts = decode(params)
   assert texts == targets and before != targets
   assert tt.glue_metrics("sst2", texts, examples)["accuracy"] == 1.0

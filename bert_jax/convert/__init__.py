@@ -9,7 +9,11 @@ family from config.json and dispatches. Each family module provides:
   MODEL_TYPES: the config.json `model_type` values it handles;
   load_hf(hf_config, state, task, dtype) -> (model, params);
   export_hf(model, params) -> (hf_config, {name: np.ndarray});
-and bert.py also load_tf_checkpoint(path, task, dtype) for Google's TF BERT.
+and optionally export_hf_folders(model, params) -> {subfolder: (hf_config,
+tensors)} for a model that is several Hugging Face models ('' is the folder
+itself). bert.py also has load_tf_checkpoint(path, task, dtype) for Google's
+TF BERT; its joint ELECTRA model is saved as PATH/discriminator +
+PATH/generator, and loads back from PATH.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from bert_jax import models
-from bert_jax.convert.hf import CheckpointError, load_state_dict, read_config, write_folder
+from bert_jax.convert import electra
+from bert_jax.convert.hf import CONFIG, CheckpointError, load_state_dict, read_config, write_folder
 
 
 def _converters() -> list:
@@ -46,13 +51,21 @@ def from_pretrained(path: str | os.PathLike, *, task: str | None = None,
 
   Args:
     path: a Hugging Face folder (config.json + model.safetensors or
-      pytorch_model.bin) or an original TF BERT folder (bert_config.json +
-      bert_model.ckpt.*).
+      pytorch_model.bin), an original TF BERT folder (bert_config.json +
+      bert_model.ckpt.*), or a folder holding an ELECTRA pair as
+      save_pretrained writes it (discriminator/ + generator/: the joint
+      model, or with another task the discriminator alone).
     task: which head to build; None picks the one the checkpoint's
       `architectures` names (bare encoder if none). See each family's TASKS.
     dtype: computation dtype of the returned model (parameters stay float32).
   """
   path = pathlib.Path(path)
+  pair = [path / name for name in electra.JOINT_FOLDERS]
+  if not (path / CONFIG).is_file() and all((p / CONFIG).is_file() for p in pair):
+    if task not in (None, "electra"):
+      return from_pretrained(path / "discriminator", task=task, dtype=dtype)
+    disc, gen = (from_pretrained(p, dtype=dtype) for p in pair)
+    return electra.join(*disc, *gen)
   if (path / "bert_config.json").is_file() and not (path / "config.json").is_file():
     return models.get("bert").converter().load_tf_checkpoint(path, task=task, dtype=dtype)
   hf_config = read_config(path)
@@ -63,11 +76,26 @@ def from_pretrained(path: str | os.PathLike, *, task: str | None = None,
 
 def save_pretrained(model: Any, params: dict, path: str | os.PathLike,
                     overwrite: bool = False) -> pathlib.Path:
-  """Writes `(model, params)` as a Hugging Face folder that `transformers` loads."""
+  """Writes `(model, params)` as a Hugging Face folder that `transformers` loads.
+
+  A model that is several Hugging Face models (ELECTRA's joint generator +
+  discriminator) is written as subfolders of `path` (see each family's
+  export_hf_folders); `path` is returned either way. Existing checkpoints are
+  kept unless `overwrite`: every folder is checked before any is written.
+  """
+  path = pathlib.Path(path)
   for module in _converters():
     if module.handles(model):
-      hf_config, tensors = module.export_hf(model, params)
-      return write_folder(path, hf_config, tensors, overwrite=overwrite)
+      split = getattr(module, "export_hf_folders", None)
+      folders = split(model, params) if split else {"": module.export_hf(model, params)}
+      targets = {sub: path / sub if sub else path for sub in folders}
+      for target in targets.values():
+        if (target / CONFIG).exists() and not overwrite:
+          raise CheckpointError(f"{target}: already holds a checkpoint; pass overwrite=True to "
+                                f"replace it")
+      for sub, (hf_config, tensors) in folders.items():
+        write_folder(targets[sub], hf_config, tensors, overwrite=overwrite)
+      return path
   raise CheckpointError(f"cannot export a {type(model).__name__}: not a bert_jax BERT or T5 model")
 
 

@@ -1,11 +1,12 @@
-"""BERT, RoBERTa and ALBERT: Hugging Face and original TF checkpoints <-> bert_jax params.
+"""BERT, RoBERTa, ALBERT, ELECTRA: Hugging Face and original TF checkpoints <-> bert_jax params.
 
 One table per naming scheme says, for every bert_jax parameter, which tensor
 of the checkpoint holds it, how many of its leading dimensions are inputs (to
 flatten a multi-head [embed, heads, kv] kernel into a 2-D matrix) and whether
 the source stores it transposed (PyTorch Linear: [out, in]; TF kernels are
 [in, out] as ours). Import and export walk the same table, so a name cannot be
-mapped one way and forgotten the other. ALBERT's names live in albert.py.
+mapped one way and forgotten the other. ALBERT's names live in albert.py,
+ELECTRA's (and its joint generator + discriminator) in electra.py.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert import albert
+from bert_jax.convert import electra
 from bert_jax.convert.hf import CheckpointError, StateDict
 from bert_jax.models import bert, layers
+from bert_jax.models import electra as electra_model
 
-MODEL_TYPES = ("bert", "roberta", "albert")
+MODEL_TYPES = ("bert", "roberta", "albert", "electra")
 
 # Hugging Face architecture -> (model_type, task).
 ARCHITECTURES = {
@@ -44,7 +47,10 @@ ARCHITECTURES = {
     "AlbertForSequenceClassification": ("albert", "sequence_classification"),
     "AlbertForTokenClassification": ("albert", "token_classification"),
     "AlbertForQuestionAnswering": ("albert", "question_answering"),
+    **electra.ARCHITECTURES,
 }
+# model_type -> the module naming what it names differently from BERT.
+_NAMED_APART = {"albert": albert, "electra": electra}
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "gelu_new": "gelu_new", "relu": "relu",
@@ -103,7 +109,7 @@ class _TFNames:
 
 
 def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> Iterator[Entry]:
-  """The encoder's parameters; `base` is the checkpoint prefix ('bert', 'roberta' or '')."""
+  """The encoder's parameters; `base` is the checkpoint prefix ('bert', 'roberta', ... or '')."""
   if cfg.model_type == "albert":
     yield from albert.encoder_entries(cfg, n, base, add_pooler)
     return
@@ -113,6 +119,8 @@ def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> It
   for table in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
     yield n.embed(emb + (table,), j(base, "embeddings", table))
   yield from n.norm(emb + ("layer_norm",), j(base, "embeddings", "LayerNorm"))
+  if cfg.model_type == "electra":  # BERT's layers, after an optional projection
+    yield from electra.projection_entries(cfg, n, base)
   for i in range(cfg.num_layers):
     ours, theirs = enc + (f"layer_{i}",), j(base, "encoder", n.layer(i))
     for proj in ("query", "key", "value"):
@@ -129,8 +137,8 @@ def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> It
 
 def _hf_head_entries(model_type: str, task: str) -> Iterator[Entry]:
   n = _HFNames()
-  if model_type == "albert":
-    yield from albert.head_entries(task, n)
+  if model_type in _NAMED_APART:
+    yield from _NAMED_APART[model_type].head_entries(task, n)
     return
   if task in ("mlm", "pretraining"):
     if model_type == "roberta":
@@ -176,7 +184,7 @@ def _uses_pooler(model) -> bool:
   if isinstance(model, bert.BertModel):
     return model.add_pooler
   if isinstance(model, bert.BertForSequenceClassification):
-    return model.config.model_type != "roberta"
+    return model.config.has_pooler
   return isinstance(model, bert.BertForPreTraining)
 
 
@@ -258,7 +266,8 @@ def _config_from_hf(hf: dict, source: str, dtype) -> bert.BertConfig:
   if act not in _ACT_FROM_HF:
     raise CheckpointError(f"{source}: unsupported hidden_act {act!r}; supported: "
                           f"{sorted(_ACT_FROM_HF)}")
-  extra = albert.config_fields_from_hf(hf, source) if model_type == "albert" else {}
+  extra = (_NAMED_APART[model_type].config_fields_from_hf(hf, source)
+           if model_type in _NAMED_APART else {})
   try:
     pad = int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else
               (1 if model_type == "roberta" else 0))
@@ -295,7 +304,7 @@ def _num_labels(hf: dict) -> int:
 
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32):
-  """A Hugging Face BERT/RoBERTa/ALBERT checkpoint as `(model, params)`.
+  """A Hugging Face BERT/RoBERTa/ALBERT/ELECTRA checkpoint as `(model, params)`.
 
   Args:
     hf_config: the parsed config.json.
@@ -313,6 +322,10 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
   config = _config_from_hf(hf_config, source, dtype)
   ckpt_task = _task_from_hf(hf_config, source)
   task = task or ckpt_task
+  if task == "electra":
+    raise CheckpointError(f"{source}: task 'electra' is a generator + discriminator pair: load "
+                          f"the folder holding discriminator/ and generator/, or join two "
+                          f"imports with bert_jax.convert.electra.join")
   _rename_old_layer_norms(state)
   base = model_type if any(k.startswith(model_type + ".") for k in state.keys()) else ""
   kwargs = {}
@@ -325,8 +338,8 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
   entries = list(_encoder_entries(config, _HFNames(), base, _uses_pooler(model)))
   entries += list(_hf_head_entries(model_type, task))
   params = _params_from_state(model, entries, state, optional_heads=task != ckpt_task)
-  if task in ("mlm", "pretraining") and model_type == "albert":
-    _check_tied(state, albert.tied(base))
+  if task in ("mlm", "pretraining") and model_type in _NAMED_APART:
+    _check_tied(state, _NAMED_APART[model_type].tied(base))
   elif task in ("mlm", "pretraining"):
     word = f"{base + '.' if base else ''}embeddings.word_embeddings.weight"
     head = "lm_head" if model_type == "roberta" else "cls.predictions"
@@ -345,21 +358,36 @@ def _rename_old_layer_norms(state: StateDict):
 
 def handles(model) -> bool:
   """Whether `model` belongs to this family."""
-  return isinstance(model, tuple(bert.TASKS.values()))
+  return isinstance(model, (*bert.TASKS.values(), electra_model.ElectraForPreTraining))
+
+
+def export_hf_folders(model, params) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+  """Subfolder -> `(config.json dict, tensors)`: '' (the folder itself) for a task model;
+  ELECTRA's joint model is two Hugging Face models, 'discriminator' and 'generator'."""
+  if isinstance(model, electra_model.ElectraForPreTraining):
+    return {name: export_hf(*split(model, params))
+            for name, split in electra.JOINT_FOLDERS.items()}
+  return {"": export_hf(model, params)}
 
 
 def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
-  """`(config.json dict, tensors)` that transformers' Bert*/Roberta*/Albert* loads.
+  """`(config.json dict, tensors)` that transformers' Bert*/Roberta*/Albert*/Electra* loads.
 
   The tied MLM decoder is not written (transformers ties it on load). A bare
   encoder built without a pooler exports hidden states faithfully, but
-  transformers' BertModel always has a pooler and initialises it randomly.
+  transformers' BertModel always has a pooler and initialises it randomly;
+  ElectraModel has none, so an ELECTRA encoder's pooler is dropped (logged).
   """
   cfg: bert.BertConfig = model.config
   task = bert.task_of(model)
-  prefix = {"roberta": "Roberta", "albert": "Albert"}.get(cfg.model_type, "Bert")
-  extra = albert.hf_config_fields(cfg) if cfg.model_type == "albert" else {}
-  if cfg.model_type != "albert" and (cfg.embedding_size or cfg.share_layers != "none"):
+  if task == "electra":
+    raise CheckpointError("the joint ELECTRA model is two Hugging Face models: save_pretrained "
+                          "writes PATH/discriminator and PATH/generator (see convert.electra)")
+  prefix = {"roberta": "Roberta", "albert": "Albert", "electra": "Electra"}.get(cfg.model_type,
+                                                                                "Bert")
+  named_apart = _NAMED_APART.get(cfg.model_type)
+  extra = named_apart.hf_config_fields(cfg) if named_apart else {}
+  if not named_apart and (cfg.embedding_size or cfg.share_layers != "none"):
     raise CheckpointError(f"cannot export to Hugging Face {cfg.model_type}: it has no factorised "
                           f"embeddings or shared layers (embedding_size={cfg.embedding_size}, "
                           f"share_layers={cfg.share_layers!r}); set model_type='albert'")
@@ -372,7 +400,11 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   if not archs:
     raise CheckpointError(f"no Hugging Face {prefix} architecture for task {task!r}")
   base = cfg.model_type if task != "encoder" else ""
-  entries = list(_encoder_entries(cfg, _HFNames(), base, _uses_pooler(model)))
+  pooler = _uses_pooler(model)
+  if pooler and cfg.model_type == "electra":
+    logging.warning("Hugging Face ElectraModel has no pooler: encoder/pooler is not exported")
+    pooler = False
+  entries = list(_encoder_entries(cfg, _HFNames(), base, pooler))
   entries += list(_hf_head_entries(cfg.model_type, task))
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
   tensors = {}

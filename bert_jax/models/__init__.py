@@ -23,13 +23,16 @@ from bert_jax.models import configs
 from bert_jax.models import flops
 
 
-def _bert_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:
+def _bert_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
   predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
+  if task == "electra":
+    return flops.electra_train_flops(config, shapes["encoder_input_tokens"][1], predictions)
   return flops.bert_train_flops(config, shapes["encoder_input_tokens"][1], predictions,
                                 nsp="nsp_labels" in shapes, sbo="sbo_left_positions" in shapes)
 
 
-def _t5_flops(config, shapes: Mapping[str, tuple[int, ...]]) -> float:
+def _t5_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
+  del task  # the seq2seq step is the only one
   return flops.t5_train_flops(config, shapes["encoder_input_tokens"][1],
                               shapes["decoder_target_tokens"][1])
 
@@ -43,11 +46,12 @@ class Family:
     config_class: its frozen hyperparameter dataclass (with `preset` and
       `from_dict`), importable without JAX.
     module: the flax module; `module.build(config, task, **kwargs)` makes the
-      model of a task and `module.TASKS` names the tasks.
+      model of a task and `module.TASK_NAMES` (or TASKS) names the tasks.
     convert_module: its Hugging Face converter (`bert_jax.convert.*`).
     init_features: the features the model's parameters are traced with
       (int32 [1, 1] each; no parameter shape depends on lengths).
-    train_flops: (config, {feature: shape}) -> training FLOPs of one example.
+    train_flops: (config, {feature: shape}, model task) -> training FLOPs of
+      one example.
     finetune_task: the task `from_pretrained` loads for fine-tuning ('encoder':
       a head is added; 'seq2seq': the whole model trains text-to-text).
     encoder_decoder: tasks run text-to-text (tasks/adapters.Text2TextTask).
@@ -66,7 +70,7 @@ class Family:
   module: str
   convert_module: str
   init_features: tuple[str, ...]
-  train_flops: Callable[[Any, Mapping[str, tuple[int, ...]]], float]
+  train_flops: Callable[[Any, Mapping[str, tuple[int, ...]], str], float]
   finetune_task: str
   encoder_decoder: bool = False
   carried_over: tuple[str, ...] | None = None
@@ -94,7 +98,8 @@ class Family:
 
   @property
   def tasks(self) -> tuple[str, ...]:
-    return tuple(importlib.import_module(self.module).TASKS)
+    module = importlib.import_module(self.module)
+    return tuple(getattr(module, "TASK_NAMES", module.TASKS))
 
   def build(self, config, task: str, **kwargs):
     """The flax model of `task` (e.g. 'mlm', 'pretraining', 'seq2seq', 'token_classification')."""

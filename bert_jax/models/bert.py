@@ -94,11 +94,18 @@ class BertEmbeddings(nn.Module):
       self.projection = _square_dense(cfg.hidden_size, cfg.dtype, "projection")
 
   def __call__(self, tokens: Array, type_ids: Array, position_rows: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool, tables: "BertEmbeddings | None" = None) -> Array:
+    """[batch, length] ids -> [batch, length, hidden].
+
+    `tables`: another BertEmbeddings whose tables and LayerNorm to read
+    (ELECTRA's generator shares the discriminator's); this module then owns
+    only its dropout and its projection.
+    """
+    src = self if tables is None else tables
     # Summed in float32: the tables are float32 and the LayerNorm follows.
-    x = (self.word_embeddings(tokens) + self.position_embeddings(position_rows)
-         + self.token_type_embeddings(type_ids))
-    x = self.dropout(self.layer_norm(x), deterministic=deterministic)
+    x = (src.word_embeddings(tokens) + src.position_embeddings(position_rows)
+         + src.token_type_embeddings(type_ids))
+    x = self.dropout(src.layer_norm(x), deterministic=deterministic)
     if self.config.embedding_size:
       x = self.projection(x)  # [batch, length, embedding_size] -> [batch, length, hidden]
     # [batch, length, embed]
@@ -170,9 +177,13 @@ class BertEncoder(nn.Module):
 
   def __call__(self, encoder_input_tokens: Array, encoder_type_ids: Array | None = None,
                encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
-               encoder_mask: Array | None = None, enable_dropout: bool = False
-               ) -> tuple[Array, Array | None]:
-    """Returns (hidden [batch, length, hidden], pooled [batch, hidden] or None)."""
+               encoder_mask: Array | None = None, enable_dropout: bool = False,
+               embeddings_from: "BertEncoder | None" = None) -> tuple[Array, Array | None]:
+    """Returns (hidden [batch, length, hidden], pooled [batch, hidden] or None).
+
+    `embeddings_from`: an encoder whose embedding tables this one reads
+    instead of its own (ELECTRA's generator and discriminator share them).
+    """
     cfg = self.config
     tokens = encoder_input_tokens
     deterministic = not enable_dropout
@@ -189,7 +200,8 @@ class BertEncoder(nn.Module):
     else:
       rows = encoder_positions + cfg.position_offset
     mask = _attention_mask(tokens, encoder_segment_ids, encoder_mask, cfg.pad_token_id)
-    x = self.embeddings(tokens, type_ids, rows, deterministic)  # [batch, length, embed]
+    tables = None if embeddings_from is None else embeddings_from.embeddings
+    x = self.embeddings(tokens, type_ids, rows, deterministic, tables)  # [batch, length, embed]
     x = self._apply_layers(x, mask, deterministic)
     pooled = jnp.tanh(self.pooler(x[:, 0])) if self.add_pooler else None
     return x, pooled
@@ -239,7 +251,9 @@ class MlmHead(nn.Module):
     # transform kernel through the tied projection (tests/test_steps.py has
     # the minimal repro, still failing without this constraint).
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    x = layers.get_activation(cfg.hidden_act)(x)
+    # ELECTRA's generator head uses exact GELU whatever the encoder's activation.
+    act = "gelu" if cfg.model_type == "electra" else cfg.hidden_act
+    x = layers.get_activation(act)(x)
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="transform_norm")(x)
     return _tied_logits(self, encoder, x)
 
@@ -388,8 +402,9 @@ class BertForMaskedLMWithSbo(_EncoderModel):
 class BertForSequenceClassification(_EncoderModel):
   """Sentence (pair) classification; num_labels=1 gives one regression output.
 
-  BERT classifies the pooled [CLS] vector; RoBERTa (model_type='roberta') has
-  no pooler and uses its own dense + tanh over the first token instead.
+  BERT and ALBERT classify the pooled [CLS] vector; RoBERTa and ELECTRA have
+  no pooler and use their own dense + tanh (ELECTRA: GELU, as Hugging Face)
+  over the first token instead.
   """
   num_labels: int = 2
 
@@ -399,14 +414,14 @@ class BertForSequenceClassification(_EncoderModel):
                enable_dropout=False) -> dict[str, Array]:
     del mlm_positions  # accepted so every model takes the same batch
     cfg = self.config
-    roberta = cfg.model_type == "roberta"
-    encoder = BertEncoder(cfg, add_pooler=not roberta, name="encoder")
+    encoder = BertEncoder(cfg, add_pooler=cfg.has_pooler, name="encoder")
     hidden, pooled = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
                                   encoder_segment_ids, encoder_positions, encoder_mask,
                                   enable_dropout)
-    if roberta:
+    if not cfg.has_pooler:
+      act = layers.get_activation("gelu") if cfg.model_type == "electra" else jnp.tanh
       x = self._dropout(hidden[:, 0], enable_dropout)
-      pooled = jnp.tanh(_square_dense(cfg.hidden_size, cfg.dtype, "classifier_dense")(x))
+      pooled = act(_square_dense(cfg.hidden_size, cfg.dtype, "classifier_dense")(x))
     x = self._dropout(pooled, enable_dropout)  # [batch, embed]
     return {"logits": _classifier(self.num_labels, cfg.dtype, "classifier")(x)}
 
@@ -444,6 +459,34 @@ class BertForQuestionAnswering(_EncoderModel):
     return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 
 
+class RtdHead(nn.Module):
+  """ELECTRA's discriminator head: dense + activation, then one logit per token."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    """hidden [batch, length, embed] -> logits [batch, length] (> 0: 'replaced')."""
+    cfg = self.config
+    x = layers.get_activation(cfg.hidden_act)(_square_dense(cfg.hidden_size, cfg.dtype,
+                                                            "dense")(hidden))
+    return _classifier(1, cfg.dtype, "prediction")(x)[..., 0]
+
+
+class BertForReplacedTokenDetection(_EncoderModel):
+  """ELECTRA's discriminator alone (Hugging Face ElectraForPreTraining): {'rtd_logits'}."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    encoder = BertEncoder(self.config, add_pooler=False, name="encoder")
+    hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
+                             encoder_segment_ids, encoder_positions, encoder_mask,
+                             enable_dropout)
+    return {"rtd_logits": RtdHead(self.config, name="rtd")(hidden)}
+
+
 class BertModel(_EncoderModel):
   """The bare encoder as a task model: returns (hidden, pooled).
 
@@ -471,19 +514,31 @@ TASKS = {
     "sequence_classification": BertForSequenceClassification,
     "token_classification": BertForTokenClassification,
     "question_answering": BertForQuestionAnswering,
+    "rtd": BertForReplacedTokenDetection,
 }
+# Plus ELECTRA's generator + discriminator, in models/electra.py (it builds
+# on this module, so `task_class` imports it on first use).
+TASK_NAMES = (*TASKS, "electra")
+
+
+def task_class(task: str) -> type[nn.Module]:
+  """The model class of `task` (one of TASK_NAMES)."""
+  if task == "electra":
+    from bert_jax.models import electra  # pylint: disable=import-outside-toplevel
+    return electra.ElectraForPreTraining
+  if task not in TASKS:
+    raise ValueError(f"unknown BERT task {task!r}; choose one of {list(TASK_NAMES)}")
+  return TASKS[task]
 
 
 def build(config: BertConfig, task: str = "encoder", **kwargs) -> nn.Module:
   """The model for `task` (see TASKS); kwargs go to the head (num_labels, add_pooler)."""
-  if task not in TASKS:
-    raise ValueError(f"unknown BERT task {task!r}; choose one of {list(TASKS)}")
-  return TASKS[task](config, **kwargs)
+  return task_class(task)(config, **kwargs)
 
 
 def task_of(model: nn.Module) -> str:
   """Inverse of `build`: the task name of a model instance."""
-  for name, cls in TASKS.items():
-    if type(model) is cls:
+  for name in TASK_NAMES:
+    if type(model) is task_class(name):
       return name
   raise ValueError(f"{type(model).__name__} is not a BERT-family model")

@@ -53,7 +53,7 @@ BERT_PRESET_SIZES = {
 }
 # gelu_new is Hugging Face's name for gelu_tanh (ALBERT's configs use it).
 _BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "relu", "silu")
-BERT_MODEL_TYPES = ("bert", "roberta", "albert")
+BERT_MODEL_TYPES = ("bert", "roberta", "albert", "electra")
 # Cross-layer parameter sharing (ALBERT): which sub-blocks every layer takes from layer 0.
 SHARE_LAYERS = ("none", "all", "attention", "ffn")
 
@@ -77,9 +77,10 @@ class BertConfig:
       an offset > 0 and no `encoder_positions`, positions count only the
       non-padding tokens and padding tokens read row pad_token_id (as
       Hugging Face RoBERTa does).
-    model_type: 'bert', 'roberta' or 'albert': the Hugging Face naming used
-      on export, and RoBERTa's sequence classifier (dense + tanh over the
-      first token instead of the pooler).
+    model_type: 'bert', 'roberta', 'albert' or 'electra': the Hugging Face
+      naming used on export, and the sequence classifier: RoBERTa's and
+      ELECTRA's have no pooler but a dense + tanh (ELECTRA: GELU) over the
+      first token; ELECTRA's MLM head uses exact GELU whatever hidden_act.
     embedding_size: ALBERT's factorised embeddings: the token, position and
       type tables (and their LayerNorm) are this wide, projected up to
       hidden_size before the first layer, and the MLM head maps back down to
@@ -90,6 +91,10 @@ class BertConfig:
       num_layers times; 'attention' / 'ffn': every layer uses layer 0's
       attention (or feed-forward) sub-block, with its LayerNorm, and keeps
       its own other sub-block. Compute is per applied layer either way.
+    generator_size: ELECTRA's generator (the 'electra' task) is this
+      fraction of hidden_size wide, with the same depth, 64-dim heads and a
+      4x FFN (`generator_config`); the paper's 1/4 (small, large) or 1/3
+      (base). Other tasks ignore it.
     remat: recompute each block's activations in the backward pass instead
       of storing them (less memory for long sequences / large models).
     dtype: computation dtype (a jnp dtype or its name, e.g. 'bfloat16');
@@ -111,6 +116,7 @@ class BertConfig:
   model_type: str = "bert"
   embedding_size: int = 0
   share_layers: str = "none"
+  generator_size: float = 0.25
   remat: bool = False
   dtype: Any = "float32"
 
@@ -128,6 +134,9 @@ class BertConfig:
     if self.share_layers not in SHARE_LAYERS:
       raise ValueError(f"BertConfig: share_layers must be one of {list(SHARE_LAYERS)}, got "
                        f"{self.share_layers!r}")
+    if not 0 < self.generator_size <= 1:
+      raise ValueError(f"BertConfig: generator_size must be in (0, 1] (a fraction of "
+                       f"hidden_size), got {self.generator_size}")
     if self.embedding_size < 0:
       raise ValueError(f"BertConfig: embedding_size must be >= 0 (0: hidden_size, no "
                        f"factorisation), got {self.embedding_size}")
@@ -135,6 +144,11 @@ class BertConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def has_pooler(self) -> bool:
+    """BERT and ALBERT classify the pooled first token; RoBERTa and ELECTRA have no pooler."""
+    return self.model_type in ("bert", "albert")
 
   @property
   def embed_dim(self) -> int:
@@ -156,6 +170,23 @@ class BertConfig:
   def from_dict(cls, d: dict) -> "BertConfig":
     """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
     return config_from_dict(cls, d)
+
+
+def generator_config(config: BertConfig) -> BertConfig:
+  """ELECTRA's generator for the discriminator `config` (the reference's get_generator_config).
+
+  hidden = round(generator_size * hidden_size), same depth, max(1, hidden //
+  64) heads, FFN 4 x hidden. It shares the discriminator's embedding tables,
+  so its embedding_size is their width (projected to its own hidden size).
+  """
+  hidden = int(round(config.hidden_size * config.generator_size))
+  heads = max(1, hidden // 64)
+  if hidden % heads:
+    raise ValueError(f"BertConfig: generator_size={config.generator_size} makes a generator "
+                     f"{hidden} wide, not a multiple of its {heads} 64-dim heads")
+  return dataclasses.replace(config, hidden_size=hidden, num_heads=heads,
+                             intermediate_size=4 * hidden,
+                             embedding_size=0 if config.embed_dim == hidden else config.embed_dim)
 
 
 # SpanBERT's boundary-objective head (an option of every BERT-family model):

@@ -6,7 +6,7 @@ each; the backward pass is counted as twice the forward.
 """
 
 
-from bert_jax.models.configs import SBO_POSITION_SIZE
+from bert_jax.models.configs import SBO_POSITION_SIZE, generator_config
 
 
 def _matmul(m: int, k: int, n: int) -> float:
@@ -53,22 +53,49 @@ def bert_train_flops(config, seq_length: int, max_predictions: int | None, *,
   Returns:
     FLOPs of one example's forward and backward pass.
   """
-  s, h, i = seq_length, config.hidden_size, config.intermediate_size
-  a = config.num_heads * config.head_dim
-  p = s if max_predictions is None else max_predictions
-  layer = (_matmul(s, h, 3 * a) + _matmul(s, a, h)  # [S, H] projections
-           + 2 * _matmul(s, a, s)  # [S, S] scores, then back to [S, A]
-           + _matmul(s, h, i) + _matmul(s, i, h))
+  s, h = seq_length, config.hidden_size
   e = config.embedding_size
-  forward = config.num_layers * layer
-  if e:
-    forward += _matmul(s, e, h)  # [S, E] -> [S, H]: the factorised embeddings' projection
-  forward += _matmul(p, h, e or h) + _matmul(p, e or h, config.vocab_size)
+  p = s if max_predictions is None else max_predictions
+  forward = _encoder_forward(config, s) + _mlm_head_forward(config, p)
   if nsp:
     forward += _matmul(1, h, h) + _matmul(1, h, 2)
   if sbo:
     forward += (_matmul(p, 2 * h + SBO_POSITION_SIZE, h) + _matmul(p, h, e or h)
                 + _matmul(p, e or h, config.vocab_size))
+  return 3.0 * forward
+
+
+def _encoder_forward(config, s: int) -> float:
+  """L layers over S tokens, plus the factorised embeddings' projection (see above)."""
+  h, i = config.hidden_size, config.intermediate_size
+  a = config.num_heads * config.head_dim
+  layer = (_matmul(s, h, 3 * a) + _matmul(s, a, h)  # [S, H] projections
+           + 2 * _matmul(s, a, s)  # [S, S] scores, then back to [S, A]
+           + _matmul(s, h, i) + _matmul(s, i, h))
+  forward = config.num_layers * layer
+  if config.embedding_size:
+    forward += _matmul(s, config.embedding_size, h)  # [S, E] -> [S, H]
+  return forward
+
+
+def _mlm_head_forward(config, p: int) -> float:
+  """The MLM head at P positions: transform H -> E, then logits E -> V."""
+  e = config.embedding_size or config.hidden_size
+  return _matmul(p, config.hidden_size, e) + _matmul(p, e, config.vocab_size)
+
+
+def electra_train_flops(config, seq_length: int, max_predictions: int) -> float:
+  """Training FLOPs per example of ELECTRA's generator + discriminator (`ElectraForPreTraining`).
+
+  forward = generator encoder over S + its MLM head at P
+            + discriminator encoder over S + its head (2*S*H*H + 2*S*H);
+  training = 3 * forward, as `bert_train_flops` (the Gumbel sample and the
+  token replacement are not matrix products).
+  """
+  gen = generator_config(config)
+  s, h = seq_length, config.hidden_size
+  forward = (_encoder_forward(gen, s) + _mlm_head_forward(gen, max_predictions)
+             + _encoder_forward(config, s) + _matmul(s, h, h) + _matmul(s, h, 1))
   return 3.0 * forward
 
 

@@ -4,7 +4,7 @@ The pieces, in the order a fine-tuning run uses them:
 
   inputs, targets = glue_to_text("sst2", examples)   # or squad_to_text, ner_to_text
   feats = make_features(inputs, targets, tokenizer)  # numpy, batch contract names
-  ... teacher-forced training on feats.arrays (objectives.seq2seq_loss) ...
+  ... teacher-forced training on feats.arrays (losses.seq2seq_loss) ...
   tokens, scores = beam_search(model, params, enc_tokens, beam_size=4, max_decode_length=8)
   texts = ids_to_texts(tokenizer, tokens[:, 0])      # best beam; or greedy_decode
   glue_metrics("sst2", texts, examples)               # the task's own metric

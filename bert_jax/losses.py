@@ -1,0 +1,363 @@
+"""The losses and metrics the objectives (objectives.py) are built from.
+
+Every loss returns `(loss, metrics)`. `loss` is the scalar to differentiate;
+`metrics` holds *sums* only (a loss sum, a count, a number of correct
+predictions), never ratios. Sums add up across microbatches, devices and
+hosts; `summarize` divides them once at the end. Averaging per-step ratios
+instead would weight a batch with 3 masked tokens like one with 3000.
+
+Metric keys are `"<prefix>/<name>"` with names:
+  loss_sum  sum over scored items of weight * loss (z-loss included for
+            seq2seq, which also reports z_loss_sum on its own),
+  count     sum of weights (tokens for MLM/seq2seq, examples otherwise),
+  correct   sum of weights where the argmax equals the target
+            (span: start_correct and end_correct).
+
+All arithmetic is float32 whatever the logits dtype: bfloat16 has 8 bits of
+mantissa, too few for a log-sum-exp over a 32k vocabulary.
+"""
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+# Original BERT (run_pretraining.py) adds this to the MLM denominator so a
+# batch with no masked token gives 0, not NaN.
+MLM_DENOMINATOR_EPS = 1e-5
+
+
+def safe_div(numerator: Array, denominator: Array) -> Array:
+  """numerator / denominator, 0 where the denominator is 0 (NaN-free grads)."""
+  safe = jnp.where(denominator > 0, denominator, 1.0)
+  return jnp.where(denominator > 0, numerator / safe, 0.0)
+
+
+def _weights_like(targets: Array, weights: Array | None) -> Array:
+  """float32 weights shaped like targets (all ones when None)."""
+  if weights is None:
+    return jnp.ones(targets.shape, jnp.float32)
+  if weights.shape != targets.shape:
+    raise ValueError(f"weights shape {weights.shape} != targets shape {targets.shape}")
+  return weights.astype(jnp.float32)
+
+
+def _check_logits(logits: Array, targets: Array, name: str) -> None:
+  if logits.shape[:-1] != targets.shape:
+    raise ValueError(
+        f"{name}: logits shape {logits.shape} does not fit targets shape "
+        f"{targets.shape} (expected targets.shape + (num_classes,))")
+
+
+def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0) -> tuple[Array, Array]:
+  """Per-item softmax cross entropy with integer targets, in float32.
+
+  Label smoothing follows t5x: the target gets probability 1 - s and every
+  other class s / (num_classes - 1); the entropy of that smoothed target is
+  subtracted, so the loss is the KL divergence (0 for a perfect prediction)
+  and its gradient is that of plain smoothed cross entropy.
+
+  The z-loss (PaLM / t5x) adds z_loss * logsumexp(logits)**2 per item, which
+  keeps the softmax normaliser near 1 and bf16 logits in range.
+
+  Args:
+    logits: [..., num_classes] any float dtype.
+    targets: [...] integer class ids in [0, num_classes).
+    label_smoothing: s in [0, 1).
+    z_loss: coefficient of the squared log normaliser.
+
+  Returns:
+    (loss, z_term), both float32 [...]; loss includes z_term.
+  """
+  _check_logits(logits, targets, "cross_entropy")
+  logits = logits.astype(jnp.float32)
+  num_classes = logits.shape[-1]
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
+                                     axis=-1)[..., 0]
+  if label_smoothing:
+    if num_classes < 2:
+      raise ValueError("label_smoothing needs at least 2 classes")
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (num_classes - 1)
+    # sum_c q_c * logit_c without materialising the one-hot q: [...]
+    expected_logit = low * jnp.sum(logits, axis=-1) + (confidence - low) * target_logit
+    target_entropy = -(confidence * jnp.log(confidence)
+                       + (num_classes - 1) * low * jnp.log(low + 1e-20))
+    loss = log_z - expected_logit - target_entropy
+  else:
+    loss = log_z - target_logit
+  z_term = z_loss * jnp.square(log_z)
+  return loss + z_term, z_term
+
+
+def _correct(logits: Array, targets: Array) -> Array:
+  return (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
+def categorical(logits: Array, targets: Array, weights: Array | None,
+                 prefix: str) -> tuple[Array, Metrics]:
+  """Weighted mean cross entropy + sums, the shared body of several losses."""
+  _check_logits(logits, targets, prefix)
+  w = _weights_like(targets, weights)
+  per_item, _ = cross_entropy(logits, targets)
+  loss_sum = jnp.sum(w * per_item)
+  count = jnp.sum(w)
+  metrics = {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+             f"{prefix}/correct": jnp.sum(w * _correct(logits, targets))}
+  return safe_div(loss_sum, count), metrics
+
+
+def mlm_loss(mlm_logits: Array, batch: Mapping[str, Array], *,
+             targets_key: str = "mlm_targets", weights_key: str = "mlm_weights",
+             prefix: str = "mlm") -> tuple[Array, Metrics]:
+  """Masked-LM loss of original BERT: sum(w * CE) / (sum(w) + 1e-5).
+
+  Works on the gathered form ([batch, max_predictions, vocab] logits with
+  `mlm_targets`/`mlm_weights`) and equally on logits at every position
+  ([batch, length, vocab]) with per-position targets/weights under other keys.
+
+  Args:
+    mlm_logits: [batch, n, vocab].
+    batch: holds targets [batch, n] int and weights [batch, n] float
+      (0.0 for padding slots, which are then ignored entirely).
+    targets_key: batch key of the targets.
+    weights_key: batch key of the weights.
+    prefix: metric key prefix.
+
+  Returns:
+    (loss, metrics) with `<prefix>/loss_sum`, `/count` (masked tokens) and
+    `/correct`; sum metrics over microbatches/hosts, then `summarize`.
+  """
+  targets, weights = batch[targets_key], batch[weights_key]
+  _, metrics = categorical(mlm_logits, targets, weights, prefix)
+  loss_sum, count = metrics[f"{prefix}/loss_sum"], metrics[f"{prefix}/count"]
+  return loss_sum / (count + MLM_DENOMINATOR_EPS), metrics
+
+
+def nsp_loss(nsp_logits: Array, nsp_labels: Array, weights: Array | None = None, *,
+             prefix: str = "nsp") -> tuple[Array, Metrics]:
+  """Next-sentence (or sentence-order) prediction: mean cross entropy.
+
+  Args:
+    nsp_logits: [batch, 2].
+    nsp_labels: [batch] int (BERT: 0 = B follows A, 1 = random B;
+      ALBERT SOP: 1 = swapped order).
+    weights: optional [batch], 0.0 for padding examples.
+    prefix: metric key prefix ("sop" for ALBERT).
+
+  Returns:
+    (weighted mean loss, metrics with loss_sum/count/correct).
+  """
+  return categorical(nsp_logits, nsp_labels, weights, prefix)
+
+
+def rtd_loss(rtd_logits: Array, rtd_labels: Array, weights: Array, *,
+             prefix: str = "rtd") -> tuple[Array, Metrics]:
+  """ELECTRA's replaced-token detection: per-token sigmoid cross entropy.
+
+  Args:
+    rtd_logits: [batch, length], > 0 predicts 'replaced'.
+    rtd_labels: [batch, length] int, 1 where the token was replaced by a
+      generator sample that differs from the original.
+    weights: [batch, length], 1.0 for the real tokens (the reference's
+      input_mask), 0.0 for padding.
+    prefix: metric key prefix.
+
+  Returns:
+    (weighted mean loss, metrics): loss_sum, count, correct, and the sums
+    behind precision and recall on the replaced tokens: true_positives,
+    predicted_positives (flagged 'replaced'), positives (really replaced).
+  """
+  _check_logits(rtd_logits[..., None], rtd_labels, prefix)
+  w = _weights_like(rtd_labels, weights)
+  x = rtd_logits.astype(jnp.float32)
+  y = rtd_labels.astype(jnp.float32)
+  # log(1 + e^-|x|) + max(x, 0) - x y: sigmoid CE without overflow.
+  per_token = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  predicted = (x > 0).astype(jnp.float32)
+  loss_sum = jnp.sum(w * per_token)
+  count = jnp.sum(w)
+  metrics = {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+             f"{prefix}/correct": jnp.sum(w * (predicted == y)),
+             f"{prefix}/true_positives": jnp.sum(w * predicted * y),
+             f"{prefix}/predicted_positives": jnp.sum(w * predicted),
+             f"{prefix}/positives": jnp.sum(w * y)}
+  return safe_div(loss_sum, count), metrics
+
+
+def classification_loss(logits: Array, labels: Array, weights: Array | None = None, *,
+                        prefix: str = "cls") -> tuple[Array, Metrics]:
+  """Sequence classification: softmax CE, or MSE regression if num_labels == 1.
+
+  Regression (STS-B) reads `labels` as floats and reports no `correct`.
+
+  Args:
+    logits: [batch, num_labels].
+    labels: [batch] int class ids, or float targets when num_labels == 1.
+    weights: optional [batch], 0.0 for padding examples.
+    prefix: metric key prefix.
+
+  Returns:
+    (weighted mean loss, metrics with loss_sum/count[/correct]).
+  """
+  if logits.shape[-1] != 1:
+    return categorical(logits, labels, weights, prefix)
+  _check_logits(logits, labels, "classification_loss")
+  w = _weights_like(labels, weights)
+  err = logits[..., 0].astype(jnp.float32) - labels.astype(jnp.float32)
+  loss_sum = jnp.sum(w * jnp.square(err))
+  count = jnp.sum(w)
+  return safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum,
+                                      f"{prefix}/count": count}
+
+
+def token_classification_loss(logits: Array, labels: Array, weights: Array | None = None,
+                              *, ignore_label: int = -100,
+                              prefix: str = "token") -> tuple[Array, Metrics]:
+  """Per-token classification (NER): mean CE over labelled tokens.
+
+  A token is scored when its label is not `ignore_label` (continuation
+  sub-words, special tokens, padding) and, if given, its weight is non-zero.
+
+  Args:
+    logits: [batch, length, num_labels].
+    labels: [batch, length] int, `ignore_label` where unscored.
+    weights: optional [batch, length] extra weights.
+    ignore_label: label value meaning "not scored".
+    prefix: metric key prefix.
+
+  Returns:
+    (mean loss over scored tokens, metrics with loss_sum/count/correct).
+  """
+  _check_logits(logits, labels, "token_classification_loss")
+  scored = (labels != ignore_label).astype(jnp.float32)
+  w = _weights_like(labels, weights) * scored
+  # The gather needs a valid index; the weight already drops these tokens.
+  safe_labels = jnp.where(labels == ignore_label, 0, labels)
+  return categorical(logits, safe_labels, w, prefix)
+
+
+def span_loss(start_logits: Array, end_logits: Array, start_positions: Array,
+              end_positions: Array, weights: Array | None = None, *,
+              prefix: str = "span") -> tuple[Array, Metrics]:
+  """Extractive QA loss of BERT run_squad: (CE(start) + CE(end)) / 2.
+
+  Args:
+    start_logits: [batch, length].
+    end_logits: [batch, length].
+    start_positions: [batch] int in [0, length) (0 = [CLS] for no answer).
+    end_positions: [batch] int in [0, length).
+    weights: optional [batch], 0.0 for padding examples.
+    prefix: metric key prefix.
+
+  Returns:
+    (weighted mean loss, metrics with loss_sum/count/start_correct/end_correct).
+  """
+  _check_logits(start_logits, start_positions, "span_loss start")
+  _check_logits(end_logits, end_positions, "span_loss end")
+  w = _weights_like(start_positions, weights)
+  start_ce, _ = cross_entropy(start_logits, start_positions)
+  end_ce, _ = cross_entropy(end_logits, end_positions)
+  loss_sum = jnp.sum(w * 0.5 * (start_ce + end_ce))
+  count = jnp.sum(w)
+  metrics = {
+      f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+      f"{prefix}/start_correct": jnp.sum(w * _correct(start_logits, start_positions)),
+      f"{prefix}/end_correct": jnp.sum(w * _correct(end_logits, end_positions)),
+  }
+  return safe_div(loss_sum, count), metrics
+
+
+def seq2seq_loss(logits: Array, decoder_target_tokens: Array, decoder_loss_weights: Array,
+                 z_loss: float = 0.0, label_smoothing: float = 0.0, *,
+                 loss_normalizing_factor: float | None = None,
+                 prefix: str = "seq2seq") -> tuple[Array, Metrics]:
+  """T5 decoder loss: cross entropy with optional z-loss and label smoothing.
+
+  Normalisation: by default the returned loss is sum(w * (CE + z-loss)) /
+  sum(w), the mean per scored target token of this batch (0 if no token is
+  scored). With `loss_normalizing_factor` it is the sum divided by that
+  constant instead (t5x's option), which weights each batch by its token
+  count; with packed batches of nearly constant token count the two differ
+  by a near-constant factor. The metrics are sums either way.
+
+  Args:
+    logits: [batch, length, vocab], any float dtype.
+    decoder_target_tokens: [batch, length] int.
+    decoder_loss_weights: [batch, length], 0.0 on padding (t5x/seqio name).
+    z_loss: coefficient of logsumexp(logits)**2 (t5x pretraining: 1e-4).
+    label_smoothing: t5x-style smoothing (see `cross_entropy`).
+    loss_normalizing_factor: optional constant divisor of the loss sum.
+    prefix: metric key prefix.
+
+  Returns:
+    (loss, metrics with loss_sum (z-loss included), z_loss_sum, count,
+    correct); sum metrics over microbatches/hosts, then `summarize`.
+  """
+  _check_logits(logits, decoder_target_tokens, "seq2seq_loss")
+  w = _weights_like(decoder_target_tokens, decoder_loss_weights)
+  per_token, z_term = cross_entropy(logits, decoder_target_tokens,
+                                    label_smoothing=label_smoothing, z_loss=z_loss)
+  loss_sum = jnp.sum(w * per_token)
+  count = jnp.sum(w)
+  metrics = {
+      f"{prefix}/loss_sum": loss_sum, f"{prefix}/z_loss_sum": jnp.sum(w * z_term),
+      f"{prefix}/count": count,
+      f"{prefix}/correct": jnp.sum(w * _correct(logits, decoder_target_tokens)),
+  }
+  if loss_normalizing_factor is not None:
+    if loss_normalizing_factor <= 0:
+      raise ValueError(f"loss_normalizing_factor must be > 0, got {loss_normalizing_factor}")
+    return loss_sum / loss_normalizing_factor, metrics
+  return safe_div(loss_sum, count), metrics
+
+
+def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """Turns summed metrics into averages: the one place sums become ratios.
+
+  For every prefix with a `count`: `<p>/loss` = loss_sum / count,
+  `<p>/accuracy` = correct / count (`start_accuracy`/`end_accuracy` for spans,
+  `z_loss` for z_loss_sum), plus `<p>/count` itself. Binary detection sums
+  (true_positives, predicted_positives, positives) become `<p>/precision`,
+  `<p>/recall` and `<p>/positive_rate` (positives / count). Keys without a
+  count (e.g. a learning rate) pass through unchanged.
+
+  Args:
+    metrics: name -> scalar (array or number), already summed over steps.
+
+  Returns:
+    name -> python float.
+  """
+  out: dict[str, float] = {}
+  prefixes = {k.rsplit("/", 1)[0] for k in metrics if k.endswith("/count")}
+  for key, value in metrics.items():
+    head, _, name = key.rpartition("/")
+    if head not in prefixes:
+      out[key] = float(value)
+  for p in sorted(prefixes):
+    count = float(metrics[f"{p}/count"])
+    out[f"{p}/count"] = count
+    for name, value in metrics.items():
+      head, _, stat = name.rpartition("/")
+      if head != p or stat == "count":
+        continue
+      if stat in _DETECTION_SUMS:
+        continue
+      mean_name = {"loss_sum": "loss", "z_loss_sum": "z_loss"}.get(
+          stat, stat.replace("correct", "accuracy"))
+      out[f"{p}/{mean_name}"] = float(value) / count if count > 0 else 0.0
+    if f"{p}/true_positives" in metrics:
+      tp, flagged, real = (float(metrics[f"{p}/{k}"]) for k in _DETECTION_SUMS)
+      out[f"{p}/precision"] = tp / flagged if flagged > 0 else 0.0
+      out[f"{p}/recall"] = tp / real if real > 0 else 0.0
+      out[f"{p}/positive_rate"] = real / count if count > 0 else 0.0
+  return out
+
+
+# Sums of a binary detection term (rtd_loss) that summarize turns into
+# precision and recall rather than dividing by the count.
+_DETECTION_SUMS = ("true_positives", "predicted_positives", "positives")

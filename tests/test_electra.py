@@ -1,0 +1,337 @@
+"""ELECTRA: the joint generator + discriminator, its losses and sampling, and training runs.
+
+The Hugging Face import/export of both models is in test_convert_electra.py.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bert_jax import losses
+from bert_jax import objectives
+from bert_jax import train
+from bert_jax.models import bert
+from bert_jax.models import configs
+from bert_jax.models import electra
+from bert_jax.models import flops
+from conftest import tiny_pretraining_config
+
+VOCAB = 64
+# Discriminator 32 wide with 16-wide tables; generator 8 wide (1/4), projected from 16.
+TINY = configs.BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                          intermediate_size=64, embedding_size=16, model_type="electra",
+                          generator_size=0.25, max_position_embeddings=32)
+
+
+def _batch(seed=0, batch=3, length=12, slots=4):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(5, VOCAB, (batch, length)).astype(np.int32)
+  tokens[-1, length - 3:] = 0  # padding in the last row
+  positions = np.stack([np.sort(rng.choice(np.arange(1, length - 3), slots, replace=False))
+                        for _ in range(batch)]).astype(np.int32)
+  weights = np.ones((batch, slots), np.float32)
+  weights[0, -1] = 0.0  # a padding slot
+  positions[0, -1] = 0
+  targets = np.take_along_axis(tokens, positions, 1)
+  tokens = tokens.copy()
+  np.put_along_axis(tokens, positions, 4, 1)  # [MASK]
+  tokens[0, 0] = 2  # [CLS] at the padding slot's position 0 must stay
+  return dict(encoder_input_tokens=tokens, mlm_positions=positions, mlm_targets=targets,
+              mlm_weights=weights)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = bert.build(TINY, "electra")
+  params = jax.jit(lambda k: model.init({"params": k},
+                                        jnp.zeros((1, 4), jnp.int32))["params"])(
+                                            jax.random.PRNGKey(0))
+  return model, jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                             is_leaf=lambda x: hasattr(x, "value"))
+
+
+def test_generator_config_follows_the_reference():
+  small = configs.generator_config(configs.BertConfig(
+      hidden_size=256, num_heads=4, intermediate_size=1024, embedding_size=128))
+  assert (small.hidden_size, small.num_heads, small.intermediate_size, small.num_layers,
+          small.embedding_size) == (64, 1, 256, 12, 128)
+  base = configs.generator_config(configs.BertConfig(generator_size=1 / 3))
+  assert (base.hidden_size, base.num_heads, base.intermediate_size, base.embedding_size) == (
+      256, 4, 1024, 768)
+  # Tables as wide as the generator: no projection.
+  same = configs.generator_config(configs.BertConfig(hidden_size=256, num_heads=4,
+                                                     embedding_size=64))
+  assert same.embedding_size == 0 and same.hidden_size == 64
+  with pytest.raises(ValueError, match="generator_size=0.26 makes a generator 200 wide"):
+    configs.generator_config(configs.BertConfig(generator_size=0.26, hidden_size=768))
+  with pytest.raises(ValueError, match="generator_size must be in"):
+    configs.BertConfig(generator_size=0.0)
+
+
+def test_generator_reads_the_discriminators_tables(model_and_params):
+  model, params = model_and_params
+  # The generator stores only its projection and layers; one set of tables.
+  assert set(params["generator"]) == {"embeddings", "layer_0", "layer_1"}
+  assert set(params["generator"]["embeddings"]) == {"projection"}
+  assert params["generator"]["embeddings"]["projection"]["kernel"].shape == (16, 8)
+  assert params["generator"]["layer_0"]["mlp"]["wi"]["kernel"].shape == (8, 32)
+  batch = _batch()
+  out = model.apply({"params": params}, **batch)
+  # Changing the shared word table changes the generator's logits (input and tied output).
+  table = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+  changed = jax.tree.map(lambda x: x, params)
+  changed["encoder"]["embeddings"]["word_embeddings"]["embedding"] = table * 1.5
+  out2 = model.apply({"params": changed}, **batch)
+  assert not np.allclose(out["mlm_logits"], out2["mlm_logits"])
+  assert out["mlm_logits"].shape == (3, 4, VOCAB)
+  assert out["rtd_logits"].shape == out["rtd_labels"].shape == (3, 12)
+
+
+def test_replace_tokens_labels_a_sample_equal_to_the_original_as_original():
+  tokens = np.array([[2, 4, 9, 4, 3, 0]], np.int32)  # [CLS] [MASK] 9 [MASK] [SEP] pad
+  positions = np.array([[1, 3, 0]], np.int32)  # last slot is padding (weight 0)
+  weights = np.array([[1.0, 1.0, 0.0]], np.float32)
+  targets = np.array([[7, 8, 0]], np.int32)
+  sampled = np.array([[7, 11, 13]], np.int32)  # slot 0 equals its original
+  corrupted, labels = electra.replace_tokens(tokens, positions, weights, targets, sampled)
+  np.testing.assert_array_equal(corrupted, [[2, 7, 9, 11, 3, 0]])  # [CLS] untouched
+  np.testing.assert_array_equal(labels, [[0, 0, 0, 1, 0, 0]])
+
+
+def test_gumbel_sample_draws_from_the_softmax():
+  logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+  draws = jax.vmap(lambda k: electra.gumbel_sample(logits, k))(keys)
+  freq = np.bincount(np.asarray(draws), minlength=4) / draws.size
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.015)
+  # Temperature -> 0 approaches the argmax; a high one flattens the distribution.
+  cold = jax.vmap(lambda k: electra.gumbel_sample(logits, k, temperature=0.05))(keys[:2000])
+  assert np.mean(np.asarray(cold) == 0) > 0.99
+  hot = jax.vmap(lambda k: electra.gumbel_sample(logits, k, temperature=100.0))(keys)
+  assert abs(np.mean(np.asarray(hot) == 3) - 0.25) < 0.02
+
+
+def test_rtd_loss_against_numpy():
+  rng = np.random.RandomState(1)
+  logits = rng.normal(size=(2, 5)).astype(np.float32) * 3
+  labels = rng.randint(0, 2, (2, 5)).astype(np.int32)
+  weights = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.float32)
+  loss, metrics = losses.rtd_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                      jnp.asarray(weights))
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  ce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+  assert float(loss) == pytest.approx((weights * ce).sum() / weights.sum(), rel=1e-5)
+  pred = logits > 0
+  summary = losses.summarize(jax.device_get(metrics))
+  w = weights > 0
+  assert summary["rtd/accuracy"] == pytest.approx(np.mean(pred[w] == labels[w]))
+  tp = np.sum(pred[w] & (labels[w] == 1))
+  assert summary["rtd/precision"] == pytest.approx(tp / np.sum(pred[w]))
+  assert summary["rtd/recall"] == pytest.approx(tp / np.sum(labels[w] == 1))
+  assert summary["rtd/positive_rate"] == pytest.approx(np.mean(labels[w]))
+  # Large logits stay finite (no overflow in exp).
+  big, _ = losses.rtd_loss(jnp.array([[80.0, -80.0]]), jnp.array([[0, 1]]),
+                               jnp.ones((1, 2)))
+  assert float(big) == pytest.approx(80.0, rel=1e-5)
+
+
+def test_electra_objective_is_mlm_plus_50_rtd(model_and_params):
+  model, params = model_and_params
+  batch = _batch(seed=2)
+  objective = objectives.get("electra")
+  out = model.apply({"params": params}, **batch, rngs={"sample": jax.random.PRNGKey(5)})
+  metrics = objective.metrics(out, batch)
+  loss = float(objective.loss(metrics, objective.normalizers(batch)))
+  mlm, _ = losses.mlm_loss(out["mlm_logits"], batch)
+  real = (batch["encoder_input_tokens"] != 0).astype(np.float32)
+  rtd, _ = losses.rtd_loss(out["rtd_logits"], out["rtd_labels"], real)
+  assert loss == pytest.approx(float(mlm) + 50 * float(rtd), rel=1e-5)
+  assert float(metrics["rtd/count"]) == real.sum() == 33
+  # Labels: only the scored masked slots can be 'replaced'.
+  labels = np.asarray(out["rtd_labels"])
+  scored = np.zeros_like(labels)
+  np.put_along_axis(scored, batch["mlm_positions"], batch["mlm_weights"] > 0, 1)
+  assert labels[scored == 0].sum() == 0 and labels.sum() > 0
+
+
+def test_no_gradient_reaches_the_generator_through_the_sample(model_and_params):
+  model, params = model_and_params
+  batch = _batch(seed=3)
+
+  def term(name):
+    def loss(p):
+      out = model.apply({"params": p}, **batch, rngs={"sample": jax.random.PRNGKey(7)})
+      if name == "rtd":
+        real = (batch["encoder_input_tokens"] != 0).astype(jnp.float32)
+        return losses.rtd_loss(out["rtd_logits"], out["rtd_labels"], real)[0]
+      return losses.mlm_loss(out["mlm_logits"], batch)[0]
+    return jax.grad(loss)(params)
+
+  def largest(tree):
+    return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(tree))
+
+  rtd = term("rtd")
+  # The discriminator's loss moves the discriminator and the shared tables only.
+  assert largest(rtd["generator"]) == 0.0 and largest(rtd["generator_mlm"]) == 0.0
+  assert largest(rtd["encoder"]["layer_0"]) > 0 and largest(rtd["rtd"]) > 0
+  assert largest(rtd["encoder"]["embeddings"]["word_embeddings"]) > 0
+  # The generator learns from its own MLM loss, which never reaches the discriminator.
+  mlm = term("mlm")
+  assert largest(mlm["generator"]) > 0 and largest(mlm["generator_mlm"]) > 0
+  assert largest(mlm["encoder"]["layer_0"]) == 0.0 and largest(mlm["rtd"]) == 0.0
+
+
+def test_eval_is_deterministic_and_training_draws_per_key(model_and_params):
+  model, params = model_and_params
+  batch = _batch(seed=4)
+  a = model.apply({"params": params}, **batch)["rtd_labels"]
+  b = model.apply({"params": params}, **batch)["rtd_labels"]
+  np.testing.assert_array_equal(a, b)
+  draws = {tuple(np.asarray(model.apply({"params": params}, **batch,
+                                        rngs={"sample": jax.random.PRNGKey(s)})
+                            ["rtd_labels"]).ravel()) for s in range(6)}
+  assert len(draws) > 1
+
+
+def test_flops_count_both_models():
+  cfg = configs.BertConfig(num_layers=12, hidden_size=256, num_heads=4, intermediate_size=1024,
+                           embedding_size=128, model_type="electra")
+  gen = configs.generator_config(cfg)
+  s, p, h = 128, 19, 256
+  expected = (flops.bert_train_flops(gen, s, p, nsp=False)  # generator + its MLM head
+              + flops.bert_train_flops(cfg, s, 0, nsp=False)  # discriminator, no MLM head
+              + 3 * (2 * s * h * h + 2 * s * h))  # discriminator head
+  assert flops.electra_train_flops(cfg, s, p) == pytest.approx(expected)
+
+
+def test_electra_needs_the_gathered_mlm_features(model_and_params):
+  model, params = model_and_params
+  with pytest.raises(ValueError, match="ELECTRA needs mlm_positions, mlm_targets"):
+    model.apply({"params": params}, jnp.ones((1, 4), jnp.int32))
+
+
+def test_electra_trains_through_the_trainer_and_finetunes_from_the_discriminator(
+    shared_data, tmp_path):
+  config = tiny_pretraining_config(num_steps=3)
+  config.train.objective = "electra"
+  config.model.update(model_type="electra", generator_size=0.25)
+  train.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["step"] for r in lines] == [1, 2, 3]
+  for r in lines:
+    count = r["train/mlm/count"]
+    mlm = r["train/mlm/loss"] * count / (count + losses.MLM_DENOMINATOR_EPS)
+    assert r["loss"] == pytest.approx(mlm + 50 * r["train/rtd/loss"], rel=1e-4)
+    assert 0 < r["train/rtd/positive_rate"] < 0.2  # only masked tokens (15%) can be replaced
+    assert 0 <= r["train/rtd/precision"] <= 1 and 0 <= r["train/rtd/recall"] <= 1
+
+  # Fine-tuning from the workdir takes the discriminator ('encoder') and drops the generator.
+  from bert_jax import defaults, finetune
+  ft = defaults.finetune_config()
+  ft.update_from_flattened_dict({"init_from": str(tmp_path), "data.data_dir": str(shared_data),
+                                 "data.max_length": 32})
+  run = finetune._setup(ft)  # pylint: disable=protected-access
+  assert run.model.config.model_type == "electra" and run.model.config.hidden_size == 128
+  assert isinstance(run.model, bert.BertForSequenceClassification)
+  assert set(run.pretrained) == {"encoder"}
+  assert run.pretrained["encoder"]["layer_0"]["mlp"]["wi"]["kernel"].shape == (128, 512)
+
+
+# ---------------------------------------------------------------- CLI runs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OVERRIDES = (
+    "--config.data.seq_length=32", "--config.data.max_predictions=5",
+    "--config.data.vocab_size=600", "--config.train.batch_size=8",
+    "--config.checkpoint.every_steps=4", "--config.log.every_steps=1",
+    "--config.log.progress=False", "--config.eval.source=", "--config.optim.schedule=constant",
+    "--config.optim.warmup_steps=2", "--config.model.num_layers=1",
+    "--config.model.max_position_embeddings=32", "--config.checkpoint.async_save=False",
+    # A 256-wide discriminator: steps slow enough (~0.1 s) to kill one mid-run.
+    "--config.model.hidden_size=256", "--config.model.num_heads=4",
+    "--config.model.intermediate_size=1024",
+)
+
+
+def _env(devices):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def _command(workdir, tokenizer, steps, *extra):
+  return [sys.executable, "-m", "bert_jax.main", "train", "--config=configs/quickstart.py:electra",
+          f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer}",
+          f"--config.train.num_steps={steps}", *_OVERRIDES, *extra]
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      r = json.loads(line)
+      if "loss" in r:
+        out[r["step"]] = (r["loss"], r["train/rtd/loss"], r["train/mlm/loss"])
+  return out
+
+
+@pytest.mark.slow
+def test_electra_resumes_exactly_after_sigkill_and_two_processes_equal_one(tmp_path):
+  """One state holds both models: a SIGKILLed run resumes onto the uninterrupted
+  losses, and 2 processes x 4 devices (gloo) follow 1 x 8."""
+  from bert_jax.data import sources
+  from bert_jax.data import tokenizer as tokenizer_lib
+  tok = tokenizer_lib.train_sentencepiece(sources.iter_paragraphs("builtin:pydoc_topics"),
+                                          str(tmp_path / "spm"), 600, extra_ids=0,
+                                          bert_special_tokens=True).path
+  full = str(tmp_path / "full")
+  proc = subprocess.run(_command(full, tok, 16), cwd=ROOT, env=_env(8), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  uninterrupted = _losses(full)
+  assert sorted(uninterrupted) == list(range(1, 17))
+
+  killed = str(tmp_path / "killed")
+  with open(tmp_path / "err.txt", "w", encoding="utf-8") as err:
+    p = subprocess.Popen(_command(killed, tok, 16), cwd=ROOT, env=_env(8), stderr=err)
+    try:
+      while p.poll() is None:
+        if os.path.exists(os.path.join(killed, "metrics.jsonl")) and 9 in _losses(killed):
+          p.send_signal(signal.SIGKILL)
+          break
+        time.sleep(0.01)
+      p.wait(timeout=600)
+    finally:
+      p.kill()
+  assert p.returncode == -signal.SIGKILL
+  assert 9 <= max(_losses(killed)) < 16
+  proc = subprocess.run(_command(killed, tok, 16), cwd=ROOT, env=_env(8), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  resumed = _losses(killed)
+  for step in range(9, 17):  # from checkpoint 8 (or 12) on
+    assert resumed[step] == uninterrupted[step], step
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  two = str(tmp_path / "two")
+  procs = [subprocess.Popen(
+      _command(two, tok, 4, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+               f"--process_id={i}"), cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [q.communicate(timeout=600) for q in procs]
+  for q, (_, err) in zip(procs, outputs):
+    assert q.returncode == 0, err[-4000:]
+  both = _losses(two)
+  for step in range(1, 5):
+    np.testing.assert_allclose(both[step], uninterrupted[step], rtol=1e-5, err_msg=str(step))
