@@ -178,3 +178,33 @@ def tiny_pretraining_config(num_steps: int):
   config.checkpoint.every_steps = num_steps
   config.checkpoint.async_save = False
   return config
+
+
+def random_hf_folder(model, folder, extra_norm_names=("layer_norm",)):
+  """Saves a randomly initialised transformers `model` to `folder`; returns (model, folder).
+
+  transformers initialises LayerNorms to 1/0 and biases to 0: they are
+  randomised first, so a mis-mapped norm or bias cannot hide in a parity test.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if ("LayerNorm" in name or any(n in name for n in extra_norm_names)
+          or name.endswith("bias")):
+        p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(folder)
+  return model, folder
+
+
+def random_params(model, ids, seed=1):
+  """Random float32 values for every parameter of a flax `model` (scales near 1).
+
+  numpy, not the models' initialisers: those are slow to compile.
+  """
+  import flax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
+                       ).astype(np.float32), shapes)

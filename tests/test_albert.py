@@ -20,6 +20,7 @@ from bert_jax import models, sharding
 from bert_jax.convert import CheckpointError
 from bert_jax.models import bert
 
+from conftest import random_hf_folder, random_params
 from test_convert_bert import _batch, _close, _hf, _ours
 
 torch = pytest.importorskip("torch")
@@ -50,24 +51,7 @@ def _random_hf(cls_name, tmp_path, shape, seed=0, **config):
   torch.manual_seed(seed)
   hf_config = transformers.AlbertConfig(**{**SHAPES[shape], **config})
   model = getattr(transformers, cls_name)(hf_config).eval()
-  # transformers initialises LayerNorms to 1/0 and biases to 0: randomise
-  # them so a mis-mapped norm or bias cannot hide.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
-        p.add_(0.05 * torch.randn_like(p))
-  folder = tmp_path / f"{cls_name}_{shape}"
-  model.save_pretrained(folder)
-  return model, folder
-
-
-def _random_params(model, ids, seed=1):
-  """Random float32 values everywhere (numpy: jax's initialisers are slow to compile)."""
-  shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
-  rng = np.random.RandomState(seed)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
-                       ).astype(np.float32), shapes)
+  return random_hf_folder(model, tmp_path / f"{cls_name}_{shape}")
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +150,7 @@ def test_bert_jax_albert_exports_to_transformers(tmp_path, task, kwargs, share):
   cfg = bert.BertConfig(**{**TINY, "share_layers": share, "hidden_act": "gelu_new"})
   model = bert.build(cfg, task, **kwargs)
   ids, types, mask = _batch(length=11)
-  params = _random_params(model, ids)
+  params = random_params(model, ids)
   out = bert_jax.save_pretrained(model, params, tmp_path / "out")
   config = json.loads((out / "config.json").read_text())
   assert config["model_type"] == "albert" and config["hidden_act"] == "gelu_new"
@@ -189,7 +173,7 @@ def test_bert_jax_albert_exports_to_transformers(tmp_path, task, kwargs, share):
 ])
 def test_unexportable_configs_are_an_error_naming_the_field(tmp_path, fields, match):
   model = bert.BertForMaskedLM(bert.BertConfig(**{**TINY, **fields}))
-  params = _random_params(model, jnp.ones((1, 4), jnp.int32))
+  params = random_params(model, jnp.ones((1, 4), jnp.int32))
   with pytest.raises(CheckpointError, match=match):
     bert_jax.save_pretrained(model, params, tmp_path / "out")
 
@@ -228,7 +212,7 @@ def test_shared_model_equals_unshared_model_with_copied_parts(share):
   # copies of layer 0's shared parts: sharing changes storage, not compute.
   ids, types, _ = _batch(length=9)
   shared = bert.BertModel(bert.BertConfig(**{**TINY, "share_layers": share}))
-  params = _random_params(shared, ids)
+  params = random_params(shared, ids)
   plain = bert.BertModel(bert.BertConfig(**TINY))
   copied = jax.tree.map(lambda x: x, params)  # a new tree, same leaves
   layer0 = params["encoder"]["layer_0"]
@@ -253,7 +237,7 @@ def test_remat_with_sharing_keeps_outputs_and_gradients():
   cfg = {**TINY, "share_layers": "attention", "dropout_rate": 0.1, "num_layers": 2}
   plain = bert.BertForMaskedLM(bert.BertConfig(**cfg))
   remat = bert.BertForMaskedLM(bert.BertConfig(**cfg, remat=True))
-  params = _random_params(plain, ids)
+  params = random_params(plain, ids)
 
   def loss(model, p):
     logits = model.apply({"params": p}, jnp.asarray(ids, jnp.int32), enable_dropout=True,

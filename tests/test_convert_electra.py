@@ -22,6 +22,7 @@ from bert_jax.models import bert
 from bert_jax.models import configs
 from bert_jax.models import electra as electra_model
 
+from conftest import random_hf_folder, random_params
 from test_convert_bert import _batch, _close, _hf, _ours
 
 torch = pytest.importorskip("torch")
@@ -68,24 +69,7 @@ def _random_hf(cls_name, tmp_path, shape, seed=0, **config):
   torch.manual_seed(seed)
   model = getattr(transformers, cls_name)(
       transformers.ElectraConfig(**{**SHAPES[shape], **config})).eval()
-  # transformers initialises LayerNorms to 1/0 and biases to 0: randomise
-  # them so a mis-mapped norm or bias cannot hide.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "LayerNorm" in name or name.endswith("bias"):
-        p.add_(0.05 * torch.randn_like(p))
-  folder = tmp_path / f"{cls_name}_{shape}"
-  model.save_pretrained(folder)
-  return model, folder
-
-
-def _random_params(model, ids, seed=1):
-  """Random float32 values everywhere (numpy: jax's initialisers are slow to compile)."""
-  shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), ids))["params"]
-  rng = np.random.RandomState(seed)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
-                       ).astype(np.float32), shapes)
+  return random_hf_folder(model, tmp_path / f"{cls_name}_{shape}")
 
 
 def _assert_same_tree(a, b):
@@ -200,7 +184,7 @@ def test_bert_jax_electra_exports_to_transformers(tmp_path, task, shape, caplog)
   kwargs = {"num_labels": 4} if task.endswith("classification") else {}
   model = bert.build(cfg, task, **kwargs)
   ids, types, mask = _batch()
-  params = _random_params(model, ids)
+  params = random_params(model, ids)
   with caplog.at_level(logging.WARNING):
     out = bert_jax.save_pretrained(model, params, tmp_path / "out")
   config = json.loads((out / "config.json").read_text())
@@ -223,7 +207,7 @@ def test_bert_jax_electra_exports_to_transformers(tmp_path, task, shape, caplog)
 ])
 def test_unexportable_electra_models_are_an_error_naming_the_cause(tmp_path, fields, task, match):
   model = bert.build(bert.BertConfig(**{**CONFIGS["e32_h48_l3"].__dict__, **fields}), task)
-  params = _random_params(model, np.ones((1, 4), np.int32))
+  params = random_params(model, np.ones((1, 4), np.int32))
   with pytest.raises(CheckpointError, match=match):
     bert_jax.save_pretrained(model, params, tmp_path / "out")
 
@@ -250,7 +234,7 @@ def _joint_batch(seed=0, batch=3, length=12, slots=4):
 def joint(request, tmp_path_factory):
   """A random joint model, saved as a Hugging Face pair and loaded by transformers."""
   model = bert.build(JOINT[request.param], "electra")
-  params = _random_params(model, np.ones((1, 4), np.int32), seed=2)
+  params = random_params(model, np.ones((1, 4), np.int32), seed=2)
   path = tmp_path_factory.mktemp(request.param) / "joint"
   out = bert_jax.save_pretrained(model, params, path)
   assert out == path and sorted(p.name for p in path.iterdir()) == ["discriminator", "generator"]
@@ -340,7 +324,7 @@ def _task_pair(disc_cfg, **gen_fields):
   ids = np.ones((1, 4), np.int32)
   gen_cfg = bert.BertConfig(**{**configs.generator_config(disc_cfg).__dict__, **gen_fields})
   disc, gen = bert.build(disc_cfg, "rtd"), bert.build(gen_cfg, "mlm")
-  return disc, _random_params(disc, ids), gen, _random_params(gen, ids)
+  return disc, random_params(disc, ids), gen, random_params(gen, ids)
 
 
 @pytest.mark.parametrize("gen_fields,match", [
