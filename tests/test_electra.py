@@ -335,3 +335,37 @@ def test_electra_resumes_exactly_after_sigkill_and_two_processes_equal_one(tmp_p
   both = _losses(two)
   for step in range(1, 5):
     np.testing.assert_allclose(both[step], uninterrupted[step], rtol=1e-5, err_msg=str(step))
+
+
+def _sharded_step(batch, preset, mesh_shape):
+  """Metrics and the SGD(1) parameter change of one ELECTRA step on `mesh_shape`."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from bert_jax import sharding, steps  # pylint: disable=import-outside-toplevel
+  cfg = configs.BertConfig(vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=4,
+                           intermediate_size=128, embedding_size=32, model_type="electra",
+                           generator_size=0.5, max_position_embeddings=32)
+  model = bert.build(cfg, "electra")
+  mesh = sharding.make_mesh(*mesh_shape)
+  rules = sharding.get_rules(preset)
+  tx = optax.sgd(1.0)
+  state, shardings = steps.create_sharded_state(model, tx, batch, mesh, rules, rng=0)
+  step = steps.make_train_step(model, tx, "electra", shardings, sharding.batch_sharding(mesh),
+                               rules=rules)
+  before = jax.device_get(state.params)
+  state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  delta = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
+  return jax.device_get(metrics), delta, state.params
+
+
+def test_sharded_electra_step_equals_data_parallel():
+  """FSDP + tensor sharding draws the same samples and gives the same update."""
+  batch = _batch(seed=5, batch=8, length=16, slots=3)
+  plain, plain_delta, _ = _sharded_step(batch, "data_parallel", (8, 1, 1))
+  metrics, delta, params = _sharded_step(batch, "fsdp_tensor", (2, 2, 2))
+  for key in ("loss", "mlm/loss_sum", "rtd/loss_sum", "rtd/positives", "rtd/count"):
+    assert float(metrics[key]) == pytest.approx(float(plain[key]), rel=1e-5), key
+  assert float(plain["rtd/positives"]) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               delta, plain_delta)
+  wi = params["generator"]["layer_0"]["mlp"]["wi"]["kernel"]
+  assert np.prod(wi.addressable_shards[0].data.shape) < np.prod(wi.shape)
