@@ -153,6 +153,11 @@ def train_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global, over all hosts
   c.train.num_microbatches = 1  # gradient accumulation (same update as the full batch)
   c.train.z_loss = 0.0  # T5: 1e-4
+  # Distillation (objective 'distillation'): the teacher, a Hugging Face
+  # *ForMaskedLM / *ForPreTraining folder or a bert-jax train workdir. The
+  # run fills in teacher_model (its architecture) and keeps the teacher frozen.
+  c.train.teacher = ""
+  c.train.teacher_model = ml_collections.ConfigDict()
 
   c.mesh = _mesh()
 

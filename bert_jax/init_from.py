@@ -26,10 +26,9 @@ from flax import traverse_util
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import defaults
 from bert_jax import models
-from bert_jax import objectives
-from bert_jax import optim
+from bert_jax import recipe
 from bert_jax import steps
-from bert_jax.convert import from_pretrained
+from bert_jax.convert import distilbert, from_pretrained
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.defaults import ConfigError
 
@@ -104,11 +103,9 @@ def restore_workdir(workdir: str, family: str, dtype: Any, mesh, rules) -> Pretr
     raise ConfigError("init_from", f"{folder} holds a {saved.family!r} run; config.family is "
                       f"{family!r}")
   spec = models.get(saved.family)
-  objective = objectives.get(saved.train.objective or saved.data.objective)
-  model = spec.build(spec.config_from_dict(saved.model.to_dict()), objective.model_task)
+  model = recipe.build_model(saved)
   shapes = steps.init_shapes(spec.init_features)
-  tx, _ = optim.make_optimizer(saved.optim, steps.param_shapes(model, shapes),
-                               num_steps=saved.train.num_steps)
+  tx, _ = recipe.make_optimizer(saved, model, shapes)
   abstract, _ = steps.abstract_sharded_state(model, tx, shapes, mesh, rules)
   restored = checkpoint_lib.Checkpointer(folder, every_steps=1, keep=num_finished,
                                          async_save=False).restore(abstract)
@@ -193,3 +190,57 @@ def load_pretrained(params: Any, pretrained: dict, shardings: Any, family: model
   logging.info("init_from: %d pretrained tensors; fresh init for %d: %s", len(flat) - len(fresh),
                len(fresh), sorted({n.rsplit("/", 1)[0] for n in fresh}))
   return traverse_util.unflatten_dict(flat)
+
+
+# ---------------------------------------------------------------- distillation
+
+# Student fields that may differ from the teacher's: its depth, its Hugging
+# Face naming (DistilBERT) and its token types (DistilBERT has none).
+STUDENT_FIELDS = ("num_layers", "model_type", "type_vocab_size") + RUN_FIELDS
+
+
+def load_teacher(path: str, family: str, dtype: Any, mesh, rules, *, lower_case: bool
+                 ) -> Pretrained:
+  """The frozen teacher of a distillation run (`config.train.teacher`): it needs an MLM head."""
+  teacher = load(path, family, dtype, mesh, rules, lower_case=lower_case)
+  if "mlm" not in teacher.params:
+    raise ConfigError("train.teacher", f"{path} has no MLM head (give a *ForMaskedLM or "
+                      f"*ForPreTraining folder, or a bert-jax train workdir)")
+  return teacher
+
+
+def student_model_fields(fields: dict, teacher: Pretrained, path: str) -> dict:
+  """`config.model` of a student: the teacher's architecture but for STUDENT_FIELDS.
+
+  The student starts from every other teacher layer (DistilBERT), so every
+  other field must be the teacher's; `vocab_size` 0 means the teacher's.
+  """
+  out, wrong = dict(fields), []
+  for key, value in dataclasses.asdict(teacher.config).items():
+    if key in STUDENT_FIELDS:
+      continue
+    if key == "vocab_size" and fields.get(key) == 0:
+      out[key] = value
+    elif key != "dtype" and fields.get(key) != value:
+      wrong.append(f"{key}={fields.get(key)!r} here, {value!r} in the teacher")
+  if wrong:
+    raise ConfigError(f"model.{wrong[0].split('=')[0]}", f"the student starts from the teacher's "
+                      f"layers ({path}), so it must have its shape: {'; '.join(wrong)}")
+  return out
+
+
+def distillation_params(params: Any, teacher: Pretrained, shardings: Any,
+                        family: models.Family, student_layers: int) -> Any:
+  """A fresh distillation state's params: the teacher, and the student made from it.
+
+  params['teacher'] takes the teacher's encoder and MLM head; the student
+  ('encoder', 'mlm') starts as DistilBERT did (convert.distilbert.
+  student_from_teacher: the teacher's embeddings, its MLM head and every
+  other layer). A student without token types (type_vocab_size 0) leaves the
+  teacher's table out.
+  """
+  masked_lm = {"encoder": teacher.params["encoder"], "mlm": teacher.params["mlm"]}
+  _, student = distilbert.student_from_teacher(family.build(teacher.config, "mlm"), masked_lm,
+                                               student_layers)
+  return load_pretrained(params, {"teacher": masked_lm, **student}, shardings, family,
+                         student_layers)

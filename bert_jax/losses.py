@@ -189,6 +189,61 @@ def rtd_loss(rtd_logits: Array, rtd_labels: Array, weights: Array, *,
   return safe_div(loss_sum, count), metrics
 
 
+def distillation_kl(student_logits: Array, teacher_logits: Array, weights: Array, *,
+                    temperature: float, prefix: str = "kd") -> tuple[Array, Metrics]:
+  """Knowledge distillation: T^2 * KL(teacher || student) of the softened distributions.
+
+  Hinton et al. 2015 / DistilBERT: both logits are divided by T; the KL of
+  softmax(teacher / T) to softmax(student / T) is scaled by T^2 so its
+  gradient keeps the size of a T=1 loss. Per item, then a weighted mean.
+
+  Args:
+    student_logits, teacher_logits: [..., vocab], e.g. at the masked slots.
+    weights: [...], 1.0 for scored items (mlm_weights).
+    temperature: T.
+    prefix: metric key prefix.
+
+  Returns:
+    (weighted mean loss, metrics): loss_sum, count, and `correct`: items
+    where the student's argmax equals the teacher's.
+  """
+  _check_logits(student_logits, teacher_logits[..., 0], prefix)
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"{prefix}: student logits {student_logits.shape} != teacher logits "
+                     f"{teacher_logits.shape} (student and teacher need one vocabulary)")
+  w = _weights_like(student_logits[..., 0], weights)
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  per_item = jnp.sum(jnp.exp(t) * (t - s), axis=-1) * temperature ** 2
+  loss_sum = jnp.sum(w * per_item)
+  count = jnp.sum(w)
+  agree = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  return safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+                                     f"{prefix}/correct": jnp.sum(w * agree)}
+
+
+def cosine_loss(student: Array, teacher: Array, weights: Array, *,
+                prefix: str = "cos") -> tuple[Array, Metrics]:
+  """Mean of 1 - cos(student_i, teacher_i): DistilBERT's hidden-state alignment.
+
+  Args:
+    student, teacher: [..., hidden] final hidden states (same width).
+    weights: [...], 1.0 for the real tokens.
+    prefix: metric key prefix.
+  """
+  if student.shape != teacher.shape:
+    raise ValueError(f"{prefix}: student hidden states {student.shape} != teacher's "
+                     f"{teacher.shape} (the cosine loss needs one hidden size)")
+  w = _weights_like(student[..., 0], weights)
+  s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
+  # torch.nn.CosineEmbeddingLoss's epsilon keeps an all-zero vector finite.
+  norms = jnp.sqrt(jnp.sum(s * s, -1) * jnp.sum(t * t, -1) + 1e-12)
+  per_item = 1.0 - jnp.sum(s * t, -1) / norms
+  loss_sum = jnp.sum(w * per_item)
+  count = jnp.sum(w)
+  return safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count}
+
+
 def classification_loss(logits: Array, labels: Array, weights: Array | None = None, *,
                         prefix: str = "cls") -> tuple[Array, Metrics]:
   """Sequence classification: softmax CE, or MSE regression if num_labels == 1.

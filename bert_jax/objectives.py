@@ -92,12 +92,16 @@ class Objective:
       feed it; empty for fine-tuning objectives (the task adapters feed them).
     masking: the `config.data.masking` schemes it needs (empty: any), e.g.
       'span' for SpanBERT's boundary positions.
+    teacher: its model holds a frozen teacher under params['teacher']
+      (distillation): the run loads it from `config.train.teacher` and the
+      optimizer keeps it frozen, with no state.
   """
   name: str
   model_task: str
   terms: tuple[Term, ...]
   data: tuple[str, ...] = ()
   masking: tuple[str, ...] = ()
+  teacher: bool = False
 
   @property
   def features(self) -> tuple[str, ...]:
@@ -253,6 +257,21 @@ def _real_token_count(batch):
   return jnp.sum(real_tokens(batch))
 
 
+# DistilBERT's softmax temperature (Sanh et al. 2019; the reference distiller's default).
+DISTILLATION_TEMPERATURE = 2.0
+
+
+def _kd_metrics(outputs, batch, *, prefix):
+  return losses.distillation_kl(outputs["mlm_logits"], outputs["teacher_mlm_logits"],
+                                batch["mlm_weights"], temperature=DISTILLATION_TEMPERATURE,
+                                prefix=prefix)[1]
+
+
+def _cos_metrics(outputs, batch, *, prefix):
+  return losses.cosine_loss(outputs["hidden"], outputs["teacher_hidden"], real_tokens(batch),
+                            prefix=prefix)[1]
+
+
 def _sum_of(key: str, offset: float = 0.0):
   return lambda batch: jnp.sum(batch[key].astype(jnp.float32)) + offset
 
@@ -300,6 +319,16 @@ register(dataclasses.replace(combine("mlm_sbo", "mlm_sbo", (MLM, 1.0), (SBO, 1.0
 # ELECTRA: the generator's MLM (logged as mlm/*) + 50 x replaced-token
 # detection (rtd/*), the reference's gen_weight 1.0 and disc_weight 50.0.
 register(combine("electra", "electra", (MLM, 1.0), (RTD, 50.0), data=("mlm",)))
+# DistilBERT: 5 x T^2 KL(teacher || student) at the masked slots + 2 x the
+# student's MLM + 1 x the hidden-state cosine loss over the real tokens (the
+# reference's alpha_ce, alpha_mlm, alpha_cos), logged as kd/*, mlm/*, cos/*.
+KD = Term("kd", _kd_metrics, _sum_of("mlm_weights"), outputs=("mlm_logits", "teacher_mlm_logits"),
+          features=("mlm_weights",))
+COS = Term("cos", _cos_metrics, _real_token_count, outputs=("hidden", "teacher_hidden"),
+           features=("encoder_input_tokens", "encoder_segment_ids"))
+register(dataclasses.replace(
+    combine("distillation", "distillation", (KD, 5.0), (MLM, 2.0), (COS, 1.0), data=("mlm",)),
+    teacher=True))
 register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
 # Fine-tuning (tasks/adapters.py names them).
 register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))

@@ -22,6 +22,7 @@ trained SentencePiece model when `data.tokenizer` is empty.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Iterable, Mapping
@@ -40,6 +41,7 @@ from bert_jax import metrics as metrics_lib
 from bert_jax import models
 from bert_jax import objectives
 from bert_jax import optim
+from bert_jax import recipe
 from bert_jax import sharding
 from bert_jax import steps
 from bert_jax.data import pipeline
@@ -49,18 +51,6 @@ from bert_jax.defaults import ConfigError
 
 # Model vocabularies are padded to a multiple of this (TPU-friendly shapes).
 _VOCAB_MULTIPLE = 128
-
-
-def objective_of(config: ml_collections.ConfigDict) -> objectives.Objective:
-  """The run's objective: `train.objective`, or the one named like `data.objective`."""
-  return objectives.get(config.train.objective or config.data.objective)
-
-
-def build_model(config: ml_collections.ConfigDict):
-  """The flax model `config.family` builds for the objective's task (`config.model` fields)."""
-  family = models.get(config.family)
-  return family.build(family.config_from_dict(config.model.to_dict()),
-                      objective_of(config).model_task)
 
 
 # ------------------------------------------------------------------ checks
@@ -91,6 +81,13 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   if objective.model_task not in family.tasks:
     raise ConfigError(key, f"{name!r} trains a {objective.model_task!r} model, which the "
                       f"{config.family!r} family does not build (it builds {list(family.tasks)})")
+  if config.train.teacher and config.init_from:
+    raise ConfigError("init_from", f"{config.init_from!r}: a distillation student starts from "
+                      f"its teacher's layers (train.teacher); leave init_from empty")
+  if objective.teacher != bool(config.train.teacher):
+    raise ConfigError("train.teacher", f"the {name!r} objective distils a teacher: name its "
+                      f"checkpoint" if objective.teacher else f"{config.train.teacher!r}: the "
+                      f"{name!r} objective has no teacher (use train.objective='distillation')")
   for key in ("train.num_steps", "train.batch_size", "train.num_microbatches",
               "log.every_steps"):
     section, field = key.split(".")
@@ -110,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     raise ConfigError("eval.batch_size", f"{config.eval.batch_size} is not divisible by the "
                       f"data-parallel size {data_parallel}")
   try:
-    build_model(config)
+    recipe.build_model(config)
   except (TypeError, ValueError) as e:
     raise ValueError(f"config.model: {e}") from None
   try:
@@ -244,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = ml_collections.ConfigDict(config.to_dict())  # ours to fill in, unlocked
   mesh_shape = validate(config)
   is_main = jax.process_index() == 0
-  family, objective = models.get(config.family), objective_of(config)
+  family, objective = models.get(config.family), recipe.objective_of(config)
 
   # ---- workdir: fails here, before any compile, when it cannot be written.
   ckpt = checkpoint_lib.Checkpointer(
@@ -264,6 +261,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not config.data.tokenizer:
       config.data.tokenizer, config.data.lower_case = pretrained.tokenizer, pretrained.lower_case
 
+  # ---- distillation: the teacher's architecture and tokenizer (its weights,
+  # and the student's starting layers, go into the fresh state below).
+  teacher = None
+  if config.train.teacher:
+    teacher = init_from.load_teacher(config.train.teacher, config.family, config.model.dtype,
+                                     mesh, rules, lower_case=config.data.lower_case)
+    config.model = ml_collections.ConfigDict(init_from.student_model_fields(
+        config.model.to_dict(), teacher, config.train.teacher))
+    fields = dataclasses.asdict(teacher.config)
+    config.train.teacher_model = ml_collections.ConfigDict(
+        dict(fields, dtype=config.model.dtype))
+    if not config.data.tokenizer:
+      config.data.tokenizer, config.data.lower_case = teacher.tokenizer, teacher.lower_case
+
   # ---- tokenizer and model: the model's vocabulary covers the tokenizer's.
   config.data.tokenizer = tokenizer_path(config, workdir)
   vocab = tokenizer_lib.load_tokenizer(config.data.tokenizer,
@@ -273,14 +284,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif config.model.vocab_size < vocab:
     raise ConfigError("model.vocab_size", f"{config.model.vocab_size} < the tokenizer's "
                       f"{vocab} ids ({config.data.tokenizer})")
-  model = build_model(config)
+  model = recipe.build_model(config)
 
   # ---- optimizer, state shapes and shardings (nothing computed yet).
   batch_sharding = sharding.batch_sharding(mesh)
   init_shapes = steps.init_shapes(family.init_features)
   num_steps = config.train.num_steps
-  tx, schedule = optim.make_optimizer(config.optim, steps.param_shapes(model, init_shapes),
-                                      num_steps=num_steps)
+  tx, schedule = recipe.make_optimizer(config, model, init_shapes)
   abstract, state_shardings = steps.abstract_sharded_state(model, tx, init_shapes, mesh, rules)
   per_device = config.train.batch_size // (mesh_shape[0] * mesh_shape[1])
   if is_main:
@@ -298,6 +308,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if pretrained is not None:  # a fresh optimizer and data position, the checkpoint's weights
       state = state.replace(params=init_from.load_pretrained(
           state.params, pretrained.params, state_shardings.params, family,
+          family.num_layers(model.config)))
+    if teacher is not None:  # the teacher, and the student from every other teacher layer
+      state = state.replace(params=init_from.distillation_params(
+          state.params, teacher, state_shardings.params, family,
           family.num_layers(model.config)))
   # Lines a killed run logged after its last checkpoint (all of them, when it
   # saved none) are dropped: the resumed run logs those steps again.

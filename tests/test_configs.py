@@ -11,10 +11,10 @@ from bert_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> variants (None = the file's default).
 CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert",
-                          "electra"],
+                          "electra", "distil"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
            "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
-           "electra": [None, "base"]}
+           "electra": [None, "base"], "distilbert": [None]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
 FINETUNE = {"glue", "conll", "squad", "text2text"}
 # The keys scripts and users rely on in every training config (issue "Training").
@@ -46,6 +46,8 @@ def test_config_validates_and_documents_its_launch(name, variant):
       section = section[part]
   # Model, objective, mesh and batch agree on the 8 test devices.
   config.model.vocab_size = config.model.vocab_size or 1024
+  if config.train.objective == "distillation" and not config.train.teacher:
+    config.train.teacher = "/path/to/teacher"  # the launch command names it
   train.validate(config)
   assert f"bert-jax train --config=configs/{name}.py" in module.__doc__
   assert "Expected" in module.__doc__

@@ -3,12 +3,6 @@
 The Hugging Face import/export of both models is in test_convert_electra.py.
 """
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -244,97 +238,6 @@ def test_electra_trains_through_the_trainer_and_finetunes_from_the_discriminator
   assert isinstance(run.model, bert.BertForSequenceClassification)
   assert set(run.pretrained) == {"encoder"}
   assert run.pretrained["encoder"]["layer_0"]["mlp"]["wi"]["kernel"].shape == (128, 512)
-
-
-# ---------------------------------------------------------------- CLI runs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_OVERRIDES = (
-    "--config.data.seq_length=32", "--config.data.max_predictions=5",
-    "--config.data.vocab_size=600", "--config.train.batch_size=8",
-    "--config.checkpoint.every_steps=4", "--config.log.every_steps=1",
-    "--config.log.progress=False", "--config.eval.source=", "--config.optim.schedule=constant",
-    "--config.optim.warmup_steps=2", "--config.model.num_layers=1",
-    "--config.model.max_position_embeddings=32", "--config.checkpoint.async_save=False",
-    # A 256-wide discriminator: steps slow enough (~0.1 s) to kill one mid-run.
-    "--config.model.hidden_size=256", "--config.model.num_heads=4",
-    "--config.model.intermediate_size=1024",
-)
-
-
-def _env(devices):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
-
-
-def _command(workdir, tokenizer, steps, *extra):
-  return [sys.executable, "-m", "bert_jax.main", "train", "--config=configs/quickstart.py:electra",
-          f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer}",
-          f"--config.train.num_steps={steps}", *_OVERRIDES, *extra]
-
-
-def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      r = json.loads(line)
-      if "loss" in r:
-        out[r["step"]] = (r["loss"], r["train/rtd/loss"], r["train/mlm/loss"])
-  return out
-
-
-@pytest.mark.slow
-def test_electra_resumes_exactly_after_sigkill_and_two_processes_equal_one(tmp_path):
-  """One state holds both models: a SIGKILLed run resumes onto the uninterrupted
-  losses, and 2 processes x 4 devices (gloo) follow 1 x 8."""
-  from bert_jax.data import sources
-  from bert_jax.data import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.train_sentencepiece(sources.iter_paragraphs("builtin:pydoc_topics"),
-                                          str(tmp_path / "spm"), 600, extra_ids=0,
-                                          bert_special_tokens=True).path
-  full = str(tmp_path / "full")
-  proc = subprocess.run(_command(full, tok, 16), cwd=ROOT, env=_env(8), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  uninterrupted = _losses(full)
-  assert sorted(uninterrupted) == list(range(1, 17))
-
-  killed = str(tmp_path / "killed")
-  with open(tmp_path / "err.txt", "w", encoding="utf-8") as err:
-    p = subprocess.Popen(_command(killed, tok, 16), cwd=ROOT, env=_env(8), stderr=err)
-    try:
-      while p.poll() is None:
-        if os.path.exists(os.path.join(killed, "metrics.jsonl")) and 9 in _losses(killed):
-          p.send_signal(signal.SIGKILL)
-          break
-        time.sleep(0.01)
-      p.wait(timeout=600)
-    finally:
-      p.kill()
-  assert p.returncode == -signal.SIGKILL
-  assert 9 <= max(_losses(killed)) < 16
-  proc = subprocess.run(_command(killed, tok, 16), cwd=ROOT, env=_env(8), capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  resumed = _losses(killed)
-  for step in range(9, 17):  # from checkpoint 8 (or 12) on
-    assert resumed[step] == uninterrupted[step], step
-
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  two = str(tmp_path / "two")
-  procs = [subprocess.Popen(
-      _command(two, tok, 4, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-               f"--process_id={i}"), cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [q.communicate(timeout=600) for q in procs]
-  for q, (_, err) in zip(procs, outputs):
-    assert q.returncode == 0, err[-4000:]
-  both = _losses(two)
-  for step in range(1, 5):
-    np.testing.assert_allclose(both[step], uninterrupted[step], rtol=1e-5, err_msg=str(step))
 
 
 def _sharded_step(batch, preset, mesh_shape):

@@ -288,13 +288,13 @@ def test_bad_input_names_the_cause(shared_data, tmp_path):
 
 def test_init_from_a_pretraining_workdir(shared_data, tmp_path):
   """A `bert-jax train` checkpoint (state + config) gives the encoder and the tokenizer."""
-  from bert_jax import checkpoint, optim, sharding, steps, train
+  from bert_jax import checkpoint, optim, recipe, sharding, steps
   vocab = _vocab(tmp_path / "vocab.txt", ["hide new secretions from the parental units"])
   pretrain = defaults.train_config()
   pretrain.data.objective = "mlm_nsp"
   pretrain.data.tokenizer = str(vocab)
   pretrain.model.update(_tiny_model_fields(len(vocab.read_text().split())))
-  model = train.build_model(pretrain)
+  model = recipe.build_model(pretrain)
   shapes = {"encoder_input_tokens": jax.ShapeDtypeStruct((1, 1), np.int32)}
   tx, _ = optim.make_optimizer(pretrain.optim, steps.param_shapes(model, shapes),
                                num_steps=pretrain.train.num_steps)

@@ -1,4 +1,4 @@
-"""BERT, RoBERTa, ALBERT, ELECTRA: Hugging Face and original TF checkpoints <-> bert_jax params.
+"""BERT, RoBERTa, ALBERT, ELECTRA, DistilBERT: Hugging Face and original TF checkpoints <-> bert_jax params.
 
 One table per naming scheme says, for every bert_jax parameter, which tensor
 of the checkpoint holds it, how many of its leading dimensions are inputs (to
@@ -6,7 +6,8 @@ flatten a multi-head [embed, heads, kv] kernel into a 2-D matrix) and whether
 the source stores it transposed (PyTorch Linear: [out, in]; TF kernels are
 [in, out] as ours). Import and export walk the same table, so a name cannot be
 mapped one way and forgotten the other. ALBERT's names live in albert.py,
-ELECTRA's (and its joint generator + discriminator) in electra.py.
+ELECTRA's (and its joint generator + discriminator) in electra.py,
+DistilBERT's (and its config.json field names) in distilbert.py.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert import albert
+from bert_jax.convert import distilbert
 from bert_jax.convert import electra
 from bert_jax.convert.hf import CheckpointError, StateDict
 from bert_jax.models import bert, layers
 from bert_jax.models import electra as electra_model
 
-MODEL_TYPES = ("bert", "roberta", "albert", "electra")
+MODEL_TYPES = ("bert", "roberta", "albert", "electra", "distilbert")
 
 # Hugging Face architecture -> (model_type, task).
 ARCHITECTURES = {
@@ -48,9 +50,10 @@ ARCHITECTURES = {
     "AlbertForTokenClassification": ("albert", "token_classification"),
     "AlbertForQuestionAnswering": ("albert", "question_answering"),
     **electra.ARCHITECTURES,
+    **distilbert.ARCHITECTURES,
 }
 # model_type -> the module naming what it names differently from BERT.
-_NAMED_APART = {"albert": albert, "electra": electra}
+_NAMED_APART = {"albert": albert, "electra": electra, "distilbert": distilbert}
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "gelu_new": "gelu_new", "relu": "relu",
@@ -110,8 +113,8 @@ class _TFNames:
 
 def _encoder_entries(cfg: bert.BertConfig, n, base: str, add_pooler: bool) -> Iterator[Entry]:
   """The encoder's parameters; `base` is the checkpoint prefix ('bert', 'roberta', ... or '')."""
-  if cfg.model_type == "albert":
-    yield from albert.encoder_entries(cfg, n, base, add_pooler)
+  if cfg.model_type in ("albert", "distilbert"):
+    yield from _NAMED_APART[cfg.model_type].encoder_entries(cfg, n, base, add_pooler)
     return
   j = lambda *parts: n.sep.join(p for p in parts if p)
   enc = ("encoder",)
@@ -258,6 +261,8 @@ def _warn_unused(state: StateDict):
 # ---------------------------------------------------------------------------
 def _config_from_hf(hf: dict, source: str, dtype) -> bert.BertConfig:
   model_type = hf.get("model_type")
+  if model_type == "distilbert":  # its own field names (dim, n_layers, ...)
+    hf = distilbert.as_bert_config_json(hf, source)
   for key, ok in (("position_embedding_type", "absolute"), ("is_decoder", False),
                   ("add_cross_attention", False)):
     if hf.get(key, ok) != ok:
@@ -304,7 +309,7 @@ def _num_labels(hf: dict) -> int:
 
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32):
-  """A Hugging Face BERT/RoBERTa/ALBERT/ELECTRA checkpoint as `(model, params)`.
+  """A Hugging Face BERT/RoBERTa/ALBERT/ELECTRA/DistilBERT checkpoint as `(model, params)`.
 
   Args:
     hf_config: the parsed config.json.
@@ -371,7 +376,8 @@ def export_hf_folders(model, params) -> dict[str, tuple[dict, dict[str, np.ndarr
 
 
 def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
-  """`(config.json dict, tensors)` that transformers' Bert*/Roberta*/Albert*/Electra* loads.
+  """`(config.json dict, tensors)` that transformers' Bert*/Roberta*/Albert*/Electra*/DistilBert*
+  loads.
 
   The tied MLM decoder is not written (transformers ties it on load). A bare
   encoder built without a pooler exports hidden states faithfully, but
@@ -383,8 +389,8 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   if task == "electra":
     raise CheckpointError("the joint ELECTRA model is two Hugging Face models: save_pretrained "
                           "writes PATH/discriminator and PATH/generator (see convert.electra)")
-  prefix = {"roberta": "Roberta", "albert": "Albert", "electra": "Electra"}.get(cfg.model_type,
-                                                                                "Bert")
+  prefix = {"roberta": "Roberta", "albert": "Albert", "electra": "Electra",
+            "distilbert": "DistilBert"}.get(cfg.model_type, "Bert")
   named_apart = _NAMED_APART.get(cfg.model_type)
   extra = named_apart.hf_config_fields(cfg) if named_apart else {}
   if not named_apart and (cfg.embedding_size or cfg.share_layers != "none"):
@@ -401,8 +407,8 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
     raise CheckpointError(f"no Hugging Face {prefix} architecture for task {task!r}")
   base = cfg.model_type if task != "encoder" else ""
   pooler = _uses_pooler(model)
-  if pooler and cfg.model_type == "electra":
-    logging.warning("Hugging Face ElectraModel has no pooler: encoder/pooler is not exported")
+  if pooler and cfg.model_type in ("electra", "distilbert"):
+    logging.warning("Hugging Face %sModel has no pooler: encoder/pooler is not exported", prefix)
     pooler = False
   entries = list(_encoder_entries(cfg, _HFNames(), base, pooler))
   entries += list(_hf_head_entries(cfg.model_type, task))
@@ -429,6 +435,8 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   if cfg.model_type == "roberta":
     hf.update(bos_token_id=0, eos_token_id=2)
   hf.update(extra)
+  if cfg.model_type == "distilbert":  # its own field names (dim, n_layers, ...)
+    hf = distilbert.as_hf_config_json(hf)
   if task in ("sequence_classification", "token_classification"):
     hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
     hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}

@@ -1,4 +1,4 @@
-"""BERT-family encoders (BERT, RoBERTa, ALBERT) and their task heads, in Flax Linen.
+"""BERT-family encoders (BERT, RoBERTa, ALBERT, ELECTRA, DistilBERT) and heads, in Flax Linen.
 
 Every module here takes the same inputs, named by the batch contract:
 
@@ -87,7 +87,8 @@ class BertEmbeddings(nn.Module):
     embed = lambda n, axes: layers.Embed(n, cfg.embed_dim, axes=axes)
     self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"))
     self.position_embeddings = embed(cfg.max_position_embeddings, ("position", "embed"))
-    self.token_type_embeddings = embed(cfg.type_vocab_size, ("type", "embed"))
+    if cfg.type_vocab_size:  # 0: no table (DistilBERT); type ids are then ignored
+      self.token_type_embeddings = embed(cfg.type_vocab_size, ("type", "embed"))
     self.layer_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype)
     self.dropout = nn.Dropout(cfg.dropout_rate)
     if cfg.embedding_size:
@@ -103,8 +104,9 @@ class BertEmbeddings(nn.Module):
     """
     src = self if tables is None else tables
     # Summed in float32: the tables are float32 and the LayerNorm follows.
-    x = (src.word_embeddings(tokens) + src.position_embeddings(position_rows)
-         + src.token_type_embeddings(type_ids))
+    x = src.word_embeddings(tokens) + src.position_embeddings(position_rows)
+    if self.config.type_vocab_size:
+      x = x + src.token_type_embeddings(type_ids)
     x = self.dropout(src.layer_norm(x), deterministic=deterministic)
     if self.config.embedding_size:
       x = self.projection(x)  # [batch, length, embedding_size] -> [batch, length, hidden]
@@ -134,7 +136,8 @@ class BertLayer(nn.Module):
           num_heads=cfg.num_heads, head_dim=cfg.head_dim,
           dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, name="attention")(
               x, x, mask=mask, deterministic=deterministic)
-      h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+      if cfg.model_type != "distilbert":  # DistilBERT adds its attention output undropped
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
       x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="attention_norm")(x + h)
     if part in ("all", "ffn"):
       # BERT drops out only the MLP output, not its hidden layer (Mlp's own dropout).
@@ -402,9 +405,10 @@ class BertForMaskedLMWithSbo(_EncoderModel):
 class BertForSequenceClassification(_EncoderModel):
   """Sentence (pair) classification; num_labels=1 gives one regression output.
 
-  BERT and ALBERT classify the pooled [CLS] vector; RoBERTa and ELECTRA have
-  no pooler and use their own dense + tanh (ELECTRA: GELU, as Hugging Face)
-  over the first token instead.
+  BERT and ALBERT classify the pooled [CLS] vector; RoBERTa, ELECTRA and
+  DistilBERT have no pooler and use their own dense + tanh (ELECTRA: GELU;
+  DistilBERT: ReLU, its `pre_classifier`, as Hugging Face) over the first
+  token instead.
   """
   num_labels: int = 2
 
@@ -419,8 +423,11 @@ class BertForSequenceClassification(_EncoderModel):
                                   encoder_segment_ids, encoder_positions, encoder_mask,
                                   enable_dropout)
     if not cfg.has_pooler:
-      act = layers.get_activation("gelu") if cfg.model_type == "electra" else jnp.tanh
-      x = self._dropout(hidden[:, 0], enable_dropout)
+      act = {"electra": layers.get_activation("gelu"),
+             "distilbert": jax.nn.relu}.get(cfg.model_type, jnp.tanh)
+      x = hidden[:, 0]
+      if cfg.model_type != "distilbert":  # DistilBERT's pre_classifier reads it undropped
+        x = self._dropout(x, enable_dropout)
       pooled = act(_square_dense(cfg.hidden_size, cfg.dtype, "classifier_dense")(x))
     x = self._dropout(pooled, enable_dropout)  # [batch, embed]
     return {"logits": _classifier(self.num_labels, cfg.dtype, "classifier")(x)}
@@ -455,6 +462,8 @@ class BertForQuestionAnswering(_EncoderModel):
     hidden, _ = self._encode(encoder, encoder_input_tokens, encoder_type_ids,
                              encoder_segment_ids, encoder_positions, encoder_mask,
                              enable_dropout)
+    if self.config.model_type == "distilbert":  # its qa_dropout, at our dropout_rate
+      hidden = self._dropout(hidden, enable_dropout)
     logits = _classifier(2, self.config.dtype, "qa_outputs")(hidden)  # [batch, length, 2]
     return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 
@@ -516,9 +525,11 @@ TASKS = {
     "question_answering": BertForQuestionAnswering,
     "rtd": BertForReplacedTokenDetection,
 }
-# Plus ELECTRA's generator + discriminator, in models/electra.py (it builds
-# on this module, so `task_class` imports it on first use).
-TASK_NAMES = (*TASKS, "electra")
+# Plus the two-model pretraining tasks, which build on this module (so
+# `task_class` imports them on first use): ELECTRA's generator +
+# discriminator (models/electra.py) and distillation's student + frozen
+# teacher (models/distillation.py).
+TASK_NAMES = (*TASKS, "electra", "distillation")
 
 
 def task_class(task: str) -> type[nn.Module]:
@@ -526,6 +537,9 @@ def task_class(task: str) -> type[nn.Module]:
   if task == "electra":
     from bert_jax.models import electra  # pylint: disable=import-outside-toplevel
     return electra.ElectraForPreTraining
+  if task == "distillation":
+    from bert_jax.models import distillation  # pylint: disable=import-outside-toplevel
+    return distillation.DistillationModel
   if task not in TASKS:
     raise ValueError(f"unknown BERT task {task!r}; choose one of {list(TASK_NAMES)}")
   return TASKS[task]

@@ -53,7 +53,7 @@ BERT_PRESET_SIZES = {
 }
 # gelu_new is Hugging Face's name for gelu_tanh (ALBERT's configs use it).
 _BERT_ACTIVATIONS = ("gelu", "gelu_tanh", "gelu_new", "relu", "silu")
-BERT_MODEL_TYPES = ("bert", "roberta", "albert", "electra")
+BERT_MODEL_TYPES = ("bert", "roberta", "albert", "electra", "distilbert")
 # Cross-layer parameter sharing (ALBERT): which sub-blocks every layer takes from layer 0.
 SHARE_LAYERS = ("none", "all", "attention", "ffn")
 
@@ -68,6 +68,7 @@ class BertConfig:
       'gelu_new' is the same function under Hugging Face's name, as ALBERT).
     max_position_embeddings: rows of the position table.
     type_vocab_size: rows of the token-type (segment A/B) table; RoBERTa has 1.
+      0: no table (DistilBERT); encoder_type_ids are then accepted and ignored.
     layer_norm_eps: LayerNorm epsilon.
     dropout_rate: dropout on embeddings and on each sub-layer's output.
     attention_dropout_rate: dropout on the attention probabilities.
@@ -77,10 +78,13 @@ class BertConfig:
       an offset > 0 and no `encoder_positions`, positions count only the
       non-padding tokens and padding tokens read row pad_token_id (as
       Hugging Face RoBERTa does).
-    model_type: 'bert', 'roberta', 'albert' or 'electra': the Hugging Face
-      naming used on export, and the sequence classifier: RoBERTa's and
-      ELECTRA's have no pooler but a dense + tanh (ELECTRA: GELU) over the
-      first token; ELECTRA's MLM head uses exact GELU whatever hidden_act.
+    model_type: 'bert', 'roberta', 'albert', 'electra' or 'distilbert': the
+      Hugging Face naming used on export, and the sequence classifier:
+      RoBERTa's, ELECTRA's and DistilBERT's have no pooler but a dense + tanh
+      (ELECTRA: GELU; DistilBERT: ReLU) over the first token; ELECTRA's MLM
+      head uses exact GELU whatever hidden_act. DistilBERT (type_vocab_size
+      0) also drops out neither the attention output nor the first token
+      before its classifier dense, and drops out the hidden states before QA.
     embedding_size: ALBERT's factorised embeddings: the token, position and
       type tables (and their LayerNorm) are this wide, projected up to
       hidden_size before the first layer, and the MLM head maps back down to
@@ -137,6 +141,9 @@ class BertConfig:
     if not 0 < self.generator_size <= 1:
       raise ValueError(f"BertConfig: generator_size must be in (0, 1] (a fraction of "
                        f"hidden_size), got {self.generator_size}")
+    if self.type_vocab_size < 0:
+      raise ValueError(f"BertConfig: type_vocab_size must be >= 0 (0: no token-type table), "
+                       f"got {self.type_vocab_size}")
     if self.embedding_size < 0:
       raise ValueError(f"BertConfig: embedding_size must be >= 0 (0: hidden_size, no "
                        f"factorisation), got {self.embedding_size}")
@@ -147,7 +154,8 @@ class BertConfig:
 
   @property
   def has_pooler(self) -> bool:
-    """BERT and ALBERT classify the pooled first token; RoBERTa and ELECTRA have no pooler."""
+    """BERT and ALBERT classify the pooled first token; RoBERTa, ELECTRA and DistilBERT
+    have no pooler."""
     return self.model_type in ("bert", "albert")
 
   @property
