@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bert_jax
 from bert_jax import defaults
 from bert_jax import init_from
 from bert_jax import losses
@@ -192,7 +193,6 @@ def test_distillation_run_keeps_the_teacher_frozen_and_finetunes_from_the_studen
       init_from.pretraining_config(str(tmp_path / "student"))[2].model.to_dict())
   student = bert.build(student_cfg, "mlm")
   student_params = {"encoder": saved.params["encoder"], "mlm": saved.params["mlm"]}
-  import bert_jax  # pylint: disable=import-outside-toplevel
   bert_jax.save_pretrained(student, jax.device_get(student_params), tmp_path / "hf")
   hf = transformers.DistilBertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
   ids = np.array([[2, 17, 40, 9, 3, 0]], np.int64)
@@ -264,3 +264,31 @@ def test_config_errors_name_the_field(teacher_dir, tmp_path):
                                        r"teacher"):
     train.train_and_evaluate(wide, str(tmp_path / "wide"))
   assert not os.path.exists(tmp_path / "wide" / "checkpoints" / "1")
+
+
+def test_a_hugging_face_teacher_folder(teacher_dir, tmp_path):
+  """A transformers BertForMaskedLM folder teaches; a folder without an MLM head is refused."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from conftest import random_hf_folder  # pylint: disable=import-outside-toplevel
+  saved = init_from.pretraining_config(str(teacher_dir))[2]
+  shape = dict(vocab_size=saved.model.vocab_size, hidden_size=128, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=512, max_position_embeddings=32)
+  torch.manual_seed(0)
+  _, folder = random_hf_folder(transformers.BertForMaskedLM(transformers.BertConfig(**shape)),
+                               tmp_path / "hf_teacher")
+  config = _distil_config(folder, num_steps=2)
+  config.data.tokenizer = init_from.pretraining_tokenizer(str(teacher_dir))[0]
+  train.train_and_evaluate(config, str(tmp_path / "student"))
+  student = init_from.restore_workdir(str(tmp_path / "student"), "bert", "float32",
+                                      *_mesh_and_rules())
+  _, theirs = bert_jax.from_pretrained(folder)
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(student.params["teacher"]["encoder"]["layer_1"]),
+               jax.device_get(theirs["encoder"]["layer_1"]))
+
+  _, bare = random_hf_folder(transformers.BertModel(transformers.BertConfig(**shape)),
+                             tmp_path / "hf_bare")
+  with pytest.raises(ValueError, match=r"config.train.teacher: .*hf_bare has no MLM head"):
+    train.train_and_evaluate(_distil_config(bare, num_steps=2), str(tmp_path / "bare"))
+
