@@ -59,6 +59,19 @@ def _close(ours, theirs, where=None):
   assert diff <= ATOL, diff
 
 
+def _round_trip(cls, folder, out):
+  """Imports `folder`, exports it to `out` and loads that with transformers' `cls`.
+
+  Returns (the exported config.json, the reloaded model in eval mode); the
+  reload must find every tensor it expects and no other.
+  """
+  model, params = bert_jax.from_pretrained(folder)
+  out = bert_jax.save_pretrained(model, params, out)
+  reloaded, info = cls.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  return json.loads((out / "config.json").read_text()), reloaded.eval()
+
+
 def _random_hf(cls, tmp_path, seed=0, **config):
   cfg_cls = transformers.RobertaConfig if cls.__name__.startswith("Roberta") else \
       transformers.BertConfig
