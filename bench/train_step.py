@@ -17,6 +17,10 @@ Shapes (issue "Training speed"):
 
   python bench/train_step.py                       # all shapes (~15 min on 2 cores)
   python bench/train_step.py --shapes=minilm --rounds=3
+  python bench/train_step.py --prng_impls=threefry2x32,rbg,unsafe_rbg
+
+Each bert_jax row is timed once per dropout PRNG of --prng_impls
+(train.prng_impl); the first is the plain "bert_jax" row.
 """
 import argparse
 import os
@@ -101,7 +105,8 @@ def _t5_batch(rng, batch, inputs, targets):
           "decoder_loss_weights": np.ones((batch, targets), np.float32)}
 
 
-def ours(family: str, config, task: str, objective: str, batch: dict):
+def ours(family: str, config, task: str, objective: str, batch: dict,
+         prng_impl: str = "threefry2x32"):
   """A function running one bert_jax train step on `batch` (already on device)."""
   spec = models.get(family)
   model = spec.build(config, task)
@@ -113,7 +118,7 @@ def ours(family: str, config, task: str, objective: str, batch: dict):
   state, shardings = steps.create_sharded_state(model, tx, shapes, mesh, rules, 0)
   batch_sharding = sharding.batch_sharding(mesh)
   step = steps.make_train_step(model, tx, objective, shardings, batch_sharding, rules=rules,
-                               schedule=schedule)
+                               schedule=schedule, prng_impl=prng_impl)
   on_device = {k: jax.device_put(v, batch_sharding) for k, v in batch.items()}
   box = {"state": state}
 
@@ -189,15 +194,22 @@ def timed_rounds(runs: dict, warmup: int, steps_per_round: int, rounds: int) -> 
   return best
 
 
-def cases(shape: str, rng):
-  """(rows, tokens per step, {name: (run, model FLOPs per step)}) of one shape."""
+def _ours_name(impl: str, impls: list[str], form: str = "") -> str:
+  """'bert_jax' (the first PRNG) or 'bert_jax rbg', then ', form' if any."""
+  name = "bert_jax" if impl == impls[0] else f"bert_jax {impl}"
+  return f"{name}, {form}" if form else name
+
+
+def cases(shape: str, rng, impls: list[str]):
+  """(tokens per step, {name: (run, model FLOPs per step)}) of one shape."""
   if shape == "t5":
     config = models.get("t5").preset("t5_v1_1_small", vocab_size=T5_VOCAB, dropout_rate=0.1)
     batch = _t5_batch(rng, 4, 512, 114)
     per_step = 4 * flops.t5_train_flops(config, 512, 114)
-    return (4 * 512, {"bert_jax": (ours("t5", config, "seq2seq", "span_corruption", batch),
-                                   per_step),
-                      "HF PyTorch": (hf_t5(config, batch), per_step)})
+    out = {_ours_name(impl, impls): (ours("t5", config, "seq2seq", "span_corruption", batch,
+                                          impl), per_step) for impl in impls}
+    out["HF PyTorch"] = (hf_t5(config, batch), per_step)
+    return 4 * 512, out
   preset, size, overrides = {
       "minilm": ("small", 32, dict(num_layers=6, hidden_size=384, num_heads=12,
                                    intermediate_size=1536)),
@@ -209,7 +221,9 @@ def cases(shape: str, rng):
     form = "gathered" if gathered else "every position"
     per_step = size * flops.bert_train_flops(config, 128, PREDICTIONS if gathered else None,
                                              nsp=False)
-    out[f"bert_jax, {form}"] = (ours("bert", config, "mlm", "mlm", batch), per_step)
+    for impl in impls:
+      out[_ours_name(impl, impls, form)] = (ours("bert", config, "mlm", "mlm", batch, impl),
+                                            per_step)
     # Hugging Face runs its vocabulary head at every position either way.
     out[f"HF PyTorch, {form}"] = (hf_bert(config, batch),
                                   size * flops.bert_train_flops(config, 128, None, nsp=False))
@@ -224,24 +238,30 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--prng_impls", default="threefry2x32,rbg",
+                      help="dropout PRNGs of the bert_jax rows (steps.PRNG_IMPLS)")
   args = parser.parse_args()
+  impls = args.prng_impls.split(",")
+  for impl in impls:
+    steps.resolve_prng_impl(impl, jax.default_backend())  # a bad name stops here
   torch.set_num_threads(args.threads)
   print(machine())
   peak = matmul_rate()
   print(f"fp32 matmul [4096,384]x[384,1536], jitted: {peak / 1e9:.1f} GFLOP/s")
   rng = np.random.default_rng(0)
   for shape in args.shapes.split(","):
-    tokens, runs = cases(shape, rng)
+    tokens, runs = cases(shape, rng, impls)
     best = timed_rounds({k: v[0] for k, v in runs.items()}, args.warmup, args.steps,
                         args.rounds)
     print(f"\n{shape}: {tokens} tokens per step, best of {args.rounds} rounds x "
           f"{args.steps} steps")
     for name, seconds in best.items():
-      reference = name.replace("bert_jax", "HF PyTorch")
+      form = name[name.index(","):] if "," in name else ""
+      reference = "HF PyTorch" + form
       ratio = (f"  {best[reference] / seconds:.2f}x HF PyTorch"
                if name.startswith("bert_jax") else "")
       rate = runs[name][1] / seconds
-      print(f"  {name:28s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
+      print(f"  {name:30s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
             f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of the matmul rate{ratio}")
 
 

@@ -37,7 +37,9 @@ DEFAULT_NO_DECAY = (r"bias|scale$|(?i:norm)",)
 _OPTIM_COMMON = dict(
     learning_rate=1e-4, schedule="linear", warmup_steps=10_000,
     num_steps=0,  # 0: make_optimizer(num_steps=...) gives it (the run's total).
-    end_factor=0.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0,
+    end_factor=0.0,
+    decay_steps=0, decay_shape="sqrt",  # the cool-down of schedule 'wsd'
+    weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, clip_norm=1.0,
     bias_correction=True,  # False: original BERT's AdamWeightDecayOptimizer.
     decay_rate=0.8, momentum=0.0, factored=True, multiply_by_parameter_scale=True,
     clipping_threshold=1.0, min_dim_size_to_factor=128,
@@ -153,6 +155,10 @@ def train_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global, over all hosts
   c.train.num_microbatches = 1  # gradient accumulation (same update as the full batch)
   c.train.z_loss = 0.0  # T5: 1e-4
+  # The dropout masks' PRNG: 'auto' (rbg on TPU, as t5x; threefry2x32
+  # elsewhere), 'threefry2x32', 'rbg' or 'unsafe_rbg'. Each step's masks are a
+  # function of (seed, step) whichever is chosen, so a resumed run is exact.
+  c.train.prng_impl = "auto"
   # Distillation (objective 'distillation'): the teacher, a Hugging Face
   # *ForMaskedLM / *ForPreTraining folder or a bert-jax train workdir. The
   # run fills in teacher_model (its architecture) and keeps the teacher frozen.
@@ -237,6 +243,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 3
   c.train.batch_size = 32
   c.train.warmup_fraction = 0.1
+  c.train.prng_impl = "auto"  # dropout masks' PRNG, as in train_config()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64

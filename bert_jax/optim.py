@@ -18,7 +18,7 @@ exists. Flax `nn.Partitioned` boxes count as leaves (their `.value` is not
 part of the path).
 
 Config fields (`config.optim.*`, see `defaults.optim_config`): name, learning_rate,
-schedule, warmup_steps, num_steps, end_factor, weight_decay, b1, b2, eps,
+schedule, warmup_steps, num_steps, end_factor, decay_steps, decay_shape, weight_decay, b1, b2, eps,
 clip_norm, bias_correction, decay_rate, momentum, factored, multiply_by_parameter_scale,
 clipping_threshold, min_dim_size_to_factor, no_decay, freeze, lr_multipliers.
 """
@@ -35,7 +35,9 @@ from bert_jax import defaults
 
 Schedule = Callable[[Any], jax.Array]
 
-SCHEDULES = ("linear", "cosine", "rsqrt", "constant")
+SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
+# The cool-down of 'wsd': 1 - sqrt (Hägele et al. 2024; ModernBERT), linear or cosine.
+DECAY_SHAPES = ("sqrt", "linear", "cosine")
 OPTIMIZERS = ("adamw", "adafactor", "lamb")
 DEFAULT_NO_DECAY = defaults.DEFAULT_NO_DECAY
 
@@ -44,7 +46,8 @@ DEFAULT_NO_DECAY = defaults.DEFAULT_NO_DECAY
 
 
 def make_schedule(name: str, base_lr: float, num_steps: int | None = None,
-                  warmup_steps: int = 0, *, end_factor: float = 0.0) -> Schedule:
+                  warmup_steps: int = 0, *, end_factor: float = 0.0, decay_steps: int = 0,
+                  decay_shape: str = "sqrt") -> Schedule:
   """A learning-rate schedule step -> lr (float32), step counting from 0.
 
   With w = warmup_steps and N = num_steps:
@@ -59,13 +62,22 @@ def make_schedule(name: str, base_lr: float, num_steps: int | None = None,
               flat at base / sqrt(w) until step w (0.01 for base 1.0 and w
               10k), then decaying as 1/sqrt(s); no linear ramp, no end.
     constant: base, after an optional linear warmup base * s / w.
+    wsd:      warmup-stable-decay, the "trapezoidal" schedule of ModernBERT
+              (Warner et al. 2024): the same warmup, base until N - d, then
+              a cool-down of d = decay_steps steps to base * end_factor at N,
+              shaped 1 - sqrt(p) (decay_shape 'sqrt', Hägele et al. 2024),
+              1 - p ('linear') or half a cosine, with p the cool-down's
+              progress. A run can be extended from any checkpoint before the
+              cool-down, which is why it is used for long pretraining.
 
   Args:
     name: one of SCHEDULES.
     base_lr: peak learning rate (the constant factor for rsqrt).
     num_steps: total steps N; needed by linear and cosine.
     warmup_steps: w (>= 0).
-    end_factor: final lr as a fraction of base_lr (linear and cosine only).
+    end_factor: final lr as a fraction of base_lr (linear, cosine and wsd).
+    decay_steps: wsd only: d, the cool-down's length (0 < d <= N - w).
+    decay_shape: wsd only: one of DECAY_SHAPES.
 
   Returns:
     A function of the (integer) step usable as an optax schedule.
@@ -74,12 +86,18 @@ def make_schedule(name: str, base_lr: float, num_steps: int | None = None,
     raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULES)}")
   if warmup_steps < 0:
     raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-  if name in ("linear", "cosine"):
+  if name in ("linear", "cosine", "wsd"):
     if not num_steps or num_steps <= warmup_steps:
       raise ValueError(f"schedule {name!r} needs num_steps > warmup_steps, got "
                        f"num_steps={num_steps}, warmup_steps={warmup_steps}")
   elif end_factor:
-    raise ValueError(f"end_factor applies to 'linear' and 'cosine' only, not {name!r}")
+    raise ValueError(f"end_factor applies to 'linear', 'cosine' and 'wsd' only, not {name!r}")
+  if name == "wsd":
+    if not 0 < decay_steps <= num_steps - warmup_steps:
+      raise ValueError(f"schedule 'wsd' needs 0 < decay_steps <= num_steps - warmup_steps = "
+                       f"{num_steps - warmup_steps}, got decay_steps={decay_steps}")
+    if decay_shape not in DECAY_SHAPES:
+      raise ValueError(f"unknown decay_shape {decay_shape!r}; choose one of {list(DECAY_SHAPES)}")
   w = float(warmup_steps)
 
   def warmup(step):
@@ -91,8 +109,12 @@ def make_schedule(name: str, base_lr: float, num_steps: int | None = None,
       return base_lr / jnp.sqrt(jnp.maximum(jnp.maximum(step, w), 1.0))
     if name == "constant":
       return base_lr * warmup(step)
-    progress = jnp.clip((step - w) / (num_steps - w), 0.0, 1.0)
-    if name == "linear":
+    start = num_steps - decay_steps if name == "wsd" else w  # where the decay begins
+    progress = jnp.clip((step - start) / (num_steps - start), 0.0, 1.0)
+    shape = decay_shape if name == "wsd" else name
+    if shape == "sqrt":
+      decay = 1.0 - jnp.sqrt(progress)
+    elif shape == "linear":
       decay = 1.0 - progress
     else:
       decay = 0.5 * (1.0 + jnp.cos(math.pi * progress))
@@ -400,7 +422,9 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
   cfg = resolve_config(config, **overrides)
   steps = num_steps if num_steps is not None else (cfg["num_steps"] or None)
   schedule = make_schedule(cfg["schedule"], float(cfg["learning_rate"]), steps,
-                           int(cfg["warmup_steps"]), end_factor=float(cfg["end_factor"]))
+                           int(cfg["warmup_steps"]), end_factor=float(cfg["end_factor"]),
+                           decay_steps=int(cfg["decay_steps"]),
+                           decay_shape=str(cfg["decay_shape"]))
   frozen = regex_mask(params, patterns(cfg["freeze"]), "freeze")
   no_decay = regex_mask(params, patterns(cfg["no_decay"]), "no_decay")
   decay_mask = jax.tree.map(lambda f, n: not (f or n), frozen, no_decay)

@@ -53,8 +53,9 @@ class TrainState:
     step: int32 scalar, number of updates applied so far.
     params: the model's 'params' collection (unboxed, float32).
     opt_state: the optax state of `tx.init(params)`.
-    rng: raw uint32 PRNG key; the dropout key of step s is fold_in(rng, s),
-      so a run resumed at step s draws the same masks as an uninterrupted one.
+    rng: raw uint32 threefry PRNG key; the dropout key of step s derives
+      from fold_in(rng, s) (`dropout_key`), so a run resumed at step s draws
+      the same masks as an uninterrupted one, whatever the masks' PRNG.
   """
   step: Array
   params: Any
@@ -296,14 +297,51 @@ def _split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]
   return out
 
 
+# ------------------------------------------------------------- dropout PRNG
+
+# The generators dropout masks may be drawn with. threefry2x32 (JAX's
+# default) is a counter-based hash: bit-identical on every backend and mesh,
+# but many integer ops per random word. rbg / unsafe_rbg use the
+# accelerator's hardware generator (XLA RngBitGenerator), far cheaper on TPU
+# where t5x makes it the default. unsafe_rbg also derives split / fold_in
+# keys cheaply, without threefry's statistical guarantees between them.
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+
+
+def resolve_prng_impl(name: str, platform: str) -> str:
+  """The PRNG of config value `name` on `platform`: 'auto' is rbg on TPU, else threefry2x32."""
+  if name == "auto":
+    return "rbg" if platform == "tpu" else "threefry2x32"
+  if name not in PRNG_IMPLS:
+    raise ValueError(f"unknown PRNG implementation {name!r}; choose 'auto' or one of "
+                     f"{list(PRNG_IMPLS)}")
+  return name
+
+
+def dropout_key(step_rng: Array, index: Array, impl: str = "threefry2x32") -> Array:
+  """The key of microbatch `index` of a step, in the PRNG `impl`.
+
+  The state keeps a threefry key whatever `impl` is, so checkpoints do not
+  depend on it; the key of another impl is seeded from threefry bits of
+  fold_in(step_rng, index). The masks are thus a pure function of (state.rng,
+  step, index) -- resume stays exact -- and cost the hardware generator's
+  price, since seeding takes one small threefry draw per step.
+  """
+  key = jax.random.fold_in(step_rng, index)
+  if impl == "threefry2x32":
+    return key  # the raw key, unchanged: the masks of runs before this option
+  width = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return jax.random.wrap_key_data(jax.random.bits(key, width, jnp.uint32), impl=impl)
+
+
 # ----------------------------------------------------------------- the steps
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, objective: str | objectives.Objective,
                num_microbatches: int = 1,
-               z_loss: float = 0.0, schedule: Callable[[Array], Array] | None = None
-               ) -> tuple[TrainState, Metrics]:
+               z_loss: float = 0.0, schedule: Callable[[Array], Array] | None = None,
+               prng_impl: str = "threefry2x32") -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`, optionally accumulated over microbatches.
 
   Args:
@@ -316,6 +354,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
       sequence with gradients summed; the update equals the full-batch one.
     z_loss: z-loss coefficient (the seq2seq term's option).
     schedule: the learning-rate schedule, to report `learning_rate`.
+    prng_impl: the PRNG of the dropout masks and samples (one of PRNG_IMPLS;
+      `dropout_key`).
 
   Returns:
     (new state, metrics): the objectives' sums ('<p>/loss_sum', '<p>/count',
@@ -330,7 +370,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   step_rng = jax.random.fold_in(state.rng, state.step)
 
   def grads_of(micro: Batch, index: Array):
-    dropout_rng = jax.random.fold_in(step_rng, index)
+    dropout_rng = dropout_key(step_rng, index, prng_impl)
     # 'sample': models that draw (ELECTRA's generator samples) get their own stream.
     rngs = {"dropout": dropout_rng, "sample": jax.random.fold_in(dropout_rng, 1)}
 
@@ -414,11 +454,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     state_shardings: TrainState, batch_sharding: NamedSharding, *,
                     rules, num_microbatches: int = 1, z_loss: float = 0.0,
                     schedule: Callable[[Array], Array] | None = None,
+                    prng_impl: str = "threefry2x32",
                     compiler_options: dict[str, Any] | None = None) -> Callable:
   """`train_step` jitted with explicit shardings and the state donated.
 
   Args:
-    model, tx, objective, num_microbatches, z_loss, schedule: see `train_step`.
+    model, tx, objective, num_microbatches, z_loss, schedule, prng_impl: see
+      `train_step`.
     state_shardings: from `create_sharded_state`.
     batch_sharding: sharding of every batch feature (`sharding.batch_sharding`).
     rules: the logical-axis rules the state was created with.
@@ -432,7 +474,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   mesh = batch_sharding.mesh
   step = functools.partial(train_step, model=model, tx=tx, objective=_resolve(objective),
                            num_microbatches=num_microbatches, z_loss=z_loss,
-                           schedule=schedule)
+                           schedule=schedule, prng_impl=prng_impl)
   return jax.jit(in_context(step, mesh, rules),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),

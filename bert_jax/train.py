@@ -88,6 +88,10 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     raise ConfigError("train.teacher", f"the {name!r} objective distils a teacher: name its "
                       f"checkpoint" if objective.teacher else f"{config.train.teacher!r}: the "
                       f"{name!r} objective has no teacher (use train.objective='distillation')")
+  try:
+    steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend())
+  except ValueError as e:
+    raise ConfigError("train.prng_impl", str(e)) from None
   for key in ("train.num_steps", "train.batch_size", "train.num_microbatches",
               "log.every_steps"):
     section, field = key.split(".")
@@ -113,7 +117,9 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   try:
     optim.make_schedule(config.optim.schedule, config.optim.learning_rate,
                         config.train.num_steps, config.optim.warmup_steps,
-                        end_factor=config.optim.end_factor)
+                        end_factor=config.optim.end_factor,
+                        decay_steps=config.optim.decay_steps,
+                        decay_shape=config.optim.decay_shape)
   except ValueError as e:
     raise ValueError(f"config.optim (with train.num_steps={config.train.num_steps}): {e}"
                      ) from None
@@ -330,7 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = steps.make_train_step(
       model, tx, objective, state_shardings, batch_sharding, rules=rules,
       num_microbatches=config.train.num_microbatches, z_loss=config.train.z_loss,
-      schedule=schedule)
+      schedule=schedule,
+      prng_impl=steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend()))
   eval_step = steps.make_eval_step(model, objective, state_shardings.params, batch_sharding,
                                    rules=rules, z_loss=config.train.z_loss)
 

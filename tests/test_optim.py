@@ -80,6 +80,29 @@ def test_constant_schedule_with_and_without_warmup():
   np.testing.assert_allclose(optim.make_schedule("constant", 1e-3)(0), 1e-3, rtol=1e-6)
 
 
+def test_wsd_schedule_warms_up_holds_then_cools_down():
+  s = optim.make_schedule("wsd", 2.0, num_steps=1000, warmup_steps=100, decay_steps=400)
+  for step, want in [(0, 0.0), (50, 1.0), (100, 2.0), (350, 2.0), (600, 2.0),
+                     (700, 2.0 * (1 - np.sqrt(0.25))), (1000, 0.0), (3000, 0.0)]:
+    np.testing.assert_allclose(s(step), want, rtol=1e-6, atol=1e-7, err_msg=str(step))
+  linear = optim.make_schedule("wsd", 2.0, 1000, 100, decay_steps=400, decay_shape="linear",
+                               end_factor=0.1)
+  np.testing.assert_allclose(linear(800), 2.0 * (0.1 + 0.9 * 0.5), rtol=1e-6)
+  np.testing.assert_allclose(linear(1000), 0.2, rtol=1e-6)
+  cosine = optim.make_schedule("wsd", 2.0, 1000, 0, decay_steps=1000, decay_shape="cosine")
+  np.testing.assert_allclose(cosine(500), optim.make_schedule("cosine", 2.0, 1000)(500),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="0 < decay_steps <= num_steps - warmup_steps = 900"):
+    optim.make_schedule("wsd", 1.0, 1000, 100)
+  with pytest.raises(ValueError, match="decay_shape 'exp'"):
+    optim.make_schedule("wsd", 1.0, 1000, 100, decay_steps=10, decay_shape="exp")
+  # Through the config: make_optimizer reads decay_steps / decay_shape.
+  params = {"w": np.zeros((2,), np.float32), "bias": np.zeros((2,), np.float32)}
+  _, schedule = optim.make_optimizer(dict(schedule="wsd", learning_rate=1.0, warmup_steps=0,
+                                          decay_steps=10), params, num_steps=20)
+  np.testing.assert_allclose([schedule(10), schedule(15)], [1.0, 1 - np.sqrt(0.5)], rtol=1e-6)
+
+
 def test_schedule_errors():
   with pytest.raises(ValueError, match="unknown schedule 'cosin'"):
     optim.make_schedule("cosin", 1.0, 10, 0)

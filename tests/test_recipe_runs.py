@@ -1,8 +1,9 @@
 """Exact resume and multi-host equality for the two-model recipes, through the real CLI.
 
 ELECTRA keeps a generator and a discriminator in one state; distillation
-keeps a frozen teacher (no optimizer state) next to the student. For each,
-a run SIGKILLed between checkpoints resumes onto the losses of a run nothing
+keeps a frozen teacher (no optimizer state) next to the student; BERT's MLM
+run is checked with the hardware dropout PRNG (train.prng_impl='rbg'). For
+each, a run SIGKILLed between checkpoints resumes onto the losses of a run nothing
 interrupted, and 2 processes x 4 CPU devices (gloo collectives) follow 1 x 8.
 """
 import json
@@ -30,11 +31,14 @@ _OVERRIDES = (
     "--config.model.hidden_size=256", "--config.model.num_heads=4",
     "--config.model.intermediate_size=1024",
 )
-# variant -> (its extra overrides, its logged losses besides 'loss').
+# case -> (quickstart variant, its extra overrides, its logged losses besides 'loss').
 _RECIPES = {
-    "electra": (("--config.model.num_layers=1",), ("train/mlm/loss", "train/rtd/loss")),
-    "distil": (("--config.model.num_layers=1",),
+    "electra": ("electra", ("--config.model.num_layers=1",),
+                ("train/mlm/loss", "train/rtd/loss")),
+    "distil": ("distil", ("--config.model.num_layers=1",),
                ("train/kd/loss", "train/mlm/loss", "train/cos/loss")),
+    "mlm_rbg": ("mlm", ("--config.model.num_layers=1", "--config.train.prng_impl=rbg"),
+                ("train/mlm/loss",)),
 }
 
 
@@ -75,9 +79,9 @@ def tokenizer(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", sorted(_RECIPES))
-def test_sigkill_resume_is_exact_and_two_processes_equal_one(variant, tokenizer, tmp_path):
-  extra, keys = _RECIPES[variant]
+@pytest.mark.parametrize("case", sorted(_RECIPES))
+def test_sigkill_resume_is_exact_and_two_processes_equal_one(case, tokenizer, tmp_path):
+  variant, extra, keys = _RECIPES[case]
   if variant == "distil":  # its teacher: a 2-layer BERT of the same shape, 3 steps
     teacher = str(tmp_path / "teacher")
     _run(_command("mlm", teacher, tokenizer, 3, "--config.model.num_layers=2"))

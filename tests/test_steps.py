@@ -295,3 +295,39 @@ def test_t5_tied_gradients_equal_on_fsdp_tensor_mesh():
     params[preset] = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params["fsdp_tensor"], params["data_parallel"])
+
+
+def test_prng_impl_resolution():
+  assert steps.resolve_prng_impl("auto", "tpu") == "rbg"
+  assert steps.resolve_prng_impl("auto", "cpu") == "threefry2x32"
+  assert steps.resolve_prng_impl("unsafe_rbg", "gpu") == "unsafe_rbg"
+  with pytest.raises(ValueError, match="'philox'.*rbg"):
+    steps.resolve_prng_impl("philox", "cpu")
+
+
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_hardware_prng_dropout_is_a_pure_function_of_the_state(impl):
+  """The masks of a hardware-PRNG step depend on (state.rng, step) only: a state
+  that went through the host (as a restored checkpoint does) takes the same
+  step; the next step draws other masks; and the masks are not threefry's."""
+  model = bert.build(bert.BertConfig(**TINY), "pretraining")  # dropout 0.1 on
+  batch = _bert_batch()
+  state, shardings, train, mesh = _setup(model, batch, "fsdp_tensor", prng_impl=impl)
+  global_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  host = jax.device_get(state)
+  state, first = train(state, global_batch)
+  state, second = train(state, global_batch)
+  restored = jax.device_put(host, shardings)
+  restored, again = train(restored, global_batch)
+  np.testing.assert_array_equal(again["mlm/loss_sum"], first["mlm/loss_sum"])
+  np.testing.assert_array_equal(again["loss"], first["loss"])
+  # Step 1 from the same params (the restored step-0 state, step number 1)
+  # draws other masks than step 0 did.
+  shifted = jax.device_put(host.replace(step=np.int32(1)), shardings)
+  _, other = train(shifted, global_batch)
+  assert float(other["loss"]) != float(first["loss"])
+  *_, threefry, _ = _setup(model, batch, "fsdp_tensor")
+  _, reference = threefry(jax.device_put(host, shardings), global_batch)
+  assert float(reference["loss"]) != float(first["loss"])
+  key = steps.dropout_key(jnp.asarray(host.rng), jnp.int32(0), impl)
+  assert jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0, impl=impl))
