@@ -101,6 +101,10 @@ def validate(config) -> tuple[int, int, int]:
   if not 0.0 <= config.train.warmup_fraction < 1.0:
     raise ConfigError("train.warmup_fraction", f"must be in [0, 1), got "
                       f"{config.train.warmup_fraction}")
+  try:
+    steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend())
+  except ValueError as e:
+    raise ConfigError("train.prng_impl", str(e)) from None
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
                       f"{config.finetune.layerwise_lr_decay}")
@@ -299,7 +303,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                     enabled=is_main)
 
   train_step = steps.make_train_step(model, tx, task.objective, state_shardings,
-                                     run.batch_sharding, rules=run.rules, schedule=schedule)
+                                     run.batch_sharding, rules=run.rules, schedule=schedule,
+                                     prng_impl=steps.resolve_prng_impl(config.train.prng_impl,
+                                                                       jax.default_backend()))
   predictor = _make_predictor(config, run, state_shardings.params)
   bar = metrics_lib.ProgressBar(num_steps, start, enabled=is_main and config.log.progress)
   log = loop.StepLog(writer, bar, last_saved=start if restored is not None else None)

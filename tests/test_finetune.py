@@ -282,6 +282,10 @@ def test_bad_input_names_the_cause(shared_data, tmp_path):
   config.data.padding = "longest"
   with pytest.raises(ValueError, match=r"config.data.padding"):
     finetune.finetune(config, str(tmp_path / "e"))
+  config.data.padding = "bucket"
+  config.train.prng_impl = "philox"
+  with pytest.raises(ValueError, match=r"config.train.prng_impl: unknown PRNG .*'philox'"):
+    finetune.finetune(config, str(tmp_path / "g"))
   with pytest.raises(FileNotFoundError, match=r"finetune"):
     finetune.evaluate(_random_init_config("glue", shared_data, vocab), str(tmp_path / "f"))
 

@@ -7,6 +7,7 @@ config or workdir gives before anything is compiled.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,15 +197,19 @@ def test_misspelt_config_key_fails_naming_it(spm, tmp_path):
     (dict(family="gpt"), "family"),
     (dict(objective="span_corruption"), "data.objective"),
     (dict(hidden_size=129), "config.model"),
+    (dict(prng_impl="philox"), "config.train.prng_impl: unknown PRNG implementation 'philox'"),
+    (dict(schedule="wsd"), "config.optim (with train.num_steps=1000000): schedule 'wsd' needs "
+                           "0 < decay_steps"),
 ])
 def test_bad_config_fails_before_compiling(override, message):
   config = defaults.train_config()
   for key, value in override.items():
     section = {"batch_size": config.train, "num_microbatches": config.train,
-               "rules": config.mesh, "family": config, "objective": config.data,
-               "hidden_size": config.model}[key]
+               "prng_impl": config.train, "rules": config.mesh, "family": config,
+               "objective": config.data, "hidden_size": config.model,
+               "schedule": config.optim}[key]
     section[key] = value
-  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     train.validate(config)
 
 
