@@ -234,6 +234,8 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.finetune.freeze_layers = 0  # freeze the embeddings and the lowest N layers
   c.finetune.reinit_layers = 0  # top K layers (and pooler) start fresh
   c.finetune.layerwise_lr_decay = 1.0  # 1.0 = off
+  c.finetune.ner_head = "softmax"  # conll: 'softmax' | 'crf' (linear-chain CRF) | 'span'
+  c.finetune.max_span_length = 8  # conll, ner_head='span': longest span in words
 
   c.optim = optim_config("adamw")  # weight decay 0.01, no decay on norms and biases
   c.optim.learning_rate = 2e-5

@@ -12,7 +12,12 @@ the task's predictions file.
 Tasks (`config.task`):
   glue   any of glue.TASKS (`config.glue_task`): classification, or MSE
          regression for STS-B; MNLI evaluates dev_matched and dev_mismatched.
-  conll  CoNLL-2003 NER: token classification, conlleval entity F1.
+  conll  CoNLL-2003 NER, conlleval entity F1, with the head `finetune.ner_head`:
+         'softmax' (per-token labels), 'crf' (a BIO-constrained linear-chain CRF
+         over the words, trained on its negative log-likelihood, decoded by
+         Viterbi) or 'span' (every span of up to `finetune.max_span_length`
+         words classified, decoded greedily into flat entities); all three
+         become word tags scored by the same metric.
   squad  SQuAD v1.1/v2.0: span start/end, n-best post-processing, official EM/F1.
 Splits are GLUE split names ('train', 'dev', 'dev_matched', ...) or, for
 conll/squad, file names in `data.data_dir` ('.gz' tried when absent).
@@ -105,6 +110,11 @@ def validate(config) -> tuple[int, int, int]:
     steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend())
   except ValueError as e:
     raise ConfigError("train.prng_impl", str(e)) from None
+  if config.task == "conll":
+    adapters.ner_head(config)
+    if config.finetune.ner_head != "softmax" and models.get(config.family).encoder_decoder:
+      raise ConfigError("finetune.ner_head", f"{config.finetune.ner_head!r} needs an encoder; "
+                        f"the {config.family!r} family runs NER text-to-text ('softmax')")
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
                       f"{config.finetune.layerwise_lr_decay}")
@@ -144,15 +154,17 @@ class _Run:
 def _make_predictor(config, run: _Run, param_shardings) -> Callable:
   """predictor(params, split) -> one output per feature of split, in feature order.
 
-  BERT heads: a jit of the model's outputs (no dropout), replicated so every
-  host reads them all, as numpy dicts. T5: decoded texts (Text2TextTask.decode).
+  BERT heads: a jit of the model's outputs (no dropout) through the task's
+  `predict_outputs` (e.g. CRF Viterbi decoding), replicated so every host
+  reads them all, as numpy dicts. T5: decoded texts (Text2TextTask.decode).
   """
   if run.task.decodes:
     return lambda params, split: run.task.decode(run.model, params, split,
                                                  config.eval.batch_size, run.batch_sharding)
 
   def apply(params, batch):
-    return run.model.apply({"params": params}, **steps.model_inputs(run.model, batch))
+    outputs = run.model.apply({"params": params}, **steps.model_inputs(run.model, batch))
+    return run.task.predict_outputs(outputs, batch)
   mesh = run.mesh
   predict_step = jax.jit(steps.in_context(apply, mesh, run.rules),
                          in_shardings=(param_shardings, run.batch_sharding),
@@ -220,8 +232,7 @@ def _setup(config) -> _Run:
   if positions is not None and config.data.max_length > positions:
     raise ConfigError("data.max_length", f"{config.data.max_length} > the model's {positions} "
                       "positions")
-  kwargs = {} if task.num_labels is None else {"num_labels": task.num_labels}
-  model = family.build(model_cfg, task.model_task, **kwargs)
+  model = family.build(model_cfg, task.model_task, **task.model_kwargs)
   return _Run(task, tokenizer, model, pretrained, mesh, rules, sharding.batch_sharding(mesh),
               steps.init_shapes(family.init_features))
 

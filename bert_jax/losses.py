@@ -21,6 +21,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from bert_jax.models import crf
+
 Array = jax.Array
 Metrics = dict[str, Array]
 
@@ -294,6 +296,37 @@ def token_classification_loss(logits: Array, labels: Array, weights: Array | Non
   # The gather needs a valid index; the weight already drops these tokens.
   safe_labels = jnp.where(labels == ignore_label, 0, labels)
   return categorical(logits, safe_labels, w, prefix)
+
+
+def crf_loss(emissions: Array, labels: Array, transitions: Array, start: Array, end: Array,
+             weights: Array | None = None, *, ignore_label: int = -100,
+             prefix: str = "crf") -> tuple[Array, Metrics]:
+  """Negative log-likelihood of a linear-chain CRF (models/crf.py), per scored token.
+
+  Each row's chain runs over its labelled positions (label != ignore_label,
+  left-aligned: the words, not the sub-words); its loss is -log p(labels).
+  The sum over rows is divided by the number of scored tokens, so the loss
+  has the scale of token_classification_loss and the same learning rates
+  suit both.
+
+  Args:
+    emissions: [batch, length, num_labels].
+    labels: [batch, length] int, `ignore_label` where unscored.
+    transitions, start, end: the CRF's (constrained) scores, [L, L], [L], [L].
+    weights: optional [batch] row weights (0.0 for filler rows).
+    ignore_label: label value meaning "not in the chain".
+    prefix: metric key prefix.
+
+  Returns:
+    (loss sum / scored tokens, metrics with loss_sum and count (scored tokens)).
+  """
+  _check_logits(emissions, labels, "crf_loss")
+  scored = labels != ignore_label  # [batch, length]
+  w = _weights_like(labels[:, 0], weights)  # [batch]
+  nll = -crf.crf_log_likelihood(emissions, labels, scored, transitions, start, end)
+  loss_sum = jnp.sum(w * nll)
+  count = jnp.sum(w[:, None] * scored.astype(jnp.float32))
+  return safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count}
 
 
 def span_loss(start_logits: Array, end_logits: Array, start_positions: Array,

@@ -201,6 +201,22 @@ def _token_metrics(outputs, batch, *, prefix):
                                           ignore_label=IGNORE_LABEL, prefix=prefix)[1]
 
 
+def _crf_metrics(outputs, batch, *, prefix):
+  return losses.crf_loss(outputs["logits"], batch["token_labels"], outputs["transitions"],
+                         outputs["start_transitions"], outputs["end_transitions"],
+                         example_weights(batch), ignore_label=IGNORE_LABEL, prefix=prefix)[1]
+
+
+def _ner_span_metrics(outputs, batch, *, prefix):
+  # Every valid span (label != -100) is scored: 0 = not an entity, c = type c.
+  return losses.token_classification_loss(outputs["span_logits"], batch["span_labels"],
+                                          ignore_label=IGNORE_LABEL, prefix=prefix)[1]
+
+
+def _scored_spans(batch):
+  return jnp.sum((batch["span_labels"] != IGNORE_LABEL).astype(jnp.float32))
+
+
 def _span_metrics(outputs, batch, *, prefix):
   return losses.span_loss(outputs["start_logits"], outputs["end_logits"],
                           jnp.maximum(batch["start_positions"], 0),
@@ -338,6 +354,15 @@ register(Objective("regression", "sequence_classification", (
     Term("cls", _regression_metrics, _classified, ("logits",), _CLASSIFIED),)))
 register(Objective("token_classification", "token_classification", (
     Term("token", _token_metrics, _scored_tokens, ("logits",), ("token_labels",)),)))
+# NER heads (config.finetune.ner_head): a linear-chain CRF's negative
+# log-likelihood per scored token (crf/*), and cross entropy over every span
+# of up to finetune.max_span_length words (ner_span/*; 'span' is SQuAD's).
+register(Objective("crf_token_classification", "crf_token_classification", (
+    Term("crf", _crf_metrics, _scored_tokens,
+         ("logits", "transitions", "start_transitions", "end_transitions"),
+         ("token_labels",) + _WEIGHTS),)))
+register(Objective("span_classification", "span_classification", (
+    Term("ner_span", _ner_span_metrics, _scored_spans, ("span_logits",), ("span_labels",)),)))
 register(Objective("question_answering", "question_answering", (
     Term("span", _span_metrics, _examples, ("start_logits", "end_logits"),
          ("start_positions", "end_positions") + _WEIGHTS),)))

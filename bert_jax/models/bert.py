@@ -39,6 +39,7 @@ given by `encoder_mask` or, when both are None, by tokens != pad_token_id.
 """
 from __future__ import annotations
 
+import importlib
 
 import flax.linen as nn
 import jax
@@ -525,21 +526,25 @@ TASKS = {
     "question_answering": BertForQuestionAnswering,
     "rtd": BertForReplacedTokenDetection,
 }
-# Plus the two-model pretraining tasks, which build on this module (so
+# Plus the tasks that build on this module in their own files (so
 # `task_class` imports them on first use): ELECTRA's generator +
-# discriminator (models/electra.py) and distillation's student + frozen
-# teacher (models/distillation.py).
-TASK_NAMES = (*TASKS, "electra", "distillation")
+# discriminator (models/electra.py), distillation's student + frozen teacher
+# (models/distillation.py), and the NER heads: emissions + a linear-chain CRF
+# (models/crf.py) and span classification (models/span.py).
+_LAZY_TASKS = {
+    "electra": ("electra", "ElectraForPreTraining"),
+    "distillation": ("distillation", "DistillationModel"),
+    "crf_token_classification": ("crf", "BertForCrfTokenClassification"),
+    "span_classification": ("span", "BertForSpanClassification"),
+}
+TASK_NAMES = (*TASKS, *_LAZY_TASKS)
 
 
 def task_class(task: str) -> type[nn.Module]:
   """The model class of `task` (one of TASK_NAMES)."""
-  if task == "electra":
-    from bert_jax.models import electra  # pylint: disable=import-outside-toplevel
-    return electra.ElectraForPreTraining
-  if task == "distillation":
-    from bert_jax.models import distillation  # pylint: disable=import-outside-toplevel
-    return distillation.DistillationModel
+  if task in _LAZY_TASKS:
+    module, name = _LAZY_TASKS[task]
+    return getattr(importlib.import_module(f"bert_jax.models.{module}"), name)
   if task not in TASKS:
     raise ValueError(f"unknown BERT task {task!r}; choose one of {list(TASK_NAMES)}")
   return TASKS[task]

@@ -9,6 +9,13 @@ padded batch (`pad`) and how predictions are written (`write`). Readers,
 features and metrics themselves live in glue.py, ner.py, squad.py,
 squad_eval.py and text2text.py; these classes only join them up.
 
+CoNLL NER has three heads (`config.finetune.ner_head`, the NER_HEADS
+records): 'softmax' per token, 'crf' (models/crf.py: trained on the CRF's
+negative log-likelihood, Viterbi-decoded in the predict step) and 'span'
+(models/span.py: spans of up to `finetune.max_span_length` words, decoded on
+the host). Each turns its outputs into word tags that ner.entity_metrics
+scores alike.
+
 With `config.family = 't5'` every task is cast as text (Text2TextTask): the
 model is trained teacher-forced on (input text, target text) pairs and
 scored by decoding texts (greedy or beam search from the key/value cache)
@@ -20,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +35,8 @@ import jax
 from jax.experimental import multihost_utils
 
 from bert_jax import models
+from bert_jax.defaults import ConfigError
+from bert_jax.models import crf
 from bert_jax.tasks import batching
 from bert_jax.tasks import glue
 from bert_jax.tasks import ner
@@ -101,6 +110,17 @@ class _Task:
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
 
+  @property
+  def model_kwargs(self) -> dict:
+    """Head arguments of the task model (models.Family.build)."""
+    return {} if self.num_labels is None else {"num_labels": self.num_labels}
+
+  def predict_outputs(self, outputs: dict, batch: dict) -> dict:
+    """What `score` / `write` read, computed in the jitted predict step from the model's
+    outputs and the batch; every value has the batch as its leading axis."""
+    del batch
+    return outputs
+
   def pad(self, features: list, batch_size: int) -> dict:
     """One padded batch (filler rows up to batch_size weigh nothing)."""
     c, pad_id = self.config.data, self.tokenizer.pad_id  # RoBERTa's <pad> is 1
@@ -140,10 +160,96 @@ class GlueTask(_Task):
     return path
 
 
+def _labelled(batch) -> Any:
+  """[batch, length] bool: the positions that carry a label (each word's first sub-word)."""
+  return batch["token_labels"] != ner.IGNORE_LABEL
+
+
+def _span_features(batch: dict, features: list, label_names: tuple, config) -> dict:
+  """The span head's inputs: `word_starts` [batch, length] and `span_labels` [batch,
+  length, max_span_length] (ner.span_label_array of each sentence's gold entities)."""
+  labelled = _labelled(batch)
+  width, types = config.finetune.max_span_length, ner.entity_types(label_names)
+  spans = np.full(labelled.shape + (width,), ner.IGNORE_LABEL, np.int32)
+  for row, f in enumerate(features):
+    tags = [label_names[i] for i in f["token_labels"][f["token_labels"] != ner.IGNORE_LABEL]]
+    spans[row] = ner.span_label_array(ner.extract_entities(tags), len(tags),
+                                      labelled.shape[1], width, types)
+  return {"word_starts": labelled.astype(np.int32), "span_labels": spans}
+
+
+@dataclasses.dataclass(frozen=True)
+class NerHead:
+  """One NER head (`config.finetune.ner_head`): its model, loss and decoding.
+
+  Attributes:
+    model_task: the BERT task the family builds.
+    objective: the objectives.OBJECTIVES entry it trains with.
+    model_kwargs: (label names, config) -> the head's arguments (num_labels, ...).
+    predict: (model outputs, batch) -> per-row outputs, inside the jitted
+      predict step (CRF: Viterbi tags at the labelled positions).
+    word_tags: (one row's outputs, word positions, label names) -> word tags,
+      which ner.entity_metrics scores as it scores every head.
+    features: (padded batch, its features, label names, config) -> features
+      the head adds to every batch; None: none.
+    first_subwords_only: its words are the first sub-words alone (it cannot
+      train with data.label_all_subwords).
+  """
+  model_task: str
+  objective: str
+  model_kwargs: Callable[[tuple, Any], dict]
+  predict: Callable[[dict, dict], dict]
+  word_tags: Callable[[dict, np.ndarray, tuple], list]
+  features: Callable[[dict, list, tuple, Any], dict] | None = None
+  first_subwords_only: bool = False
+
+
+NER_HEADS = {
+    # Softmax per token; a word's tag is the argmax at its first sub-word.
+    "softmax": NerHead(
+        "token_classification", "token_classification",
+        model_kwargs=lambda names, config: {"num_labels": len(names)},
+        predict=lambda outputs, batch: {"logits": outputs["logits"]},
+        word_tags=lambda o, positions, names: ner.word_predictions(o["logits"], positions,
+                                                                   names)),
+    # Emissions + a BIO-constrained linear-chain CRF over the words (models/crf.py).
+    "crf": NerHead(
+        "crf_token_classification", "crf_token_classification",
+        model_kwargs=lambda names, config: {"num_labels": len(names),
+                                            "label_names": tuple(names)},
+        predict=lambda outputs, batch: {"tags": crf.decode(outputs, _labelled(batch))},
+        word_tags=lambda o, positions, names: ner.word_predictions(o["tags"], positions,
+                                                                   names)),
+    # Every span of up to finetune.max_span_length words classified (models/span.py);
+    # class 0 is 'not an entity'.
+    "span": NerHead(
+        "span_classification", "span_classification",
+        model_kwargs=lambda names, config: {
+            "num_labels": 1 + len(ner.entity_types(names)),
+            "max_span_length": config.finetune.max_span_length},
+        predict=lambda outputs, batch: outputs,
+        word_tags=lambda o, positions, names: ner.span_word_predictions(o["span_logits"],
+                                                                        positions, names),
+        features=_span_features, first_subwords_only=True),
+}
+
+
+def ner_head(config) -> NerHead:
+  """The head `config.finetune.ner_head` names, its settings checked (one-line errors)."""
+  ft = config.finetune
+  if ft.ner_head not in NER_HEADS:
+    raise ConfigError("finetune.ner_head", f"unknown NER head {ft.ner_head!r}; choose one of "
+                      f"{list(NER_HEADS)}")
+  if ft.max_span_length < 1:
+    raise ConfigError("finetune.max_span_length", f"must be >= 1, got {ft.max_span_length}")
+  if NER_HEADS[ft.ner_head].first_subwords_only and config.data.label_all_subwords:
+    raise ConfigError("data.label_all_subwords", f"ner_head {ft.ner_head!r} reads words "
+                      "from their first sub-words alone; set it False")
+  return NER_HEADS[ft.ner_head]
+
+
 class ConllTask(_Task):
-  """CoNLL NER: token classification, labels from the training file's tags."""
-  model_task = "token_classification"
-  objective = "token_classification"
+  """CoNLL NER with the head `finetune.ner_head`; labels from the training file's tags."""
   metric = "f1"
 
   def __init__(self, config, tokenizer):
@@ -151,7 +257,23 @@ class ConllTask(_Task):
     self._read = functools.lru_cache(maxsize=4)(ner.read_conll)
     train_data = self._read(_data_file(config, config.data.train_split))
     self.label_names = ner.label_names_of(train_data.sentences)
-    self.num_labels = len(self.label_names)
+    self.head = ner_head(config)
+    self.model_task, self.objective = self.head.model_task, self.head.objective
+    self.num_labels = self.model_kwargs["num_labels"]
+
+  @property
+  def model_kwargs(self) -> dict:
+    return self.head.model_kwargs(self.label_names, self.config)
+
+  def pad(self, features: list, batch_size: int) -> dict:
+    """The padded batch, plus the features the head needs (the span head's targets)."""
+    batch = super().pad(features, batch_size)
+    if self.head.features is not None:
+      batch.update(self.head.features(batch, features, self.label_names, self.config))
+    return batch
+
+  def predict_outputs(self, outputs: dict, batch: dict) -> dict:
+    return self.head.predict(outputs, batch)
 
   def load(self, split: str, limit: int) -> Split:
     data = self._read(_data_file(self.config, split))
@@ -169,7 +291,7 @@ class ConllTask(_Task):
     return Split(split, sentences, encoded.features, encoded.word_positions)
 
   def _tags(self, split: Split, outputs: list) -> list:
-    return [ner.word_predictions(o["logits"], positions, self.label_names)
+    return [self.head.word_tags(o, positions, self.label_names)
             for o, positions in zip(outputs, split.extra)]
 
   def score(self, split: Split, outputs: list) -> dict:

@@ -26,6 +26,14 @@ dropped words are counted in `NerFeatures.num_truncated_sentences` /
 still scores every gold entity. A word that tokenizes to nothing (e.g. only
 control characters) becomes [UNK] so that it keeps its label.
 
+Spans (the span head, models/span.py). `span_label_array` turns a
+sentence's entities (extract_entities of its tags, or any list, nested ones
+included) into targets [length, max_span_length] indexed [first word, width
+- 1]: 0 = not an entity, 1 + type index (`entity_types`), -100 past the
+sentence. `decode_spans` reads the head's logits back into entities (flat:
+greedily by descending probability, skipping overlaps) and `spans_to_tags`
+into IOB2 tags, so all heads are scored by the same metric.
+
 Metric. `entity_metrics` is conlleval's (and seqeval's default mode): an
 entity is a maximal chunk (type, first token, last token); a predicted entity
 is correct only when its type and both boundaries equal a gold one; an I-X
@@ -266,6 +274,88 @@ def word_predictions(token_predictions, word_positions: np.ndarray,
   if p.ndim == 2:
     p = p.argmax(-1)
   return [label_names[int(p[i])] if i >= 0 else "O" for i in word_positions]
+
+
+# ----------------------------------------------------------------------------
+# Spans (the span-classification head, models/span.py)
+# ----------------------------------------------------------------------------
+
+def entity_types(label_names: Sequence[str]) -> Tuple[str, ...]:
+  """The entity types of a BIO label set in label order: span class c + 1 is type c."""
+  return tuple(name[2:] for name in label_names if name.startswith("B-"))
+
+
+def span_label_array(spans: Sequence[Tuple[str, int, int]], num_words: int, length: int,
+                     max_span_length: int, types: Sequence[str]) -> np.ndarray:
+  """Span targets of one sentence: int32 [length, max_span_length].
+
+  Cell [i, k] is the span of words i .. i + k: IGNORE_LABEL when it runs past
+  the sentence (or i >= length), 0 when it is not an entity, 1 + the type's
+  index when `spans` holds (type, i, i + k). Spans may nest or overlap (each
+  is its own cell); one longer than max_span_length has no cell and is
+  dropped (a miss the metric counts).
+  """
+  out = np.full((length, max_span_length), IGNORE_LABEL, np.int32)
+  for i in range(min(num_words, length)):
+    out[i, :min(max_span_length, num_words - i)] = 0
+  ids = {t: c + 1 for c, t in enumerate(types)}
+  for type_, first, last in spans:
+    if last - first < max_span_length and first < length:
+      out[first, last - first] = ids[type_]
+  return out
+
+
+def decode_spans(span_logits: np.ndarray, num_words: int, types: Sequence[str], *,
+                 flat: bool = True) -> List[Tuple[str, int, int]]:
+  """Predicted entities (type, first, last) of one sentence from its span logits.
+
+  Args:
+    span_logits: [>= num_words, max_span_length, 1 + len(types)], class 0 = 'O'.
+    num_words: the sentence's (kept) words; spans past them are skipped.
+    types: entity_types of the label set.
+    flat: keep the spans whose best class is an entity by descending
+      probability of that class, skipping any that overlaps one kept before
+      (flat CoNLL output); False returns every such span (nested entities).
+
+  Returns:
+    Entities sorted by first word.
+  """
+  logits = np.asarray(span_logits, np.float64)[:num_words]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  label = probs.argmax(-1)  # [words, max_span_length]
+  found = [(-probs[i, k, label[i, k]], i, i + k, types[label[i, k] - 1])
+           for i, k in zip(*np.nonzero(label)) if i + k < num_words]
+  taken = np.zeros(num_words, bool)
+  out = []
+  for _, first, last, type_ in sorted(found):
+    if flat and taken[first:last + 1].any():
+      continue
+    taken[first:last + 1] = True
+    out.append((type_, int(first), int(last)))
+  return sorted(out, key=lambda e: (e[1], e[2]))
+
+
+def spans_to_tags(spans: Sequence[Tuple[str, int, int]], num_words: int) -> List[str]:
+  """IOB2 tags of non-overlapping entities (the inverse of extract_entities on IOB2)."""
+  tags = ["O"] * num_words
+  for type_, first, last in spans:
+    if any(t != "O" for t in tags[first:last + 1]):
+      raise ValueError(f"entity {(type_, first, last)} overlaps another; flat tags need "
+                       "non-overlapping spans")
+    tags[first:last + 1] = [f"B-{type_}"] + [f"I-{type_}"] * (last - first)
+  return tags
+
+
+def span_word_predictions(span_logits: np.ndarray, word_positions: np.ndarray,
+                          label_names: Sequence[str]) -> List[str]:
+  """Word tags of one sentence from the span head's logits ('O' for truncated words).
+
+  Truncation drops the last words, so the kept words are the first ones.
+  """
+  kept = int(np.sum(np.asarray(word_positions) >= 0))
+  spans = decode_spans(span_logits, kept, entity_types(label_names))
+  return spans_to_tags(spans, kept) + ["O"] * (len(word_positions) - kept)
 
 
 # ----------------------------------------------------------------------------
