@@ -15,6 +15,9 @@ not counted either; `train_s` is that time, `compiled_steps` their number).
 Not a test: run it by hand (20+ minutes on 2 cores):
 
   python bench/finetune_sst2.py [--minilm=FOLDER] [--data=../shared/data] [--only=sst2|conll]
+  python bench/finetune_sst2.py --only=conll --ner_heads=softmax,crf,span
+
+--ner_heads runs CoNLL once per NER head (finetune.ner_head) in the same run.
 
 --num_train / --max_eval shrink both tasks for a quick check of the script
 (the figures are then not the benchmark's).
@@ -144,6 +147,7 @@ def main() -> None:
   parser.add_argument("--only", choices=("sst2", "conll"), default=None)
   parser.add_argument("--num_train", type=int, default=0, help="quick check: training rows")
   parser.add_argument("--max_eval", type=int, default=0, help="quick check: dev rows")
+  parser.add_argument("--ner_heads", default="softmax", help="CoNLL heads, comma-separated")
   args = parser.parse_args()
   minilm = args.minilm or _minilm_folder()
   results = []
@@ -155,13 +159,15 @@ def main() -> None:
     config.data.max_eval_examples = args.max_eval
     results.append(run("sst2", config, config.data.max_train_examples, "dev/accuracy"))
     print(json.dumps(results[-1]), flush=True)
-  if args.only in (None, "conll"):
+  for head in args.ner_heads.split(",") if args.only in (None, "conll") else ():
     config = conll_config.get_config()
     _common(config, minilm)
+    config.finetune.ner_head = head
     config.data.data_dir = os.path.join(args.data, "conll2003")
     config.data.max_train_examples = args.num_train or 3_000
     config.data.max_eval_examples = args.max_eval
-    results.append(run("conll2003", config, config.data.max_train_examples, "valid.txt/f1"))
+    name = "conll2003" if head == "softmax" else f"conll2003 {head}"
+    results.append(run(name, config, config.data.max_train_examples, "valid.txt/f1"))
     print(json.dumps(results[-1]), flush=True)
 
 

@@ -261,7 +261,7 @@ def main():
       ratio = (f"  {best[reference] / seconds:.2f}x HF PyTorch"
                if name.startswith("bert_jax") else "")
       rate = runs[name][1] / seconds
-      print(f"  {name:30s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
+      print(f"  {name:36s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
             f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of the matmul rate{ratio}")
 
 
