@@ -37,6 +37,12 @@ def _t5_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float
                               shapes["decoder_target_tokens"][1])
 
 
+def _modernbert_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
+  del task  # the masked LM is the one pretraining model
+  predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
+  return flops.modernbert_train_flops(config, shapes["encoder_input_tokens"][1], predictions)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """One model family, as the trainers see it.
@@ -166,3 +172,10 @@ register(Family(
     init_features=("encoder_input_tokens", "decoder_input_tokens"),
     train_flops=_t5_flops, finetune_task="seq2seq", encoder_decoder=True,
     depth_field="num_encoder_layers", checks_pad_id=False))
+register(Family(
+    name="modernbert", config_class=configs.ModernBertConfig,
+    module="bert_jax.models.modernbert", convert_module="bert_jax.convert.modernbert",
+    init_features=("encoder_input_tokens",), train_flops=_modernbert_flops,
+    finetune_task="encoder", carried_over=("encoder",), layer_prefix="encoder/layer_{i}/",
+    embeddings_prefix="encoder/embeddings",  # and embeddings_norm
+    positions=lambda c: c.max_position_embeddings))

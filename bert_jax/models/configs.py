@@ -284,3 +284,127 @@ class T5Config:
   def from_dict(cls, d: dict) -> "T5Config":
     """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
     return config_from_dict(cls, d)
+
+
+# --------------------------------------------------------------- ModernBERT
+
+
+# name: (num_layers, hidden_size, num_heads, intermediate_size: the GLU width,
+# i.e. each half of Hugging Face's Wi, which is hidden -> 2 x this).
+MODERNBERT_PRESETS = {
+    "tiny": (2, 64, 4, 96),
+    "base": (22, 768, 12, 1152),
+    "large": (28, 1024, 16, 2624),
+}
+_MODERNBERT_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+CLASSIFIER_POOLING = ("cls", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModernBertConfig:
+  """Hyperparameters of a ModernBERT encoder (Warner et al. 2024).
+
+  Pre-norm layers with rotary positions (no position table), a GeGLU MLP, no
+  biases by default, and attention alternating between global layers (every
+  `global_attn_every_n_layers`-th, from layer 0) and sliding-window layers.
+  Field meanings follow Hugging Face's ModernBertConfig.
+
+  Attributes:
+    vocab_size, hidden_size, num_layers, num_heads: sizes.
+    intermediate_size: the GLU width: the MLP projects hidden -> 2 x this
+      (input and gate halves) and back from this.
+    hidden_act: the GLU's activation ('gelu': exact erf, Hugging Face's 'gelu').
+    norm_eps: LayerNorm epsilon. norm_bias: LayerNorms have a bias.
+    attention_bias, mlp_bias: biases on the q/k/v/out and MLP projections.
+    classifier_bias: bias on the heads' dense (MLM and task heads).
+    decoder_bias: bias on the tied MLM output.
+    global_rope_theta, local_rope_theta: rotary base of global / local layers.
+    local_attention: the sliding window's total width: a token attends to
+      tokens at most local_attention // 2 positions away (either side).
+    global_attn_every_n_layers: layer i is global when i % n == 0.
+    max_position_embeddings: longest input (rotary has no table; a limit only).
+    embedding_dropout, attention_dropout, mlp_dropout, classifier_dropout:
+      dropout after the embedding norm; on attention probabilities and the
+      attention output; on the GLU's hidden layer; before task classifiers.
+    pad_token_id: padding token when neither a mask nor segment ids are given.
+    classifier_pooling: 'cls' (first token) or 'mean' (over real tokens).
+    classifier_activation: the heads' activation.
+    remat: recompute each layer in the backward pass.
+    dtype: computation dtype; parameters are always float32.
+  """
+  vocab_size: int = 50368
+  hidden_size: int = 768
+  num_layers: int = 22
+  num_heads: int = 12
+  intermediate_size: int = 1152
+  hidden_act: str = "gelu"
+  norm_eps: float = 1e-5
+  norm_bias: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  classifier_bias: bool = False
+  decoder_bias: bool = True
+  global_rope_theta: float = 160_000.0
+  local_rope_theta: float = 10_000.0
+  local_attention: int = 128
+  global_attn_every_n_layers: int = 3
+  max_position_embeddings: int = 8192
+  embedding_dropout: float = 0.0
+  attention_dropout: float = 0.0
+  mlp_dropout: float = 0.0
+  classifier_dropout: float = 0.0
+  pad_token_id: int = 0
+  classifier_pooling: str = "cls"
+  classifier_activation: str = "gelu"
+  remat: bool = False
+  dtype: Any = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", as_dtype(self.dtype, "ModernBertConfig"))
+    bad = lambda field, why: ValueError(
+        f"ModernBertConfig.{field}: {why}, got {getattr(self, field)!r}")
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "local_attention", "global_attn_every_n_layers", "max_position_embeddings"):
+      if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+        raise bad(field, "must be a positive integer")
+    if self.hidden_size % self.num_heads or self.head_dim % 2:
+      raise bad("num_heads", f"must divide hidden_size {self.hidden_size} into heads of an "
+                "even width (rotary)")
+    for field in ("hidden_act", "classifier_activation"):
+      if getattr(self, field) not in _MODERNBERT_ACTIVATIONS:
+        raise bad(field, f"choose one of {list(_MODERNBERT_ACTIVATIONS)}")
+    if self.classifier_pooling not in CLASSIFIER_POOLING:
+      raise bad("classifier_pooling", f"choose one of {list(CLASSIFIER_POOLING)}")
+    for field in ("embedding_dropout", "attention_dropout", "mlp_dropout", "classifier_dropout"):
+      if not 0.0 <= getattr(self, field) < 1.0:
+        raise bad(field, "must be in [0, 1)")
+    for field in ("norm_eps", "global_rope_theta", "local_rope_theta"):
+      if not getattr(self, field) > 0:
+        raise bad(field, "must be > 0")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def is_global(self, layer: int) -> bool:
+    """Whether layer `layer` attends globally (else within the sliding window)."""
+    return layer % self.global_attn_every_n_layers == 0
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "ModernBertConfig":
+    """A named size (tiny, base, large) with fields overridden."""
+    if name not in MODERNBERT_PRESETS:
+      raise ValueError(f"unknown ModernBERT preset {name!r}; choose one of "
+                       f"{list(MODERNBERT_PRESETS)}")
+    num_layers, hidden, heads, glu = MODERNBERT_PRESETS[name]
+    fields = dict(num_layers=num_layers, hidden_size=hidden, num_heads=heads,
+                  intermediate_size=glu)
+    if name == "tiny":
+      fields.update(vocab_size=512, local_attention=16, max_position_embeddings=512)
+    fields.update(overrides)
+    return cls.from_dict(fields)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModernBertConfig":
+    """Builds a config from a mapping (e.g. `config.model`); unknown keys are an error."""
+    return config_from_dict(cls, d)

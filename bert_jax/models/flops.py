@@ -142,3 +142,19 @@ def t5_train_flops(config, inputs_length: int, targets_length: int) -> float:
              + config.num_decoder_layers * (attention(sd, sd) + attention(sd, se) + mlp(sd))
              + _matmul(sd, d, config.vocab_size))
   return 3.0 * forward
+
+
+def modernbert_train_flops(config, seq_length: int, max_predictions: int | None) -> float:
+  """Training FLOPs per example of a ModernBERT masked LM (`ModernBertForMaskedLM`).
+
+  As `bert_train_flops` with a GeGLU MLP (2*S*H*2I in, 2*S*I*H out) and the
+  attention square counted in full in every layer (sliding-window layers
+  compute the masked S x S scores too). The MLM head: 2*P*H*H + 2*P*H*V;
+  P=None counts it at all S positions. training = 3 * forward.
+  """
+  s, h, i = seq_length, config.hidden_size, config.intermediate_size
+  p = s if max_predictions is None else max_predictions
+  layer = (_matmul(s, h, 3 * h) + _matmul(s, h, h) + 2 * _matmul(s, h, s)
+           + _matmul(s, h, 2 * i) + _matmul(s, i, h))
+  forward = config.num_layers * layer + _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
+  return 3.0 * forward
