@@ -363,7 +363,10 @@ class ModernBertConfig:
     object.__setattr__(self, "dtype", as_dtype(self.dtype, "ModernBertConfig"))
     bad = lambda field, why: ValueError(
         f"ModernBertConfig.{field}: {why}, got {getattr(self, field)!r}")
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+    # vocab_size 0 in a train config means "the tokenizer's size", filled in at start-up.
+    if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+      raise bad("vocab_size", "must be a positive integer (0: the tokenizer's size)")
+    for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                   "local_attention", "global_attn_every_n_layers", "max_position_embeddings"):
       if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
         raise bad(field, "must be a positive integer")
