@@ -36,7 +36,10 @@ normal 0.02, zero bias: the layers' defaults); `finetune.freeze_encoder` /
 layers (optim freeze regexes); `finetune.reinit_layers` keeps the top K
 layers (and the pooler) at their fresh init instead of the pretrained
 weights; `finetune.layerwise_lr_decay` scales layer i's LR by
-decay ** (L - i). `data.padding`: 'max' (every batch max_length), 'dynamic'
+decay ** (L - i). `finetune.method` 'lora' / 'bitfit' trains low-rank
+factors of the attention kernels / the biases, plus the head (peft.py); a
+LoRA run's params are the model's plus params['lora'], and `peft.merge`
+folds them into plain model params. `data.padding`: 'max' (every batch max_length), 'dynamic'
 (each batch padded to its longest, rounded up to `data.pad_multiple`) or
 'bucket' (the same, over batches of similar lengths). Each padded length
 compiles its own step, so the multiple bounds the number of compiles.
@@ -67,6 +70,7 @@ from bert_jax import loop
 from bert_jax import metrics as metrics_lib
 from bert_jax import models
 from bert_jax import optim
+from bert_jax import peft
 from bert_jax import sharding
 from bert_jax import steps
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -115,6 +119,7 @@ def validate(config) -> tuple[int, int, int]:
     if config.finetune.ner_head != "softmax" and models.get(config.family).encoder_decoder:
       raise ConfigError("finetune.ner_head", f"{config.finetune.ner_head!r} needs an encoder; "
                         f"the {config.family!r} family runs NER text-to-text ('softmax')")
+  peft.validate(config)
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
                       f"{config.finetune.layerwise_lr_decay}")
@@ -158,9 +163,10 @@ def _make_predictor(config, run: _Run, param_shardings) -> Callable:
   `predict_outputs` (e.g. CRF Viterbi decoding), replicated so every host
   reads them all, as numpy dicts. T5: decoded texts (Text2TextTask.decode).
   """
-  if run.task.decodes:
-    return lambda params, split: run.task.decode(run.model, params, split,
-                                                 config.eval.batch_size, run.batch_sharding)
+  if run.task.decodes:  # LoRA folded in once, not at every decoding step
+    return lambda params, split: run.task.decode(
+        peft.unwrap(run.model), peft.merged(run.model, params), split, config.eval.batch_size,
+        run.batch_sharding)
 
   def apply(params, batch):
     outputs = run.model.apply({"params": params}, **steps.model_inputs(run.model, batch))
@@ -233,8 +239,10 @@ def _setup(config) -> _Run:
     raise ConfigError("data.max_length", f"{config.data.max_length} > the model's {positions} "
                       "positions")
   model = family.build(model_cfg, task.model_task, **task.model_kwargs)
+  shapes = steps.init_shapes(family.init_features)
+  model = peft.wrap(config, model, shapes)  # LoRA: a LoraModel (params + params['lora'])
   return _Run(task, tokenizer, model, pretrained, mesh, rules, sharding.batch_sharding(mesh),
-              steps.init_shapes(family.init_features))
+              shapes)
 
 
 def _split_names(text: str) -> list[str]:
@@ -284,9 +292,11 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   overrides = finetune_init.optimizer_rules(config, family, model.config)
   if config.train.warmup_fraction > 0:
     overrides["warmup_steps"] = int(round(config.train.warmup_fraction * num_steps))
+  shapes = steps.param_shapes(model, run.init_shapes)
+  if is_main:
+    peft.log_trainable(shapes, overrides["freeze"])
   try:
-    tx, schedule = optim.make_optimizer(config.optim, steps.param_shapes(model, run.init_shapes),
-                                        num_steps=num_steps, **overrides)
+    tx, schedule = optim.make_optimizer(config.optim, shapes, num_steps=num_steps, **overrides)
   except ValueError as e:
     raise ValueError(f"config.optim / config.finetune: {e}") from None
   abstract, state_shardings = steps.abstract_sharded_state(model, tx, run.init_shapes, run.mesh,

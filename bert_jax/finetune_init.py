@@ -10,7 +10,7 @@ bert_jax/finetune.py starts the task model from one of:
 For BERT only the encoder is carried over and the task head starts as BERT
 initialises it; a T5 model keeps every weight (text-to-text needs no head).
 This module also turns the `finetune.*` controls (frozen layers, layer-wise
-LR decay) into the optimizer's rules.
+LR decay, the LoRA / BitFit method of peft.py) into the optimizer's rules.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Any
 from bert_jax import init_from
 from bert_jax import models
 from bert_jax import optim
+from bert_jax import peft
 from bert_jax.defaults import ConfigError
 
 
@@ -75,6 +76,7 @@ def optimizer_rules(config, family: models.Family, model_config) -> dict:
   elif ft.freeze_layers:
     freeze += [f"^{family.embeddings_prefix}"] + [
         "^" + family.layer_prefix.format(i=i) for i in range(ft.freeze_layers)]
+  freeze += peft.freeze_rules(config, family)
   multipliers = [tuple(r) for r in config.optim.lr_multipliers]
   if ft.layerwise_lr_decay < 1.0:
     multipliers += optim.layerwise_lr_multipliers(layers, ft.layerwise_lr_decay)
