@@ -237,6 +237,19 @@ def alive():
 
 while True:
   running = alive()
+  # The log is copied before the lease is written: whoever sees the lease
+  # released must find the final log. A local copy lands whole (tmp + rename),
+  # so a reader never sees it truncated mid-copy.
+  if log_dst and os.path.exists(log):
+    try:
+      if remote:
+        gfile.copy(log, log_dst, overwrite=True)
+      else:
+        os.makedirs(os.path.dirname(log_dst), exist_ok=True)
+        shutil.copyfile(log, log_dst + ".tmp")
+        os.replace(log_dst + ".tmp", log_dst)
+    except Exception as e:
+      print(f"log copy to {log_dst} failed: {e}", flush=True)
   if lease and mode != "copy":
     held = read(lease)
     if held and held.get("run_id") != run_id:
@@ -251,15 +264,6 @@ while True:
                                    heartbeat_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                time.gmtime(now)),
                                    state=state, released=not running), indent=1))
-  if log_dst and os.path.exists(log):
-    try:
-      if remote:
-        gfile.copy(log, log_dst, overwrite=True)
-      else:
-        os.makedirs(os.path.dirname(log_dst), exist_ok=True)
-        shutil.copyfile(log, log_dst)
-    except Exception as e:
-      print(f"log copy to {log_dst} failed: {e}", flush=True)
   if not running:
     break
   time.sleep(float(every))
