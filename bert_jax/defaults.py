@@ -102,6 +102,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.vocab_size = 8000  # pieces of that trained model (unused when `tokenizer` is set)
   c.lower_case = True  # WordPiece: uncased vocabulary
   c.objective = "mlm"  # 'mlm' (RoBERTa full sentences) | 'mlm_nsp' | 'mlm_sop' | 'span_corruption'
+  #                      | 'denoising' (BART: text infilling at mask_rate, random_prob, ...)
   c.masking = "token"  # 'token' | 'whole_word' | 'span' (SpanBERT) | 'ngram' (ALBERT)
   c.mask_rate = 0.15  # fraction of tokens predicted
   c.mask_prob = 0.8  # chosen token -> [MASK]
@@ -113,6 +114,11 @@ def data_config() -> ml_collections.ConfigDict:
   #                       length mismatches)
   c.noise_density = 0.15  # span corruption
   c.mean_noise_span_length = 3.0  # span corruption
+  # denoising (BART; mask_rate = words infilled, random_prob = span -> random id):
+  c.poisson_lambda = 3.0  # mean infilled span length in words (fairseq's recipe: 3.5)
+  c.permute_sentences = 1.0  # fraction of sentences shuffled
+  c.delete_ratio = 0.0  # token deletion
+  c.rotate_ratio = 0.0  # P(document rotation)
   c.extra_ids = 100  # sentinels appended to a SentencePiece vocabulary
   c.group_size = 64  # documents tokenized and chunked together (resume unit)
   c.num_shards = 8  # data shards (fixes the stream; a multiple of the host count)

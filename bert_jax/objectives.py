@@ -346,6 +346,7 @@ register(dataclasses.replace(
     combine("distillation", "distillation", (KD, 5.0), (MLM, 2.0), (COS, 1.0), data=("mlm",)),
     teacher=True))
 register(Objective("span_corruption", "seq2seq", (SEQ2SEQ,), data=("span_corruption",)))
+register(Objective("denoising", "seq2seq", (SEQ2SEQ,), data=("denoising",)))  # BART
 # Fine-tuning (tasks/adapters.py names them).
 register(Objective("seq2seq", "seq2seq", (SEQ2SEQ,)))
 register(Objective("classification", "sequence_classification", (

@@ -137,7 +137,7 @@ def _resume_config(objective, minilm_dir, t5_model, corpus):
   return _config(_vocab(minilm_dir), corpus, objective=objective)
 
 
-@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp", "span_corruption"])
+@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp", "span_corruption", "denoising"])
 def test_exact_resume_skips_raw_documents(objective, minilm_dir, t5_model, corpus,
                                           corpus_docs, tmp_path):
   cfg = _resume_config(objective, minilm_dir, t5_model, corpus)
@@ -269,6 +269,34 @@ def test_span_corruption_lengths(t5_model, corpus):
     assert len(raw) == 568
     assert inputs[-1] == tok.eos_id and targets[-1] == tok.eos_id
     np.testing.assert_array_equal(b["decoder_input_tokens"][row][1:], targets[:-1])
+
+
+def test_denoising_rows(minilm_dir, corpus):
+  # BART text infilling + sentence permutation: the targets are the chunk
+  # itself (within one document), the inputs its noised form, both
+  # [CLS] ... [SEP] (BOS ... EOS) on the batch contract.
+  cfg = _config(_vocab(minilm_dir), corpus, objective="denoising", mask_rate=0.3)
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=4)
+  tok = it.tokenizer
+  masked = 0
+  for b in _take(it, 3):
+    assert b["encoder_input_tokens"].shape == b["decoder_target_tokens"].shape == (4, 32)
+    for row in range(4):
+      seg = b["encoder_segment_ids"][row] > 0
+      inputs = b["encoder_input_tokens"][row][seg]
+      targets = b["decoder_target_tokens"][row][b["decoder_segment_ids"][row] > 0]
+      assert inputs[0] == targets[0] == tok.cls_id and targets[-1] == tok.sep_id
+      assert inputs[-1] == tok.sep_id or len(inputs) == 32  # an overflow row is cut
+      masked += int((inputs == tok.mask_id).sum())
+      # Sentence permutation and infilling move and drop tokens, never invent
+      # them (random replacements aside): most inputs are target tokens.
+      assert np.isin(inputs, np.append(targets, tok.mask_id)).mean() > 0.8
+      np.testing.assert_array_equal(b["decoder_input_tokens"][row][1:len(targets)],
+                                    targets[:-1])
+  assert masked > 0
+  bad = _config(_vocab(minilm_dir), corpus, objective="denoising", rotate_ratio=2.0)
+  with pytest.raises(ValueError, match="data.rotate_ratio"):
+    pipeline.make_train_iterator(bad, seed=0, batch_size=4)
 
 
 def test_eval_iterator_is_fixed_and_finite(minilm_dir, corpus):

@@ -45,6 +45,7 @@ from typing import Dict
 
 import tensorflow as tf
 
+from bert_jax.data import denoising
 from bert_jax.data import masking
 from bert_jax.data import span_corruption as span_lib
 
@@ -280,7 +281,7 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
     ex: dict with `tokens` int32 [n] (mlm, span corruption) or tokens_a,
       tokens_b int32, target int32 scalar (+ nsp_labels for NSP).
     seed: int [2] stateless seed of this example.
-    objective: 'mlm', 'mlm_nsp', 'mlm_sop' or 'span_corruption'.
+    objective: 'mlm', 'mlm_nsp', 'mlm_sop', 'span_corruption' or 'denoising'.
     cfg: the data config (lengths, span corruption rates).
     vocab: masking.VocabInfo (MLM objectives) or None.
     tokenizer: the tokenizer (span corruption: vocab_size, eos_id).
@@ -289,6 +290,11 @@ def apply_objective(ex, seed, *, objective: str, cfg, vocab, tokenizer):
     MLM: encoder_input_tokens [n'] (+ encoder_type_ids, nsp_labels for
     NSP/SOP). Span corruption: inputs [n_in], targets [n_tgt].
   """
+  if objective == "denoising":
+    return denoising.bart_denoising(
+        ex["tokens"], seed, options=denoising.options_from_config(cfg), mask_id=vocab.mask_id,
+        bos_id=vocab.cls_id, eos_id=vocab.sep_id, word_start=vocab.word_start,
+        full_stop=denoising.full_stop_table(tokenizer.pieces), ordinary_ids=vocab.ordinary_ids)
   if objective == "span_corruption":
     return span_lib.span_corruption(
         ex["tokens"], seed, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,

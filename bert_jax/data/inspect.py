@@ -59,13 +59,20 @@ def format_mlm_example(batch: dict, row: int, tokenizer) -> str:
 
 
 def format_seq2seq_example(batch: dict, row: int, tokenizer) -> str:
-  """One encoder-decoder row: inputs (sentinels visible) and targets."""
-  inputs = batch["encoder_input_tokens"][row]
-  targets = batch["decoder_target_tokens"][row]
-  return (f"inputs ({int((inputs > 0).sum())} tokens): "
-          f"{' '.join(_pieces(tokenizer, inputs[inputs > 0]))}\n"
-          f"targets ({int((targets > 0).sum())} tokens): "
-          f"{' '.join(_pieces(tokenizer, targets[targets > 0]))}")
+  """One encoder-decoder row: inputs (sentinels or BART's masks visible) and targets.
+
+  Real tokens are told by the segment ids, since id 0 is a real token (BOS)
+  in byte-level BPE vocabularies.
+  """
+  lines = []
+  for name, tokens, segments in (
+      ("inputs", "encoder_input_tokens", "encoder_segment_ids"),
+      ("targets", "decoder_target_tokens", "decoder_segment_ids")):
+    ids = batch[tokens][row]
+    real = batch[segments][row] > 0 if segments in batch else ids > 0
+    lines.append(f"{name} ({int(real.sum())} tokens): "
+                 f"{' '.join(_pieces(tokenizer, ids[real]))}")
+  return "\n".join(lines)
 
 
 def format_batch(batch: dict, tokenizer, num_examples: int) -> str:

@@ -59,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from bert_jax.data import batch_masking
+from bert_jax.data import denoising
 from bert_jax.data import examples as examples_lib
 from bert_jax.data import masking
 from bert_jax.data import position as position_lib
@@ -66,7 +67,8 @@ from bert_jax.data import sources
 from bert_jax.data import span_corruption as span_lib
 from bert_jax.data import tokenizer as tokenizer_lib
 
-OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop", "span_corruption")
+OBJECTIVES = ("mlm", "mlm_nsp", "mlm_sop", "span_corruption", "denoising")
+_SEQ2SEQ = ("span_corruption", "denoising")  # rows of inputs + targets, not masked
 # Counters of TrainIterator.stats (besides the source's invalid_utf8_bytes).
 STATS = ("overlong_paragraphs", "skipped_one_token_documents")
 _K_BITS = 24  # examples per group < 2**24 (index layout of the example seed)
@@ -135,13 +137,20 @@ def _validate(cfg, seed: int, shards: Sequence[int]) -> _Plan:
     except ValueError as e:
       raise ValueError(f"data.extra_ids={cfg.extra_ids}, data.seq_length={cfg.seq_length} "
                        f"with vocabulary {tok.path}: {e}") from e
+  elif cfg.objective == "denoising":
+    _check(cfg.seq_length >= 3, f"data.seq_length={cfg.seq_length} is too small for "
+           "denoising (need >= 3: BOS, a token, EOS)")
+    tok.require_mask_token()
+    plan.vocab = masking.VocabInfo.from_tokenizer(tok)
+    denoising.options_from_config(cfg)  # fails fast on a bad rate
   else:
     least = 3 if cfg.objective == "mlm" else 5  # [CLS] x [SEP] / [CLS] a [SEP] b [SEP]
     _check(cfg.seq_length >= least, f"data.seq_length={cfg.seq_length} is too small for "
            f"data.objective={cfg.objective!r} (need >= {least})")
     tok.require_mask_token()
     plan.vocab = masking.VocabInfo.from_tokenizer(tok)
-  plan.chunk_length = {"mlm": cfg.seq_length - 2, "span_corruption": plan.tokens_length}.get(
+  plan.chunk_length = {"mlm": cfg.seq_length - 2, "denoising": cfg.seq_length - 2,
+                       "span_corruption": plan.tokens_length}.get(
       cfg.objective, cfg.seq_length - 3)
   plan.stats = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=k) for k in STATS}
   _open_documents(plan, shards)
@@ -245,7 +254,7 @@ def _no_autograph(fn):
 
 def _batch_masked(cfg) -> bool:
   """Whether batches get MLM masks (batch_masking handles every masking scheme)."""
-  return cfg.objective != "span_corruption"
+  return cfg.objective not in _SEQ2SEQ
 
 
 def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
@@ -272,6 +281,8 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
     out = dict(tokens=chunks.to_tensor(shape=[None, cfg.seq_length]))  # pad id 0
   elif cfg.objective == "span_corruption":
     out = dict(tokens=examples_lib.t5_examples(doc_ids, plan.tokens_length))
+  elif cfg.objective == "denoising":  # within documents: sentences permute inside one
+    out = dict(tokens=examples_lib.document_chunks(doc_ids, plan.chunk_length, min_tokens=1)[0])
   else:
     seed = masking.example_seed(plan.seed, epoch, _GROUP_SALT - (g * cfg.num_shards + shard))
     out = examples_lib.pair_examples(doc_paragraphs, cfg.seq_length, seed,
@@ -311,6 +322,8 @@ def _example_features(plan: _Plan, ex, shard):
     out["_seed"] = seed
   if cfg.objective == "span_corruption":
     return span_lib.pad_seq2seq_example(out, cfg.seq_length, plan.targets_length)
+  if cfg.objective == "denoising":  # BOS chunk EOS fits seq_length; inserts may be cut
+    return span_lib.pad_seq2seq_example(out, cfg.seq_length, cfg.seq_length)
   return masking.pad_mlm_example(out, cfg.seq_length)
 
 
