@@ -58,6 +58,8 @@ EXTRAS = {
         "pytest>=8",
         "torch==2.13.0",
         "transformers>=5,<6",
+        # ROUGE parity (tasks/summarization.py is tested equal to it; nltk: its stemmer).
+        "rouge-score>=0.1.2",
     ],
 }
 

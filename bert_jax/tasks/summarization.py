@@ -1,0 +1,137 @@
+"""Summarization as a text-to-text task: (document, summary) pairs and ROUGE-1/2/L.
+
+Data: a two-column TSV (document <TAB> summary, one pair a line; a first line
+naming the two columns is skipped) or JSONL (one object a line with the
+document and summary under configurable keys, 'document' and 'summary' by
+default, as in XSum). An unlabelled test file may leave the summary out.
+
+ROUGE follows Google's `rouge-score` package (the one the Hugging Face
+summarization examples report) exactly, which a test checks: text is
+lower-cased, every run of characters outside [a-z0-9] is a separator, and
+with `use_stemmer` words longer than 3 characters are Porter-stemmed (NLTK's
+original algorithm, as rouge-score). ROUGE-N is the clipped n-gram overlap,
+ROUGE-L the longest common subsequence; each gives precision, recall and F1,
+and a corpus figure is the mean F1 over pairs, times 100.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+from typing import Dict, List, Optional, Sequence
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+_NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryPair:
+  """One example: the document and its reference summary (None: unlabelled)."""
+  document: str
+  summary: Optional[str]
+
+
+def read_pairs(path: str, document_key: str = "document",
+               summary_key: str = "summary") -> List[SummaryPair]:
+  """Reads (document, summary) pairs from a .tsv or .jsonl file.
+
+  Raises:
+    ValueError: naming the file and line of a malformed row (a TSV line
+      without exactly two columns, JSON that does not parse, a missing key).
+  """
+  pairs = []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  jsonl = path.endswith((".jsonl", ".json"))
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    if jsonl:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+      if not isinstance(row, dict) or document_key not in row:
+        raise ValueError(f"{path}:{number}: no {document_key!r} key in the JSON object")
+      summary = row.get(summary_key)
+      pairs.append(SummaryPair(str(row[document_key]),
+                               None if summary is None else str(summary)))
+      continue
+    columns = line.split("\t")
+    if len(columns) not in (1, 2):
+      raise ValueError(f"{path}:{number}: {len(columns)} tab-separated columns, expected "
+                       "document<TAB>summary")
+    if number == 1 and columns == [document_key, summary_key][:len(columns)]:
+      continue  # the header
+    pairs.append(SummaryPair(columns[0], columns[1] if len(columns) == 2 else None))
+  return pairs
+
+
+def tokenize(text: str, stemmer=None) -> List[str]:
+  """rouge-score's tokens: lower-cased [a-z0-9] runs, stemmed when longer than 3."""
+  tokens = _NON_ALPHANUM.sub(" ", text.lower()).split()
+  if stemmer is not None:
+    tokens = [stemmer.stem(t) if len(t) > 3 else t for t in tokens]
+  return [t for t in tokens if t]
+
+
+def porter_stemmer():
+  """NLTK's Porter stemmer in its original form (what rouge-score uses)."""
+  try:
+    from nltk.stem import porter  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ValueError("ROUGE with use_stemmer=True needs the nltk package "
+                     "(pip install nltk)") from None
+  return porter.PorterStemmer(porter.PorterStemmer.ORIGINAL_ALGORITHM)
+
+
+def _prf(overlap: int, predicted: int, reference: int) -> Dict[str, float]:
+  precision = overlap / max(predicted, 1)
+  recall = overlap / max(reference, 1)
+  f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+  return dict(precision=precision, recall=recall, fmeasure=f)
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> collections.Counter:
+  return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+  """Longest common subsequence length, one row of the DP table at a time."""
+  row = [0] * (len(b) + 1)
+  for x in a:
+    prev_diag, row[0] = 0, 0
+    for j, y in enumerate(b, 1):
+      prev_diag, row[j] = row[j], prev_diag + 1 if x == y else max(row[j], row[j - 1])
+  return row[-1]
+
+
+def rouge(reference: str, prediction: str, stemmer=None) -> Dict[str, Dict[str, float]]:
+  """ROUGE-1, ROUGE-2 and ROUGE-L of one prediction: {type: {precision, recall, fmeasure}}."""
+  ref, pred = tokenize(reference, stemmer), tokenize(prediction, stemmer)
+  out = {}
+  for n, name in ((1, "rouge1"), (2, "rouge2")):
+    r, p = _ngrams(ref, n), _ngrams(pred, n)
+    overlap = sum(min(count, p[g]) for g, count in r.items())
+    out[name] = _prf(overlap, sum(p.values()), sum(r.values()))
+  if ref and pred:
+    out["rougeL"] = _prf(_lcs_length(ref, pred), len(pred), len(ref))
+  else:
+    out["rougeL"] = dict(precision=0.0, recall=0.0, fmeasure=0.0)
+  return out
+
+
+def corpus_rouge(references: Sequence[str], predictions: Sequence[str],
+                 use_stemmer: bool = True) -> Dict[str, float]:
+  """Mean F1 x 100 of ROUGE-1/2/L over the pairs ({'rouge1': ..., 'rouge2': ..., 'rougeL': ...})."""
+  if len(references) != len(predictions):
+    raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+  if not references:
+    raise ValueError("ROUGE of an empty set")
+  stemmer = porter_stemmer() if use_stemmer else None
+  totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+  for ref, pred in zip(references, predictions):
+    for name, score in rouge(ref, pred, stemmer).items():
+      totals[name] += score["fmeasure"]
+  return {name: 100.0 * total / len(references) for name, total in totals.items()}

@@ -1,0 +1,74 @@
+"""Summarization data and ROUGE (bert_jax.tasks.summarization) against rouge-score."""
+import json
+import random
+
+import pytest
+
+from bert_jax.tasks import summarization as summ
+
+_WORDS = ("the cat sat on mat running runs ran quickly quick council said reported "
+          "reports government's plans 2024 3.5% U.S. well-known it's re-elected a an of "
+          "and ministers meeting meetings generously generous").split()
+
+
+def _texts(seed, n):
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(0, 25))]
+    out.append(" ".join(w.capitalize() if rng.random() < 0.2 else w for w in words)
+               + rng.choice(["", ".", "!", " -- ok"]))
+  return out
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_equals_rouge_score(use_stemmer):
+  rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+  if use_stemmer:
+    pytest.importorskip("nltk")
+  scorer = rouge_scorer.RougeScorer(list(summ.ROUGE_TYPES), use_stemmer=use_stemmer)
+  stemmer = summ.porter_stemmer() if use_stemmer else None
+  refs, preds = _texts(0, 80), _texts(1, 80)
+  preds[:5] = refs[:5]  # some perfect matches
+  preds[5] = ""  # an empty prediction
+  for ref, pred in zip(refs, preds):
+    want = scorer.score(ref, pred)
+    got = summ.rouge(ref, pred, stemmer)
+    for name in summ.ROUGE_TYPES:
+      for field in ("precision", "recall", "fmeasure"):
+        assert got[name][field] == pytest.approx(getattr(want[name], field), abs=1e-12), (
+            name, field, ref, pred)
+  corpus = summ.corpus_rouge(refs, preds, use_stemmer=use_stemmer)
+  for name in summ.ROUGE_TYPES:
+    mean = sum(scorer.score(r, p)[name].fmeasure for r, p in zip(refs, preds)) / len(refs)
+    assert corpus[name] == pytest.approx(100 * mean)
+
+
+def test_rouge_by_hand():
+  got = summ.rouge("the cat sat on the mat", "the cat on the mat sat", None)
+  assert got["rouge1"]["fmeasure"] == 1.0
+  assert got["rouge2"]["precision"] == pytest.approx(3 / 5)  # the cat, on the, the mat
+  assert got["rougeL"]["recall"] == pytest.approx(5 / 6)  # the cat on the mat
+  with pytest.raises(ValueError, match="3 predictions for 2 references"):
+    summ.corpus_rouge(["a", "b"], ["a", "b", "c"], use_stemmer=False)
+
+
+def test_read_pairs_tsv_and_jsonl(tmp_path):
+  tsv = tmp_path / "train.tsv"
+  tsv.write_text("document\tsummary\nA long text.\tShort.\n\nOnly a document\n")
+  assert summ.read_pairs(str(tsv)) == [summ.SummaryPair("A long text.", "Short."),
+                                       summ.SummaryPair("Only a document", None)]
+  jl = tmp_path / "dev.jsonl"
+  jl.write_text(json.dumps({"text": "Doc one.", "highlights": "One."}) + "\n"
+                + json.dumps({"text": "Doc two."}) + "\n")
+  assert summ.read_pairs(str(jl), "text", "highlights") == [
+      summ.SummaryPair("Doc one.", "One."), summ.SummaryPair("Doc two.", None)]
+  bad = tmp_path / "bad.tsv"
+  bad.write_text("a\tb\nx\ty\tz\n")
+  with pytest.raises(ValueError, match=r"bad.tsv:2: 3 tab-separated columns"):
+    summ.read_pairs(str(bad))
+  with pytest.raises(ValueError, match=r"dev.jsonl:1: no 'document' key"):
+    summ.read_pairs(str(jl))
+  (tmp_path / "broken.jsonl").write_text("{not json\n")
+  with pytest.raises(ValueError, match=r"broken.jsonl:1: not JSON"):
+    summ.read_pairs(str(tmp_path / "broken.jsonl"))
