@@ -108,6 +108,9 @@ def data_config() -> ml_collections.ConfigDict:
   c.mask_prob = 0.8  # chosen token -> [MASK]
   c.random_prob = 0.1  # chosen token -> random token (the rest stays)
   c.seq_length = 128  # encoder length; span_corruption: inputs length (e.g. 512)
+  # mlm: per-document [CLS] chunk [SEP] examples packed into rows with segment ids
+  # (attention stays in its document, positions restart; ModernBERT's unpadding)
+  c.pack = False
   c.max_predictions = 20  # width of mlm_positions/targets/weights
   c.short_seq_prob = 0.1  # mlm_nsp/mlm_sop: P(target length random in [2, seq_length - 3])
   #                       instead of seq_length - 3, as original BERT (fewer train/fine-tune

@@ -8,9 +8,12 @@ GeGLU, pre-norm, no biases; AdamW (the paper's StableAdamW, decoupled decay
 warmup-stable-decay ("trapezoidal") schedule with a 1 - sqrt cool-down over
 the last 10% of the steps (the paper cools down after its context extension;
 a run extended from a pre-cool-down checkpoint can do the same), every
-dropout 0 as in the released configs. Not yet here: the unpadded packed
-batches (padding is computed and masked instead), the batch-size warmup, and
-the later 8192-token context extension.
+dropout 0 as in the released configs. Unpadding is done the TPU way:
+each document is cut into [CLS] chunk [SEP] examples that are packed into the
+1024-token rows with segment ids (data.pack), so attention never crosses
+documents, rotary positions restart per example, and only a row's tail is
+padding. Not yet here: the batch-size warmup and the later 8192-token
+context extension.
 
 Data: any text source; the paper's 2T tokens are its own mixture (web,
 code, scientific text). Tokenizer: set data.tokenizer to yours ('' trains a
@@ -47,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.vocab_size = 50_000  # only used when training a tokenizer
   config.data.split = "train[:99%]"  # the last 1% is held out for eval
   config.data.objective = "mlm"  # single segments, no NSP
+  config.data.pack = True  # per-document examples packed with segment ids (unpadding)
   config.data.mask_rate = 0.3
   config.data.seq_length = 1024
   config.data.max_predictions = 320  # 30% of 1024, rounded up to a multiple of 64

@@ -11,7 +11,7 @@ from bert_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> variants (None = the file's default).
 CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert",
-                          "electra", "distil"],
+                          "electra", "distil", "modernbert"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
            "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
            "electra": [None, "base"], "distilbert": [None],

@@ -134,10 +134,13 @@ def _resume_config(objective, minilm_dir, t5_model, corpus):
     # many examples. shuffle_buffer == group_size (see below).
     return _config(t5_model, corpus, objective=objective, seq_length=64, group_size=1,
                    shuffle_buffer=1)
+  if objective == "mlm_pack":
+    return _config(_vocab(minilm_dir), corpus, objective="mlm", pack=True)
   return _config(_vocab(minilm_dir), corpus, objective=objective)
 
 
-@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp", "span_corruption", "denoising"])
+@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp", "span_corruption", "denoising",
+                                       "mlm_pack"])
 def test_exact_resume_skips_raw_documents(objective, minilm_dir, t5_model, corpus,
                                           corpus_docs, tmp_path):
   cfg = _resume_config(objective, minilm_dir, t5_model, corpus)
@@ -269,6 +272,35 @@ def test_span_corruption_lengths(t5_model, corpus):
     assert len(raw) == 568
     assert inputs[-1] == tok.eos_id and targets[-1] == tok.eos_id
     np.testing.assert_array_equal(b["decoder_input_tokens"][row][1:], targets[:-1])
+
+
+def test_packed_mlm_rows_keep_documents_apart(minilm_dir, corpus, corpus_docs):
+  cfg = _config(_vocab(minilm_dir), corpus, pack=True, seq_length=48, num_shards=1,
+                group_size=48, shuffle=False, mask_rate=0.0001, max_predictions=1)
+  it = pipeline.make_train_iterator(cfg, seed=0, batch_size=4)
+  tok = it.tokenizer
+  want = [list(tok.tokenize(" ".join(d)).numpy()) for d in corpus_docs]
+  got, real, rows = [], 0, 0
+  for b in _take(it, 6):
+    orig = _originals(b)
+    for row in range(4):
+      seg, pos = b["encoder_segment_ids"][row], b["encoder_positions"][row]
+      n = int((seg > 0).sum())
+      assert (seg[:n] > 0).all() and (seg[n:] == 0).all()  # only the tail pads
+      assert np.all(np.diff(seg[:n]) >= 0) and seg[0] == 1
+      for s in range(1, seg.max() + 1):
+        ids = orig[row][seg == s]
+        np.testing.assert_array_equal(pos[seg == s], np.arange(len(ids)))
+        assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id
+        got.append(list(ids[1:-1]))
+      real, rows = real + n, rows + 1
+  # In order and unshuffled, the examples are the documents cut in 46-id chunks.
+  chunks = [d[i:i + 46] for d in want for i in range(0, len(d), 46)]
+  assert got == chunks[:len(got)]
+  assert rows < len(got)  # packed: some rows hold several examples
+  bad = _config(_vocab(minilm_dir), corpus, pack=True, objective="mlm_sop")
+  with pytest.raises(ValueError, match="data.pack"):
+    pipeline.make_train_iterator(bad, seed=0, batch_size=4)
 
 
 def test_denoising_rows(minilm_dir, corpus):

@@ -12,6 +12,12 @@ Raw example layout per objective:
     (RoBERTa FULL-SENTENCES, which may cross documents), cut into chunks of
     seq_length - 2 ids; each example is [CLS] chunk [SEP]. A chunk may start
     or end on the separating [SEP].
+  mlm with data.pack (ModernBERT's unpadding): each document cut into chunks of
+    seq_length - 2 ids, each example [CLS] chunk [SEP], and the group's
+    examples packed in order into rows of seq_length: an example opens a new
+    row when it does not fit. Segment ids (1, 2, ... within a row) keep
+    attention inside an example and positions restart at each one, so no
+    row crosses a document and only a row's tail is padding.
   span_corruption: the group's documents concatenated without separator (as
     t5's reduce_concat_tokens), cut into chunks of the raw length from
     span_corruption.compute_input_and_target_lengths; the last may be shorter.
@@ -89,6 +95,46 @@ def mlm_examples(doc_ids: tf.RaggedTensor, seq_length: int, cls_id: int,
   cls = tf.RaggedTensor.from_tensor(tf.fill(tf.stack([c, 1]), cls_id))
   sep = tf.RaggedTensor.from_tensor(tf.fill(tf.stack([c, 1]), sep_id))
   return tf.concat([cls, chunks, sep], axis=1)
+
+
+def packed_mlm_rows(doc_ids: tf.RaggedTensor, seq_length: int, cls_id: int,
+                    sep_id: int) -> Dict[str, tf.Tensor]:
+  """[G, (ids)] -> rows of per-document [CLS] chunk [SEP] examples, packed in order.
+
+  Returns:
+    dict of int32 [R, seq_length]: tokens (0-padded), segment_ids (1, 2, ...
+    per example of the row, 0 on padding) and positions (from 0 in each
+    example).
+  """
+  chunks, _ = document_chunks(doc_ids, seq_length - 2, min_tokens=1)  # [C, (ids)]
+  c = chunks.nrows()
+  cls = tf.RaggedTensor.from_tensor(tf.fill(tf.stack([c, 1]), cls_id))
+  sep = tf.RaggedTensor.from_tensor(tf.fill(tf.stack([c, 1]), sep_id))
+  examples = tf.concat([cls, chunks, sep], axis=1)  # [C, (<= seq_length)]
+  lengths = tf.cast(examples.row_lengths(), tf.int32)  # [C]
+
+  def place(state, length):  # state: (row, used, start) of the previous example
+    opens = state[1] + length > seq_length
+    row = tf.where(opens, state[0] + 1, state[0])
+    start = tf.where(opens, 0, state[1])
+    return tf.stack([row, start + length, start])
+
+  # Greedy and sequential: the layout depends on the group alone (exact resume).
+  placed = tf.scan(place, lengths, initializer=tf.constant([-1, seq_length, 0]))  # [C, 3]
+  rows, starts = placed[:, 0], placed[:, 2]
+  num_rows = tf.maximum(tf.reduce_max(rows) + 1, 0)
+  index = tf.range(tf.size(lengths))
+  first_of_row = tf.math.unsorted_segment_min(index, rows, num_rows)  # [R]
+  segment = index - tf.gather(first_of_row, rows) + 1  # [C] 1-based within its row
+  token_row = tf.repeat(rows, lengths)  # [T]
+  position = tf.cast(tf.range(tf.size(token_row)), tf.int64) - tf.repeat(
+      examples.row_starts(), lengths)  # [T] within its example
+  position = tf.cast(position, tf.int32)
+  where = tf.stack([token_row, tf.repeat(starts, lengths) + position], 1)  # [T, 2]
+  shape = tf.stack([num_rows, seq_length])
+  return dict(tokens=tf.scatter_nd(where, examples.flat_values, shape),
+              segment_ids=tf.scatter_nd(where, tf.repeat(segment, lengths), shape),
+              positions=tf.scatter_nd(where, position, shape))
 
 
 def t5_examples(doc_ids: tf.RaggedTensor, tokens_length: int) -> tf.RaggedTensor:

@@ -118,6 +118,9 @@ def _validate(cfg, seed: int, shards: Sequence[int]) -> _Plan:
   for key in ("group_size", "num_shards", "shuffle_buffer", "max_predictions"):
     _check(cfg[key] >= 1, f"data.{key}={cfg[key]} must be >= 1")
   _check(0 < cfg.mask_rate <= 1, f"data.mask_rate={cfg.mask_rate} must be in (0, 1]")
+  _check(not cfg.pack or cfg.objective == "mlm",
+         f"data.pack=True packs objective 'mlm' rows; data.objective={cfg.objective!r} "
+         "does not pack")
   _check(0 <= cfg.short_seq_prob <= 1,
          f"data.short_seq_prob={cfg.short_seq_prob} must be in [0, 1]")
   _check(bool(cfg.tokenizer), "data.tokenizer is empty: give a vocab.txt or a .model path")
@@ -276,7 +279,12 @@ def _group_examples(plan: _Plan, g, docs: tf.RaggedTensor, epoch, shard):
   if cfg.objective in ("mlm_nsp", "mlm_sop"):  # chunks of < 2 ids make no example
     counts.append(plan.stats["skipped_one_token_documents"].assign_add(
         tf.math.count_nonzero(tf.equal(doc_ids.row_lengths(), 1))))
-  if cfg.objective == "mlm":
+  if cfg.objective == "mlm" and cfg.pack:
+    rows = examples_lib.packed_mlm_rows(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id)
+    out = dict(tokens=rows["tokens"], encoder_segment_ids=rows["segment_ids"],
+               encoder_positions=rows["positions"],
+               encoder_type_ids=tf.zeros_like(rows["tokens"]))
+  elif cfg.objective == "mlm":
     chunks = examples_lib.mlm_examples(doc_ids, cfg.seq_length, tok.cls_id, tok.sep_id)
     out = dict(tokens=chunks.to_tensor(shape=[None, cfg.seq_length]))  # pad id 0
   elif cfg.objective == "span_corruption":
