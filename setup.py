@@ -60,6 +60,8 @@ EXTRAS = {
         "transformers>=5,<6",
         # ROUGE parity (tasks/summarization.py is tested equal to it; nltk: its stemmer).
         "rouge-score>=0.1.2",
+        # Sentence-embedding parity (tests/test_embed.py); it needs torch, pinned above.
+        "sentence-transformers>=5,<7",
     ],
 }
 

@@ -245,13 +245,17 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.finetune.layerwise_lr_decay = 1.0  # 1.0 = off
   c.finetune.ner_head = "softmax"  # conll: 'softmax' | 'crf' (linear-chain CRF) | 'span'
   c.finetune.max_span_length = 8  # conll, ner_head='span': longest span in words
-  c.finetune.method = "full"  # 'full' | 'lora' | 'bitfit' (peft.py; the task head always trains)
+  # 'full' | 'lora' | 'bitfit' | 'prompt' | 'houlsby' | 'pfeiffer' (peft.py, peft_modules.py;
+  # the task head always trains)
+  c.finetune.method = "full"
   c.finetune.lora_rank = 8  # r of the factors A [fan_in, r], B [r, fan_out]
   c.finetune.lora_alpha = 16.0  # the delta is scaled by alpha / r
   # '/'-joined kernel paths given LoRA factors: the attention projections of BERT
   # (encoder/layer_i/attention/...) and T5 (encoder/layers_i/attention/...,
   # decoder/layers_i/{self,encoder_decoder}_attention/...).
   c.finetune.lora_targets = r"(query|key|value|out)/kernel$"
+  c.finetune.prompt_length = 20  # method 'prompt': soft-prompt vectors before the tokens
+  c.finetune.adapter_size = 64  # methods 'houlsby' / 'pfeiffer': adapter bottleneck width
 
   c.optim = optim_config("adamw")  # weight decay 0.01, no decay on norms and biases
   c.optim.learning_rate = 2e-5

@@ -39,7 +39,9 @@ weights; `finetune.layerwise_lr_decay` scales layer i's LR by
 decay ** (L - i). `finetune.method` 'lora' / 'bitfit' trains low-rank
 factors of the attention kernels / the biases, plus the head (peft.py); a
 LoRA run's params are the model's plus params['lora'], and `peft.merge`
-folds them into plain model params. `data.padding`: 'max' (every batch max_length), 'dynamic'
+folds them into plain model params. 'prompt' (soft prompts) and 'houlsby' /
+'pfeiffer' (bottleneck adapters) add params['prompt'] / params['adapters']
+(peft_modules.py). `data.padding`: 'max' (every batch max_length), 'dynamic'
 (each batch padded to its longest, rounded up to `data.pad_multiple`) or
 'bucket' (the same, over batches of similar lengths). Each padded length
 compiles its own step, so the multiple bounds the number of compiles.
@@ -47,7 +49,18 @@ compiles its own step, so the multiple bounds the number of compiles.
 Workdir: checkpoints/ (the last state, for resuming: a killed run restarts
 at the step it saved, with the same batches), best/ (params of the best
 epoch by the primary metric, with that metric in its data position),
-metrics.jsonl, and predict's files under predictions/.
+metrics.jsonl, predict's files under predictions/ and export's Hugging Face
+folder under export/ (LoRA folded into the kernels).
+
+Delta checkpoints: with a method other than 'full', checkpoints/ and best/
+hold only the trainable params (factors, biases, prompts, adapters, the head,
+and Adam's state for them) and, in their data position, the base's identity
+{'path': init_from (or 'random init, seed N'), 'sha256': peft.fingerprint of
+the frozen params}. Resume, evaluate, predict and export rebuild the frozen
+params exactly as a fresh run does (seeded init + init_from's weights), check
+the hash, and join the delta in; a changed base fails in one line naming both
+hashes. The hash is over parameter values, not files, so it also covers a
+random-init base and does not care how the folder stores its weights.
 """
 from __future__ import annotations
 
@@ -55,6 +68,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import jax
@@ -71,6 +85,7 @@ from bert_jax import metrics as metrics_lib
 from bert_jax import models
 from bert_jax import optim
 from bert_jax import peft
+from bert_jax import peft_modules
 from bert_jax import sharding
 from bert_jax import steps
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -245,6 +260,35 @@ def _setup(config) -> _Run:
               shapes)
 
 
+def _saves_delta(config) -> bool:
+  """Whether checkpoints hold the trainable params alone (every method but 'full')."""
+  return config.finetune.method != "full"
+
+
+def _trainable(config, params: Any, freeze: Sequence[str]) -> Any:
+  """What a checkpoint holds of `params`: all of them, or the trainable ones (a delta)."""
+  return peft.split(params, freeze)[0] if _saves_delta(config) else params
+
+
+def _initial_state(config, run: _Run, tx, param_shardings) -> Any:
+  """A fresh run's state: the seeded init, with the pretrained weights loaded over it."""
+  family = models.get(config.family)
+  state, _ = steps.create_sharded_state(run.model, tx, run.init_shapes, run.mesh, run.rules,
+                                        config.seed)
+  if run.pretrained is not None:
+    state = state.replace(params=init_from.load_pretrained(
+        state.params, run.pretrained, param_shardings, family,
+        family.num_layers(run.model.config), config.finetune.reinit_layers))
+  # Soft prompts start from the (pretrained) vocabulary embeddings.
+  return state.replace(params=peft_modules.reinit(run.model, state.params, config.seed))
+
+
+def _base_identity(config, params: Any, freeze: Sequence[str]) -> dict:
+  """{'path', 'sha256'} of the frozen params a delta checkpoint is completed with."""
+  path = config.init_from or f"random init, seed {config.seed}"
+  return {"path": path, "sha256": peft.fingerprint(peft.split(params, freeze)[1])}
+
+
 def _split_names(text: str) -> list[str]:
   return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -288,7 +332,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ---- optimizer and state shapes.
   family = models.get(config.family)
-  layers = family.num_layers(model.config)
   overrides = finetune_init.optimizer_rules(config, family, model.config)
   if config.train.warmup_fraction > 0:
     overrides["warmup_steps"] = int(round(config.train.warmup_fraction * num_steps))
@@ -307,19 +350,24 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                           keep=1, async_save=False)
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      every_steps=steps_per_epoch, keep=1, async_save=False)
-  restored = ckpt.restore(abstract)
+  # A PEFT run saves the trainable params alone (the delta) with the base's identity; the
+  # frozen rest is rebuilt from init_from + seed and checked against that identity.
+  freeze, delta = overrides["freeze"], _saves_delta(config)
+  restored = ckpt.restore(abstract.replace(params=_trainable(config, abstract.params, freeze)))
+  fresh = base = None
+  if restored is None or delta:
+    fresh = _initial_state(config, run, tx, state_shardings.params)
+    base = _base_identity(config, fresh.params, freeze) if delta else None
   if restored is not None:
     state, start = restored.state, restored.step
     best = (restored.data_position or {}).get("best")
+    if delta:
+      peft.check_base((restored.data_position or {}).get("base"), base, str(ckpt.directory))
+      state = state.replace(params=peft.join(fresh.params, state.params))
     logging.info("resumed from step %d of %s", start, ckpt.directory)
   else:
-    state, _ = steps.create_sharded_state(model, tx, run.init_shapes, run.mesh, run.rules,
-                                          config.seed)
-    if run.pretrained is not None:
-      state = state.replace(params=init_from.load_pretrained(
-          state.params, run.pretrained, state_shardings.params, family, layers,
-          config.finetune.reinit_layers))
-    start, best = 0, None
+    state, start, best = fresh, 0, None
+  del fresh  # the base lives on in state.params
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if restored else -1,
                                     enabled=is_main)
 
@@ -336,7 +384,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def save(step: int) -> None:
     """The resumable state; the data position holds the best epoch so far (the
     epoch's batches are recomputed from the seed)."""
-    if ckpt.save(step, state, data_position={"best": best}, config=config, force=True):
+    saved = state.replace(params=_trainable(config, state.params, freeze))
+    if ckpt.save(step, saved, data_position={"best": best, "base": base}, config=config,
+                 force=True):
       log.last_saved = step
 
   with loop.closing(best_ckpt, ckpt, writer, bar, preemption):
@@ -368,8 +418,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       value = scores[primary] if primary else float(epoch)
       if best is None or value > best["value"]:
         best = {"epoch": epoch + 1, "step": step, "metric": primary, "value": value}
-        best_ckpt.save(step, {"params": state.params}, data_position=best, config=config,
-                       force=True)
+        best_ckpt.save(step, {"params": _trainable(config, state.params, freeze)},
+                       data_position=dict(best, base=base), config=config, force=True)
       last = {f"eval/{k}": v for k, v in scores.items()}
       writer.write(step, dict(last, epoch=epoch + 1, **{"best/value": best["value"],
                                                         "best/epoch": best["epoch"]}))
@@ -400,13 +450,20 @@ def _restore_best(config, run: _Run, workdir: str) -> tuple[Any, Callable, dict]
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder} does not exist: run `bert-jax finetune` with this "
                             "workdir first")
+  freeze = finetune_init.optimizer_rules(config, models.get(config.family),
+                                         run.model.config)["freeze"]
   best_ckpt = checkpoint_lib.Checkpointer(folder, every_steps=1, keep=1, async_save=False)
-  restored = best_ckpt.restore({"params": abstract.params})
+  restored = best_ckpt.restore({"params": _trainable(config, abstract.params, freeze)})
   best_ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"no finished checkpoint in {folder}")
-  return (restored.state["params"], _make_predictor(config, run, shardings.params),
-          restored.data_position)
+  params, record = restored.state["params"], dict(restored.data_position or {})
+  saved_base = record.pop("base", None)
+  if _saves_delta(config):  # the delta completed by the rebuilt base
+    base = _initial_state(config, run, optax.identity(), shardings.params).params
+    peft.check_base(saved_base, _base_identity(config, base, freeze), folder)
+    params = peft.join(base, params)
+  return params, _make_predictor(config, run, shardings.params), record
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -450,4 +507,29 @@ def predict(config: ml_collections.ConfigDict, workdir: str, split: str | None =
   return path
 
 
-COMMANDS = {"finetune": finetune, "evaluate": evaluate, "predict": predict}
+def export(config: ml_collections.ConfigDict, workdir: str, out: str | None = None) -> str:
+  """Writes the best checkpoint of `workdir` as a Hugging Face folder (`out`, default
+  WORKDIR/export) that `transformers` loads as the task model.
+
+  A LoRA run is written with its factors folded into the kernels (peft.merged):
+  a plain model, no adapter library needed to load it. The tokenizer's vocab
+  file is copied next to the weights when it is a local file.
+  """
+  from bert_jax import convert  # pylint: disable=import-outside-toplevel  (torch-free, but big)
+  config = ml_collections.ConfigDict(config.to_dict())
+  peft.check_exportable(config)
+  run = _setup(config)
+  params, _, _ = _restore_best(config, run, workdir)
+  params = jax.tree.map(np.asarray, jax.device_get(peft.merged(run.model, params)))
+  path = os.path.join(out or os.path.join(workdir, "export"))
+  if jax.process_index() != 0:
+    return ""
+  convert.save_pretrained(peft.unwrap(run.model), params, path, overwrite=True)
+  vocab = getattr(run.tokenizer, "path", "")
+  if vocab and os.path.isfile(vocab) and os.path.basename(vocab) == "vocab.txt":
+    shutil.copyfile(vocab, os.path.join(path, "vocab.txt"))
+  print(f"wrote {path}")
+  return path
+
+
+COMMANDS = {"finetune": finetune, "evaluate": evaluate, "predict": predict, "export": export}

@@ -449,3 +449,108 @@ def summarize(metrics: Mapping[str, Any]) -> dict[str, float]:
 # Sums of a binary detection term (rtd_loss) that summarize turns into
 # precision and recall rather than dividing by the count.
 _DETECTION_SUMS = ("true_positives", "predicted_positives", "positives")
+
+
+# ---------------------------------------------------------------------------
+# Sentence-BERT bi-encoder losses (Reimers & Gurevych 2019): both sentences of
+# a pair go through the same encoder + pooling (models/pooling.py) into
+# u, v [batch, hidden]; these score them. They follow the conventions above
+# (sums in metrics, weights 0.0 for filler rows).
+# ---------------------------------------------------------------------------
+
+# What a norm is at least, so an all-zero (filler) vector stays finite.
+_UNIT_EPS = 1e-12
+
+
+def _unit(x: Array) -> Array:
+  """Rows of x scaled to unit L2 norm, in float32."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _UNIT_EPS)
+
+
+def sbert_pair_features(u: Array, v: Array) -> Array:
+  """SBERT's classification input (u, v, |u - v|): [batch, hidden] x 2 -> [batch, 3 * hidden]."""
+  if u.shape != v.shape:
+    raise ValueError(f"sbert_pair_features: u {u.shape} and v {v.shape} differ")
+  return jnp.concatenate([u, v, jnp.abs(u - v)], axis=-1)
+
+
+def sbert_softmax_loss(u: Array, v: Array, kernel: Array, bias: Array, labels: Array,
+                       weights: Array | None = None, *,
+                       prefix: str = "sbert_cls") -> tuple[Array, Metrics]:
+  """SBERT's NLI objective: softmax cross entropy of W (u, v, |u - v|) + b.
+
+  Args:
+    u, v: [batch, hidden] the two sentences' embeddings.
+    kernel: [3 * hidden, num_labels], bias: [num_labels], the classifier
+      (trained with the encoder, dropped after training).
+    labels: [batch] int class ids (entailment / neutral / contradiction).
+    weights: optional [batch], 0.0 for filler rows.
+    prefix: metric key prefix.
+  """
+  features = sbert_pair_features(u.astype(jnp.float32), v.astype(jnp.float32))
+  logits = features @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)  # [batch, labels]
+  return categorical(logits, labels, weights, prefix)
+
+
+def cosine_similarity_loss(u: Array, v: Array, scores: Array, weights: Array | None = None,
+                           *, prefix: str = "cos_sim") -> tuple[Array, Metrics]:
+  """Mean squared error of cos(u_i, v_i) against gold similarities (STS, scaled to [0, 1]).
+
+  Args:
+    u, v: [batch, hidden] the two sentences' embeddings.
+    scores: [batch] float gold similarities.
+    weights: optional [batch], 0.0 for filler rows.
+    prefix: metric key prefix.
+  """
+  if u.shape != v.shape or u.shape[:1] != scores.shape:
+    raise ValueError(f"{prefix}: u {u.shape}, v {v.shape} and scores {scores.shape} do not fit")
+  w = _weights_like(scores, weights)
+  cosine = jnp.sum(_unit(u) * _unit(v), axis=-1)  # [batch]
+  loss_sum = jnp.sum(w * jnp.square(cosine - scores.astype(jnp.float32)))
+  count = jnp.sum(w)
+  return safe_div(loss_sum, count), {f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count}
+
+
+def multiple_negatives_ranking_loss(anchors: Array, positives: Array,
+                                    weights: Array | None = None, *,
+                                    negatives: Array | None = None, scale: float = 20.0,
+                                    prefix: str = "mnrl") -> tuple[Array, Metrics]:
+  """In-batch softmax over cosines (Henderson et al. 2017; sentence-transformers' MNRL).
+
+  Anchor i must pick its positive i among every positive (and hard negative)
+  of the batch: cross entropy of scale * cos(a_i, c_j) with target j = i.
+  Under jit with the batch split over devices, `anchors` and `positives`
+  are the GLOBAL [batch, hidden] arrays, so the [batch, candidates]
+  similarity matrix spans every device and host: each anchor meets the whole
+  global batch as negatives, not only its device's share (XLA gathers the
+  candidates).
+
+  Args:
+    anchors, positives: [batch, hidden].
+    weights: optional [batch], 0.0 for filler rows: such a row is neither
+      scored nor a candidate (its vector is padding, not a negative).
+    negatives: optional [batch, hidden] hard negatives (row i belongs to
+      anchor i but is a candidate for every anchor), weighted like row i.
+    scale: the inverse temperature (20, sentence-transformers' default).
+    prefix: metric key prefix.
+  """
+  if anchors.shape != positives.shape or (negatives is not None
+                                          and negatives.shape != anchors.shape):
+    raise ValueError(f"{prefix}: anchors {anchors.shape}, positives {positives.shape} and "
+                     f"negatives {None if negatives is None else negatives.shape} must match")
+  batch = anchors.shape[0]
+  w = _weights_like(anchors[:, 0], weights)
+  candidates = positives if negatives is None else jnp.concatenate([positives, negatives], 0)
+  real = jnp.tile(w, 1 if negatives is None else 2) > 0  # [candidates]
+  logits = scale * (_unit(anchors) @ _unit(candidates).T)  # [batch, candidates]
+  # A large finite value, not -inf: a filler row's own target is masked too,
+  # and inf * weight 0 would be NaN.
+  logits = jnp.where(real[None, :], logits, -1e9)
+  targets = jnp.arange(batch)
+  per_item, _ = cross_entropy(logits, targets)
+  loss_sum = jnp.sum(w * per_item)
+  count = jnp.sum(w)
+  return safe_div(loss_sum, count), {
+      f"{prefix}/loss_sum": loss_sum, f"{prefix}/count": count,
+      f"{prefix}/correct": jnp.sum(w * _correct(logits, targets))}

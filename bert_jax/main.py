@@ -1,9 +1,12 @@
 """bert-jax command line: flags -> config -> one command.
 
   bert-jax train --config=configs/FILE.py[:variant] --workdir=DIR [--config.a.b=value]
-  bert-jax {finetune|evaluate|predict} --config=configs/glue.py:sst2 --workdir=DIR [--out=DIR]
+  bert-jax {finetune|evaluate|predict|export} --config=configs/glue.py:sst2 --workdir=DIR
+      [--out=DIR]   (export: the best checkpoint as a Hugging Face folder, LoRA merged)
   bert-jax inspect --config=configs/FILE.py[:variant] [--num_batches=2] [--out=x.npz]
   bert-jax train-tokenizer --input=GLOB_OR_SPEC --model_prefix=PATH --vocab_size=N
+  bert-jax embed --init_from=FOLDER_OR_WORKDIR --input=FILE --out=emb.npy [--pooling=mean]
+      [--batch_size=64] [--max_length=0] [--text_field=NAME]   (sentence embeddings)
   python -m bert_jax.main COMMAND ...   (the same)
 
 Config fields are overridden with --config.a.b=value; the config is locked,
@@ -39,13 +42,22 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
 flags.DEFINE_integer("num_batches", 2, "inspect: batches to read.")
 flags.DEFINE_integer("num_examples", 3, "inspect: examples to print per batch.")
 flags.DEFINE_string("out", None, "inspect: write the batches to this .npz file; predict: "
-                    "the predictions folder (default WORKDIR/predictions).")
+                    "the predictions folder (default WORKDIR/predictions); export: the "
+                    "Hugging Face folder (default WORKDIR/export).")
 flags.DEFINE_multi_string("input", None, "train-tokenizer: text files, globs or source specs.")
 flags.DEFINE_string("model_prefix", None, "train-tokenizer: writes PREFIX.model/.vocab.")
 flags.DEFINE_integer("vocab_size", 32000, "train-tokenizer: pieces in the model.")
 flags.DEFINE_string("model_type", "unigram", "train-tokenizer: unigram or bpe.")
 flags.DEFINE_integer("extra_ids", 100, "train-tokenizer: T5 sentinels appended.")
 flags.DEFINE_bool("bert_special_tokens", False, "train-tokenizer: add [CLS] [SEP] [MASK].")
+flags.DEFINE_string("init_from", None, "embed: a Hugging Face / sentence-transformers folder "
+                    "or a bert-jax train workdir.")
+flags.DEFINE_string("pooling", None, "embed: mean, cls, max, mean_sqrt_len_tokens, "
+                    "weightedmean or lasttoken (several: a,b); default the folder's, else mean.")
+flags.DEFINE_integer("batch_size", 64, "embed: sentences per batch (a multiple of the devices).")
+flags.DEFINE_integer("max_length", 0, "embed: tokens per sentence at most (0: the folder's "
+                     "max_seq_length, else the model's positions).")
+flags.DEFINE_string("text_field", None, "embed: the .tsv column / .jsonl field of the sentence.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
                     "(not needed on TPU VMs, where jax finds its peers itself).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -87,7 +99,7 @@ def _finetune(config, command: str) -> None:
   from bert_jax import finetune, loop
   _init_distributed()
   logging.get_absl_logger().setLevel("WARNING")
-  kwargs = {"out": FLAGS.out} if command == "predict" else {}
+  kwargs = {"out": FLAGS.out} if command in ("predict", "export") else {}
   try:
     finetune.COMMANDS[command](config, FLAGS.workdir, **kwargs)
   except loop.Preempted as e:
@@ -124,6 +136,16 @@ def _train_tokenizer() -> None:
       texts, FLAGS.model_prefix, FLAGS.vocab_size, model_type=FLAGS.model_type,
       extra_ids=FLAGS.extra_ids, bert_special_tokens=FLAGS.bert_special_tokens)
   print(f"wrote {tok.path} ({tok.vocab_size} ids including {FLAGS.extra_ids} extra ids)")
+
+
+def _embed() -> None:
+  if FLAGS.input and len(FLAGS.input) != 1:
+    raise app.UsageError(f"embed takes one --input file, got {len(FLAGS.input)}")
+  from bert_jax import embed
+  _init_distributed()
+  embed.run(FLAGS.init_from, FLAGS.input[0] if FLAGS.input else None, FLAGS.out,
+            pooling=FLAGS.pooling, batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
+            text_field=FLAGS.text_field)
 
 
 # ---------------------------------------------------------------------- errors
@@ -294,15 +316,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _run_command(argv) -> None:
-  commands = ("train", "inspect", "train-tokenizer", "finetune", "evaluate", "predict")
+  commands = ("train", "inspect", "train-tokenizer", "finetune", "evaluate", "predict",
+              "export", "embed")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: bert-jax {{{'|'.join(commands)}}} [--flags]; got {argv[1:]}")
   if argv[1] == "train-tokenizer":
     return _train_tokenizer()
+  if argv[1] == "embed":
+    return _embed()
   if _CONFIG.value is None:
     raise app.UsageError(f"{argv[1]} needs --config=configs/FILE.py[:variant]")
   logging.info("config:\n%s", _CONFIG.value)
-  if argv[1] in ("finetune", "evaluate", "predict"):
+  if argv[1] in ("finetune", "evaluate", "predict", "export"):
     return _finetune(_CONFIG.value, argv[1])
   return (_train if argv[1] == "train" else _inspect)(_CONFIG.value)
 

@@ -1,4 +1,4 @@
-"""Parameter-efficient fine-tuning: LoRA and BitFit, as options of `config.finetune`.
+"""Parameter-efficient fine-tuning: LoRA, BitFit, prompts, adapters (`config.finetune`).
 
 `finetune.method`:
   full    every parameter trains (subject to the freeze_* controls).
@@ -10,6 +10,12 @@
           and HF peft's modules_to_save) train.
   bitfit  Ben Zaken et al. 2021: only the carried-over biases (paths ending
           in 'bias') and the task head train.
+  prompt, houlsby, pfeiffer: soft prompts and bottleneck adapters, peft_modules.py.
+Layer-wise LR decay (optim.layerwise_lr_multipliers' `(^|/)layer_{i}/`) also
+matches the factors and adapters of layer i (lora/encoder/layer_i/...,
+adapters/encoder/layer_i/...): they get the decay of the layer they adapt, on
+purpose. Checkpoints of these methods hold only the trainable params (see
+`split`, `fingerprint` and finetune.py's "Delta checkpoints").
 Freezing is optim's freeze regex, so frozen weights get no update and no
 optimizer state and stay bit-identical.
 
@@ -53,8 +59,12 @@ from flax import traverse_util
 
 from bert_jax.defaults import ConfigError
 
-METHODS = ("full", "lora", "bitfit")
+METHODS = ("full", "lora", "bitfit", "prompt", "houlsby", "pfeiffer")
 LORA = "lora"  # the top-level key of the factors in the params tree
+# Top-level keys a method adds to the model's params (peft_modules.py has the last two).
+ADDED = (LORA, "prompt", "adapters")
+# Methods that train the encoder's LayerNorms (and would be void under freeze_encoder).
+_TRAINS_ENCODER = {"bitfit": "biases", "houlsby": "LayerNorms", "pfeiffer": "LayerNorms"}
 
 
 def validate(config) -> None:
@@ -66,6 +76,13 @@ def validate(config) -> None:
   if ft.method != "full" and ft.reinit_layers:
     raise ConfigError("finetune.reinit_layers", f"re-initialised layers would stay frozen at "
                       f"random values under method {ft.method!r}; use 0")
+  if ft.method in _TRAINS_ENCODER and ft.freeze_encoder:
+    raise ConfigError("finetune.freeze_encoder", f"would freeze the encoder "
+                      f"{_TRAINS_ENCODER[ft.method]} that method {ft.method!r} trains; use False")
+  if ft.method == "prompt" and ft.prompt_length < 1:
+    raise ConfigError("finetune.prompt_length", f"must be >= 1, got {ft.prompt_length}")
+  if ft.method in ("houlsby", "pfeiffer") and ft.adapter_size < 1:
+    raise ConfigError("finetune.adapter_size", f"must be >= 1, got {ft.adapter_size}")
   if ft.method != "lora":
     return
   if ft.lora_rank < 1:
@@ -163,27 +180,25 @@ def merge(params: Any, alpha: float) -> Any:
 
 
 @functools.cache
-def _wrapper_class(inner_cls: type) -> type:
-  """A LoraModel subclass whose `__call__` signature (what steps reads) is inner_cls's, and
+def _wrapper_class(wrapper: type, inner_cls: type) -> type:
+  """A `wrapper` subclass whose `__call__` signature (what steps reads) is inner_cls's, and
   whose methods (`type(model).encode`, used as `apply(method=...)`) are inner_cls's."""
   attrs = {"__call__": inner_cls.__call__}
   for klass in reversed(inner_cls.__mro__[:inner_cls.__mro__.index(nn.Module)]):
     attrs.update({k: v for k, v in vars(klass).items()
                   if inspect.isfunction(v) and not k.startswith("_") and k != "setup"})
-  return type(f"Lora{inner_cls.__name__}", (LoraModel,), attrs)
+  return type(f"{wrapper.__name__[:-len('Model')]}{inner_cls.__name__}", (wrapper,), attrs)
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraModel:
-  """`model` with LoRA factors: init adds params['lora'], apply merges them first.
+class Wrapped:
+  """A model plus one params subtree of a PEFT method (params[KEY]).
 
   Hashable (a jit static argument, like a flax module); attributes it lacks
-  (`config`, ...) are the wrapped model's.
+  (`config`, ...) are the wrapped model's. Subclasses give `_added(params,
+  key)` (the boxed subtree) and `_apply(variables, params, call)`.
   """
   model: nn.Module
-  paths: tuple[str, ...]
-  rank: int
-  alpha: float
 
   def __getattr__(self, name):
     if name.startswith("__") or name == "model":  # copy/pickle probe before __init__
@@ -191,22 +206,39 @@ class LoraModel:
     return getattr(self.model, name)
 
   def init(self, rngs, *args, **kwargs):
-    """The wrapped model's variables, with params['lora'] added (boxed like the model's)."""
+    """The wrapped model's variables, with the method's subtree added (boxed like the
+    model's)."""
     variables = self.model.init(rngs, *args, **kwargs)
     key = rngs["params"] if isinstance(rngs, dict) else rngs
-    factors = init_factors(variables["params"], self.paths, self.rank,
-                           jax.random.fold_in(key, 0x10FA))
-    return {**variables, "params": {**variables["params"], LORA: factors}}
+    added = self._added(variables["params"], jax.random.fold_in(key, 0x10FA))
+    return {**variables, "params": {**variables["params"], self.KEY: added}}
 
   def apply(self, variables, *args, **kwargs):
-    """The wrapped model's apply on the merged params."""
-    params = merge(variables["params"], self.alpha)
-    return self.model.apply({**variables, "params": params}, *args, **kwargs)
+    params = variables["params"]
+    base = {k: v for k, v in params.items() if k != self.KEY}
+    call = lambda p: self.model.apply({**variables, "params": p}, *args, **kwargs)
+    return self._apply(params, base, call)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel(Wrapped):
+  """`model` with LoRA factors: init adds params['lora'], apply merges them first."""
+  paths: tuple[str, ...] = ()
+  rank: int = 1
+  alpha: float = 1.0
+  KEY = LORA
+
+  def _added(self, params, key):
+    return init_factors(params, self.paths, self.rank, key)
+
+  def _apply(self, params, base, call):
+    del base
+    return call(merge(params, self.alpha))
 
 
 def unwrap(model) -> Any:
-  """The plain model under a LoraModel (the model itself otherwise)."""
-  return model.model if isinstance(model, LoraModel) else model
+  """The plain model under a PEFT wrapper (the model itself otherwise)."""
+  return model.model if isinstance(model, Wrapped) else model
 
 
 def merged(model, params: Any) -> Any:
@@ -215,10 +247,11 @@ def merged(model, params: Any) -> Any:
 
 
 def wrap(config, model: nn.Module, init_shapes: dict) -> Any:
-  """`model`, wrapped in a LoraModel when finetune.method is 'lora'.
+  """`model`, wrapped for the method: LoraModel, PromptModel or AdapterModel.
 
   Raises ConfigError naming finetune.lora_targets when it matches no kernel,
-  or finetune.method when BitFit finds no bias.
+  finetune.method when BitFit finds no bias or the model has no BERT encoder
+  for prompts / adapters.
   """
   validate(config)
   ft = config.finetune
@@ -227,14 +260,19 @@ def wrap(config, model: nn.Module, init_shapes: dict) -> Any:
   from bert_jax import steps  # pylint: disable=import-outside-toplevel  (steps imports optim)
   shapes = steps.param_shapes(model, init_shapes)
   check_bitfit(config, shapes)
-  if ft.method != "lora":
+  if ft.method == "bitfit":
     return model
+  if ft.method in ("prompt", "houlsby", "pfeiffer"):
+    from bert_jax import peft_modules  # pylint: disable=import-outside-toplevel
+    return peft_modules.wrap(config, model, steps._dummy_batch(init_shapes),  # pylint: disable=protected-access
+                             lambda cls: _wrapper_class(cls, type(model)))
   paths = target_paths(shapes, ft.lora_targets)
   if not paths:
     kernels = [p for p in _flat(shapes) if p.endswith("kernel")]
     raise ConfigError("finetune.lora_targets", f"regex {ft.lora_targets!r} matches no kernel "
                       f"(e.g. {', '.join(kernels[:3])})")
-  return _wrapper_class(type(model))(model, paths, int(ft.lora_rank), float(ft.lora_alpha))
+  return _wrapper_class(LoraModel, type(model))(model, paths, int(ft.lora_rank),
+                                                float(ft.lora_alpha))
 
 
 # ---------------------------------------------------------------- freezing
@@ -247,10 +285,13 @@ def freeze_rules(config, family) -> list[str]:
   if method == "full":
     return []
   carried = family.carried_over
-  base = f"^({'|'.join(map(re.escape, carried))})/" if carried else f"^(?!{LORA}/)"
-  if method == "lora":
-    return [base]
-  return [base + r"(?!.*bias$)"]
+  base = (f"^({'|'.join(map(re.escape, carried))})/" if carried
+          else f"^(?!({'|'.join(ADDED)})/)")
+  if method == "bitfit":
+    return [base + r"(?!.*bias$)"]
+  if method in ("houlsby", "pfeiffer"):  # the adapters and every LayerNorm train
+    return [base + r"(?!.*norm/)"]
+  return [base]
 
 
 def check_bitfit(config, params: Any) -> None:
@@ -279,3 +320,74 @@ def log_trainable(params: Any, freeze: Sequence[str]) -> tuple[int, int]:
   logging.info("trainable parameters: %d of %d (%.2f%%)", trainable, total,
                100.0 * trainable / max(total, 1))
   return trainable, total
+
+
+# --------------------------------------------------- delta-only checkpoints
+
+
+def split(params: Any, freeze: Sequence[str]) -> tuple[dict, dict]:
+  """(trainable, frozen): the nested params divided by the freeze regexes (re.search on
+  '/'-joined paths, as optim does). Leaves are not copied."""
+  compiled = [re.compile(p) for p in freeze]
+  trainable, frozen = {}, {}
+  for key, leaf in traverse_util.flatten_dict(params, is_leaf=lambda _, x: _is_box(x)).items():
+    frozen_leaf = any(r.search("/".join(key)) for r in compiled)
+    (frozen if frozen_leaf else trainable)[key] = leaf
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def join(base: Any, delta: Any) -> dict:
+  """`base` with every leaf of `delta` put in (a leaf of delta that base lacks is added)."""
+  flat = traverse_util.flatten_dict(base)
+  flat.update(traverse_util.flatten_dict(delta))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _host_array(x) -> Any:
+  """x as a numpy array on this host (every host gathers a sharded multi-host array)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.ascontiguousarray(np.asarray(x))
+
+
+def fingerprint(params: Any) -> str:
+  """sha256 (hex) over the params: for each leaf in sorted path order, its '/'-joined path,
+  dtype, shape and little-endian C-order bytes.
+
+  Over the values rather than the files they came from, so it identifies the
+  base model whatever its source (a Hugging Face folder in either format, a
+  pretraining workdir, or a seeded random init) and does not change when the
+  same weights are re-saved in another layout.
+  """
+  import hashlib  # pylint: disable=import-outside-toplevel
+  digest = hashlib.sha256()
+  for path, leaf in sorted(_flat(params).items()):
+    array = _host_array(_unbox(leaf))
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    digest.update(f"{path}|{array.dtype.str}|{array.shape}\n".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
+
+
+def check_base(saved: dict | None, current: dict, where: str) -> None:
+  """ValueError (one line, both hashes) when the base a delta checkpoint was trained on is not
+  the one rebuilt now."""
+  if not saved or saved.get("sha256") != current["sha256"]:
+    was = (saved or {}).get("sha256", "none recorded")
+    raise ValueError(
+        f"{where}: the delta checkpoint was trained on base {saved and saved.get('path')!r} "
+        f"sha256 {was}, but the base rebuilt from init_from={current['path']!r} has sha256 "
+        f"{current['sha256']}; restore the original base model")
+
+
+EXPORTABLE = ("full", "lora", "bitfit")  # methods whose result is a plain model
+
+
+def check_exportable(config) -> None:
+  """`bert-jax export` writes plain Hugging Face models: a ConfigError for the methods that
+  add modules those lack."""
+  if config.finetune.method not in EXPORTABLE:
+    raise ConfigError("finetune.method", f"{config.finetune.method!r} adds parameters a plain "
+                      f"Hugging Face model has no place for; export handles {list(EXPORTABLE)}")

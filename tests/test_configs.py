@@ -15,7 +15,7 @@ CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
            "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
            "electra": [None, "base"], "distilbert": [None],
-           "modernbert": [None, "large"]}
+           "modernbert": [None, "large"], "deberta_v3": [None, "small"]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
 FINETUNE = {"glue", "conll", "squad", "text2text"}
 # The keys scripts and users rely on in every training config (issue "Training").

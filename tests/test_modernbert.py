@@ -245,3 +245,40 @@ def test_family_registry_and_presets():
   assert models.family_of(family.build(family.preset("tiny"), "mlm")) is family
   assert family.train_flops(base, {"encoder_input_tokens": (1, 1024),
                                    "mlm_positions": (1, 307)}, "mlm") > 0
+
+
+def test_glue_finetuning_starts_from_a_hugging_face_folder(shared_data, tmp_path):
+  """A few SST-2 steps from a random transformers ModernBertForMaskedLM folder: the
+  encoder carries over, the new head trains, the loss falls and predict writes labels."""
+  from bert_jax import defaults, finetune
+  from bert_jax.tasks import glue
+  import re
+  rows = glue.read_tsv(str(shared_data), "sst2", "train")[:32]
+  words = sorted({w for e in rows for w in re.findall(r"\w+|[^\w\s]", e.text_a.lower())})
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                          + words) + "\n")
+  torch.manual_seed(0)
+  model = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+      **dict(CONFIGS["a"], vocab_size=5 + len(words), initializer_range=0.2), pad_token_id=0,
+      bos_token_id=None, eos_token_id=None, cls_token_id=2, sep_token_id=3,
+      attn_implementation="eager"))
+  model.save_pretrained(hf)
+  config = defaults.finetune_config()
+  config.update_from_flattened_dict({
+      "family": "modernbert", "glue_task": "sst2", "init_from": str(hf),
+      "data.data_dir": str(shared_data), "data.max_train_examples": 32,
+      "data.max_eval_examples": 16, "data.max_length": 32, "data.pad_multiple": 16,
+      "train.batch_size": 16, "eval.batch_size": 16, "train.num_epochs": 4,
+      "optim.learning_rate": 3e-3, "optim.warmup_steps": 0,
+      "checkpoint.every_epochs": 100, "log.every_steps": 1, "log.progress": False,
+      "data.predict_split": "dev"})
+  workdir = tmp_path / "run"
+  finetune.finetune(config, str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.02, losses
+  assert any("eval/dev/accuracy" in r for r in records)
+  lines = open(finetune.predict(config, str(workdir))).read().splitlines()
+  assert lines[0] == "index\tprediction" and len(lines) == 17

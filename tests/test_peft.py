@@ -1,4 +1,5 @@
-"""LoRA and BitFit (peft.py): the merge, a few training steps of each method, config errors.
+"""PEFT (peft.py, peft_modules.py): the LoRA merge, a few training steps of each method
+(LoRA, BitFit, prompts, adapters), config errors.
 
 A tiny random BERT sequence classifier trains on one fixed batch through the
 same pieces finetune.py uses (peft.wrap, finetune_init.optimizer_rules,
@@ -209,6 +210,98 @@ def test_trainable_count_is_logged(caplog):
   assert 0 < trainable < total
 
 
+# ------------------------------------------------------- prompts, adapters
+
+
+def test_prompt_trains_the_prompts_and_head_only(runs):
+  """Only params['prompt'] [k, hidden] and the classifier move; the loss falls; every
+  base weight (pooler included) is bit-identical after training."""
+  run = runs["prompt"]
+  before, after = _flat(run["before"]), _flat(run["after"])
+  assert np.all(np.diff(run["losses"]) < 0), run["losses"]
+  assert before["prompt"].shape == (20, HIDDEN)  # finetune.prompt_length's default
+  changed = {p for p in before if not np.array_equal(after[p], before[p])}
+  assert changed == {"prompt", "classifier/kernel", "classifier/bias"}, changed
+  assert run["trainable"][0] == 20 * HIDDEN + HIDDEN * 2 + 2
+
+
+@pytest.mark.parametrize("method, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+def test_adapters_train_adapters_norms_and_head_only(runs, method, per_layer):
+  run = runs[method]
+  before, after = _flat(run["before"]), _flat(run["after"])
+  assert np.all(np.diff(run["losses"]) < 0), run["losses"]
+  changed = {p for p in before if not np.array_equal(after[p], before[p])}
+  assert all(p.startswith(("adapters/", "classifier/")) or "norm/" in p for p in changed), \
+      changed
+  assert "adapters/encoder/layer_1/mlp_adapter/up/kernel" in changed
+  assert "encoder/layer_0/mlp_norm/scale" in changed
+  size = 64  # finetune.adapter_size's default
+  adapters = [p for p in before if p.startswith("adapters/")]
+  assert len(adapters) == LAYERS * per_layer * 4
+  norms = sum(v.size for p, v in before.items() if "norm/" in p)
+  assert run["trainable"][0] == (LAYERS * per_layer * (2 * HIDDEN * size + size + HIDDEN)
+                                 + norms + HIDDEN * 2 + 2)
+
+
+def test_adapters_start_as_the_base_model_exactly():
+  """Zero up-projections: at init the adapted model's outputs equal the plain model's
+  on the same base params, bit for bit; a non-zero adapter changes them."""
+  config = _config("houlsby")
+  plain, model, shapes = _model(config)
+  variables = model.init({"params": jax.random.PRNGKey(0)},
+                         **steps.model_inputs(model, steps._dummy_batch(shapes)))
+  params = steps._unbox(variables["params"])
+  base = {k: v for k, v in params.items() if k != "adapters"}
+  batch = {k: v for k, v in _batch().items() if k.startswith("encoder")}
+  want = plain.apply({"params": base}, **batch)["logits"]
+  got = model.apply({"params": params}, **steps.model_inputs(model, batch))["logits"]
+  np.testing.assert_array_equal(got, want)
+  adapter = params["adapters"]["encoder"]["layer_0"]["attention_adapter"]
+  adapter["down"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1),
+                                                adapter["down"]["kernel"].shape)
+  adapter["up"]["kernel"] = jax.random.normal(jax.random.PRNGKey(2),
+                                              adapter["up"]["kernel"].shape)
+  moved = model.apply({"params": params}, **steps.model_inputs(model, batch))["logits"]
+  assert np.abs(moved - want).max() > 10 * np.abs(want).max() / 100, (moved, want)
+
+
+def test_prompts_keep_the_sequence_and_ignore_padding():
+  """Token classification with prompts: logits [batch, length, labels] (the prompt rows
+  are not scored), the prompts matter, and a row's logits do not depend on how much
+  padding follows it (the extended mask hides padding, shows the prompts)."""
+  config = _config("prompt", **{"finetune.prompt_length": 3})
+  family = models.get(config.family)
+  model_cfg, _ = finetune_init.model_config(config, None, None)
+  plain = family.build(model_cfg, "token_classification", num_labels=5)
+  shapes = steps.init_shapes(family.init_features)
+  model = peft.wrap(config, plain, shapes)
+  variables = model.init({"params": jax.random.PRNGKey(0)},
+                         **steps.model_inputs(model, steps._dummy_batch(shapes)))
+  params = steps._unbox(variables["params"])
+  assert params["prompt"].shape == (3, HIDDEN)
+  tokens = _batch()["encoder_input_tokens"][:2, :8]
+  padded = np.pad(tokens, ((0, 0), (0, 4)))  # pad id 0
+  logits = jax.jit(lambda p, t: model.apply({"params": p}, encoder_input_tokens=t)["logits"])
+  short, long = logits(params, tokens), logits(params, padded)
+  assert short.shape == (2, 8, 5) and long.shape == (2, 12, 5)
+  np.testing.assert_allclose(long[:, :8], short, atol=1e-5)
+  moved = logits({**params, "prompt": params["prompt"] + 1.0}, tokens)
+  assert not np.allclose(moved, short, atol=1e-4)
+
+
+def test_layerwise_decay_gives_factors_their_layers_rate():
+  """lora/encoder/layer_i/... matches layer i's decay rule: the factors move at the rate
+  of the kernel they adapt; the head keeps 1."""
+  config = _config("lora", **{"finetune.layerwise_lr_decay": 0.5})
+  family = models.get(config.family)
+  _, model, shapes = _model(config)
+  rules = finetune_init.optimizer_rules(config, family, model.config)["lr_multipliers"]
+  factors = _flat(optim.multiplier_tree(steps.param_shapes(model, shapes), rules))
+  for i in range(LAYERS):
+    assert factors[f"lora/encoder/layer_{i}/attention/query/kernel/a"] == 0.5 ** (LAYERS - i)
+  assert factors["classifier/kernel"] == 1.0
+
+
 # ------------------------------------------------------------------- errors
 
 
@@ -218,12 +311,41 @@ def test_trainable_count_is_logged(caplog):
     ("finetune.lora_alpha", -1.0, "finetune.lora_alpha"),
     ("finetune.lora_targets", "(query", "finetune.lora_targets"),
     ("finetune.reinit_layers", 1, "finetune.reinit_layers"),
+    ("finetune.method", "lora ", "finetune.method"),
 ])
 def test_bad_values_name_the_key(field, value, key):
   config = _config("lora", **{field: value})
   with pytest.raises(ConfigError, match=f"^config.{key}: ") as e:
     finetune.validate(config)
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method, field, value, key", [
+    ("prompt", "finetune.prompt_length", 0, "finetune.prompt_length"),
+    ("houlsby", "finetune.adapter_size", 0, "finetune.adapter_size"),
+    ("pfeiffer", "finetune.adapter_size", -4, "finetune.adapter_size"),
+    ("bitfit", "finetune.freeze_encoder", True, "finetune.freeze_encoder"),
+    ("houlsby", "finetune.freeze_encoder", True, "finetune.freeze_encoder"),
+])
+def test_bad_method_values_name_the_key(method, field, value, key):
+  config = _config(method, **{field: value})
+  with pytest.raises(ConfigError, match=f"^config.{key}: ") as e:
+    finetune.validate(config)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["prompt", "pfeiffer"])
+def test_prompts_and_adapters_need_a_bert_encoder(method):
+  """T5 has no BertEncoder: one line naming finetune.method; export refuses them too."""
+  config = _config(method, family="t5")
+  config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=64)
+  family = models.get("t5")
+  model = family.build(finetune_init.model_config(config, None, None)[0], family.finetune_task)
+  with pytest.raises(ConfigError, match=f"^config.finetune.method: '{method}' needs a "
+                     "BERT-family encoder"):
+    peft.wrap(config, model, steps.init_shapes(family.init_features))
+  with pytest.raises(ConfigError, match="^config.finetune.method: .*export handles"):
+    peft.check_exportable(config)
 
 
 def test_targets_matching_no_kernel_name_the_regex():

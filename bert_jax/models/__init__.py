@@ -20,6 +20,7 @@ import importlib
 from typing import Any, Callable, Mapping
 
 from bert_jax.models import configs
+from bert_jax.models import deberta_config
 from bert_jax.models import flops
 
 
@@ -41,6 +42,12 @@ def _modernbert_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) 
   del task  # the masked LM is the one pretraining model
   predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
   return flops.modernbert_train_flops(config, shapes["encoder_input_tokens"][1], predictions)
+
+
+def _deberta_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
+  del task  # the masked LM is the one pretraining model
+  predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
+  return flops.deberta_train_flops(config, shapes["encoder_input_tokens"][1], predictions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,3 +186,30 @@ register(Family(
     finetune_task="encoder", carried_over=("encoder",), layer_prefix="encoder/layer_{i}/",
     embeddings_prefix="encoder/embeddings",  # and embeddings_norm
     positions=lambda c: c.max_position_embeddings))
+register(Family(
+    name="deberta", config_class=deberta_config.DebertaConfig,
+    module="bert_jax.models.deberta", convert_module="bert_jax.convert.deberta",
+    init_features=("encoder_input_tokens",), train_flops=_deberta_flops,
+    finetune_task="encoder", carried_over=("encoder",), layer_prefix="encoder/layer_{i}/",
+    # A regex (freezing): the input tables, their norm, and the relative table and its norm.
+    embeddings_prefix="encoder/(word_embeddings|position_embeddings|token_type_embeddings"
+                      "|embeddings_norm|rel_embeddings|rel_norm)/",
+    positions=lambda c: c.max_position_embeddings))
+
+# BART (bert_jax/models/bart.py): an encoder-decoder fine-tuned text-to-text.
+from bert_jax.models.bart_config import BartConfig  # noqa: E402  (kept with its block)
+
+
+def _bart_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
+  inputs = shapes["encoder_input_tokens"][1]
+  # sequence_classification feeds the encoder input to the decoder too.
+  targets = inputs if task == "sequence_classification" else shapes["decoder_target_tokens"][1]
+  return flops.bart_train_flops(config, inputs, targets)
+
+
+register(Family(
+    name="bart", config_class=BartConfig, module="bert_jax.models.bart",
+    convert_module="bert_jax.convert.bart",
+    init_features=("encoder_input_tokens", "decoder_input_tokens"),
+    train_flops=_bart_flops, finetune_task="seq2seq", encoder_decoder=True,
+    depth_field="num_encoder_layers", positions=lambda c: c.max_position_embeddings))

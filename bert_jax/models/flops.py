@@ -158,3 +158,47 @@ def modernbert_train_flops(config, seq_length: int, max_predictions: int | None)
            + _matmul(s, h, 2 * i) + _matmul(s, i, h))
   forward = config.num_layers * layer + _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
   return 3.0 * forward
+
+
+def deberta_train_flops(config, seq_length: int, max_predictions: int | None) -> float:
+  """Training FLOPs per example of a DeBERTa-v2/v3 masked LM (`DebertaForMaskedLM`).
+
+  As `bert_train_flops` (nsp=False) plus, per layer and per disentangled
+  term (c2p, p2c; R = 2 x attention_span relative rows): 2*R*H*H to project
+  the relative table (shared projections are still applied to it) and
+  2*S*R*H for the content x position scores over the whole table (the
+  gather then picks S x S of them). training = 3 * forward.
+  """
+  s, h, i = seq_length, config.hidden_size, config.intermediate_size
+  p = s if max_predictions is None else max_predictions
+  terms = len(config.pos_att_type) if config.relative_attention else 0
+  r = 2 * config.attention_span
+  layer = (_matmul(s, h, 3 * h) + _matmul(s, h, h) + 2 * _matmul(s, h, s)
+           + _matmul(s, h, i) + _matmul(s, i, h)
+           + terms * (_matmul(r, h, h) + _matmul(s, h, r)))
+  forward = config.num_layers * layer + _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
+  return 3.0 * forward
+
+
+def bart_train_flops(config, inputs_length: int, targets_length: int) -> float:
+  """Training FLOPs per example of a BART encoder-decoder (`BartForConditionalGeneration`).
+
+  As `t5_train_flops` with A = D (heads x head width = d_model), a plain MLP
+  (G = 1) of width encoder_ffn_dim / decoder_ffn_dim per stack and tied
+  logits 2*Sd*D*V. Biases, embeddings, positions, norms, softmax and
+  activations are not counted; causal self-attention counts the full
+  square. training = 3 * forward.
+  """
+  d, se, sd = config.d_model, inputs_length, targets_length
+
+  def attention(sq, skv):
+    return _matmul(sq, d, d) + _matmul(skv, d, 2 * d) + _matmul(sq, d, d) + 2 * _matmul(sq, d, skv)
+
+  def mlp(s, f):
+    return _matmul(s, d, f) + _matmul(s, f, d)
+
+  forward = (config.num_encoder_layers * (attention(se, se) + mlp(se, config.encoder_ffn_dim))
+             + config.num_decoder_layers * (attention(sd, sd) + attention(sd, se)
+                                            + mlp(sd, config.decoder_ffn_dim))
+             + _matmul(sd, d, config.vocab_size))
+  return 3.0 * forward

@@ -208,7 +208,8 @@ class ModernBertEncoder(nn.Module):
               False: rotary_tables(positions, cfg.head_dim, cfg.local_rope_theta)}
     x = self.embeddings_norm(self.embeddings(tokens))
     x = self.embeddings_dropout(x, deterministic=deterministic)
-    x = nn.with_logical_constraint(x, _ACT)  # [batch, length, embed]
+    # (The classifier heads call it on pooled [batch, embed] rows.)
+    x = nn.with_logical_constraint(x, _ACT if x.ndim == 3 else ("act_batch", "act_embed"))  # [batch, length, embed]
     for i, layer in enumerate(self.layers):
       kind = cfg.is_global(i)
       x = layer(x, global_mask if kind else local_mask, *rotary[kind], deterministic)
@@ -234,7 +235,8 @@ class PredictionHead(nn.Module):
     x = layers.DenseGeneral(cfg.hidden_size, kernel_axes=("embed", "mlp"),
                             use_bias=cfg.classifier_bias, dtype=cfg.dtype, name="dense")(x)
     # Pinned to the batch layout before the nonlinearity (see bert.MlmHead).
-    x = nn.with_logical_constraint(x, _ACT)
+    # (The classifier heads call it on pooled [batch, embed] rows.)
+    x = nn.with_logical_constraint(x, _ACT if x.ndim == 3 else ("act_batch", "act_embed"))
     x = layers.get_activation(cfg.classifier_activation)(x)
     return _norm(cfg, "norm")(x)
 

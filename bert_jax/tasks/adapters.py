@@ -375,6 +375,10 @@ class Text2TextTask(_Task):
       raise ValueError(f"config.data.tokenizer: {tokenizer.path} has no EOS id; text-to-text "
                        "needs a T5-layout SentencePiece model")
     self.kind = config.task
+    # The decoder's first input: the family's start id (T5: 0, its padding id;
+    # BART: </s>); decode() checks the model agrees.
+    self.decoder_start_id = getattr(models.get(config.family).config_class,
+                                    "decoder_start_token_id", 0)
     if self.kind == "glue":
       self.glue = _glue_task(config)
       self.metric = self.glue.primary_metric
@@ -422,8 +426,10 @@ class Text2TextTask(_Task):
         return max_length
       longest = max(len(f[key]) for f in features)
       return batching.padded_length(longest, c.pad_multiple, max_length)
-    batch = {"encoder_input_tokens": np.zeros((batch_size, width("encoder_input_tokens",
-                                                                 c.max_length)), np.int32)}
+    # Encoder padding is the tokenizer's (0 for T5; RoBERTa BPE, BART: 1).
+    batch = {"encoder_input_tokens": np.full((batch_size, width("encoder_input_tokens",
+                                                                c.max_length)),
+                                             self.tokenizer.pad_id, np.int32)}
     batch["encoder_input_tokens"][len(features):, 0] = self.tokenizer.eos_id
     with_targets = all("decoder_target_tokens" in f for f in features)
     if with_targets:
@@ -436,7 +442,8 @@ class Text2TextTask(_Task):
             f["decoder_target_tokens"])
     if with_targets:
       targets = batch["decoder_target_tokens"]  # [batch, dec_len]
-      batch["decoder_input_tokens"] = np.pad(targets[:, :-1], ((0, 0), (1, 0)))  # start id 0
+      batch["decoder_input_tokens"] = np.pad(targets[:, :-1], ((0, 0), (1, 0)),
+                                             constant_values=self.decoder_start_id)
       batch["decoder_loss_weights"] = (targets > 0).astype(np.float32)
     return batch
 
@@ -448,6 +455,10 @@ class Text2TextTask(_Task):
     its share; each host then gathers all rows.
     """
     d = self.config.decode
+    if model.config.decoder_start_token_id != self.decoder_start_id:
+      raise ValueError(f"the model's decoder_start_token_id {model.config.decoder_start_token_id} "
+                       f"is not the {self.config.family} family's {self.decoder_start_id} that "
+                       "training batches start with")
     max_decode = d.max_decode_length or self.config.data.max_target_length
     lengths = [len(f["encoder_input_tokens"]) for f in split.features]
     texts = [None] * len(lengths)

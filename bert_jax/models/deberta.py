@@ -1,0 +1,392 @@
+"""DeBERTa-v2/v3 (He et al. 2021, 2023) encoders and heads, in Flax Linen.
+
+The architecture of Hugging Face's DebertaV2*: BERT's post-norm layers, but
+attention adds two disentangled relative-position terms to the
+content-to-content logits. With Q, K the content projections of the tokens
+and Pq, Pk projections of a learnt table of relative positions R
+([2 x span, hidden], LayerNormed in v3), for query i and key j:
+
+    logit[i, j] = (Q_i . K_j  +  Q_i . Pk[d(i, j)]  +  K_j . Pq[d(i, j)]) / sqrt(head_dim x s)
+                   content       c2p                   p2c
+
+where d(i, j) = clip(bucket(i - j) + span, 0, 2 span - 1) is the table row
+of the (log-bucketed) distance i - j and s = 1 + the number of position
+terms (3 for c2p|p2c). The reference writes p2c with the key's distance to
+the query, bucket(j - i) negated; `bucket` is odd, so it is the same row.
+With share_att_key (v3) Pq and Pk come from the content query / key
+projections; otherwise from their own pos_query / pos_key projections (v2).
+
+Models take the batch contract's names, as bert.py's do:
+
+    outputs = model.apply(
+        {'params': params},
+        encoder_input_tokens,          # int32 [batch, length]
+        encoder_type_ids=None,         # int32 [batch, length] (used when type_vocab_size > 0)
+        encoder_segment_ids=None,      # int32 [batch, length], 1, 2, ... per packed example, 0 = pad
+        encoder_positions=None,        # int32 [batch, length] (the absolute table, if any)
+        encoder_mask=None,             # [batch, length], 1 = real token, 0 = padding
+        mlm_positions=None,            # int32 [batch, max_predictions] (MLM only)
+        enable_dropout=False,          # True in training, with rngs={'dropout': key}
+    )
+
+  DebertaModel                      (hidden [batch, length, hidden], None)
+  DebertaForMaskedLM                {'mlm_logits'} [batch, max_predictions or length, vocab]
+  DebertaForSequenceClassification  {'logits' [batch, num_labels]} (pooler over token 0)
+  DebertaForTokenClassification     {'logits' [batch, length, num_labels]}
+  DebertaForQuestionAnswering       {'start_logits', 'end_logits'} [batch, length]
+
+Packed rows: a token attends within its segment. Relative distances are
+index differences, which equal position differences inside a contiguous
+segment, so packing needs no per-example distance table.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bert_jax.models import layers
+from bert_jax.models.deberta_config import DebertaConfig
+
+Array = jax.Array
+_ACT = ("act_batch", "act_length", "act_embed")
+
+
+# ---------------------------------------------------------------- positions
+
+
+def log_bucket_position(relative: np.ndarray, buckets: int, max_position: int) -> np.ndarray:
+  """Relative distances -> bucketed distances, exact within +-buckets/2, log-spaced beyond.
+
+  The reference's make_log_bucket_position, in float32 as it computes it so
+  the rounding (ceil) agrees: distances |r| <= mid = buckets // 2 stay; larger
+  ones map to mid + ceil(log(|r| / mid) / log((max_position - 1) / mid) x (mid - 1)),
+  with r's sign.
+  """
+  relative = np.asarray(relative, np.int64)
+  mid = buckets // 2
+  sign = np.sign(relative)
+  near = (relative < mid) & (relative > -mid)
+  abs_pos = np.where(near, mid - 1, np.abs(relative)).astype(np.float32)
+  log_pos = np.ceil(np.log(abs_pos / np.float32(mid))
+                    / np.log(np.float32((max_position - 1) / mid))
+                    * np.float32(mid - 1)) + np.float32(mid)
+  bucketed = np.where(abs_pos <= mid, relative.astype(np.float32), log_pos * sign)
+  return bucketed.astype(np.int64)
+
+
+def relative_rows(length: int, cfg: DebertaConfig) -> np.ndarray:
+  """int32 [length, length]: the relative table's row for query i, key j (d(i, j) above)."""
+  idx = np.arange(length)
+  relative = idx[:, None] - idx[None, :]
+  if cfg.position_buckets > 0:
+    relative = log_bucket_position(relative, cfg.position_buckets, cfg.relative_range)
+  span = cfg.attention_span
+  return np.clip(relative + span, 0, 2 * span - 1).astype(np.int32)
+
+
+def attention_mask(tokens: Array, segment_ids: Array | None, mask: Array | None,
+                   pad_token_id: int) -> tuple[Array, Array]:
+  """(bool mask broadcastable to [batch, heads, q, k], float [batch, length] real tokens)."""
+  if mask is not None:
+    valid = mask > 0
+  elif segment_ids is not None:
+    valid = segment_ids > 0
+  else:
+    valid = tokens != pad_token_id
+  if segment_ids is not None:
+    segment_ids = segment_ids * valid
+    return layers.segment_mask(segment_ids, segment_ids), valid
+  # Key-only: padding queries still see real keys (their outputs are never scored).
+  return valid[:, None, None, :], valid
+
+
+# ------------------------------------------------------------------ encoder
+
+
+def _norm(cfg: DebertaConfig, name: str) -> layers.LayerNorm:
+  return layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name=name)
+
+
+class DisentangledAttention(nn.Module):
+  """Self-attention with c2p / p2c relative terms; [embed, heads, kv] projections."""
+  config: DebertaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, rel_table: Array | None,
+               deterministic: bool) -> Array:
+    """x [batch, length, embed], rel_table [2 span, embed] -> [batch, length, embed]."""
+    cfg = self.config
+    qkv_axes = ("act_batch", "act_length", "act_heads", "act_kv")
+    proj = lambda name: layers.DenseGeneral(  # noqa: E731
+        (cfg.num_heads, cfg.head_dim), kernel_axes=("embed", "heads", "kv"), dtype=cfg.dtype,
+        name=name)
+    query_proj, key_proj = proj("query"), proj("key")
+    # [batch, length, heads, kv]
+    query, key, value = query_proj(x), key_proj(x), proj("value")(x)
+    query, key, value = (nn.with_logical_constraint(t, qkv_axes) for t in (query, key, value))
+    scale = float(cfg.head_dim * cfg.scale_factor) ** -0.5
+    bias = None
+    if cfg.relative_attention and cfg.pos_att_type:
+      rel = nn.Dropout(cfg.hidden_dropout)(rel_table, deterministic=deterministic)
+      rows = relative_rows(x.shape[1], cfg)  # [q, k] numpy: a constant of the length
+      q_idx = np.arange(x.shape[1])[:, None]
+      score = 0.0
+      if "c2p" in cfg.pos_att_type:
+        pos_key = (key_proj if cfg.share_att_key else proj("pos_key"))(rel)  # [2 span, heads, kv]
+        c2p = jnp.einsum("bqhd,rhd->bhqr", query, pos_key)  # [batch, heads, q, 2 span]
+        score = score + c2p[:, :, q_idx, rows].astype(jnp.float32)  # [batch, heads, q, k]
+      if "p2c" in cfg.pos_att_type:
+        pos_query = (query_proj if cfg.share_att_key else proj("pos_query"))(rel)
+        p2c = jnp.einsum("bkhd,rhd->bhkr", key, pos_query)  # [batch, heads, k, 2 span]
+        # Entry [k, q] is row d(q, k) of key k; swapped to [q, k].
+        score = score + jnp.swapaxes(p2c[:, :, q_idx, rows.T], -1, -2).astype(jnp.float32)
+      bias = score * scale
+    use_dropout = cfg.attention_dropout > 0.0 and not deterministic
+    h = layers.dot_product_attention(
+        query, key, value, mask=mask, bias=bias, scale=scale,
+        dropout_rate=cfg.attention_dropout,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None,
+        deterministic=deterministic, dtype=cfg.dtype)
+    h = layers.DenseGeneral(cfg.hidden_size, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+                            dtype=cfg.dtype, name="out")(h)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    return nn.with_logical_constraint(h, _ACT)
+
+
+class DebertaLayer(nn.Module):
+  """Post-norm block, as BERT: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
+  config: DebertaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, rel_table: Array | None,
+               deterministic: bool) -> Array:
+    cfg = self.config
+    h = DisentangledAttention(cfg, name="attention")(x, mask, rel_table, deterministic)
+    x = _norm(cfg, "attention_norm")(x + h)
+    h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
+                   dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
+    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    # [batch, length, embed]
+    return nn.with_logical_constraint(_norm(cfg, "mlp_norm")(x + h), _ACT)
+
+
+class DebertaEncoder(nn.Module):
+  """Embeddings (+ norm), the relative table (+ norm), num_layers blocks."""
+  config: DebertaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.word_embeddings = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"))
+    if cfg.position_biased_input:
+      self.position_embeddings = layers.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                              axes=("position", "embed"))
+    if cfg.type_vocab_size:
+      self.token_type_embeddings = layers.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                                axes=("type", "embed"))
+    self.embeddings_norm = _norm(cfg, "embeddings_norm")
+    if cfg.relative_attention:
+      self.rel_embeddings = layers.Embed(2 * cfg.attention_span, cfg.hidden_size,
+                                         axes=("relpos_buckets", "embed"))
+      if cfg.norm_rel_ebd == "layer_norm":
+        self.rel_norm = _norm(cfg, "rel_norm")
+    # `deterministic` (argument 5, counting self) is a Python value: static under remat.
+    block = nn.remat(DebertaLayer, static_argnums=(4,)) if cfg.remat else DebertaLayer
+    self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
+
+  def __call__(self, encoder_input_tokens: Array, encoder_type_ids: Array | None = None,
+               encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
+               encoder_mask: Array | None = None, enable_dropout: bool = False) -> Array:
+    """Returns the last hidden state [batch, length, hidden]."""
+    cfg = self.config
+    tokens = encoder_input_tokens
+    deterministic = not enable_dropout
+    if cfg.position_biased_input and tokens.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's "
+                       f"max_position_embeddings={cfg.max_position_embeddings}")
+    mask, valid = attention_mask(tokens, encoder_segment_ids, encoder_mask, cfg.pad_token_id)
+    # Summed in float32: the tables are float32 and the LayerNorm follows.
+    x = jnp.take(self.word_embeddings.embedding, tokens, axis=0)
+    if cfg.position_biased_input:
+      positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                   if encoder_positions is None else encoder_positions)
+      x = x + jnp.take(self.position_embeddings.embedding, positions, axis=0)
+    if cfg.type_vocab_size:
+      types = jnp.zeros_like(tokens) if encoder_type_ids is None else encoder_type_ids
+      x = x + jnp.take(self.token_type_embeddings.embedding, types, axis=0)
+    # Padding rows are zeroed, as the reference does (they are never attended to either).
+    x = self.embeddings_norm(x) * valid[..., None].astype(cfg.dtype)
+    x = self.embeddings_dropout(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, _ACT)  # [batch, length, embed]
+    rel_table = None
+    if cfg.relative_attention:
+      rel_table = self.rel_embeddings.embedding  # [2 span, embed]
+      if cfg.norm_rel_ebd == "layer_norm":
+        rel_table = self.rel_norm(rel_table)
+      rel_table = rel_table.astype(cfg.dtype)
+    for layer in self.layers:
+      x = layer(x, mask, rel_table, deterministic)
+    return x
+
+  def attend(self, x: Array) -> Array:
+    """x [..., embed] -> logits [..., vocab] against the token table (tied MLM output)."""
+    return self.word_embeddings.attend(x.astype(self.config.dtype))
+
+
+# -------------------------------------------------------------------- heads
+
+
+def _dense(cfg: DebertaConfig, name: str) -> layers.DenseGeneral:
+  # [embed, embed] kernels name their output 'mlp': one logical name may not repeat.
+  return layers.DenseGeneral(cfg.hidden_size, kernel_axes=("embed", "mlp"), dtype=cfg.dtype,
+                             name=name)
+
+
+class MlmHead(nn.Module):
+  """dense, activation, LayerNorm, then logits tied to the token table + bias
+  (Hugging Face's DebertaV2LMPredictionHead, and the legacy head's same maths)."""
+  config: DebertaConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array, encoder: DebertaEncoder) -> Array:
+    """hidden [batch, n, embed] -> logits [batch, n, vocab]."""
+    cfg = self.config
+    x = _dense(cfg, "dense")(hidden)
+    # Pinned to the batch layout before the nonlinearity (see bert.MlmHead).
+    x = nn.with_logical_constraint(x, _ACT)
+    x = _norm(cfg, "norm")(layers.get_activation(cfg.hidden_act)(x))
+    bias = self.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  ("vocab",)),
+                      (cfg.vocab_size,), jnp.float32)
+    logits = encoder.attend(x) + bias.astype(cfg.dtype)
+    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def _classifier(num_labels: int, dtype, name: str = "classifier") -> layers.DenseGeneral:
+  return layers.DenseGeneral(num_labels, kernel_axes=("embed", "classes"), dtype=dtype,
+                             name=name)
+
+
+class _TaskModel(nn.Module):
+  """The calling convention every DeBERTa model shares."""
+  config: DebertaConfig
+
+  def _encode(self, tokens, type_ids, segment_ids, positions, mask, enable_dropout):
+    encoder = DebertaEncoder(self.config, name="encoder")
+    hidden = encoder(tokens, encoder_type_ids=type_ids, encoder_segment_ids=segment_ids,
+                     encoder_positions=positions, encoder_mask=mask,
+                     enable_dropout=enable_dropout)
+    return encoder, hidden
+
+
+class DebertaModel(_TaskModel):
+  """The bare encoder: returns (hidden, None), as BertModel without a pooler.
+
+  Its parameters live under 'encoder', as in every head, so pre-trained
+  encoder weights move between tasks as `params['encoder']`.
+  """
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> tuple[Array, None]:
+    del mlm_positions  # accepted so every model takes the same batch
+    _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                             encoder_positions, encoder_mask, enable_dropout)
+    return hidden, None
+
+
+class DebertaForMaskedLM(_TaskModel):
+  """Masked language model; with `mlm_positions` the head runs only at those positions."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    encoder, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                                   encoder_positions, encoder_mask, enable_dropout)
+    if mlm_positions is not None:  # [batch, max_predictions, embed]
+      hidden = jnp.take_along_axis(hidden, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
+    return {"mlm_logits": MlmHead(self.config, name="mlm")(hidden, encoder)}
+
+
+class DebertaForSequenceClassification(_TaskModel):
+  """Token 0 -> dropout -> pooler dense + activation -> dropout -> classifier."""
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    cfg = self.config
+    deterministic = not enable_dropout
+    _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                             encoder_positions, encoder_mask, enable_dropout)
+    x = nn.Dropout(cfg.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
+    x = layers.get_activation(cfg.pooler_hidden_act)(_dense(cfg, "pooler")(x))  # [batch, embed]
+    x = nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+    return {"logits": _classifier(self.num_labels, cfg.dtype)(x)}
+
+
+class DebertaForTokenClassification(_TaskModel):
+  """Per-token labels (NER): dropout, classifier at every token."""
+  num_labels: int = 2
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    cfg = self.config
+    _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                             encoder_positions, encoder_mask, enable_dropout)
+    x = nn.Dropout(cfg.hidden_dropout)(hidden, deterministic=not enable_dropout)
+    return {"logits": _classifier(self.num_labels, cfg.dtype)(x)}
+
+
+class DebertaForQuestionAnswering(_TaskModel):
+  """Extractive QA: start and end logits per token."""
+
+  @nn.compact
+  def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
+               encoder_positions=None, encoder_mask=None, mlm_positions=None,
+               enable_dropout=False) -> dict[str, Array]:
+    del mlm_positions
+    _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
+                             encoder_positions, encoder_mask, enable_dropout)
+    logits = _classifier(2, self.config.dtype)(hidden)  # [batch, length, 2]
+    return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
+
+
+# Task name -> model class, for the converter and the trainers.
+TASKS = {
+    "encoder": DebertaModel,
+    "mlm": DebertaForMaskedLM,
+    "sequence_classification": DebertaForSequenceClassification,
+    "token_classification": DebertaForTokenClassification,
+    "question_answering": DebertaForQuestionAnswering,
+}
+TASK_NAMES = tuple(TASKS)
+
+
+def task_class(task: str) -> type[nn.Module]:
+  """The model class of `task` (one of TASK_NAMES)."""
+  if task not in TASKS:
+    raise ValueError(f"unknown DeBERTa task {task!r}; choose one of {list(TASK_NAMES)}")
+  return TASKS[task]
+
+
+def build(config: DebertaConfig, task: str = "encoder", **kwargs) -> nn.Module:
+  """The model for `task` (see TASKS); kwargs go to the head (num_labels)."""
+  return task_class(task)(config, **kwargs)
+
+
+def task_of(model: nn.Module) -> str:
+  """Inverse of `build`: the task name of a model instance."""
+  for name, cls in TASKS.items():
+    if type(model) is cls:
+      return name
+  raise ValueError(f"{type(model).__name__} is not a DeBERTa model")
