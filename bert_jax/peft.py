@@ -99,7 +99,7 @@ def validate(config) -> None:
 # ------------------------------------------------------------------ factors
 
 
-def _unbox(x):
+def unbox(x):
   return x.value if isinstance(x, nn.meta.AxisMetadata) else x
 
 
@@ -123,7 +123,7 @@ def target_paths(params: Any, targets: str) -> tuple[str, ...]:
   """'/'-joined paths of the kernels the `targets` regex matches (re.search)."""
   regex = re.compile(targets)
   return tuple(p for p, v in _flat(params).items()
-               if regex.search(p) and p.endswith("kernel") and _unbox(v).ndim >= 2)
+               if regex.search(p) and p.endswith("kernel") and unbox(v).ndim >= 2)
 
 
 def init_factors(boxed_params: Any, paths: Sequence[str], rank: int, key: jax.Array) -> dict:
@@ -136,7 +136,7 @@ def init_factors(boxed_params: Any, paths: Sequence[str], rank: int, key: jax.Ar
   out = {}
   for i, path in enumerate(paths):
     box = flat[path]
-    kernel = _unbox(box)
+    kernel = unbox(box)
     names = tuple(box.names) if _is_box(box) else (None,) * kernel.ndim
     n_in = _input_axes(kernel.shape, names)
     fan_in = math.prod(kernel.shape[:n_in])
@@ -264,7 +264,7 @@ def wrap(config, model: nn.Module, init_shapes: dict) -> Any:
     return model
   if ft.method in ("prompt", "houlsby", "pfeiffer"):
     from bert_jax import peft_modules  # pylint: disable=import-outside-toplevel
-    return peft_modules.wrap(config, model, steps._dummy_batch(init_shapes),  # pylint: disable=protected-access
+    return peft_modules.wrap(config, model, steps.dummy_batch(init_shapes),
                              lambda cls: _wrapper_class(cls, type(model)))
   paths = target_paths(shapes, ft.lora_targets)
   if not paths:
@@ -307,7 +307,7 @@ def count_trainable(params: Any, freeze: Sequence[str]) -> tuple[int, int]:
   compiled = [re.compile(p) for p in freeze]
   trainable = total = 0
   for path, leaf in _flat(params).items():
-    n = math.prod(_unbox(leaf).shape)
+    n = math.prod(unbox(leaf).shape)
     total += n
     if not any(r.search(path) for r in compiled):
       trainable += n
@@ -364,7 +364,7 @@ def fingerprint(params: Any) -> str:
   import hashlib  # pylint: disable=import-outside-toplevel
   digest = hashlib.sha256()
   for path, leaf in sorted(_flat(params).items()):
-    array = _host_array(_unbox(leaf))
+    array = _host_array(unbox(leaf))
     array = array.astype(array.dtype.newbyteorder("<"), copy=False)
     digest.update(f"{path}|{array.dtype.str}|{array.shape}\n".encode())
     digest.update(array.tobytes())

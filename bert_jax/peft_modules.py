@@ -79,7 +79,7 @@ def vocab_prompts(params: Any, k: int, key: jax.Array) -> jax.Array:
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
   for name in path:
     tree = tree[name]
-  return peft._unbox(tree)  # pylint: disable=protected-access
+  return peft.unbox(tree)
 
 
 @dataclasses.dataclass(frozen=True)

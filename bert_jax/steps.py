@@ -100,7 +100,7 @@ def _raw_key(rng: Any) -> Array:
   return rng
 
 
-def _dummy_batch(example_batch_shapes: Mapping[str, Any]) -> dict[str, Array]:
+def dummy_batch(example_batch_shapes: Mapping[str, Any]) -> dict[str, Array]:
   """Zeros of the given features with batch size 1 (parameter shapes ignore it)."""
   return {k: jnp.zeros((1,) + tuple(v.shape[1:]), v.dtype)
           for k, v in example_batch_shapes.items()}
@@ -120,7 +120,7 @@ def _as_float32(tree: Any) -> Any:
 def _boxed_params(model: nn.Module, example_batch_shapes: Mapping[str, Any]) -> Any:
   """Abstract params of `model`, still boxed with their logical axis names."""
   def init(rng):
-    inputs = model_inputs(model, _dummy_batch(example_batch_shapes))
+    inputs = model_inputs(model, dummy_batch(example_batch_shapes))
     return model.init({"params": rng, "dropout": rng}, **inputs)["params"]
   # No rules here: activation constraints on a batch of 1 would not divide.
   with nn.logical_axis_rules(()):
@@ -197,7 +197,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation,
   """key -> a fresh TrainState (float32 params whatever the compute dtype)."""
   def init_fn(key):
     init_key, state_key = jax.random.split(key)
-    inputs = model_inputs(model, _dummy_batch(example_batch_shapes))
+    inputs = model_inputs(model, dummy_batch(example_batch_shapes))
     params = model.init({"params": init_key, "dropout": init_key}, **inputs)["params"]
     params = _as_float32(_unbox(params))
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,

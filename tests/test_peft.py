@@ -108,7 +108,7 @@ def test_merge_equals_hand_edited_3d_kernels():
   config = _config("lora")
   plain, model, shapes = _model(config)
   variables = model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)},
-                         **steps.model_inputs(model, steps._dummy_batch(shapes)))
+                         **steps.model_inputs(model, steps.dummy_batch(shapes)))
   params = steps._unbox(variables["params"])
   base = {k: v for k, v in params.items() if k != "lora"}
   merged = peft.merge(params, ALPHA)
@@ -249,7 +249,7 @@ def test_adapters_start_as_the_base_model_exactly():
   config = _config("houlsby")
   plain, model, shapes = _model(config)
   variables = model.init({"params": jax.random.PRNGKey(0)},
-                         **steps.model_inputs(model, steps._dummy_batch(shapes)))
+                         **steps.model_inputs(model, steps.dummy_batch(shapes)))
   params = steps._unbox(variables["params"])
   base = {k: v for k, v in params.items() if k != "adapters"}
   batch = {k: v for k, v in _batch().items() if k.startswith("encoder")}
@@ -276,7 +276,7 @@ def test_prompts_keep_the_sequence_and_ignore_padding():
   shapes = steps.init_shapes(family.init_features)
   model = peft.wrap(config, plain, shapes)
   variables = model.init({"params": jax.random.PRNGKey(0)},
-                         **steps.model_inputs(model, steps._dummy_batch(shapes)))
+                         **steps.model_inputs(model, steps.dummy_batch(shapes)))
   params = steps._unbox(variables["params"])
   assert params["prompt"].shape == (3, HIDDEN)
   tokens = _batch()["encoder_input_tokens"][:2, :8]

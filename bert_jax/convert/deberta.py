@@ -36,7 +36,7 @@ import numpy as np
 
 from bert_jax.convert.hf import CheckpointError, StateDict
 # The table machinery (entries, splitting [out, in] weights, fresh heads) is shared.
-from bert_jax.convert.modernbert import Entry, _join, _linear, _params_from_state
+from bert_jax.convert.modernbert import Entry, join_entries, linear_entry, params_from_state
 from bert_jax.models import deberta
 from bert_jax.models.deberta_config import DebertaConfig
 
@@ -91,31 +91,31 @@ def _entries(cfg: DebertaConfig, task: str, base: str, legacy: bool = False) -> 
     ours, theirs = enc + (f"layer_{i}",), f"{base}encoder.layer.{i}"
     att = ours + ("attention",)
     for part in ("query", "key", "value"):
-      yield from _linear(att + (part,), f"{theirs}.attention.self.{part}_proj", True)
+      yield from linear_entry(att + (part,), f"{theirs}.attention.self.{part}_proj", True)
     if cfg.relative_attention and not cfg.share_att_key:
       for part, term in (("pos_key", "c2p"), ("pos_query", "p2c")):
         if term in cfg.pos_att_type:
-          yield from _linear(att + (part,), f"{theirs}.attention.self.{part}_proj", True)
-    yield from _linear(att + ("out",), f"{theirs}.attention.output.dense", True, n_in=2)
+          yield from linear_entry(att + (part,), f"{theirs}.attention.self.{part}_proj", True)
+    yield from linear_entry(att + ("out",), f"{theirs}.attention.output.dense", True, n_in=2)
     yield from _layer_norm(ours + ("attention_norm",), f"{theirs}.attention.output.LayerNorm")
-    yield from _linear(ours + ("mlp", "wi"), f"{theirs}.intermediate.dense", True)
-    yield from _linear(ours + ("mlp", "wo"), f"{theirs}.output.dense", True)
+    yield from linear_entry(ours + ("mlp", "wi"), f"{theirs}.intermediate.dense", True)
+    yield from linear_entry(ours + ("mlp", "wo"), f"{theirs}.output.dense", True)
     yield from _layer_norm(ours + ("mlp_norm",), f"{theirs}.output.LayerNorm")
   if task == "mlm":
     if legacy:
       head, dense, norm = "cls.predictions", "transform.dense", "transform.LayerNorm"
     else:
       head, dense, norm = "lm_predictions.lm_head", "dense", "LayerNorm"
-    yield from _linear(("mlm", "dense"), f"{head}.{dense}", True)
+    yield from linear_entry(("mlm", "dense"), f"{head}.{dense}", True)
     yield from _layer_norm(("mlm", "norm"), f"{head}.{norm}")
     yield Entry(f"{head}.bias", (("mlm", "output_bias"),), 0, False)
   elif task == "sequence_classification":
-    yield from _linear(("pooler",), "pooler.dense", True)
-    yield from _linear(("classifier",), "classifier", True)
+    yield from linear_entry(("pooler",), "pooler.dense", True)
+    yield from linear_entry(("classifier",), "classifier", True)
   elif task == "token_classification":
-    yield from _linear(("classifier",), "classifier", True)
+    yield from linear_entry(("classifier",), "classifier", True)
   elif task == "question_answering":
-    yield from _linear(("classifier",), "qa_outputs", True)
+    yield from linear_entry(("classifier",), "qa_outputs", True)
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
     labels = hf_config.get("id2label")
     kwargs["num_labels"] = len(labels) if labels else int(hf_config.get("num_labels", 2))
   model = deberta.build(config, task, **kwargs)
-  params = _params_from_state(model, list(_entries(config, task, base, legacy)), state,
+  params = params_from_state(model, list(_entries(config, task, base, legacy)), state,
                               optional_heads=task != ckpt_task)
   if task == "mlm" and legacy:
     _take_tied(state, "cls.predictions.decoder.weight", f"{base}embeddings.word_embeddings.weight")
@@ -261,7 +261,7 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
     if lacking:
       raise CheckpointError(f"params lack {'/'.join(lacking[0])} needed for {entry.name}")
     arrays = [np.asarray(flat[p], np.float32) for p in entry.paths]
-    tensors[entry.name] = np.ascontiguousarray(_join(arrays, entry))
+    tensors[entry.name] = np.ascontiguousarray(join_entries(arrays, entry))
   hf = hf_config_fields(cfg)
   hf["architectures"] = [a for a, t in ARCHITECTURES.items() if t == task]
   if task in ("sequence_classification", "token_classification"):

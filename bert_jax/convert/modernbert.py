@@ -68,7 +68,7 @@ class Entry(NamedTuple):
   transposed: bool  # stored [out, in] (PyTorch Linear)
 
 
-def _linear(ours: tuple[str, ...], name: str, bias: bool, parts=("",), n_in=1):
+def linear_entry(ours: tuple[str, ...], name: str, bias: bool, parts=("",), n_in=1):
   paths = tuple(ours + (p,) if p else ours for p in parts)
   yield Entry(f"{name}.weight", tuple(p + ("kernel",) for p in paths), n_in, True)
   if bias:
@@ -91,24 +91,24 @@ def _entries(cfg: ModernBertConfig, task: str, base: str) -> Iterator[Entry]:
     ours, theirs = enc + (f"layer_{i}",), f"{base}layers.{i}"
     if i:  # layer 0's attention norm is the identity
       yield from _norm(cfg, ours + ("attention_norm",), f"{theirs}.attn_norm")
-    yield from _linear(ours + ("attention",), f"{theirs}.attn.Wqkv", cfg.attention_bias,
+    yield from linear_entry(ours + ("attention",), f"{theirs}.attn.Wqkv", cfg.attention_bias,
                        ("query", "key", "value"))
-    yield from _linear(ours + ("attention", "out"), f"{theirs}.attn.Wo", cfg.attention_bias,
+    yield from linear_entry(ours + ("attention", "out"), f"{theirs}.attn.Wo", cfg.attention_bias,
                        n_in=2)
     yield from _norm(cfg, ours + ("mlp_norm",), f"{theirs}.mlp_norm")
-    yield from _linear(ours + ("mlp",), f"{theirs}.mlp.Wi", cfg.mlp_bias, ("wi_0", "wi_1"))
-    yield from _linear(ours + ("mlp", "wo"), f"{theirs}.mlp.Wo", cfg.mlp_bias)
+    yield from linear_entry(ours + ("mlp",), f"{theirs}.mlp.Wi", cfg.mlp_bias, ("wi_0", "wi_1"))
+    yield from linear_entry(ours + ("mlp", "wo"), f"{theirs}.mlp.Wo", cfg.mlp_bias)
   yield from _norm(cfg, enc + ("final_norm",), f"{base}final_norm")
   if task == "encoder":
     return
   head = ("mlm", "head") if task == "mlm" else ("head",)
-  yield from _linear(head + ("dense",), "head.dense", cfg.classifier_bias)
+  yield from linear_entry(head + ("dense",), "head.dense", cfg.classifier_bias)
   yield from _norm(cfg, head + ("norm",), "head.norm")
   if task == "mlm":
     if cfg.decoder_bias:
       yield Entry("decoder.bias", (("mlm", "output_bias"),), 0, False)
   else:
-    yield from _linear(("classifier",), "classifier", True)
+    yield from linear_entry(("classifier",), "classifier", True)
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def _split(value: np.ndarray, shape: tuple[int, ...], entry: Entry) -> list[np.n
   return [np.ascontiguousarray(v).reshape(shape) for v in value]
 
 
-def _join(arrays: list[np.ndarray], entry: Entry) -> np.ndarray:
+def join_entries(arrays: list[np.ndarray], entry: Entry) -> np.ndarray:
   """Inverse of `_split`."""
   if entry.n_in == 0:
     return np.concatenate([a.reshape(-1) for a in arrays])
@@ -156,7 +156,7 @@ def _fresh(path: tuple[str, ...], shape: tuple[int, ...], key) -> np.ndarray:
   return np.zeros(shape, np.float32)
 
 
-def _params_from_state(model, entries: list[Entry], state: StateDict,
+def params_from_state(model, entries: list[Entry], state: StateDict,
                        optional_heads: bool) -> dict:
   """Every parameter of `model` from `state`; with `optional_heads`, head tensors the
   checkpoint lacks are freshly initialised (logged)."""
@@ -288,7 +288,7 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
     labels = hf_config.get("id2label")
     kwargs["num_labels"] = len(labels) if labels else int(hf_config.get("num_labels", 2))
   model = modernbert.build(config, task, **kwargs)
-  params = _params_from_state(model, list(_entries(config, task, base)), state,
+  params = params_from_state(model, list(_entries(config, task, base)), state,
                               optional_heads=task != ckpt_task)
   word = f"{base}embeddings.tok_embeddings.weight"
   if "decoder.weight" in state:
@@ -322,7 +322,7 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
     if lacking:
       raise CheckpointError(f"params lack {'/'.join(lacking[0])} needed for {entry.name}")
     arrays = [np.asarray(flat[p], np.float32) for p in entry.paths]
-    tensors[entry.name] = np.ascontiguousarray(_join(arrays, entry))
+    tensors[entry.name] = np.ascontiguousarray(join_entries(arrays, entry))
   hf = hf_config_fields(cfg)
   hf["architectures"] = [a for a, t in ARCHITECTURES.items() if t == task]
   if task in ("sequence_classification", "token_classification"):
