@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert.hf import CheckpointError, StateDict
+from bert_jax.convert.table import label_fields, num_labels
 from bert_jax.models import bart
 from bert_jax.models.bart_config import BartConfig
 
@@ -179,12 +180,6 @@ def _pick_task(hf_config: dict, task: str | None) -> str:
   return task
 
 
-def _num_labels(hf_config: dict) -> int:
-  if hf_config.get("id2label"):
-    return len(hf_config["id2label"])
-  return int(hf_config.get("num_labels", 3))  # transformers' BartConfig default
-
-
 def _new_head(c: BartConfig, num_labels: int) -> dict:
   """A classification head initialised as transformers does (normal 0.02, zero biases)."""
   rng = np.random.default_rng(0)
@@ -219,7 +214,7 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             else np.zeros((c.vocab_size,), np.float32))  # transformers' default when absent
     params["final_logits_bias"] = bias
   elif task == "sequence_classification":
-    kwargs["num_labels"] = _num_labels(hf_config)
+    kwargs["num_labels"] = num_labels(hf_config, default=3)  # transformers' BartConfig default
     if "classification_head.dense.weight" in state:
       d, n = c.d_model, kwargs["num_labels"]
       params["classification_head"] = {
@@ -275,6 +270,5 @@ def export_hf(model: Any, params: dict) -> tuple[dict, dict[str, np.ndarray]]:
     head = params["classification_head"]
     tensors.update(_linear_out(head["dense"], "classification_head.dense"))
     tensors.update(_linear_out(head["out_proj"], "classification_head.out_proj"))
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    hf.update(label_fields(task, model.num_labels))
   return hf, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}

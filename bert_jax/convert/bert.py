@@ -25,6 +25,7 @@ from bert_jax.convert import albert
 from bert_jax.convert import distilbert
 from bert_jax.convert import electra
 from bert_jax.convert.hf import CheckpointError, StateDict
+from bert_jax.convert.table import label_fields, num_labels
 from bert_jax.models import bert, layers
 from bert_jax.models import electra as electra_model
 
@@ -301,12 +302,6 @@ def _task_from_hf(hf: dict, source: str) -> str:
   return ARCHITECTURES[archs[0]][1]
 
 
-def _num_labels(hf: dict) -> int:
-  if hf.get("id2label"):
-    return len(hf["id2label"])
-  return int(hf.get("num_labels", 2))
-
-
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32):
   """A Hugging Face BERT/RoBERTa/ALBERT/ELECTRA/DistilBERT checkpoint as `(model, params)`.
@@ -335,7 +330,7 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
   base = model_type if any(k.startswith(model_type + ".") for k in state.keys()) else ""
   kwargs = {}
   if task in ("sequence_classification", "token_classification"):
-    kwargs["num_labels"] = _num_labels(hf_config)
+    kwargs["num_labels"] = num_labels(hf_config)
   if task == "encoder":  # the pooler is optional in saved BertModels
     kwargs["add_pooler"] = (albert.pooler_name(base) if model_type == "albert" else
                             f"{base + '.' if base else ''}pooler.dense.weight") in state
@@ -437,11 +432,7 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   hf.update(extra)
   if cfg.model_type == "distilbert":  # its own field names (dim, n_layers, ...)
     hf = distilbert.as_hf_config_json(hf)
-  if task in ("sequence_classification", "token_classification"):
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
-    if model.num_labels == 1:
-      hf["problem_type"] = "regression"
+  hf.update(label_fields(task, getattr(model, "num_labels", 0)))
   return hf, tensors
 
 

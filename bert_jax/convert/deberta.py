@@ -27,16 +27,15 @@ pooler_hidden_size != hidden_size.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterator
 
-import flax
 import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert.hf import CheckpointError, StateDict
-# The table machinery (entries, splitting [out, in] weights, fresh heads) is shared.
-from bert_jax.convert.modernbert import Entry, join_entries, linear_entry, params_from_state
+from bert_jax.convert.table import (Entry, head_kwargs, label_fields, linear_entry,
+                                    params_from_state, take_tied, task_from_architectures,
+                                    tensors_from_params, warn_unused)
 from bert_jax.models import deberta
 from bert_jax.models.deberta_config import DebertaConfig
 
@@ -182,25 +181,6 @@ def hf_config_fields(cfg: DebertaConfig) -> dict:
 # ---------------------------------------------------------------------------
 # The family interface (see bert_jax/convert/__init__.py).
 # ---------------------------------------------------------------------------
-def _task_from_hf(hf: dict, source: str) -> str:
-  archs = hf.get("architectures") or []
-  if not archs:
-    return "encoder"
-  if archs[0] not in ARCHITECTURES:
-    raise CheckpointError(f"{source}: unsupported architecture {archs[0]!r}; supported: "
-                          f"{sorted(ARCHITECTURES)} (or pass task=... to load the encoder)")
-  return ARCHITECTURES[archs[0]]
-
-
-def _take_tied(state: StateDict, name: str, tied_to: str) -> None:
-  """Consumes `name`, a copy of `tied_to` that transformers may write; a different one is refused."""
-  if name in state:
-    if not np.allclose(state.tensors[name], state.tensors[tied_to]):
-      raise CheckpointError(f"{state.source}: {name} differs from {tied_to}; untied MLM output "
-                            f"weights are not supported")
-    state.take(name)
-
-
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32) -> tuple[Any, dict]:
   """A transformers DebertaV2* checkpoint as `(model, params)`.
@@ -217,26 +197,20 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
     raise CheckpointError(f"{source}: model_type {hf_config.get('model_type')!r} is not "
                           f"DeBERTa-v2's {MODEL_TYPES}")
   config = config_from_hf(hf_config, dtype, source)
-  ckpt_task = _task_from_hf(hf_config, source)
+  ckpt_task = task_from_architectures(hf_config, source, ARCHITECTURES)
   task = task or ckpt_task
   deberta.task_class(task)  # an unknown task fails here, naming the known ones
   base = "deberta." if any(k.startswith("deberta.") for k in state.keys()) else ""
   # Real v3 checkpoints carry lm_predictions.* whatever their `legacy` says.
   legacy = not any(k.startswith("lm_predictions.") for k in state.keys()) and \
       any(k.startswith("cls.predictions.") for k in state.keys())
-  kwargs = {}
-  if task in ("sequence_classification", "token_classification"):
-    labels = hf_config.get("id2label")
-    kwargs["num_labels"] = len(labels) if labels else int(hf_config.get("num_labels", 2))
-  model = deberta.build(config, task, **kwargs)
+  model = deberta.build(config, task, **head_kwargs(task, hf_config))
   params = params_from_state(model, list(_entries(config, task, base, legacy)), state,
                               optional_heads=task != ckpt_task)
   if task == "mlm" and legacy:
-    _take_tied(state, "cls.predictions.decoder.weight", f"{base}embeddings.word_embeddings.weight")
-    _take_tied(state, "cls.predictions.decoder.bias", "cls.predictions.bias")
-  unused = state.unused()
-  if unused:
-    logging.warning("%s: tensors not used by this model: %s", source, ", ".join(unused))
+    take_tied(state, "cls.predictions.decoder.weight", f"{base}embeddings.word_embeddings.weight")
+    take_tied(state, "cls.predictions.decoder.bias", "cls.predictions.bias")
+  warn_unused(state)
   return model, params
 
 
@@ -253,20 +227,9 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   """
   cfg: DebertaConfig = model.config
   task = deberta.task_of(model)
-  params = flax.linen.unbox(params.get("params", params))
-  flat = flax.traverse_util.flatten_dict(params)
-  tensors = {}
-  for entry in _entries(cfg, task, "" if task == "encoder" else "deberta."):
-    lacking = [p for p in entry.paths if p not in flat]
-    if lacking:
-      raise CheckpointError(f"params lack {'/'.join(lacking[0])} needed for {entry.name}")
-    arrays = [np.asarray(flat[p], np.float32) for p in entry.paths]
-    tensors[entry.name] = np.ascontiguousarray(join_entries(arrays, entry))
+  tensors = tensors_from_params(_entries(cfg, task, "" if task == "encoder" else "deberta."),
+                                params)
   hf = hf_config_fields(cfg)
   hf["architectures"] = [a for a, t in ARCHITECTURES.items() if t == task]
-  if task in ("sequence_classification", "token_classification"):
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
-    if model.num_labels == 1:
-      hf["problem_type"] = "regression"
+  hf.update(label_fields(task, getattr(model, "num_labels", 0)))
   return hf, tensors

@@ -22,16 +22,16 @@ copy differs is refused).
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
-import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bert_jax.convert.hf import CheckpointError, StateDict
-from bert_jax.models import layers, modernbert
+from bert_jax.convert.table import (Entry, head_kwargs, label_fields, linear_entry,
+                                    params_from_state, take_tied, task_from_architectures,
+                                    tensors_from_params, warn_unused)
+from bert_jax.models import modernbert
 from bert_jax.models.configs import ModernBertConfig
 
 MODEL_TYPES = ("modernbert",)
@@ -58,21 +58,6 @@ _SAME_FIELDS = {
     "classifier_pooling": "classifier_pooling",
 }
 _GLOBAL, _LOCAL = "full_attention", "sliding_attention"
-
-
-class Entry(NamedTuple):
-  """One Hugging Face tensor: its name and the params it holds, concatenated along its rows."""
-  name: str
-  paths: tuple[tuple[str, ...], ...]
-  n_in: int  # leading dims of our arrays that are the matrix's input side (0: a vector)
-  transposed: bool  # stored [out, in] (PyTorch Linear)
-
-
-def linear_entry(ours: tuple[str, ...], name: str, bias: bool, parts=("",), n_in=1):
-  paths = tuple(ours + (p,) if p else ours for p in parts)
-  yield Entry(f"{name}.weight", tuple(p + ("kernel",) for p in paths), n_in, True)
-  if bias:
-    yield Entry(f"{name}.bias", tuple(p + ("bias",) for p in paths), 0, False)
 
 
 def _norm(cfg: ModernBertConfig, ours: tuple[str, ...], name: str):
@@ -109,76 +94,6 @@ def _entries(cfg: ModernBertConfig, task: str, base: str) -> Iterator[Entry]:
       yield Entry("decoder.bias", (("mlm", "output_bias"),), 0, False)
   else:
     yield from linear_entry(("classifier",), "classifier", True)
-
-
-# ---------------------------------------------------------------------------
-# Tensors <-> params.
-# ---------------------------------------------------------------------------
-def _abstract_params(model) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-  tokens = jnp.ones((1, 2), jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)
-  return flax.traverse_util.flatten_dict(flax.linen.unbox(shapes)["params"])
-
-
-def _hf_shape(shape: tuple[int, ...], entry: Entry) -> tuple[int, ...]:
-  """The checkpoint's shape of a tensor holding len(entry.paths) params of our `shape`."""
-  k = len(entry.paths)
-  if entry.n_in == 0:
-    return (k * int(np.prod(shape)),)
-  rows, cols = int(np.prod(shape[:entry.n_in])), int(np.prod(shape[entry.n_in:]))
-  return (k * cols, rows) if entry.transposed else (k * rows, cols)
-
-
-def _split(value: np.ndarray, shape: tuple[int, ...], entry: Entry) -> list[np.ndarray]:
-  """A checkpoint tensor -> our len(entry.paths) arrays of `shape`."""
-  k = len(entry.paths)
-  value = value.reshape(k, -1, *value.shape[1:])  # [k, rows of one part, ...]
-  if entry.transposed:
-    value = np.swapaxes(value, 1, 2)
-  return [np.ascontiguousarray(v).reshape(shape) for v in value]
-
-
-def join_entries(arrays: list[np.ndarray], entry: Entry) -> np.ndarray:
-  """Inverse of `_split`."""
-  if entry.n_in == 0:
-    return np.concatenate([a.reshape(-1) for a in arrays])
-  n = entry.n_in
-  mats = [a.reshape(int(np.prod(a.shape[:n])), -1) for a in arrays]
-  return np.concatenate([m.T if entry.transposed else m for m in mats], axis=0)
-
-
-def _fresh(path: tuple[str, ...], shape: tuple[int, ...], key) -> np.ndarray:
-  """A newly initialised head parameter: norm scales 1, kernels N(0, 0.02), biases 0."""
-  if path[-1] == "scale":
-    return np.ones(shape, np.float32)
-  if path[-1] == "kernel":
-    return np.asarray(layers.bert_init(key, shape, jnp.float32))
-  return np.zeros(shape, np.float32)
-
-
-def params_from_state(model, entries: list[Entry], state: StateDict,
-                       optional_heads: bool) -> dict:
-  """Every parameter of `model` from `state`; with `optional_heads`, head tensors the
-  checkpoint lacks are freshly initialised (logged)."""
-  shapes = _abstract_params(model)
-  flat, fresh = {}, []
-  for entry in entries:
-    shape = shapes[entry.paths[0]].shape
-    if optional_heads and entry.paths[0][0] != "encoder" and entry.name not in state:
-      fresh.extend(entry.paths)
-      continue
-    value = state.take(entry.name, _hf_shape(shape, entry))
-    flat.update(zip(entry.paths, _split(value, shape, entry)))
-  missing = sorted(set(shapes) - set(flat) - set(fresh))
-  if missing:  # the table and the model disagree: a bug here, not in the checkpoint
-    raise CheckpointError(f"{state.source}: no checkpoint name for parameter(s) "
-                          f"{['/'.join(p) for p in missing]}")
-  if fresh:
-    logging.warning("%s: newly initialised (not in the checkpoint): %s", state.source,
-                    ", ".join("/".join(p) for p in fresh))
-    for key, path in zip(jax.random.split(jax.random.key(0), len(fresh)), fresh):
-      flat[path] = _fresh(path, shapes[path].shape, key)
-  return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 # ---------------------------------------------------------------------------
@@ -253,16 +168,6 @@ def hf_config_fields(cfg: ModernBertConfig) -> dict:
 # ---------------------------------------------------------------------------
 # The family interface (see bert_jax/convert/__init__.py).
 # ---------------------------------------------------------------------------
-def _task_from_hf(hf: dict, source: str) -> str:
-  archs = hf.get("architectures") or []
-  if not archs:
-    return "encoder"
-  if archs[0] not in ARCHITECTURES:
-    raise CheckpointError(f"{source}: unsupported architecture {archs[0]!r}; supported: "
-                          f"{sorted(ARCHITECTURES)} (or pass task=... to load the encoder)")
-  return ARCHITECTURES[archs[0]]
-
-
 def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
             dtype: Any = jnp.float32) -> tuple[Any, dict]:
   """A transformers ModernBert* checkpoint as `(model, params)`.
@@ -279,26 +184,15 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
     raise CheckpointError(f"{source}: model_type {hf_config.get('model_type')!r} is not "
                           f"ModernBERT's {MODEL_TYPES}")
   config = config_from_hf(hf_config, dtype, source)
-  ckpt_task = _task_from_hf(hf_config, source)
+  ckpt_task = task_from_architectures(hf_config, source, ARCHITECTURES)
   task = task or ckpt_task
   modernbert.task_class(task)  # an unknown task fails here, naming the known ones
   base = "model." if any(k.startswith("model.") for k in state.keys()) else ""
-  kwargs = {}
-  if task in ("sequence_classification", "token_classification"):
-    labels = hf_config.get("id2label")
-    kwargs["num_labels"] = len(labels) if labels else int(hf_config.get("num_labels", 2))
-  model = modernbert.build(config, task, **kwargs)
+  model = modernbert.build(config, task, **head_kwargs(task, hf_config))
   params = params_from_state(model, list(_entries(config, task, base)), state,
                               optional_heads=task != ckpt_task)
-  word = f"{base}embeddings.tok_embeddings.weight"
-  if "decoder.weight" in state:
-    if not np.allclose(state.tensors["decoder.weight"], state.tensors[word]):
-      raise CheckpointError(f"{source}: decoder.weight differs from {word}; untied MLM output "
-                            f"weights are not supported")
-    state.take("decoder.weight")
-  unused = state.unused()
-  if unused:
-    logging.warning("%s: tensors not used by this model: %s", source, ", ".join(unused))
+  take_tied(state, "decoder.weight", f"{base}embeddings.tok_embeddings.weight")
+  warn_unused(state)
   return model, params
 
 
@@ -314,20 +208,8 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   """
   cfg: ModernBertConfig = model.config
   task = modernbert.task_of(model)
-  params = flax.linen.unbox(params.get("params", params))
-  flat = flax.traverse_util.flatten_dict(params)
-  tensors = {}
-  for entry in _entries(cfg, task, "" if task == "encoder" else "model."):
-    lacking = [p for p in entry.paths if p not in flat]
-    if lacking:
-      raise CheckpointError(f"params lack {'/'.join(lacking[0])} needed for {entry.name}")
-    arrays = [np.asarray(flat[p], np.float32) for p in entry.paths]
-    tensors[entry.name] = np.ascontiguousarray(join_entries(arrays, entry))
+  tensors = tensors_from_params(_entries(cfg, task, "" if task == "encoder" else "model."), params)
   hf = hf_config_fields(cfg)
   hf["architectures"] = [a for a, t in ARCHITECTURES.items() if t == task]
-  if task in ("sequence_classification", "token_classification"):
-    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
-    hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
-    if model.num_labels == 1:
-      hf["problem_type"] = "regression"
+  hf.update(label_fields(task, getattr(model, "num_labels", 0)))
   return hf, tensors
