@@ -208,3 +208,52 @@ def random_params(model, ids, seed=1):
   return jax.tree_util.tree_map_with_path(
       lambda path, s: (float(path[-1].key == "scale") + 0.05 * rng.standard_normal(s.shape)
                        ).astype(np.float32), shapes)
+
+
+def assert_sharded_equals_unsharded(model, params, args, kwargs=None, pick=lambda out: out):
+  """Every parameter of `model` has a logical axis name per dimension, the
+  'fsdp_tensor' rules shard some of them, and on the (data 2, fsdp 2,
+  tensor 2) mesh `pick(model.apply(params, *args))` equals the unsharded value.
+
+  args[0] is the batch (its leading dim divisible by 4): it is split over
+  data x fsdp; the other arguments and `kwargs` are replicated.
+  """
+  import flax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from bert_jax import sharding  # pylint: disable=import-outside-toplevel
+  kwargs = kwargs or {}
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+  is_boxed = lambda x: isinstance(x, flax.linen.LogicallyPartitioned)  # noqa: E731
+  assert all(is_boxed(leaf) for leaf in jax.tree.leaves(abstract, is_leaf=is_boxed))
+  specs = flax.traverse_util.flatten_dict(flax.linen.get_partition_spec(abstract))
+  shapes = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract))
+  unnamed = [k for k, v in specs.items() if len(v) != len(shapes[k].shape)]
+  assert not unnamed, unnamed
+  run = jax.jit(lambda p, *a, **kw: pick(model.apply({"params": p}, *a, **kw)))
+  expected = np.asarray(run(params, *args, **kwargs))
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  rules = sharding.get_rules("fsdp_tensor")
+  shardings = sharding.logical_to_sharding(abstract, mesh, rules)["params"]
+  assert any(len(s.spec) and any(s.spec) for s in jax.tree.leaves(shardings))
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+    placed = jax.device_put(params, shardings)
+    batch = jax.device_put(args[0], sharding.batch_sharding(mesh))
+    out = run(placed, batch, *args[1:], **kwargs)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+
+
+def sgd_step_on_mesh(model, objective: str, batch, preset: str, mesh_shape):
+  """(metrics, SGD(1) parameter change, params) of one `objective` train step of
+  `model` with the sharding `preset` on a (data, fsdp, tensor) = `mesh_shape` mesh."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from bert_jax import sharding, steps  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(*mesh_shape)
+  rules = sharding.get_rules(preset)
+  tx = optax.sgd(1.0)
+  state, shardings = steps.create_sharded_state(model, tx, batch, mesh, rules, rng=0)
+  step = steps.make_train_step(model, tx, objective, shardings, sharding.batch_sharding(mesh),
+                               rules=rules)
+  before = jax.device_get(state.params)
+  state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  delta = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
+  return jax.device_get(metrics), delta, state.params

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import bert_jax
-from bert_jax import models, sharding
+from bert_jax import models
 from bert_jax.models import bart
 from bert_jax.models.bart_config import BartConfig
 from bert_jax.tasks import text2text
-from conftest import random_hf_folder
+from conftest import assert_sharded_equals_unsharded, random_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -212,21 +212,7 @@ def test_sharded_run_equals_unsharded_and_every_param_is_named():
   ids = np.where(ids[[0, 1, 2, 0]] == PAD, PAD, ids[[0, 1, 2, 0]] % 64).astype(np.int32)
   dec = (_decoder_batch()[[0, 1, 2, 0]] % 64).astype(np.int32)
   abstract = jax.eval_shape(model.init, jax.random.key(0), ids, dec)
-  specs = flax.traverse_util.flatten_dict(flax.linen.get_partition_spec(abstract))
-  shapes = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract))
-  unnamed = [k for k, v in specs.items() if len(v) != len(shapes[k].shape)]
-  assert not unnamed, unnamed
-  params = _random_params(abstract)
-  expected = np.asarray(model.apply({"params": params}, ids, dec))
-  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  rules = sharding.get_rules("fsdp_tensor")
-  shardings = sharding.logical_to_sharding(abstract, mesh, rules)["params"]
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    placed = jax.device_put(params, shardings)
-    batch = jax.device_put(jnp.asarray(ids), sharding.batch_sharding(mesh))
-    out = jax.jit(lambda p, i, d: model.apply({"params": p}, i, d))(placed, batch, dec)
-  assert any(len(s.spec) and any(s.spec) for s in jax.tree.leaves(shardings))
-  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+  assert_sharded_equals_unsharded(model, _random_params(abstract), (ids, dec))
 
 
 # ------------------------------------------------------------------ registry

@@ -16,7 +16,7 @@ from bert_jax.models import bert
 from bert_jax.models import configs
 from bert_jax.models import electra
 from bert_jax.models import flops
-from conftest import tiny_pretraining_config
+from conftest import sgd_step_on_mesh, tiny_pretraining_config
 
 VOCAB = 64
 # Discriminator 32 wide with 16-wide tables; generator 8 wide (1/4), projected from 16.
@@ -242,22 +242,10 @@ def test_electra_trains_through_the_trainer_and_finetunes_from_the_discriminator
 
 def _sharded_step(batch, preset, mesh_shape):
   """Metrics and the SGD(1) parameter change of one ELECTRA step on `mesh_shape`."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from bert_jax import sharding, steps  # pylint: disable=import-outside-toplevel
   cfg = configs.BertConfig(vocab_size=VOCAB, hidden_size=64, num_layers=1, num_heads=4,
                            intermediate_size=128, embedding_size=32, model_type="electra",
                            generator_size=0.5, max_position_embeddings=32)
-  model = bert.build(cfg, "electra")
-  mesh = sharding.make_mesh(*mesh_shape)
-  rules = sharding.get_rules(preset)
-  tx = optax.sgd(1.0)
-  state, shardings = steps.create_sharded_state(model, tx, batch, mesh, rules, rng=0)
-  step = steps.make_train_step(model, tx, "electra", shardings, sharding.batch_sharding(mesh),
-                               rules=rules)
-  before = jax.device_get(state.params)
-  state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-  delta = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
-  return jax.device_get(metrics), delta, state.params
+  return sgd_step_on_mesh(bert.build(cfg, "electra"), "electra", batch, preset, mesh_shape)
 
 
 def test_sharded_electra_step_equals_data_parallel():

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import bert_jax
-from bert_jax import models, sharding
+from bert_jax import models
 from bert_jax.models import modernbert
 from bert_jax.models.configs import ModernBertConfig
-from conftest import random_hf_folder
+from conftest import assert_sharded_equals_unsharded, random_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -191,25 +191,9 @@ def test_sharded_run_equals_unsharded_and_every_param_is_named(tiny):
   model, params = tiny
   ids, mask = _batch()
   ids, mask = ids[[0, 1, 2, 0]] % 64, mask[[0, 1, 2, 0]]  # batch 4: data x fsdp
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
-  specs = flax.traverse_util.flatten_dict(flax.linen.get_partition_spec(abstract))
-  shapes = flax.traverse_util.flatten_dict(flax.linen.unbox(abstract))
-  unnamed = [k for k, v in specs.items() if len(v) != len(shapes[k].shape)]
-  assert not unnamed, unnamed
-  assert all(isinstance(leaf, flax.linen.LogicallyPartitioned)
-             for leaf in jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(
-                 x, flax.linen.LogicallyPartitioned)))
-  expected = np.asarray(_apply(model, params, ids, mask)["mlm_logits"])
-  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  rules = sharding.get_rules("fsdp_tensor")
-  shardings = sharding.logical_to_sharding(abstract, mesh, rules)["params"]
-  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
-    placed = jax.device_put(params, shardings)
-    batch = jax.device_put(jnp.asarray(ids, jnp.int32), sharding.batch_sharding(mesh))
-    out = jax.jit(lambda p, i, m: model.apply({"params": p}, i, encoder_mask=m))(
-        placed, batch, jnp.asarray(mask, jnp.int32))["mlm_logits"]
-  assert any(len(s.spec) and any(s.spec) for s in jax.tree.leaves(shardings))
-  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+  assert_sharded_equals_unsharded(
+      model, params, (jnp.asarray(ids, jnp.int32),),
+      {"encoder_mask": jnp.asarray(mask, jnp.int32)}, pick=lambda out: out["mlm_logits"])
 
 
 def test_dropout_runs_and_changes_outputs(tiny):

@@ -10,20 +10,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from bert_jax import defaults
 from bert_jax import losses
 from bert_jax import objectives
-from bert_jax import sharding
 from bert_jax import steps
 from bert_jax import train
 from bert_jax.data import inspect as inspect_lib
 from bert_jax.models import bert
 from bert_jax.models import flops
 from bert_jax.models.configs import SBO_MAX_TARGETS
-from conftest import tiny_pretraining_config
+from conftest import sgd_step_on_mesh, tiny_pretraining_config
 
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
@@ -160,17 +158,8 @@ def test_sbo_loss_against_numpy():
 
 def _sharded_step(batch, preset, mesh_shape):
   """Loss, metrics and the SGD(1) parameter change of one step on `mesh_shape`."""
-  model = bert.build(bert.BertConfig(**TINY), "mlm_sbo")
-  mesh = sharding.make_mesh(*mesh_shape)
-  rules = sharding.get_rules(preset)
-  tx = optax.sgd(1.0)
-  state, shardings = steps.create_sharded_state(model, tx, batch, mesh, rules, rng=0)
-  step = steps.make_train_step(model, tx, "mlm_sbo", shardings, sharding.batch_sharding(mesh),
-                               rules=rules)
-  before = jax.device_get(state.params)
-  state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-  delta = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
-  return jax.device_get(metrics), delta, state.params
+  return sgd_step_on_mesh(bert.build(bert.BertConfig(**TINY), "mlm_sbo"), "mlm_sbo", batch,
+                          preset, mesh_shape)
 
 
 def test_sharded_head_equals_unsharded():
