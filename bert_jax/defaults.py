@@ -237,6 +237,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.data.max_query_length = 64  # squad
   c.data.n_best_size = 20  # squad
   c.data.max_answer_length = 30  # squad
+  c.data.source_prefix = ""  # summarization: put before each document (T5: 'summarize: ')
+  c.data.document_key = "document"  # summarization JSONL keys (XSum's; CNN/DM: 'article',
+  c.data.summary_key = "summary"  # 'highlights'); TSV files are document<TAB>summary
 
   c.finetune = ml_collections.ConfigDict()
   c.finetune.freeze_encoder = False
@@ -245,6 +248,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.finetune.layerwise_lr_decay = 1.0  # 1.0 = off
   c.finetune.ner_head = "softmax"  # conll: 'softmax' | 'crf' (linear-chain CRF) | 'span'
   c.finetune.max_span_length = 8  # conll, ner_head='span': longest span in words
+  # Encoder-decoders: 'classification' (BART on GLUE: its sequence-classification head),
+  # 'text2text' (the decoder writes the label) or 'auto' (the head where the family has one).
+  c.finetune.head = "auto"
   # 'full' | 'lora' | 'bitfit' | 'prompt' | 'houlsby' | 'pfeiffer' (peft.py, peft_modules.py;
   # the task head always trains)
   c.finetune.method = "full"

@@ -3,8 +3,10 @@
     bert-jax embed --init_from=FOLDER_OR_WORKDIR --input=sentences.txt --out=emb.npy \
         [--pooling=mean|cls|max|...] [--batch_size=64] [--max_length=0] [--text_field=NAME]
 
-A checkpoint (a Hugging Face or sentence-transformers folder, or a `bert-jax
-train` workdir) encodes every sentence; its last hidden states are pooled
+A checkpoint (a Hugging Face or sentence-transformers folder, a `bert-jax
+train` workdir, or a `bert-jax finetune` workdir of the sentence-embedding task
+(tasks/sentence.py: its best/ encoder, pooling and max_length)) encodes every
+sentence; its last hidden states are pooled
 (models/pooling.py) into one float32 vector per sentence, written as an
 [N, hidden] .npy in input order.
 
@@ -52,6 +54,7 @@ from bert_jax.convert import from_pretrained
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.models import pooling as pooling_lib
 from bert_jax.tasks import batching
+from bert_jax.tasks import sentence
 
 # Sentences tokenized per tf call: bounded memory, few Python round trips.
 _TOKENIZE_CHUNK = 4096
@@ -190,6 +193,8 @@ def load(init_from: str, *, pooling: str | None = None, max_length: int = 0,
     raise FileNotFoundError(f"--init_from={init_from}: no such folder")
   mesh = mesh if mesh is not None else sharding.make_mesh()
   rules = sharding.get_rules(rules_preset)
+  if sentence.is_trained_workdir(init_from):
+    return _load_trained(init_from, pooling, max_length, dtype, mesh, rules)
   if init_from_lib.is_pretraining_workdir(init_from):
     model, params, tokenizer = _encoder_from_workdir(init_from, dtype, mesh, rules)
   else:
@@ -199,6 +204,28 @@ def load(init_from: str, *, pooling: str | None = None, max_length: int = 0,
   config = resolve_pooling(init_from, pooling)
   return Embedder(model, params, tokenizer, config, _max_length(init_from, model, max_length),
                   mesh, make_embed_step(model, config, mesh, rules, param_shardings))
+
+
+def _load_trained(workdir: str, pooling: str | None, max_length: int, dtype: Any, mesh,
+                  rules) -> Embedder:
+  """The best encoder of a `bert-jax finetune` sentence-embedding workdir (tasks/sentence.py).
+
+  Its pooling and max_length are the run's (finetune.pooling, data.max_length)
+  unless `pooling` / `max_length` are given.
+  """
+  model, params, tokenizer, trained_pooling, trained_length = sentence.restore_encoder(
+      workdir, dtype, mesh, rules)
+  config = trained_pooling
+  if pooling:
+    try:
+      config = pooling_lib.PoolingConfig(pooling_lib.parse_modes(pooling))
+    except ValueError as e:
+      raise ValueError(f"--pooling={pooling}: {e}") from None
+  param_shardings = _param_shardings(model, mesh, rules)
+  params = jax.device_put(params, param_shardings)
+  length = _max_length(workdir, model, max_length) if max_length else trained_length
+  return Embedder(model, params, tokenizer, config, length, mesh,
+                  make_embed_step(model, config, mesh, rules, param_shardings))
 
 
 # ---------------------------------------------------------------- input

@@ -19,6 +19,9 @@ Tasks (`config.task`):
          words classified, decoded greedily into flat entities); all three
          become word tags scored by the same metric.
   squad  SQuAD v1.1/v2.0: span start/end, n-best post-processing, official EM/F1.
+  cloze  a GLUE classification task as PET's fill-in-the-blank (tasks/cloze.py,
+         configs/pet.py): a pattern, a verbalizer read by init_from's MLM head,
+         k examples per class.
 Splits are GLUE split names ('train', 'dev', 'dev_matched', ...) or, for
 conll/squad, file names in `data.data_dir` ('.gz' tried when absent).
 
@@ -240,7 +243,9 @@ def _setup(config) -> _Run:
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer or config.init_from,
                                            lower_case=config.data.lower_case)
   task = adapters.make_task(config, tokenizer)
-  model_cfg, pretrained = finetune_init.model_config(config, mesh, rules)
+  # The cloze task (tasks/cloze.py) reads init_from's MLM head too.
+  model_cfg, pretrained = finetune_init.model_config(
+      config, mesh, rules, mlm_head=getattr(task, "uses_mlm_head", False))
   family = models.get(config.family)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, "
@@ -254,6 +259,8 @@ def _setup(config) -> _Run:
     raise ConfigError("data.max_length", f"{config.data.max_length} > the model's {positions} "
                       "positions")
   model = family.build(model_cfg, task.model_task, **task.model_kwargs)
+  if hasattr(task, "wrap_model"):  # a task's own model around the built one (sentence.py)
+    model = task.wrap_model(model)
   shapes = steps.init_shapes(family.init_features)
   model = peft.wrap(config, model, shapes)  # LoRA: a LoraModel (params + params['lora'])
   return _Run(task, tokenizer, model, pretrained, mesh, rules, sharding.batch_sharding(mesh),

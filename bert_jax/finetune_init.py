@@ -23,20 +23,27 @@ from bert_jax import peft
 from bert_jax.defaults import ConfigError
 
 
-def model_config(config, mesh, rules) -> tuple[Any, dict | None]:
+def model_config(config, mesh, rules, *, mlm_head: bool = False) -> tuple[Any, dict | None]:
   """The model's hyperparameters (the family's config) and pretrained params (None: random).
 
   Params hold what the family carries over: {'encoder': ...} for BERT, the
-  whole model for T5.
+  whole model for T5. With `mlm_head` (the cloze task) the checkpoint's MLM
+  head ('mlm') is carried over too, and a checkpoint without one is an error.
   """
   family = models.get(config.family)
   if config.init_from:
-    task = None if init_from.is_pretraining_workdir(config.init_from) else family.finetune_task
+    task = family.finetune_task
+    if mlm_head or init_from.is_pretraining_workdir(config.init_from):
+      task = None  # the head the checkpoint has (a HF *ForMaskedLM folder: its MLM head)
     pretrained = init_from.load(config.init_from, config.family, config.dtype, mesh, rules,
                                 lower_case=config.data.lower_case, task=task)
     params = pretrained.params
+    if mlm_head and "mlm" not in params:
+      raise ConfigError("init_from", f"{config.init_from} has no MLM head, which the cloze "
+                        "task reads (give a *ForMaskedLM or *ForPreTraining folder, or a "
+                        "bert-jax train workdir)")
     if family.carried_over is not None:
-      params = {k: params[k] for k in family.carried_over}
+      params = {k: params[k] for k in family.carried_over + (("mlm",) if mlm_head else ())}
     return pretrained.config, params
   try:
     return family.config_from_dict(dict(config.model.to_dict(), dtype=config.dtype)), None

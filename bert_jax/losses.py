@@ -465,7 +465,10 @@ _UNIT_EPS = 1e-12
 def _unit(x: Array) -> Array:
   """Rows of x scaled to unit L2 norm, in float32."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _UNIT_EPS)
+  # rsqrt of the clamped squared norm, not norm(x): the norm's gradient at an
+  # all-zero (filler) row is 0/0 = NaN, and NaN * weight 0 is still NaN.
+  squared = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, _UNIT_EPS * _UNIT_EPS))
 
 
 def sbert_pair_features(u: Array, v: Array) -> Array:

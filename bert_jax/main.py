@@ -107,6 +107,20 @@ def _finetune(config, command: str) -> None:
     sys.exit(143)
 
 
+def _multitask(config) -> None:
+  """bert-jax multitask: several fine-tuning tasks on one encoder (bert_jax/multitask.py)."""
+  if not FLAGS.workdir:
+    raise app.UsageError("multitask needs --workdir")
+  from bert_jax import loop, multitask
+  _init_distributed()
+  logging.get_absl_logger().setLevel("WARNING")
+  try:
+    multitask.multitask(config, FLAGS.workdir)
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(143)
+
+
 def _inspect(config) -> None:
   from bert_jax.data import inspect, pipeline, tokenizer
   if not config.data.tokenizer:
@@ -317,7 +331,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _run_command(argv) -> None:
   commands = ("train", "inspect", "train-tokenizer", "finetune", "evaluate", "predict",
-              "export", "embed")
+              "export", "embed", "multitask")
   if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(f"usage: bert-jax {{{'|'.join(commands)}}} [--flags]; got {argv[1:]}")
   if argv[1] == "train-tokenizer":
@@ -329,6 +343,8 @@ def _run_command(argv) -> None:
   logging.info("config:\n%s", _CONFIG.value)
   if argv[1] in ("finetune", "evaluate", "predict", "export"):
     return _finetune(_CONFIG.value, argv[1])
+  if argv[1] == "multitask":
+    return _multitask(_CONFIG.value)
   return (_train if argv[1] == "train" else _inspect)(_CONFIG.value)
 
 

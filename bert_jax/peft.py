@@ -285,7 +285,8 @@ def freeze_rules(config, family) -> list[str]:
   if method == "full":
     return []
   carried = family.carried_over
-  base = (f"^({'|'.join(map(re.escape, carried))})/" if carried
+  # A carried-over name may be a leaf (BART's final_logits_bias) or a subtree.
+  base = (f"^({'|'.join(map(re.escape, carried))})(/|$)" if carried
           else f"^(?!({'|'.join(ADDED)})/)")
   if method == "bitfit":
     return [base + r"(?!.*bias$)"]

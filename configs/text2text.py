@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.max_length = 256  # the task prefix and field names add a few tokens
     config.data.max_target_length = 8  # one label word or an STS-B score
   config.family = "t5"
+  config.finetune.head = "text2text"  # also with family='bart', which has a GLUE head
   config.data.tokenizer = ""  # init_from's spiece.model
   config.data.pad_multiple = 32
 

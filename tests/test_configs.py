@@ -11,13 +11,16 @@ from bert_jax import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # file -> variants (None = the file's default).
 CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert",
-                          "electra", "distil", "modernbert"],
+                          "electra", "distil", "modernbert", "bart"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
            "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
            "electra": [None, "base"], "distilbert": [None],
-           "modernbert": [None, "large"], "deberta_v3": [None, "small"]}
+           "modernbert": [None, "large"], "deberta_v3": [None, "small"],
+           "bart": [None, "large"]}
 # Fine-tuning configs (bert-jax finetune; tested in tests/test_finetune.py).
-FINETUNE = {"glue", "conll", "squad", "text2text"}
+FINETUNE = {"glue", "conll", "squad", "text2text", "sbert", "pet",
+            "multitask"}  # bert-jax multitask (tests/test_multitask.py)
+FINETUNE |= {"summarization"}  # tested in tests/test_bart_recipes.py
 # The keys scripts and users rely on in every training config (issue "Training").
 REQUIRED = ("seed", "train.num_steps", "train.batch_size", "checkpoint.every_steps",
             "checkpoint.keep", "log.every_steps", "eval.every_steps", "optim.learning_rate",

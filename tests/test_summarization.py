@@ -72,3 +72,21 @@ def test_read_pairs_tsv_and_jsonl(tmp_path):
   (tmp_path / "broken.jsonl").write_text("{not json\n")
   with pytest.raises(ValueError, match=r"broken.jsonl:1: not JSON"):
     summ.read_pairs(str(tmp_path / "broken.jsonl"))
+
+
+def test_pairs_to_text_metrics_and_summaries_file(tmp_path):
+  pairs = [summ.SummaryPair("A cat sat.", "A cat."), summ.SummaryPair("Dogs ran far.", "Dogs ran.")]
+  assert summ.pairs_to_text(pairs, "summarize: ") == (
+      ["summarize: A cat sat.", "summarize: Dogs ran far."], ["A cat.", "Dogs ran."])
+  m = summ.summary_metrics(pairs, ["a cat", "cats"], use_stemmer=False)
+  assert m["rouge1"] == pytest.approx(50.0)  # 1.0 and 0.0 ('cats' is not 'dogs')
+  assert m["gen_len"] == pytest.approx(1.5)
+  with pytest.raises(ValueError, match="1 predictions for 2 documents"):
+    summ.summary_metrics(pairs, ["a cat"])
+  with pytest.raises(ValueError, match="no reference summary"):
+    summ.summary_metrics([summ.SummaryPair("x", None)], ["x"])
+  path = tmp_path / "out" / "dev-summaries.jsonl"
+  summ.write_summaries(str(path), pairs + [summ.SummaryPair("x", None)], ["a", "b", "c"])
+  rows = [json.loads(line) for line in path.open(encoding="utf-8")]
+  assert rows == [{"summary": "a", "reference": "A cat."},
+                  {"summary": "b", "reference": "Dogs ran."}, {"summary": "c"}]

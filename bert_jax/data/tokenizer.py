@@ -340,13 +340,17 @@ def _written_locally(model_prefix: str) -> Iterator[str]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+DEBERTA_SPM_FILE = "spm.model"  # the SentencePiece file of Hugging Face DeBERTa-v2/v3 folders
+
+
 def load_tokenizer(path: str, *, lower_case: bool = True,
                    extra_ids: int = T5_EXTRA_IDS) -> Tokenizer:
   """WordPiece for a .txt vocabulary, SentencePiece for a .model file, BPE for vocab.json.
 
   A folder holding vocab.json + merges.txt (RoBERTa) gives the byte-level BPE
   of bert_jax.data.bpe; any other folder is searched for vocab.txt, then
-  spiece.model / sentencepiece.model.
+  spiece.model / sentencepiece.model, then spm.model (DeBERTa-v2/v3's, loaded
+  without T5 sentinels).
   `lower_case` applies to WordPiece, `extra_ids` to SentencePiece.
   """
   if bpe.is_bpe_folder(path) or os.path.basename(path) == bpe.VOCAB_FILE:
@@ -356,7 +360,11 @@ def load_tokenizer(path: str, *, lower_case: bool = True,
       if isfile(os.path.join(path, name)):
         return load_tokenizer(os.path.join(path, name), lower_case=lower_case,
                               extra_ids=extra_ids)
-    raise FileNotFoundError(f"no vocab.txt or spiece.model in folder {path}")
+    # DeBERTa-v2/v3 folders ship spm.model: an encoder's vocabulary, no T5 sentinels.
+    if isfile(os.path.join(path, DEBERTA_SPM_FILE)):
+      return SentencePieceTokenizer(os.path.join(path, DEBERTA_SPM_FILE), extra_ids=0)
+    raise FileNotFoundError(f"no vocab.txt or spiece.model in folder {path} (nor "
+                            f"sentencepiece.model or {DEBERTA_SPM_FILE})")
   if path.endswith(".model"):
     return SentencePieceTokenizer(path, extra_ids=extra_ids)
   return WordPieceTokenizer(path, lower_case=lower_case)

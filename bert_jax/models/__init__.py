@@ -212,4 +212,6 @@ register(Family(
     convert_module="bert_jax.convert.bart",
     init_features=("encoder_input_tokens", "decoder_input_tokens"),
     train_flops=_bart_flops, finetune_task="seq2seq", encoder_decoder=True,
+    # Named (not None) so a GLUE head (classification_head) is not taken for pretrained.
+    carried_over=("shared", "encoder", "decoder", "final_logits_bias"),
     depth_field="num_encoder_layers", positions=lambda c: c.max_position_embeddings))

@@ -34,6 +34,8 @@ Models take the batch contract's names, as bert.py's do:
   DebertaForSequenceClassification  {'logits' [batch, num_labels]} (pooler over token 0)
   DebertaForTokenClassification     {'logits' [batch, length, num_labels]}
   DebertaForQuestionAnswering       {'start_logits', 'end_logits'} [batch, length]
+  DebertaForReplacedTokenDetection  {'mlm_logits', 'rtd_logits', 'rtd_labels'} (task 'electra':
+                                    DeBERTa-v3's RTD with GDES; see electra.py)
 
 Packed rows: a token attends within its segment. Relative distances are
 index differences, which equal position differences inside a contiguous
@@ -41,11 +43,14 @@ segment, so packing needs no per-example distance table.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bert_jax.models import electra
 from bert_jax.models import layers
 from bert_jax.models.deberta_config import DebertaConfig
 
@@ -115,8 +120,12 @@ class DisentangledAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, rel_table: Array | None,
-               deterministic: bool) -> Array:
-    """x [batch, length, embed], rel_table [2 span, embed] -> [batch, length, embed]."""
+               deterministic: bool, query_states: Array | None = None) -> Array:
+    """x [batch, length, embed], rel_table [2 span, embed] -> [batch, length, embed].
+
+    query_states [batch, length, embed] (the EMD's): the queries are projected
+    from them instead of from x; keys and values always come from x.
+    """
     cfg = self.config
     qkv_axes = ("act_batch", "act_length", "act_heads", "act_kv")
     proj = lambda name: layers.DenseGeneral(  # noqa: E731
@@ -124,7 +133,8 @@ class DisentangledAttention(nn.Module):
         name=name)
     query_proj, key_proj = proj("query"), proj("key")
     # [batch, length, heads, kv]
-    query, key, value = query_proj(x), key_proj(x), proj("value")(x)
+    query = query_proj(x if query_states is None else query_states)
+    key, value = key_proj(x), proj("value")(x)
     query, key, value = (nn.with_logical_constraint(t, qkv_axes) for t in (query, key, value))
     scale = float(cfg.head_dim * cfg.scale_factor) ** -0.5
     bias = None
@@ -156,15 +166,19 @@ class DisentangledAttention(nn.Module):
 
 
 class DebertaLayer(nn.Module):
-  """Post-norm block, as BERT: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
+  """Post-norm block, as BERT: x = norm(x + attn(x)); x = norm(x + mlp(x)).
+
+  With query_states q (the EMD): x = norm(q + attn(q over x)); then the MLP.
+  """
   config: DebertaConfig
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, rel_table: Array | None,
-               deterministic: bool) -> Array:
+               deterministic: bool, query_states: Array | None = None) -> Array:
     cfg = self.config
-    h = DisentangledAttention(cfg, name="attention")(x, mask, rel_table, deterministic)
-    x = _norm(cfg, "attention_norm")(x + h)
+    h = DisentangledAttention(cfg, name="attention")(x, mask, rel_table, deterministic,
+                                                     query_states)
+    x = _norm(cfg, "attention_norm")((x if query_states is None else query_states) + h)
     h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
                    dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
     h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
@@ -173,15 +187,39 @@ class DebertaLayer(nn.Module):
 
 
 class DebertaEncoder(nn.Module):
-  """Embeddings (+ norm), the relative table (+ norm), num_layers blocks."""
+  """Embeddings (+ norm), the relative table (+ norm), num_layers blocks.
+
+  Attributes:
+    config: the hyperparameters.
+    sharing: where the word (and absolute position) tables come from.
+      'none': its own ('word_embeddings', 'position_embeddings'); the others
+      serve the 'electra' task and take the generator's tables as the
+      `tables` argument of __call__ ({'word', 'position'}, see `tables()`):
+      'gdes': stop_gradient(tables) + its own zero-initialised deltas
+      ('word_embeddings_delta', 'position_embeddings_delta'), so no gradient
+      reaches the given tables through this encoder (DeBERTa-v3's GDES);
+      'tied': the given tables as they are (it owns none).
+  """
   config: DebertaConfig
+  sharing: str = "none"
 
   def setup(self):
     cfg = self.config
-    self.word_embeddings = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"))
-    if cfg.position_biased_input:
-      self.position_embeddings = layers.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                                              axes=("position", "embed"))
+    if self.sharing not in ("none", "tied", "gdes"):
+      raise ValueError(f"DebertaEncoder.sharing: choose none, tied or gdes, got {self.sharing!r}")
+    # GDES deltas start at zero: at init the discriminator sees the generator's tables.
+    owned = dict(name_suffix="_delta", embedding_init=nn.initializers.zeros) if (
+        self.sharing == "gdes") else dict(name_suffix="", embedding_init=layers.bert_init)
+    suffix = owned.pop("name_suffix")
+    tables = {}
+    if self.sharing != "tied":
+      tables["word"] = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"),
+                                    name=f"word_embeddings{suffix}", **owned)
+      if cfg.has_position_table:
+        tables["position"] = layers.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, axes=("position", "embed"),
+            name=f"position_embeddings{suffix}", **owned)
+    self.owned = tables  # {'word', 'position'}: the tables it owns
     if cfg.type_vocab_size:
       self.token_type_embeddings = layers.Embed(cfg.type_vocab_size, cfg.hidden_size,
                                                 axes=("type", "embed"))
@@ -196,23 +234,51 @@ class DebertaEncoder(nn.Module):
     self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
 
+  def tables(self) -> dict[str, Array]:
+    """The tables it owns, {'word': [vocab, embed], 'position': [positions, embed]} (if any):
+    what a 'tied' or 'gdes' encoder is given."""
+    if self.sharing != "none":
+      raise ValueError(f"a DebertaEncoder with sharing={self.sharing!r} owns no whole table")
+    return {k: v.embedding for k, v in self.owned.items()}
+
+  def _tables(self, given: dict[str, Array] | None) -> dict[str, Array]:
+    """The effective word / position tables under `sharing`."""
+    if self.sharing == "none":
+      return self.tables()
+    if given is None:
+      raise ValueError(f"a DebertaEncoder with sharing={self.sharing!r} needs `tables`")
+    if self.sharing == "tied":
+      return dict(given)
+    return {k: jax.lax.stop_gradient(given[k]) + v.embedding for k, v in self.owned.items()}
+
   def __call__(self, encoder_input_tokens: Array, encoder_type_ids: Array | None = None,
                encoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
-               encoder_mask: Array | None = None, enable_dropout: bool = False) -> Array:
-    """Returns the last hidden state [batch, length, hidden]."""
+               encoder_mask: Array | None = None, enable_dropout: bool = False,
+               tables: dict[str, Array] | None = None, return_emd: bool = False):
+    """The last hidden state [batch, length, hidden]; with return_emd also the EMD's.
+
+    return_emd (config.enhanced_mask_decoder): (hidden, emd) where emd
+    [batch, length, hidden] runs the last layer twice more over its own input
+    h, queried first by h + the absolute position embeddings, then by its
+    own output (the reference's EnhancedMaskDecoder: absolute positions
+    reach the MLM head without entering the encoder).
+    """
     cfg = self.config
     tokens = encoder_input_tokens
     deterministic = not enable_dropout
-    if cfg.position_biased_input and tokens.shape[1] > cfg.max_position_embeddings:
+    if cfg.has_position_table and tokens.shape[1] > cfg.max_position_embeddings:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
+    if return_emd and not cfg.enhanced_mask_decoder:
+      raise ValueError("return_emd needs DebertaConfig.enhanced_mask_decoder=True")
     mask, valid = attention_mask(tokens, encoder_segment_ids, encoder_mask, cfg.pad_token_id)
+    table = self._tables(tables)
+    positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                 if encoder_positions is None else encoder_positions)
     # Summed in float32: the tables are float32 and the LayerNorm follows.
-    x = jnp.take(self.word_embeddings.embedding, tokens, axis=0)
+    x = jnp.take(table["word"], tokens, axis=0)
     if cfg.position_biased_input:
-      positions = (jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-                   if encoder_positions is None else encoder_positions)
-      x = x + jnp.take(self.position_embeddings.embedding, positions, axis=0)
+      x = x + jnp.take(table["position"], positions, axis=0)
     if cfg.type_vocab_size:
       types = jnp.zeros_like(tokens) if encoder_type_ids is None else encoder_type_ids
       x = x + jnp.take(self.token_type_embeddings.embedding, types, axis=0)
@@ -226,13 +292,21 @@ class DebertaEncoder(nn.Module):
       if cfg.norm_rel_ebd == "layer_norm":
         rel_table = self.rel_norm(rel_table)
       rel_table = rel_table.astype(cfg.dtype)
-    for layer in self.layers:
+    for layer in self.layers[:-1]:
       x = layer(x, mask, rel_table, deterministic)
-    return x
+    hidden = self.layers[-1](x, mask, rel_table, deterministic)
+    if not return_emd:
+      return hidden
+    # EMD: raw absolute positions (no norm), as the reference's z_states.
+    query = x + jnp.take(table["position"], positions, axis=0).astype(cfg.dtype)
+    for _ in range(2):
+      query = self.layers[-1](x, mask, rel_table, deterministic, query)
+    return hidden, query
 
   def attend(self, x: Array) -> Array:
     """x [..., embed] -> logits [..., vocab] against the token table (tied MLM output)."""
-    return self.word_embeddings.attend(x.astype(self.config.dtype))
+    return jnp.einsum("...e,ve->...v", x.astype(self.config.dtype),
+                      self.tables()["word"].astype(self.config.dtype))
 
 
 # -------------------------------------------------------------------- heads
@@ -298,18 +372,110 @@ class DebertaModel(_TaskModel):
     return hidden, None
 
 
+def mlm_states(encoder: DebertaEncoder, tokens: Array, mlm_positions: Array | None,
+               **kwargs) -> Array:
+  """What the MLM head reads: the last hidden state, or the EMD's with
+  config.enhanced_mask_decoder, at `mlm_positions` if given ([batch, n or length, embed])."""
+  if encoder.config.enhanced_mask_decoder:
+    _, hidden = encoder(tokens, return_emd=True, **kwargs)
+  else:
+    hidden = encoder(tokens, **kwargs)
+  if mlm_positions is not None:  # [batch, max_predictions, embed]
+    hidden = jnp.take_along_axis(hidden, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
+  return hidden
+
+
 class DebertaForMaskedLM(_TaskModel):
-  """Masked language model; with `mlm_positions` the head runs only at those positions."""
+  """Masked language model; with `mlm_positions` the head runs only at those positions.
+
+  With config.enhanced_mask_decoder the head reads the EMD (mlm_states).
+  """
 
   @nn.compact
   def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
                encoder_positions=None, encoder_mask=None, mlm_positions=None,
                enable_dropout=False) -> dict[str, Array]:
-    encoder, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
-                                   encoder_positions, encoder_mask, enable_dropout)
-    if mlm_positions is not None:  # [batch, max_predictions, embed]
-      hidden = jnp.take_along_axis(hidden, mlm_positions[:, :, None].astype(jnp.int32), axis=1)
+    encoder = DebertaEncoder(self.config, name="encoder")
+    hidden = mlm_states(encoder, encoder_input_tokens, mlm_positions,
+                        encoder_type_ids=encoder_type_ids, encoder_segment_ids=encoder_segment_ids,
+                        encoder_positions=encoder_positions, encoder_mask=encoder_mask,
+                        enable_dropout=enable_dropout)
     return {"mlm_logits": MlmHead(self.config, name="mlm")(hidden, encoder)}
+
+
+class RtdHead(nn.Module):
+  """Replaced-token detection, as the reference's LMMaskPredictionHead:
+  LayerNorm(h + h[:, 0]) (each token with the sequence's first), dense,
+  activation, then one logit per token."""
+  config: DebertaConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    """hidden [batch, length, embed] -> logits [batch, length]."""
+    cfg = self.config
+    x = _norm(cfg, "norm")(hidden + hidden[:, :1])
+    x = layers.get_activation(cfg.hidden_act)(_dense(cfg, "dense")(x))
+    x = nn.with_logical_constraint(x, _ACT)
+    return _classifier(1, cfg.dtype)(x)[..., 0]
+
+
+class DebertaForReplacedTokenDetection(electra.ReplacedTokenDetection):
+  """DeBERTa-v3 pretraining (task 'electra'): a DeBERTa generator (MLM, with
+  the EMD if configured; config.generator() deep) and discriminator (RtdHead),
+  sharing embeddings by config.embedding_sharing (see electra.py for the run).
+
+  Parameters: 'encoder' (the discriminator; under GDES its tables are
+  'word_embeddings_delta' etc., to add to the generator's: `discriminator`
+  merges them), 'rtd', 'generator', 'generator_mlm'.
+  """
+  config: DebertaConfig
+
+  def parts(self):
+    cfg = self.config
+    gen_cfg = cfg.generator()
+    tied = cfg.embedding_sharing == "tied"
+    # The discriminator never runs the EMD; it keeps the position table only to share it (tied).
+    disc_cfg = cfg if tied else dataclasses.replace(cfg, enhanced_mask_decoder=False)
+    if tied:  # the discriminator owns the tables, as ELECTRA's; the generator reads them
+      encoder = DebertaEncoder(disc_cfg, name="encoder")
+      generator = DebertaEncoder(gen_cfg, sharing="tied", name="generator")
+      owner = encoder
+    else:  # GDES: the generator owns them, the discriminator learns deltas
+      encoder = DebertaEncoder(disc_cfg, sharing="gdes", name="encoder")
+      generator = DebertaEncoder(gen_cfg, name="generator")
+      owner = generator
+
+    def shared(target: DebertaEncoder) -> dict[str, Array] | None:
+      if target.sharing == "none":
+        return None
+      tables = owner.tables()
+      return {k: v for k, v in tables.items() if k == "word" or target.config.has_position_table}
+
+    def generate(tokens, mlm_positions, **kwargs):  # -> [batch, n, vocab]
+      hidden = mlm_states(generator, tokens, mlm_positions, tables=shared(generator), **kwargs)
+      return MlmHead(gen_cfg, name="generator_mlm")(hidden, owner)
+
+    def discriminate(tokens, **kwargs):  # -> [batch, length]
+      return RtdHead(cfg, name="rtd")(encoder(tokens, tables=shared(encoder), **kwargs))
+
+    return generate, discriminate
+
+
+def discriminator(model: DebertaForReplacedTokenDetection, params: dict
+                  ) -> tuple[DebertaModel, dict]:
+  """The discriminator of a task-'electra' model as a plain DebertaModel and its params
+  ({'encoder': ...}; GDES deltas added to the generator's tables), e.g. for
+  `bert_jax.save_pretrained` (an HF DebertaV2Model) or fine-tuning."""
+  cfg = dataclasses.replace(model.config, enhanced_mask_decoder=False)
+  enc = dict(params["encoder"])
+  gen = params["generator"] if cfg.embedding_sharing == "gdes" else None
+  for table in ("word_embeddings", "position_embeddings"):
+    delta = enc.pop(f"{table}_delta", None)
+    if delta is not None:
+      enc[table] = {"embedding": gen[table]["embedding"] + delta["embedding"]}
+  if not cfg.has_position_table:  # a tied EMD generator's table, unused by the discriminator
+    enc.pop("position_embeddings", None)
+  return DebertaModel(cfg), {"encoder": enc}
 
 
 class DebertaForSequenceClassification(_TaskModel):
@@ -368,6 +534,8 @@ TASKS = {
     "sequence_classification": DebertaForSequenceClassification,
     "token_classification": DebertaForTokenClassification,
     "question_answering": DebertaForQuestionAnswering,
+    # DeBERTa-v3 pretraining: generator + discriminator (objective 'electra').
+    "electra": DebertaForReplacedTokenDetection,
 }
 TASK_NAMES = tuple(TASKS)
 

@@ -22,6 +22,8 @@ DEBERTA_PRESETS = {
 }
 POS_ATT_TYPES = ("c2p", "p2c")
 NORM_REL_EBD = ("none", "layer_norm")
+# How the 'electra' task's discriminator shares the generator's embedding tables.
+EMBEDDING_SHARING = ("tied", "gdes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,19 @@ class DebertaConfig:
       (dense over the first token, activation) and the dropout before it.
     classifier_dropout: before the sequence classifier (HF's cls_dropout).
     pad_token_id: padding token when neither a mask nor segment ids are given.
+    enhanced_mask_decoder: the MLM head reads the enhanced mask decoder (EMD,
+      DeBERTa's pretraining head): absolute position embeddings added to the
+      last layer's input, which queries it again through the last layer
+      (twice). Adds an absolute position table even without
+      position_biased_input. Off for Hugging Face import / export parity
+      (DebertaV2ForMaskedLM has no EMD); on in configs/deberta_v3.py.
+    embedding_sharing: the 'electra' task (DeBERTa-v3's replaced-token
+      detection): 'gdes' (gradient-disentangled: the discriminator's tables
+      are stop_gradient(generator's) + its own zero-initialised deltas) or
+      'tied' (one table, trained by both losses, as ELECTRA). Other tasks
+      ignore it.
+    generator_layers: the 'electra' task's generator depth (0: half of
+      num_layers, DeBERTa-v3's rtd_*.json); it keeps the discriminator's width.
     remat: recompute each layer in the backward pass.
     dtype: computation dtype; parameters are always float32.
   """
@@ -78,6 +93,9 @@ class DebertaConfig:
   pooler_dropout: float = 0.0
   classifier_dropout: float = 0.1
   pad_token_id: int = 0
+  enhanced_mask_decoder: bool = False
+  embedding_sharing: str = "gdes"
+  generator_layers: int = 0
   remat: bool = False
   dtype: Any = "float32"
 
@@ -101,6 +119,11 @@ class DebertaConfig:
     unknown = [t for t in self.pos_att_type if t not in POS_ATT_TYPES]
     if unknown or len(set(self.pos_att_type)) != len(self.pos_att_type):
       raise bad("pos_att_type", f"must be distinct values of {list(POS_ATT_TYPES)}")
+    if self.embedding_sharing not in EMBEDDING_SHARING:
+      raise bad("embedding_sharing", f"choose one of {list(EMBEDDING_SHARING)}")
+    if not isinstance(self.generator_layers, int) or not (
+        0 <= self.generator_layers <= self.num_layers):
+      raise bad("generator_layers", f"must be in [0, num_layers={self.num_layers}] (0: half)")
     if self.norm_rel_ebd not in NORM_REL_EBD:
       raise bad("norm_rel_ebd", f"choose one of {list(NORM_REL_EBD)}")
     for field in ("hidden_act", "pooler_hidden_act"):
@@ -123,6 +146,11 @@ class DebertaConfig:
     return self.hidden_size // self.num_heads
 
   @property
+  def has_position_table(self) -> bool:
+    """An absolute position table exists: added to the input, or read by the EMD."""
+    return self.position_biased_input or self.enhanced_mask_decoder
+
+  @property
   def relative_range(self) -> int:
     """max_relative_positions, with <1 meaning max_position_embeddings (as HF)."""
     if self.max_relative_positions < 1:
@@ -138,6 +166,11 @@ class DebertaConfig:
   def scale_factor(self) -> int:
     """Logits are divided by sqrt(head_dim x this): 1 + the number of position terms."""
     return 1 + (len(self.pos_att_type) if self.relative_attention else 0)
+
+  def generator(self) -> "DebertaConfig":
+    """The 'electra' task's generator: generator_layers deep (0: half), same width."""
+    depth = self.generator_layers or max(1, self.num_layers // 2)
+    return dataclasses.replace(self, num_layers=depth)
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "DebertaConfig":

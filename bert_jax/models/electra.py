@@ -1,6 +1,10 @@
 """ELECTRA pre-training (Clark et al. 2020): a generator and a discriminator in one model.
 
-`ElectraForPreTraining` (the BERT family's 'electra' task) runs, in one
+`ReplacedTokenDetection` is the run, for any encoder family (each gives its
+generator, discriminator and heads by subclassing: `ElectraForPreTraining`
+here for BERT, `deberta.DebertaForReplacedTokenDetection` for DeBERTa-v3,
+which shares embeddings by GDES). `ElectraForPreTraining` (the BERT family's
+'electra' task) runs, in one
 apply and so in one jitted step:
 
   1. the generator, a narrow BERT encoder (`configs.generator_config`:
@@ -31,6 +35,8 @@ gives one (the train step does, per step and microbatch); without one (eval)
 a fixed key, so evaluation is deterministic.
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -79,23 +85,32 @@ def replace_tokens(tokens: Array, positions: Array, weights: Array, targets: Arr
   return corrupted, labels
 
 
-class ElectraForPreTraining(nn.Module):
-  """Generator + discriminator, trained jointly (objective 'electra').
+class ReplacedTokenDetection(nn.Module):
+  """Generator + discriminator, trained jointly (objective 'electra'), of any encoder family.
+
+  A family subclasses it with `parts()`, which (called inside the compact
+  __call__) makes its modules and returns two functions:
+    generate(tokens, mlm_positions, **inputs) -> MLM logits [batch, n, vocab]
+    discriminate(tokens, **inputs) -> RTD logits [batch, length]
+  where **inputs are the batch's type / segment / position ids, mask and
+  enable_dropout. Embedding sharing lives in the family's parts: BERT ties
+  (ElectraForPreTraining below), DeBERTa ties or disentangles the gradients
+  (GDES, deberta.DebertaForReplacedTokenDetection).
 
   Attributes:
-    config: the discriminator's BertConfig; its `generator_size` sizes the
-      generator.
+    config: the discriminator's config; the family derives the generator's.
     temperature: the sampling temperature (1.0 in the paper).
   """
-  config: BertConfig
+  config: Any
   temperature: float = 1.0
+
+  def parts(self) -> tuple[Callable[..., Array], Callable[..., Array]]:
+    raise NotImplementedError(f"{type(self).__name__} must define parts()")
 
   @nn.compact
   def __call__(self, encoder_input_tokens, encoder_type_ids=None, encoder_segment_ids=None,
                encoder_positions=None, encoder_mask=None, mlm_positions=None,
                mlm_targets=None, mlm_weights=None, enable_dropout=False) -> dict[str, Array]:
-    cfg = self.config
-    gen_cfg = generator_config(cfg)
     tokens = encoder_input_tokens
     if mlm_positions is None or mlm_targets is None or mlm_weights is None:
       if not self.is_initializing():
@@ -104,20 +119,13 @@ class ElectraForPreTraining(nn.Module):
       # Parameters are traced from the tokens alone (Family.init_features).
       mlm_positions = jnp.zeros((tokens.shape[0], 1), jnp.int32)
       mlm_targets, mlm_weights = mlm_positions, jnp.zeros(mlm_positions.shape, jnp.float32)
-    encoder = bert.BertEncoder(cfg, add_pooler=False, name="encoder")
-    generator = bert.BertEncoder(gen_cfg, add_pooler=False, name="generator")
-
-    def encode(module, ids, **kwargs):
-      return module(ids, encoder_type_ids=encoder_type_ids,
-                    encoder_segment_ids=encoder_segment_ids,
-                    encoder_positions=encoder_positions, encoder_mask=encoder_mask,
-                    enable_dropout=enable_dropout, **kwargs)[0]
+    inputs = dict(encoder_type_ids=encoder_type_ids, encoder_segment_ids=encoder_segment_ids,
+                  encoder_positions=encoder_positions, encoder_mask=encoder_mask,
+                  enable_dropout=enable_dropout)
+    generate, discriminate = self.parts()
 
     # 1. The generator over the masked input; its MLM logits at the masked slots.
-    gen_hidden = encode(generator, tokens, embeddings_from=encoder)  # [batch, length, gen]
-    gathered = jnp.take_along_axis(gen_hidden, mlm_positions[:, :, None].astype(jnp.int32),
-                                   axis=1)  # [batch, n, gen]
-    mlm_logits = bert.MlmHead(gen_cfg, name="generator_mlm")(gathered, encoder)  # [b, n, vocab]
+    mlm_logits = generate(tokens, mlm_positions, **inputs)  # [batch, n, vocab]
 
     # 2. Samples at the masked slots, and the corrupted input.
     key = self.make_rng("sample") if self.has_rng("sample") else jax.random.PRNGKey(0)
@@ -125,6 +133,27 @@ class ElectraForPreTraining(nn.Module):
     corrupted, labels = replace_tokens(tokens, mlm_positions, mlm_weights, mlm_targets, sampled)
 
     # 3. The discriminator: which tokens were replaced.
-    hidden = encode(encoder, corrupted)  # [batch, length, hidden]
-    rtd_logits = bert.RtdHead(cfg, name="rtd")(hidden)  # [batch, length]
+    rtd_logits = discriminate(corrupted, **inputs)  # [batch, length]
     return {"mlm_logits": mlm_logits, "rtd_logits": rtd_logits, "rtd_labels": labels}
+
+
+class ElectraForPreTraining(ReplacedTokenDetection):
+  """BERT-family ELECTRA: generator_config(config) wide, tied embeddings (module docstring)."""
+  config: BertConfig
+
+  def parts(self):
+    cfg = self.config
+    gen_cfg = generator_config(cfg)
+    encoder = bert.BertEncoder(cfg, add_pooler=False, name="encoder")
+    generator = bert.BertEncoder(gen_cfg, add_pooler=False, name="generator")
+
+    def generate(tokens, mlm_positions, **inputs):
+      hidden = generator(tokens, embeddings_from=encoder, **inputs)[0]  # [batch, length, gen]
+      gathered = jnp.take_along_axis(hidden, mlm_positions[:, :, None].astype(jnp.int32),
+                                     axis=1)  # [batch, n, gen]
+      return bert.MlmHead(gen_cfg, name="generator_mlm")(gathered, encoder)
+
+    def discriminate(tokens, **inputs):
+      return bert.RtdHead(cfg, name="rtd")(encoder(tokens, **inputs)[0])
+
+    return generate, discriminate

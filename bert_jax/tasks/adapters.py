@@ -16,10 +16,15 @@ negative log-likelihood, Viterbi-decoded in the predict step) and 'span'
 the host). Each turns its outputs into word tags that ner.entity_metrics
 scores alike.
 
-With `config.family = 't5'` every task is cast as text (Text2TextTask): the
-model is trained teacher-forced on (input text, target text) pairs and
+An encoder-decoder family (T5, BART) casts a task as text (Text2TextTask):
+the model is trained teacher-forced on (input text, target text) pairs and
 scored by decoding texts (greedy or beam search from the key/value cache)
-and parsing them back into the task's labels, entities or answers.
+and parsing them back into the task's labels, entities or answers. A family
+that also builds a 'sequence_classification' model (BART: the decoder state
+at the last </s> through a dense/tanh/out_proj head) runs GLUE through
+GlueTask with that head instead; `config.finetune.head` picks ('auto', the
+default: the head where the family has one; 'classification'; 'text2text'),
+see `output_head`.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from bert_jax.tasks import glue
 from bert_jax.tasks import ner
 from bert_jax.tasks import squad
 from bert_jax.tasks import squad_eval
+from bert_jax.tasks import summarization
 from bert_jax.tasks import text2text
 
 
@@ -360,7 +366,9 @@ class Text2TextTask(_Task):
 
   Casting (text2text.py): GLUE 'sst2 sentence: ...' -> 'positive', CoNLL
   'ner sentence: ...' -> 'EU = ORG ; German = MISC', SQuAD 'question: Q
-  context: C' -> the first gold answer. Features are the input ids + EOS
+  context: C' -> the first gold answer, summarization (summarization.py)
+  data.source_prefix + document -> the summary, scored by ROUGE-1/2/L
+  (best epoch by rougeL). Features are the input ids + EOS
   (cut to data.max_length) and the target ids + EOS (cut to
   data.max_target_length); `pad` makes the teacher-forced decoder inputs.
   """
@@ -371,6 +379,9 @@ class Text2TextTask(_Task):
 
   def __init__(self, config, tokenizer):
     super().__init__(config, tokenizer)
+    if config.task == "summarization" and not models.get(config.family).encoder_decoder:
+      raise ConfigError("family", f"task 'summarization' writes text: it needs an "
+                        f"encoder-decoder family (t5, bart), not {config.family!r}")
     if tokenizer.eos_id is None:
       raise ValueError(f"config.data.tokenizer: {tokenizer.path} has no EOS id; text-to-text "
                        "needs a T5-layout SentencePiece model")
@@ -382,6 +393,9 @@ class Text2TextTask(_Task):
     if self.kind == "glue":
       self.glue = _glue_task(config)
       self.metric = self.glue.primary_metric
+    elif self.kind == "summarization":
+      summarization.porter_stemmer()  # ROUGE stems (nltk): fail now, not after an epoch
+      self.metric = "rougeL"
     else:
       self.metric = "f1"
 
@@ -393,6 +407,11 @@ class Text2TextTask(_Task):
     if self.kind == "conll":
       sentences = _limit(ner.read_conll(_data_file(self.config, split)).sentences, limit)
       return (sentences,) + text2text.ner_to_text(sentences) + (None,)
+    if self.kind == "summarization":
+      c = self.config.data
+      pairs = _limit(summarization.read_pairs(_data_file(self.config, split), c.document_key,
+                                              c.summary_key), limit)
+      return (pairs,) + summarization.pairs_to_text(pairs, c.source_prefix) + (None,)
     data = squad.read_squad(_data_file(self.config, split))
     data = dataclasses.replace(data, examples=_limit(data.examples, limit))
     return (data.examples,) + text2text.squad_to_text(data.examples) + (data,)
@@ -488,6 +507,8 @@ class Text2TextTask(_Task):
     if self.kind == "conll":
       m = text2text.ner_metrics(split.examples, outputs)
       return dict(_ner_scores(m), num_unparseable=float(m["num_unparseable"]))
+    if self.kind == "summarization":  # ROUGE-1/2/L F-measure x 100, stemmed
+      return summarization.summary_metrics(split.examples, outputs)
     return _squad_scores(text2text.squad_metrics(split.extra, outputs))
 
   def write(self, split: Split, outputs: list, folder: str) -> str:
@@ -508,6 +529,11 @@ class Text2TextTask(_Task):
       ner.write_predictions(path, split.examples, [
           text2text.ner_tags(s.words, t)[0] for s, t in zip(split.examples, outputs)])
       return path
+    if self.kind == "summarization":
+      path = os.path.join(folder, os.path.basename(split.name).rsplit(".", 1)[0]
+                          + "-summaries.jsonl")
+      summarization.write_summaries(path, split.examples, outputs)
+      return path
     path = os.path.join(folder, os.path.basename(split.name).split(".json")[0]
                         + "-predictions.json")
     os.makedirs(folder, exist_ok=True)
@@ -515,17 +541,73 @@ class Text2TextTask(_Task):
     return path
 
 
-TASKS = {"glue": GlueTask, "conll": ConllTask, "squad": SquadTask}
+TASKS = {"glue": GlueTask, "conll": ConllTask, "squad": SquadTask,
+         "summarization": Text2TextTask}  # text-to-text only (encoder-decoder families)
+
+# Sentence embeddings: a siamese bi-encoder trained on pairs (tasks/sentence.py).
+from bert_jax.tasks import sentence  # noqa: E402  (kept with its entry; sentence.py reads Split)
+TASKS["sbert"] = sentence.SentencePairTask
+
+
+def _cloze_task(config, tokenizer):
+  """PET's cloze few-shot task (tasks/cloze.py; it subclasses GlueTask, so it is
+  imported on use, not here)."""
+  from bert_jax.tasks import cloze  # pylint: disable=import-outside-toplevel
+  return cloze.ClozeTask(config, tokenizer)
+
+
+TASKS["cloze"] = _cloze_task
+
+
+HEADS = ("auto", "classification", "text2text")  # config.finetune.head
+# PEFT methods that run inside the model's apply (peft_modules.py): text-to-text decoding
+# applies the unwrapped model (finetune._make_predictor), which would drop them.
+_IN_MODEL_METHODS = ("prompt", "houlsby", "pfeiffer")
+
+
+def output_head(config) -> str:
+  """How `config.task` trains on `config.family`: 'classification' (the task's own head
+  on the model) or 'text2text' (Text2TextTask), as `config.finetune.head` says.
+
+  'auto': encoders take their task heads; an encoder-decoder takes its
+  sequence-classification head for GLUE when the family builds one (BART),
+  text-to-text otherwise (T5; BART's NER and SQuAD). An impossible choice is
+  a one-line ConfigError naming finetune.head.
+  """
+  family = models.get(config.family)
+  head = config.finetune.get("head", "auto")
+  if head not in HEADS:
+    raise ConfigError("finetune.head", f"unknown head {head!r}; choose one of {list(HEADS)}")
+  if not family.encoder_decoder:
+    if head == "text2text":
+      raise ConfigError("finetune.head", f"'text2text' needs an encoder-decoder family; "
+                        f"{family.name!r} is an encoder (use 'auto')")
+    return "classification"
+  has_head = "sequence_classification" in family.tasks
+  if head == "auto":
+    return "classification" if has_head and config.task == "glue" else "text2text"
+  if head == "classification" and not has_head:
+    raise ConfigError("finetune.head", f"the {family.name!r} family has no classification "
+                      "head; use 'text2text'")
+  if head == "classification" and config.task != "glue":
+    raise ConfigError("finetune.head", f"the {family.name!r} family's classification head "
+                      f"serves task 'glue', not {config.task!r}; use 'text2text'")
+  return head
 
 
 def make_task(config, tokenizer):
-  """The task object of `config.task` (Text2TextTask for every task of an encoder-decoder)."""
+  """The task object of `config.task` under `output_head` (Text2TextTask or TASKS')."""
   if config.task not in TASKS:
     raise ValueError(f"config.task: unknown task {config.task!r}; choose one of "
                      f"{list(TASKS)}")
   if not config.data.data_dir or not os.path.isdir(config.data.data_dir):
     raise FileNotFoundError(f"config.data.data_dir: folder {config.data.data_dir!r} does not "
                             "exist")
-  if models.get(config.family).encoder_decoder:
+  if output_head(config) == "text2text":
+    method = config.finetune.method
+    if method in _IN_MODEL_METHODS:
+      raise ConfigError("finetune.method", f"{method!r} is not supported for text-to-text "
+                        f"decoding of the {config.family!r} family (decoding runs the plain "
+                        "model); use 'lora', 'bitfit' or 'full'")
     return Text2TextTask(config, tokenizer)
   return TASKS[config.task](config, tokenizer)

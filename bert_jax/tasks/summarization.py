@@ -12,14 +12,24 @@ with `use_stemmer` words longer than 3 characters are Porter-stemmed (NLTK's
 original algorithm, as rouge-score). ROUGE-N is the clipped n-gram overlap,
 ROUGE-L the longest common subsequence; each gives precision, recall and F1,
 and a corpus figure is the mean F1 over pairs, times 100.
+
+Fine-tuning (config.task = 'summarization', any encoder-decoder family) goes
+through the text-to-text task of tasks/adapters.py, which uses the pieces here:
+
+  pairs = read_pairs(path, document_key, summary_key)
+  inputs, targets = pairs_to_text(pairs, prefix)        # T5: prefix 'summarize: '
+  ... teacher-forced training, then greedy / beam decoding ...
+  summary_metrics(pairs, decoded)                       # rouge1/2/L x 100, lengths
+  write_summaries(path, pairs, decoded)                 # JSONL: summary (+ reference)
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import json
+import os
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
@@ -135,3 +145,49 @@ def corpus_rouge(references: Sequence[str], predictions: Sequence[str],
     for name, score in rouge(ref, pred, stemmer).items():
       totals[name] += score["fmeasure"]
   return {name: 100.0 * total / len(references) for name, total in totals.items()}
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning: pairs as text, scores and predictions
+# ----------------------------------------------------------------------------
+
+def pairs_to_text(pairs: Sequence[SummaryPair], prefix: str = ""
+                  ) -> Tuple[List[str], List[Optional[str]]]:
+  """(inputs = prefix + document, targets = summary, None where unlabelled)."""
+  return [prefix + p.document for p in pairs], [p.summary for p in pairs]
+
+
+def summary_metrics(pairs: Sequence[SummaryPair], predictions: Sequence[str],
+                    use_stemmer: bool = True) -> Dict[str, float]:
+  """corpus_rouge of decoded summaries, plus their mean length in ROUGE tokens ('gen_len').
+
+  Stemming is on by default, as the Hugging Face summarization examples and
+  the BART / PEGASUS evaluations use it.
+
+  Raises:
+    ValueError: if counts differ or a pair has no reference summary.
+  """
+  if len(predictions) != len(pairs):
+    raise ValueError(f"{len(predictions)} predictions for {len(pairs)} documents")
+  unlabelled = [i for i, p in enumerate(pairs) if p.summary is None]
+  if unlabelled:
+    raise ValueError(f"{len(unlabelled)} documents have no reference summary (first: "
+                     f"example {unlabelled[0]}); an unlabelled split cannot be scored")
+  out = corpus_rouge([p.summary for p in pairs], predictions, use_stemmer=use_stemmer)
+  out["gen_len"] = sum(len(tokenize(t)) for t in predictions) / max(len(predictions), 1)
+  return out
+
+
+def write_summaries(path: str, pairs: Sequence[SummaryPair], predictions: Sequence[str]):
+  """One JSON object a line, in input order: {'summary': decoded} (+ 'reference')."""
+  if len(predictions) != len(pairs):
+    raise ValueError(f"{len(predictions)} predictions for {len(pairs)} documents")
+  folder = os.path.dirname(path)
+  if folder:
+    os.makedirs(folder, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for pair, text in zip(pairs, predictions):
+      row = {"summary": text}
+      if pair.summary is not None:
+        row["reference"] = pair.summary
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
