@@ -164,6 +164,9 @@ def train_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global, over all hosts
   c.train.num_microbatches = 1  # gradient accumulation (same update as the full batch)
   c.train.z_loss = 0.0  # T5: 1e-4
+  # Label smoothing of the seq2seq term (t5x's option; BART's fine-tuning 0.1);
+  # training only, the held-out loss stays the plain cross entropy.
+  c.train.label_smoothing = 0.0
   # The dropout masks' PRNG: 'auto' (rbg on TPU, as t5x; threefry2x32
   # elsewhere), 'threefry2x32', 'rbg' or 'unsafe_rbg'. Each step's masks are a
   # function of (seed, step) whichever is chosen, so a resumed run is exact.
@@ -272,6 +275,9 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32
   c.train.warmup_fraction = 0.1
   c.train.prng_impl = "auto"  # dropout masks' PRNG, as in train_config()
+  # Text-to-text heads: label smoothing of the decoder's cross entropy
+  # (fairseq's BART recipes: 0.1); the dev loss and metrics are unsmoothed.
+  c.train.label_smoothing = 0.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
@@ -280,6 +286,10 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.decode.beam_size = 1  # 1 = greedy
   c.decode.alpha = 0.6  # beam search length penalty exponent
   c.decode.max_decode_length = 0  # 0 = data.max_target_length
+  # Constraints (bert_jax/decoding.py): EOS not before min_length tokens, and no
+  # repeated n-gram of this size (0 = none); BART's CNN/DM generation: 55, 3.
+  c.decode.min_length = 0
+  c.decode.no_repeat_ngram = 0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_epochs = 1  # the last state, for resuming (always after the last epoch)

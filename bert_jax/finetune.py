@@ -116,6 +116,9 @@ def validate(config) -> tuple[int, int, int]:
   if config.decode.beam_size < 1 or config.decode.alpha < 0:
     raise ConfigError("decode", f"beam_size must be >= 1 and alpha >= 0, got "
                       f"{config.decode.beam_size}, {config.decode.alpha}")
+  for key in ("min_length", "no_repeat_ngram"):
+    if config.decode.get(key, 0) < 0:
+      raise ConfigError(f"decode.{key}", f"must be >= 0, got {config.decode[key]}")
   if config.data.padding not in PADDINGS:
     raise ConfigError("data.padding", f"unknown padding {config.data.padding!r}; choose one "
                       f"of {list(PADDINGS)}")
@@ -138,6 +141,12 @@ def validate(config) -> tuple[int, int, int]:
       raise ConfigError("finetune.ner_head", f"{config.finetune.ner_head!r} needs an encoder; "
                         f"the {config.family!r} family runs NER text-to-text ('softmax')")
   peft.validate(config)
+  smoothing = config.train.get("label_smoothing", 0.0)
+  if not 0.0 <= smoothing < 1.0:
+    raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing}")
+  if smoothing and adapters.output_head(config) != "text2text":
+    raise ConfigError("train.label_smoothing", f"{smoothing}: only text-to-text heads smooth "
+                      f"their labels; task {config.task!r} on {config.family!r} does not")
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:
     raise ConfigError("finetune.layerwise_lr_decay", f"must be in (0, 1], got "
                       f"{config.finetune.layerwise_lr_decay}")
@@ -380,6 +389,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   train_step = steps.make_train_step(model, tx, task.objective, state_shardings,
                                      run.batch_sharding, rules=run.rules, schedule=schedule,
+                                     label_smoothing=config.train.get("label_smoothing", 0.0),
                                      prng_impl=steps.resolve_prng_impl(config.train.prng_impl,
                                                                        jax.default_backend()))
   predictor = _make_predictor(config, run, state_shardings.params)

@@ -178,9 +178,10 @@ def _nsp_metrics(outputs, batch, *, prefix):
                          prefix=prefix)[1]
 
 
-def _seq2seq_metrics(outputs, batch, *, prefix, z_loss=0.0):
+def _seq2seq_metrics(outputs, batch, *, prefix, z_loss=0.0, label_smoothing=0.0):
   return losses.seq2seq_loss(outputs["logits"], batch["decoder_target_tokens"],
-                             batch["decoder_loss_weights"], z_loss=z_loss, prefix=prefix)[1]
+                             batch["decoder_loss_weights"], z_loss=z_loss,
+                             label_smoothing=label_smoothing, prefix=prefix)[1]
 
 
 def _classification_metrics(outputs, batch, *, prefix):
@@ -314,7 +315,7 @@ NSP = Term("nsp", _nsp_metrics, _examples, outputs=("nsp_logits",),
 SOP = dataclasses.replace(NSP, prefix="sop")
 SEQ2SEQ = Term("seq2seq", _seq2seq_metrics, _sum_of("decoder_loss_weights"),
                outputs=("logits",), features=("decoder_target_tokens", "decoder_loss_weights"),
-               options=("z_loss",))
+               options=("z_loss", "label_smoothing"))
 # SpanBERT's span boundary objective over the 'span' masking's slots; its
 # normaliser has no epsilon: a batch without a scorable span adds 0 (safe_div).
 SBO = Term("sbo", _sbo_metrics, _sbo_count, outputs=("sbo_logits",),

@@ -340,7 +340,8 @@ def dropout_key(step_rng: Array, index: Array, impl: str = "threefry2x32") -> Ar
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation, objective: str | objectives.Objective,
                num_microbatches: int = 1,
-               z_loss: float = 0.0, schedule: Callable[[Array], Array] | None = None,
+               z_loss: float = 0.0, label_smoothing: float = 0.0,
+               schedule: Callable[[Array], Array] | None = None,
                prng_impl: str = "threefry2x32") -> tuple[TrainState, Metrics]:
   """One optimizer update on `batch`, optionally accumulated over microbatches.
 
@@ -353,6 +354,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     num_microbatches: split the batch into this many microbatches, scanned in
       sequence with gradients summed; the update equals the full-batch one.
     z_loss: z-loss coefficient (the seq2seq term's option).
+    label_smoothing: the seq2seq term's label smoothing (training only: the
+      eval step reports the plain cross entropy, as fairseq's nll_loss).
     schedule: the learning-rate schedule, to report `learning_rate`.
     prng_impl: the PRNG of the dropout masks and samples (one of PRNG_IMPLS;
       `dropout_key`).
@@ -377,7 +380,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     def loss_fn(params):
       outputs = model.apply({"params": params}, **model_inputs(model, micro),
                             enable_dropout=True, rngs=rngs)
-      metrics = objective.metrics(outputs, micro, z_loss=z_loss)
+      metrics = objective.metrics(outputs, micro, z_loss=z_loss,
+                                  label_smoothing=label_smoothing)
       return objective.loss(metrics, normalizers), metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -453,14 +457,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     objective: str | objectives.Objective,
                     state_shardings: TrainState, batch_sharding: NamedSharding, *,
                     rules, num_microbatches: int = 1, z_loss: float = 0.0,
+                    label_smoothing: float = 0.0,
                     schedule: Callable[[Array], Array] | None = None,
                     prng_impl: str = "threefry2x32",
                     compiler_options: dict[str, Any] | None = None) -> Callable:
   """`train_step` jitted with explicit shardings and the state donated.
 
   Args:
-    model, tx, objective, num_microbatches, z_loss, schedule, prng_impl: see
-      `train_step`.
+    model, tx, objective, num_microbatches, z_loss, label_smoothing, schedule,
+      prng_impl: see `train_step`.
     state_shardings: from `create_sharded_state`.
     batch_sharding: sharding of every batch feature (`sharding.batch_sharding`).
     rules: the logical-axis rules the state was created with.
@@ -474,7 +479,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   mesh = batch_sharding.mesh
   step = functools.partial(train_step, model=model, tx=tx, objective=_resolve(objective),
                            num_microbatches=num_microbatches, z_loss=z_loss,
-                           schedule=schedule, prng_impl=prng_impl)
+                           label_smoothing=label_smoothing, schedule=schedule,
+                           prng_impl=prng_impl)
   return jax.jit(in_context(step, mesh, rules),
                  in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),

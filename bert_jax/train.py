@@ -92,6 +92,12 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend())
   except ValueError as e:
     raise ConfigError("train.prng_impl", str(e)) from None
+  smoothing = config.train.get("label_smoothing", 0.0)
+  if not 0.0 <= smoothing < 1.0:
+    raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing}")
+  if smoothing and not any("label_smoothing" in t.options for t in objective.terms):
+    raise ConfigError("train.label_smoothing", f"{smoothing}: the {name!r} objective has no "
+                      "seq2seq term to smooth")
   for key in ("train.num_steps", "train.batch_size", "train.num_microbatches",
               "log.every_steps"):
     section, field = key.split(".")
@@ -336,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = steps.make_train_step(
       model, tx, objective, state_shardings, batch_sharding, rules=rules,
       num_microbatches=config.train.num_microbatches, z_loss=config.train.z_loss,
-      schedule=schedule,
+      label_smoothing=config.train.get("label_smoothing", 0.0), schedule=schedule,
       prng_impl=steps.resolve_prng_impl(config.train.prng_impl, jax.default_backend()))
   eval_step = steps.make_eval_step(model, objective, state_shardings.params, batch_sharding,
                                    rules=rules, z_loss=config.train.z_loss)

@@ -94,6 +94,8 @@ def test_summarization_config_variants():
   assert b.task == t.task == "summarization"
   assert (b.family, b.data.max_length, b.decode.beam_size, b.decode.alpha) == ("bart", 1024, 4,
                                                                              2.0)
+  # fairseq's CNN/DM recipe: label smoothing 0.1, >= 55 tokens, no repeated trigram.
+  assert (b.train.label_smoothing, b.decode.min_length, b.decode.no_repeat_ngram) == (0.1, 55, 3)
   assert (t.family, t.data.source_prefix, t.optim.name) == ("t5", "summarize: ", "adafactor")
   assert set(b.keys()) == set(defaults.finetune_config().keys())
   assert "bert-jax finetune --config=configs/summarization.py" in module.__doc__
@@ -164,13 +166,14 @@ def test_bart_summarization_reports_rouge_and_writes_summaries(bart_folder, tmp_
   from bert_jax import finetune  # pylint: disable=import-outside-toplevel
   data = _write_tsv(tmp_path / "data")
   config = _tiny_run(_config_module("summarization").get_config("bart"), data,
-                     init_from=str(bart_folder), **{"decode.beam_size": 2})
+                     init_from=str(bart_folder),
+                     **{"decode.beam_size": 2, "decode.min_length": 3})
   workdir = tmp_path / "run"
   out = finetune.finetune(config, str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 2 and all(np.isfinite(losses)), losses
-  for name in ("rouge1", "rouge2", "rougeL"):
+  for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
     assert 0.0 <= out[f"eval/dev.tsv/{name}"] <= 100.0
   assert out["eval/dev.tsv/gen_len"] >= 0.0
   assert out["best"]["metric"] == "dev.tsv/rougeL"

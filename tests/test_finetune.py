@@ -286,6 +286,14 @@ def test_bad_input_names_the_cause(shared_data, tmp_path):
   config.train.prng_impl = "philox"
   with pytest.raises(ValueError, match=r"config.train.prng_impl: unknown PRNG .*'philox'"):
     finetune.finetune(config, str(tmp_path / "g"))
+  config.train.prng_impl = "auto"
+  config.train.label_smoothing = 0.1
+  with pytest.raises(ValueError, match=r"config.train.label_smoothing: 0.1: only text-to-text "):
+    finetune.finetune(config, str(tmp_path / "h"))
+  config.train.label_smoothing = 0.0
+  config.decode.no_repeat_ngram = -1
+  with pytest.raises(ValueError, match=r"config.decode.no_repeat_ngram: must be >= 0"):
+    finetune.finetune(config, str(tmp_path / "i"))
   with pytest.raises(FileNotFoundError, match=r"finetune"):
     finetune.evaluate(_random_init_config("glue", shared_data, vocab), str(tmp_path / "f"))
 

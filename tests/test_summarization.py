@@ -31,6 +31,10 @@ def test_rouge_equals_rouge_score(use_stemmer):
   refs, preds = _texts(0, 80), _texts(1, 80)
   preds[:5] = refs[:5]  # some perfect matches
   preds[5] = ""  # an empty prediction
+  # Multi-sentence texts (newline-separated, as rouge-score reads them) for ROUGE-Lsum,
+  # with repeated sentences so the union and the clipping of hits both matter.
+  refs += ["\n".join(refs[i:i + 3]) for i in range(10, 40, 3)]
+  preds += ["\n".join(preds[i:i + 2] + refs[i + 1:i + 3] + [preds[i]]) for i in range(10, 40, 3)]
   for ref, pred in zip(refs, preds):
     want = scorer.score(ref, pred)
     got = summ.rouge(ref, pred, stemmer)
@@ -42,6 +46,25 @@ def test_rouge_equals_rouge_score(use_stemmer):
   for name in summ.ROUGE_TYPES:
     mean = sum(scorer.score(r, p)[name].fmeasure for r, p in zip(refs, preds)) / len(refs)
     assert corpus[name] == pytest.approx(100 * mean)
+
+
+def test_rouge_lsum_by_hand_and_sentence_splitting():
+  # Reference sentences 'a b c' and 'd e'; predicted 'a d' and 'b c e'. Union LCS of
+  # 'a b c' is {a} | {b, c} = 3 hits, of 'd e' is {d} | {e} = 2: all 5 of 5 tokens,
+  # while the whole-text LCS ('a b c e') has 4.
+  got = summ.rouge("a b c\nd e", "a d\nb c e", None)
+  assert got["rougeLsum"]["fmeasure"] == pytest.approx(1.0)
+  assert got["rougeL"]["recall"] == pytest.approx(4 / 5)
+  # A token is a hit at most as often as it occurs in both texts.
+  got = summ.rouge("a a\na", "a", None)
+  assert got["rougeLsum"]["precision"] == 1.0 and got["rougeLsum"]["recall"] == pytest.approx(1 / 3)
+  assert summ.split_sentences('He left. Then 3 men came! "Why?" U.S. troops said no.') == (
+      'He left.\nThen 3 men came!\n"Why?"\nU.S. troops said no.')
+  assert summ.split_sentences("Kept.\nAs is. Here") == "Kept.\nAs is. Here"
+  # summary_metrics splits decoded text into sentences before ROUGE-Lsum.
+  pairs = [summ.SummaryPair("doc", "A b c.\nD e.")]
+  m = summ.summary_metrics(pairs, ["A d. B c e."], use_stemmer=False)
+  assert m["rougeLsum"] == pytest.approx(100.0) and m["rougeL"] == pytest.approx(80.0)
 
 
 def test_rouge_by_hand():

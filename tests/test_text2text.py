@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+from bert_jax import decoding
 from bert_jax import losses
+from bert_jax import objectives
 from bert_jax.data import sources
 from bert_jax.data import tokenizer as tok_lib
 from bert_jax.models import t5
@@ -91,7 +93,7 @@ def _check_padding_after_eos(seqs):
 
 def test_greedy_equals_argmax_of_full_pass(random_model):
   model, params, enc = random_model
-  tokens, log_probs = tt.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
+  tokens, log_probs = decoding.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
   tokens = np.asarray(tokens)
   # Step by step with the full, uncached decoder: argmax at position i. The
   # decoder is causal, so the not yet written (zero) positions after i do not
@@ -115,9 +117,9 @@ def test_greedy_equals_argmax_of_full_pass(random_model):
 
 def test_beam_size_one_is_greedy(random_model):
   model, params, enc = random_model
-  greedy, greedy_lp = tt.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
-  beams, scores = tt.beam_search(model, params, enc, beam_size=1, max_decode_length=L,
-                                 alpha=0.0, eos_id=EOS)
+  greedy, greedy_lp = decoding.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
+  beams, scores = decoding.beam_search(model, params, enc, beam_size=1, max_decode_length=L,
+                                       alpha=0.0, eos_id=EOS)
   assert beams.shape == (enc.shape[0], 1, L)
   np.testing.assert_array_equal(beams[:, 0], greedy)
   np.testing.assert_allclose(scores[:, 0], greedy_lp, atol=1e-5)
@@ -126,11 +128,11 @@ def test_beam_size_one_is_greedy(random_model):
 def test_beam_search_beats_greedy_and_reports_full_pass_scores(random_model):
   model, params, enc = random_model
   k = 4
-  greedy, _ = tt.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
+  greedy, _ = decoding.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
   greedy_lp, _ = _sequence_log_probs(model, params, enc, greedy)
   for alpha in (0.0, 0.6):
-    beams, scores = tt.beam_search(model, params, enc, beam_size=k, max_decode_length=L,
-                                   alpha=alpha, eos_id=EOS)
+    beams, scores = decoding.beam_search(model, params, enc, beam_size=k, max_decode_length=L,
+                                         alpha=alpha, eos_id=EOS)
     beams, scores = np.asarray(beams), np.asarray(scores)
     assert beams.shape == (enc.shape[0], k, L) and scores.shape == (enc.shape[0], k)
     _check_padding_after_eos(beams)
@@ -155,8 +157,8 @@ def test_beam_search_beats_greedy_and_reports_full_pass_scores(random_model):
 
 def test_predict_texts_decodes_the_best_beam(random_model, tokenizer):
   model, params, enc = random_model
-  beams, _ = tt.beam_search(model, params, enc, beam_size=4, max_decode_length=L, alpha=0.6,
-                            eos_id=EOS)
+  beams, _ = decoding.beam_search(model, params, enc, beam_size=4, max_decode_length=L, alpha=0.6,
+                                  eos_id=EOS)
   texts = tt.predict_texts(model, params, tokenizer, enc, batch_size=enc.shape[0],
                            max_decode_length=L, beam_size=4, alpha=0.6)
   assert texts == tt.ids_to_texts(tokenizer, np.asarray(beams)[:, 0])
@@ -169,8 +171,8 @@ def test_wide_beam_finds_the_exhaustive_optimum(random_model):
   """With k = vocab**(L-1) no prefix is ever pruned: beam search is exact search."""
   model, params, enc = random_model
   length, k, alpha = 2, V, 0.6
-  beams, scores = tt.beam_search(model, params, enc, beam_size=k, max_decode_length=length,
-                                 alpha=alpha, eos_id=EOS)
+  beams, scores = decoding.beam_search(model, params, enc, beam_size=k, max_decode_length=length,
+                                       alpha=alpha, eos_id=EOS)
   # Every hypothesis: EOS first (padding after), or any first token and any second.
   # A full pass on [start, t] gives log p(t) and log p(. | t) for every second token.
   logp = np.stack([_full_log_probs(params, enc, np.tile([[0, t] + [0] * (L - 2)], (len(enc), 1)),
@@ -185,6 +187,68 @@ def test_wide_beam_finds_the_exhaustive_optimum(random_model):
     order = np.argsort(-exact[b], kind="stable")
     np.testing.assert_allclose(scores[b], exact[b, order[:k]], atol=1e-4)
     assert tuple(beams[b, 0]) == sequences[order[0]]
+
+
+def _repeated_ngrams(row, n):
+  """The n-grams of row's generated tokens (up to EOS) that occur more than once."""
+  row = list(row)
+  row = row[:row.index(EOS)] if EOS in row else row
+  grams = [tuple(row[j:j + n]) for j in range(len(row) - n + 1)]
+  return {g for g in grams if grams.count(g) > 1}
+
+
+def test_constrain_bans_exactly_the_repeating_tokens():
+  rng = np.random.default_rng(1)
+  rows, width, vocab = 5, 12, 4  # a small vocabulary, so n-grams repeat often
+  seqs = rng.integers(2, vocab, (rows, width)).astype(np.int32)
+  for n in (2, 3):
+    for i in range(width - 1):
+      logp = np.zeros((rows, vocab), np.float32)
+      out = np.asarray(decoding.constrain(jnp.asarray(logp), jnp.asarray(seqs), jnp.asarray(i),
+                                          eos_id=EOS, min_length=4, no_repeat_ngram=n))
+      for r in range(rows):
+        generated = list(seqs[r, 1:i + 1])
+        banned = {generated[j + n - 1] for j in range(len(generated) - n + 1)
+                  if len(generated) >= n and generated[j:j + n - 1] == generated[-(n - 1):]}
+        if i < 4:
+          banned.add(EOS)
+        assert {t for t in range(vocab) if out[r, t] <= decoding.NEG_INF / 2} == banned, (n, i, r)
+
+
+def test_min_length_and_no_repeat_ngram_hold_in_both_searches(random_model):
+  model, params, enc = random_model
+  plain, _ = decoding.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS)
+  plain = np.asarray(plain).tolist()
+  # The unconstrained decode breaks both rules, so the constraints have work to do.
+  assert any(EOS in row[:5] for row in plain)
+  assert any(_repeated_ngrams(row, 2) for row in plain)
+  greedy, _ = decoding.greedy_decode(model, params, enc, max_decode_length=L, eos_id=EOS,
+                                     min_length=5, no_repeat_ngram=2)
+  beams, scores = decoding.beam_search(model, params, enc, beam_size=3, max_decode_length=L,
+                                       alpha=0.6, eos_id=EOS, min_length=5, no_repeat_ngram=2)
+  rows = np.asarray(greedy).tolist() + np.asarray(beams).reshape(-1, L).tolist()
+  for row in rows:
+    assert EOS not in row[:5], row
+    assert not _repeated_ngrams(row, 2), row
+  _check_padding_after_eos(beams)
+  assert np.all(np.asarray(scores) > decoding.NEG_INF / 2)
+
+
+def test_label_smoothing_is_the_seq2seq_terms_training_option(random_model):
+  """steps.train_step's label_smoothing reaches the seq2seq loss; the eval step stays plain."""
+  model, params, enc = random_model
+  dec = np.random.default_rng(2).integers(2, V, (enc.shape[0], L)).astype(np.int32)
+  batch = {"decoder_target_tokens": jnp.asarray(dec),
+           "decoder_loss_weights": jnp.asarray((dec > 0).astype(np.float32))}
+  logits = model.apply({"params": params}, jnp.asarray(enc), jnp.asarray(dec))
+  objective = objectives.get("seq2seq")
+  for smoothing in (0.0, 0.1):
+    got = objective.metrics(logits, batch, z_loss=0.0, label_smoothing=smoothing)
+    _, want = losses.seq2seq_loss(logits, batch["decoder_target_tokens"],
+                                  batch["decoder_loss_weights"], label_smoothing=smoothing)
+    np.testing.assert_allclose(got["seq2seq/loss_sum"], want["seq2seq/loss_sum"], rtol=1e-6)
+  plain = objective.metrics(logits, batch)["seq2seq/loss_sum"]
+  assert float(got["seq2seq/loss_sum"]) != pytest.approx(float(plain), rel=1e-3)
 
 
 # ----------------------------------------------------------------------------

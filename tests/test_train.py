@@ -198,6 +198,9 @@ def test_misspelt_config_key_fails_naming_it(spm, tmp_path):
     (dict(objective="span_corruption"), "data.objective"),
     (dict(hidden_size=129), "config.model"),
     (dict(prng_impl="philox"), "config.train.prng_impl: unknown PRNG implementation 'philox'"),
+    (dict(label_smoothing=0.1), "config.train.label_smoothing: 0.1: the 'mlm' objective has no "
+                                "seq2seq term"),
+    (dict(label_smoothing=1.0), "config.train.label_smoothing: must be in [0, 1)"),
     (dict(schedule="wsd"), "config.optim (with train.num_steps=1000000): schedule 'wsd' needs "
                            "0 < decay_steps"),
 ])
@@ -205,7 +208,7 @@ def test_bad_config_fails_before_compiling(override, message):
   config = defaults.train_config()
   for key, value in override.items():
     section = {"batch_size": config.train, "num_microbatches": config.train,
-               "prng_impl": config.train, "rules": config.mesh, "family": config,
+               "prng_impl": config.train, "label_smoothing": config.train, "rules": config.mesh, "family": config,
                "objective": config.data, "hidden_size": config.model,
                "schedule": config.optim}[key]
     section[key] = value

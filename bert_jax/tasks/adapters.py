@@ -39,6 +39,7 @@ import numpy as np
 import jax
 from jax.experimental import multihost_utils
 
+from bert_jax import decoding
 from bert_jax import models
 from bert_jax.defaults import ConfigError
 from bert_jax.models import crf
@@ -479,6 +480,8 @@ class Text2TextTask(_Task):
                        f"is not the {self.config.family} family's {self.decoder_start_id} that "
                        "training batches start with")
     max_decode = d.max_decode_length or self.config.data.max_target_length
+    constraints = dict(min_length=d.get("min_length", 0),
+                       no_repeat_ngram=d.get("no_repeat_ngram", 0))
     lengths = [len(f["encoder_input_tokens"]) for f in split.features]
     texts = [None] * len(lengths)
     for indices in batching.bucket_batches(lengths, batch_size):
@@ -486,12 +489,12 @@ class Text2TextTask(_Task):
       tokens = batching.on_mesh({"tokens": padded["encoder_input_tokens"]},
                                 batch_sharding)["tokens"]  # [batch, enc_len]
       if d.beam_size == 1:
-        out, _ = text2text.greedy_decode(model, params, tokens, max_decode_length=max_decode,
-                                         eos_id=self.tokenizer.eos_id)
+        out, _ = decoding.greedy_decode(model, params, tokens, max_decode_length=max_decode,
+                                        eos_id=self.tokenizer.eos_id, **constraints)
       else:
-        out, _ = text2text.beam_search(model, params, tokens, beam_size=d.beam_size,
-                                       max_decode_length=max_decode, alpha=d.alpha,
-                                       eos_id=self.tokenizer.eos_id)
+        out, _ = decoding.beam_search(model, params, tokens, beam_size=d.beam_size,
+                                      max_decode_length=max_decode, alpha=d.alpha,
+                                      eos_id=self.tokenizer.eos_id, **constraints)
         out = out[:, 0]  # the best beam
       out = (multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1
              else jax.device_get(out))

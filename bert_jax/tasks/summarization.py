@@ -1,4 +1,4 @@
-"""Summarization as a text-to-text task: (document, summary) pairs and ROUGE-1/2/L.
+"""Summarization as a text-to-text task: (document, summary) pairs and ROUGE-1/2/L/Lsum.
 
 Data: a two-column TSV (document <TAB> summary, one pair a line; a first line
 naming the two columns is skipped) or JSONL (one object a line with the
@@ -11,7 +11,17 @@ lower-cased, every run of characters outside [a-z0-9] is a separator, and
 with `use_stemmer` words longer than 3 characters are Porter-stemmed (NLTK's
 original algorithm, as rouge-score). ROUGE-N is the clipped n-gram overlap,
 ROUGE-L the longest common subsequence; each gives precision, recall and F1,
-and a corpus figure is the mean F1 over pairs, times 100.
+and a corpus figure is the mean F1 over pairs, times 100. ROUGE-Lsum is the
+summary-level LCS of the ROUGE paper (section 3.2) as rouge-score computes it
+(the figure BART and PEGASUS report on CNN/DM): the texts are split into
+sentences at newlines; each reference sentence takes the union of its LCS
+positions against every predicted sentence, and a token counts as a hit at
+most as often as it occurs in both texts.
+
+Decoded summaries have no newlines, so `summary_metrics` first puts one
+after each sentence (as the Hugging Face examples do with nltk's punkt, which
+needs a download; here a rule: after . ! or ? followed by a space and a
+capital letter or digit) in any text that has none.
 
 Fine-tuning (config.task = 'summarization', any encoder-decoder family) goes
 through the text-to-text task of tasks/adapters.py, which uses the pieces here:
@@ -19,7 +29,7 @@ through the text-to-text task of tasks/adapters.py, which uses the pieces here:
   pairs = read_pairs(path, document_key, summary_key)
   inputs, targets = pairs_to_text(pairs, prefix)        # T5: prefix 'summarize: '
   ... teacher-forced training, then greedy / beam decoding ...
-  summary_metrics(pairs, decoded)                       # rouge1/2/L x 100, lengths
+  summary_metrics(pairs, decoded)                       # rouge1/2/L/Lsum x 100, lengths
   write_summaries(path, pairs, decoded)                 # JSONL: summary (+ reference)
 """
 from __future__ import annotations
@@ -31,8 +41,11 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
+# A sentence end: . ! or ? (closing quotes or brackets may follow), spaces, then
+# a capital letter, digit or opening quote.
+_SENTENCE_END = re.compile(r"(?<=[.!?])([\"')\]]*)\s+(?=[A-Z0-9\"'(])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +130,66 @@ def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
   return row[-1]
 
 
+def _lcs_positions(ref: Sequence[str], pred: Sequence[str]) -> set:
+  """Positions in ref of one longest common subsequence with pred.
+
+  Which one, when several exist, changes ROUGE-Lsum's union: this walks the
+  full table back from the end, stepping along pred while that keeps the
+  length and along ref otherwise, which is rouge-score's choice.
+  """
+  table = [[0] * (len(pred) + 1) for _ in range(len(ref) + 1)]
+  for i, x in enumerate(ref, 1):
+    for j, y in enumerate(pred, 1):
+      table[i][j] = table[i - 1][j - 1] + 1 if x == y else max(table[i - 1][j], table[i][j - 1])
+  positions, i, j = set(), len(ref), len(pred)
+  while i and j:
+    if ref[i - 1] == pred[j - 1]:
+      positions.add(i - 1)
+      i, j = i - 1, j - 1
+    elif table[i][j - 1] > table[i - 1][j]:
+      j -= 1
+    else:
+      i -= 1
+  return positions
+
+
+def _summary_lcs(ref_sents: Sequence[List[str]], pred_sents: Sequence[List[str]]
+                 ) -> Dict[str, float]:
+  """ROUGE-Lsum of tokenized sentences: union-LCS hits, each token counted at most as
+  often as it occurs in both texts."""
+  m, n = sum(map(len, ref_sents)), sum(map(len, pred_sents))
+  if not m or not n:
+    return dict(precision=0.0, recall=0.0, fmeasure=0.0)
+  left_ref = collections.Counter(t for sent in ref_sents for t in sent)
+  left_pred = collections.Counter(t for sent in pred_sents for t in sent)
+  hits = 0
+  for sent in ref_sents:
+    union = set().union(*(_lcs_positions(sent, p) for p in pred_sents))
+    for pos in sorted(union):
+      token = sent[pos]
+      if left_ref[token] > 0 and left_pred[token] > 0:
+        hits += 1
+        left_ref[token] -= 1
+        left_pred[token] -= 1
+  return _prf(hits, n, m)
+
+
+def sentences(text: str, stemmer=None) -> List[List[str]]:
+  """ROUGE-Lsum's sentences: the non-empty lines of text, each tokenized."""
+  return [tokenize(line, stemmer) for line in text.split("\n") if line]
+
+
+def split_sentences(text: str) -> str:
+  """text with a newline after each sentence (see the module docstring), if it has none."""
+  return text if "\n" in text else _SENTENCE_END.sub(lambda m: m.group(1) + "\n", text)
+
+
 def rouge(reference: str, prediction: str, stemmer=None) -> Dict[str, Dict[str, float]]:
-  """ROUGE-1, ROUGE-2 and ROUGE-L of one prediction: {type: {precision, recall, fmeasure}}."""
+  """ROUGE-1/2/L/Lsum of one prediction: {type: {precision, recall, fmeasure}}.
+
+  ROUGE-Lsum reads sentences from the newlines already in the texts (rouge-score's
+  default); `summary_metrics` adds them to decoded text first.
+  """
   ref, pred = tokenize(reference, stemmer), tokenize(prediction, stemmer)
   out = {}
   for n, name in ((1, "rouge1"), (2, "rouge2")):
@@ -129,12 +200,13 @@ def rouge(reference: str, prediction: str, stemmer=None) -> Dict[str, Dict[str, 
     out["rougeL"] = _prf(_lcs_length(ref, pred), len(pred), len(ref))
   else:
     out["rougeL"] = dict(precision=0.0, recall=0.0, fmeasure=0.0)
+  out["rougeLsum"] = _summary_lcs(sentences(reference, stemmer), sentences(prediction, stemmer))
   return out
 
 
 def corpus_rouge(references: Sequence[str], predictions: Sequence[str],
                  use_stemmer: bool = True) -> Dict[str, float]:
-  """Mean F1 x 100 of ROUGE-1/2/L over the pairs ({'rouge1': ..., 'rouge2': ..., 'rougeL': ...})."""
+  """Mean F1 x 100 of each of ROUGE_TYPES over the pairs ({'rouge1': ..., 'rougeLsum': ...})."""
   if len(references) != len(predictions):
     raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
   if not references:
@@ -159,7 +231,8 @@ def pairs_to_text(pairs: Sequence[SummaryPair], prefix: str = ""
 
 def summary_metrics(pairs: Sequence[SummaryPair], predictions: Sequence[str],
                     use_stemmer: bool = True) -> Dict[str, float]:
-  """corpus_rouge of decoded summaries, plus their mean length in ROUGE tokens ('gen_len').
+  """corpus_rouge of decoded summaries (sentences split first, for ROUGE-Lsum), plus their
+  mean length in ROUGE tokens ('gen_len').
 
   Stemming is on by default, as the Hugging Face summarization examples and
   the BART / PEGASUS evaluations use it.
@@ -173,7 +246,8 @@ def summary_metrics(pairs: Sequence[SummaryPair], predictions: Sequence[str],
   if unlabelled:
     raise ValueError(f"{len(unlabelled)} documents have no reference summary (first: "
                      f"example {unlabelled[0]}); an unlabelled split cannot be scored")
-  out = corpus_rouge([p.summary for p in pairs], predictions, use_stemmer=use_stemmer)
+  out = corpus_rouge([split_sentences(p.summary) for p in pairs],
+                     [split_sentences(t) for t in predictions], use_stemmer=use_stemmer)
   out["gen_len"] = sum(len(tokenize(t)) for t in predictions) / max(len(predictions), 1)
   return out
 
