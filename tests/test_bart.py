@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import bert_jax
+from bert_jax import decoding
 from bert_jax import models
 from bert_jax.models import bart
 from bert_jax.models.bart_config import BartConfig
-from bert_jax.tasks import text2text
 from conftest import assert_sharded_equals_unsharded, random_hf_folder
 
 torch = pytest.importorskip("torch")
@@ -160,8 +160,8 @@ def test_cached_greedy_equals_full_passes_and_hf_generate(generator):
   hf, model, params = generator
   ids, mask = _encoder_batch()
   steps = 8
-  tokens, log_probs = text2text.greedy_decode(model, params, jnp.asarray(ids, jnp.int32),
-                                              max_decode_length=steps, eos_id=EOS)
+  tokens, log_probs = decoding.greedy_decode(model, params, jnp.asarray(ids, jnp.int32),
+                                             max_decode_length=steps, eos_id=EOS)
   tokens = np.asarray(tokens)
   # Repeated teacher-forced passes over the prefix decoded so far.
   # One decoder length for every pass (one compilation): the decoder is causal,

@@ -9,7 +9,7 @@ cross-attention between its self-attention and MLP. Logits are the decoder
 output against the shared embedding plus `final_logits_bias`.
 
 Calling convention, as T5Model's (bert_jax/models/t5.py), so the decoding of
-bert_jax/tasks/text2text.py (greedy_decode, beam_search) serves both:
+bert_jax/decoding.py (greedy_decode, beam_search) serves both:
 
     model = BartForConditionalGeneration(BartConfig.preset("base"))
     logits = model.apply({"params": p}, enc_tokens, dec_tokens)   # [b, dec_len, vocab]
