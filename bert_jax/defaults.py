@@ -255,6 +255,7 @@ def finetune_config() -> ml_collections.ConfigDict:
   # 'text2text' (the decoder writes the label) or 'auto' (the head where the family has one).
   c.finetune.head = "auto"
   # 'full' | 'lora' | 'bitfit' | 'prompt' | 'houlsby' | 'pfeiffer' (peft.py, peft_modules.py;
+  # 'scalar_mix': a frozen encoder, the head reads an ELMo mix of all layers, frozen_features.py;
   # the task head always trains)
   c.finetune.method = "full"
   c.finetune.lora_rank = 8  # r of the factors A [fan_in, r], B [r, fan_out]
@@ -265,6 +266,14 @@ def finetune_config() -> ml_collections.ConfigDict:
   c.finetune.lora_targets = r"(query|key|value|out)/kernel$"
   c.finetune.prompt_length = 20  # method 'prompt': soft-prompt vectors before the tokens
   c.finetune.adapter_size = 64  # methods 'houlsby' / 'pfeiffer': adapter bottleneck width
+  # Gradual unfreezing (frozen_features.py; method 'full'): (step, regex) stages, a
+  # parameter trains from the smallest step whose regex matches it (0 when none does),
+  # e.g. ((0, 'classifier|layer_11/'), (500, 'norm/'), (1000, '.*')); or the preset
+  # 'top_ln_all': head + pooler + top layer, then LayerNorms at unfreeze_steps[0], then
+  # everything at unfreeze_steps[1].
+  c.finetune.unfreeze = ()
+  c.finetune.unfreeze_schedule = ""  # '' | 'top_ln_all'
+  c.finetune.unfreeze_steps = ()  # (s1, s2) for unfreeze_schedule
 
   c.optim = optim_config("adamw")  # weight decay 0.01, no decay on norms and biases
   c.optim.learning_rate = 2e-5

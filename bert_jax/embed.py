@@ -110,7 +110,9 @@ def _encoder_from_workdir(workdir: str, dtype: Any, mesh, rules) -> tuple[Any, d
   family = models.get(saved.family)
   if family.encoder_decoder:
     raise ValueError(f"--init_from={workdir}: a {family.name} run; embed needs an encoder")
-  pretrained = init_from_lib.restore_workdir(workdir, saved.family, dtype, mesh, rules)
+  # As for fine-tuning: an ELECTRA run embeds with its plain discriminator.
+  pretrained = init_from_lib.restore_workdir(workdir, saved.family, dtype, mesh, rules,
+                                             finetuning=True)
   if "encoder" not in pretrained.params:
     raise ValueError(f"--init_from={workdir}: the checkpoint has no 'encoder' parameters "
                      f"(it has {sorted(pretrained.params)})")

@@ -44,10 +44,13 @@ factors of the attention kernels / the biases, plus the head (peft.py); a
 LoRA run's params are the model's plus params['lora'], and `peft.merge`
 folds them into plain model params. 'prompt' (soft prompts) and 'houlsby' /
 'pfeiffer' (bottleneck adapters) add params['prompt'] / params['adapters']
-(peft_modules.py). `data.padding`: 'max' (every batch max_length), 'dynamic'
-(each batch padded to its longest, rounded up to `data.pad_multiple`) or
-'bucket' (the same, over batches of similar lengths). Each padded length
-compiles its own step, so the multiple bounds the number of compiles.
+(peft_modules.py). 'scalar_mix' freezes the encoder and feeds the head an ELMo
+mix of every layer's hidden states (params['scalar_mix']); `finetune.unfreeze`
+/ `unfreeze_schedule` unfreeze parameter groups by step (frozen_features.py).
+`data.padding`: 'max' (every batch max_length), 'dynamic' (each batch
+padded to its longest, rounded up to `data.pad_multiple`) or 'bucket' (the
+same, over batches of similar lengths). Each padded length compiles its own
+step, so the multiple bounds the number of compiles.
 
 Workdir: checkpoints/ (the last state, for resuming: a killed run restarts
 at the step it saved, with the same batches), best/ (params of the best
@@ -82,6 +85,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bert_jax import checkpoint as checkpoint_lib
 from bert_jax import finetune_init
+from bert_jax import frozen_features
 from bert_jax import init_from
 from bert_jax import loop
 from bert_jax import metrics as metrics_lib
@@ -141,6 +145,7 @@ def validate(config) -> tuple[int, int, int]:
       raise ConfigError("finetune.ner_head", f"{config.finetune.ner_head!r} needs an encoder; "
                         f"the {config.family!r} family runs NER text-to-text ('softmax')")
   peft.validate(config)
+  frozen_features.validate(config)
   smoothing = config.train.get("label_smoothing", 0.0)
   if not 0.0 <= smoothing < 1.0:
     raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing}")
@@ -254,7 +259,8 @@ def _setup(config) -> _Run:
   task = adapters.make_task(config, tokenizer)
   # The cloze task (tasks/cloze.py) reads init_from's MLM head too.
   model_cfg, pretrained = finetune_init.model_config(
-      config, mesh, rules, mlm_head=getattr(task, "uses_mlm_head", False))
+      config, mesh, rules, mlm_head=getattr(task, "uses_mlm_head", False),
+      task=getattr(task, "model_task", None))
   family = models.get(config.family)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError("data.tokenizer", f"{tokenizer.path} has {tokenizer.vocab_size} ids, "
@@ -354,8 +360,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   shapes = steps.param_shapes(model, run.init_shapes)
   if is_main:
     peft.log_trainable(shapes, overrides["freeze"])
+  stages = frozen_features.unfreeze_stages(config, family, model.config, shapes)
   try:
-    tx, schedule = optim.make_optimizer(config.optim, shapes, num_steps=num_steps, **overrides)
+    tx, schedule = optim.make_optimizer(config.optim, shapes, num_steps=num_steps,
+                                        unfreeze=stages, **overrides)
   except ValueError as e:
     raise ValueError(f"config.optim / config.finetune: {e}") from None
   abstract, state_shardings = steps.abstract_sharded_state(model, tx, run.init_shapes, run.mesh,
@@ -529,8 +537,9 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str | None = No
   WORKDIR/export) that `transformers` loads as the task model.
 
   A LoRA run is written with its factors folded into the kernels (peft.merged):
-  a plain model, no adapter library needed to load it. The tokenizer's vocab
-  file is copied next to the weights when it is a local file.
+  a plain model, no adapter library needed to load it. The tokenizer's files
+  (vocab.txt, or vocab.json + merges.txt) are copied next to the weights when
+  local, so transformers' AutoTokenizer loads the folder.
   """
   from bert_jax import convert  # pylint: disable=import-outside-toplevel  (torch-free, but big)
   config = ml_collections.ConfigDict(config.to_dict())
@@ -542,9 +551,12 @@ def export(config: ml_collections.ConfigDict, workdir: str, out: str | None = No
   if jax.process_index() != 0:
     return ""
   convert.save_pretrained(peft.unwrap(run.model), params, path, overwrite=True)
-  vocab = getattr(run.tokenizer, "path", "")
-  if vocab and os.path.isfile(vocab) and os.path.basename(vocab) == "vocab.txt":
-    shutil.copyfile(vocab, os.path.join(path, "vocab.txt"))
+  # The tokenizer's local files, named as transformers reads them: vocab.txt (WordPiece),
+  # vocab.json + merges.txt (byte-level BPE: RoBERTa, BART).
+  for source in (getattr(run.tokenizer, "path", ""), getattr(run.tokenizer, "merges_path", "")):
+    name = os.path.basename(source or "")
+    if name in ("vocab.txt", "vocab.json", "merges.txt") and os.path.isfile(source):
+      shutil.copyfile(source, os.path.join(path, name))
   print(f"wrote {path}")
   return path
 

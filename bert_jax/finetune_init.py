@@ -5,7 +5,9 @@ bert_jax/finetune.py starts the task model from one of:
     `from_pretrained`: a BERT-family encoder (bert, roberta) or a T5
     encoder-decoder, picked by the folder's model_type;
   * a `bert-jax train` workdir (`config.init_from` with checkpoints/): its
-    latest finished step, the model rebuilt from the config saved with it;
+    latest finished step, the model rebuilt from the config saved with it
+    (an ELECTRA-style run, objective 'electra': its discriminator, with
+    DeBERTa-v3's GDES tables added up to the plain encoder's);
   * nothing (`init_from=''`): random weights of `config.model`.
 For BERT only the encoder is carried over and the task head starts as BERT
 initialises it; a T5 model keeps every weight (text-to-text needs no head).
@@ -23,27 +25,40 @@ from bert_jax import peft
 from bert_jax.defaults import ConfigError
 
 
-def model_config(config, mesh, rules, *, mlm_head: bool = False) -> tuple[Any, dict | None]:
+def model_config(config, mesh, rules, *, mlm_head: bool = False,
+                 task: str | None = None) -> tuple[Any, dict | None]:
   """The model's hyperparameters (the family's config) and pretrained params (None: random).
 
   Params hold what the family carries over: {'encoder': ...} for BERT, the
   whole model for T5. With `mlm_head` (the cloze task) the checkpoint's MLM
   head ('mlm') is carried over too, and a checkpoint without one is an error.
+  `task` (the run's model task): a family that fine-tunes whole models
+  (finetune_task 'seq2seq') and a run with a head of its own (BART's
+  sequence_classification) load a Hugging Face folder with the head its
+  `architectures` name, and carry that head over (an exported
+  BartForSequenceClassification folder restarts as one; a head of another
+  label count starts fresh in init_from.load_pretrained).
   """
   family = models.get(config.family)
   if config.init_from:
-    task = family.finetune_task
-    if mlm_head or init_from.is_pretraining_workdir(config.init_from):
-      task = None  # the head the checkpoint has (a HF *ForMaskedLM folder: its MLM head)
+    load_task = family.finetune_task
+    folder_head = (task is not None and family.finetune_task != "encoder"
+                   and task != family.finetune_task)
+    if mlm_head or folder_head or init_from.is_pretraining_workdir(config.init_from):
+      load_task = None  # the head the checkpoint has (a HF *ForMaskedLM folder: its MLM head)
     pretrained = init_from.load(config.init_from, config.family, config.dtype, mesh, rules,
-                                lower_case=config.data.lower_case, task=task)
+                                lower_case=config.data.lower_case, task=load_task,
+                                finetuning=True)
     params = pretrained.params
     if mlm_head and "mlm" not in params:
       raise ConfigError("init_from", f"{config.init_from} has no MLM head, which the cloze "
                         "task reads (give a *ForMaskedLM or *ForPreTraining folder, or a "
                         "bert-jax train workdir)")
     if family.carried_over is not None:
-      params = {k: params[k] for k in family.carried_over + (("mlm",) if mlm_head else ())}
+      keep = family.carried_over + (("mlm",) if mlm_head else ())
+      if folder_head and not init_from.is_pretraining_workdir(config.init_from):
+        keep += tuple(k for k in params if k not in keep)  # the folder's head
+      params = {k: params[k] for k in keep if k in params}
     return pretrained.config, params
   try:
     return family.config_from_dict(dict(config.model.to_dict(), dtype=config.dtype)), None

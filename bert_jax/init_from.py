@@ -9,10 +9,14 @@ encoder, a whole T5); continued pretraining (train.py, Gururangan et al.
 2020's DAPT/TAPT) takes every tensor the pretraining model has a place for:
 the encoder and, when the checkpoint has one, the MLM head. `load_pretrained`
 puts them into a freshly initialised state; the rest keeps its fresh init.
+Fine-tuning from an ELECTRA-style workdir (objective 'electra') starts from
+its discriminator as a plain encoder (`discriminator_weights`): DeBERTa-v3's
+GDES tables, stored as deltas over the generator's, are added up first.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ from bert_jax import steps
 from bert_jax.convert import distilbert, from_pretrained
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.defaults import ConfigError
+from bert_jax.models import electra
 
 # Model fields a run may set differently from its init_from checkpoint: how it
 # computes, not what the weights are.
@@ -92,11 +97,35 @@ def pretraining_tokenizer(workdir: str) -> tuple[str, bool]:
   return tokenizer_lib.train_for_source(saved.data, workdir), saved.data.lower_case
 
 
-def restore_workdir(workdir: str, family: str, dtype: Any, mesh, rules) -> Pretrained:
+def discriminator_weights(model: Any, pretrained: Pretrained) -> Pretrained:
+  """An 'electra' run's discriminator as the family's plain encoder (other runs as they are).
+
+  A family whose replaced-token-detection model does not store the
+  discriminator's tables whole gives `discriminator(model, params)` in its
+  module (DeBERTa-v3's GDES: generator table + the discriminator's delta,
+  and no EMD position table); the result is {'encoder': ...} with the plain
+  encoder's names and its config. BERT's ELECTRA discriminator owns its
+  tables, so its params['encoder'] is already a plain encoder.
+  """
+  if not isinstance(model, electra.ReplacedTokenDetection):
+    return pretrained
+  fold = getattr(importlib.import_module(models.family_of(model).module), "discriminator", None)
+  if fold is None:
+    return pretrained
+  plain, params = fold(model, pretrained.params)
+  # The fold keeps the saved run's dtype; the caller's is pretrained.config's.
+  config = dataclasses.replace(plain.config, dtype=pretrained.config.dtype)
+  return dataclasses.replace(pretrained, config=config, params=params)
+
+
+def restore_workdir(workdir: str, family: str, dtype: Any, mesh, rules, *,
+                    finetuning: bool = False) -> Pretrained:
   """The latest finished step of a `bert-jax train` workdir, onto `mesh`.
 
   The run's own config (stored with every checkpoint) rebuilds its model and
-  optimizer, so the state restores exactly.
+  optimizer, so the state restores exactly. With `finetuning`, an 'electra'
+  run gives its discriminator as a plain encoder (`discriminator_weights`);
+  without, every tensor as the run stored it (continued pretraining).
   """
   folder, num_finished, saved = pretraining_config(workdir)
   if saved.family != family:
@@ -111,12 +140,13 @@ def restore_workdir(workdir: str, family: str, dtype: Any, mesh, rules) -> Pretr
                                          async_save=False).restore(abstract)
   logging.info("init_from: step %d of %s", restored.step, folder)
   tokenizer, lower_case = pretraining_tokenizer(workdir)
-  return Pretrained(spec.config_from_dict(dict(saved.model.to_dict(), dtype=dtype)),
-                    restored.state.params, tokenizer, lower_case)
+  pretrained = Pretrained(spec.config_from_dict(dict(saved.model.to_dict(), dtype=dtype)),
+                          restored.state.params, tokenizer, lower_case)
+  return discriminator_weights(model, pretrained) if finetuning else pretrained
 
 
 def load(init_from: str, family: str, dtype: Any, mesh, rules, *, lower_case: bool,
-         task: str | None = None) -> Pretrained:
+         task: str | None = None, finetuning: bool = False) -> Pretrained:
   """The checkpoint `init_from` (a HF folder or a pretraining workdir) of `family`.
 
   Args:
@@ -126,9 +156,11 @@ def load(init_from: str, family: str, dtype: Any, mesh, rules, *, lower_case: bo
     mesh, rules: where a workdir's state is restored.
     lower_case: a HF folder's tokenizer casing (the run's `data.lower_case`).
     task: the head `from_pretrained` builds (None: the one the folder names).
+    finetuning: a workdir's 'electra' run gives its plain discriminator
+      (restore_workdir).
   """
   if is_pretraining_workdir(init_from):
-    return restore_workdir(init_from, family, dtype, mesh, rules)
+    return restore_workdir(init_from, family, dtype, mesh, rules, finetuning=finetuning)
   model, params = from_pretrained(init_from, task=task, dtype=dtype)
   if models.family_of(model) is not models.get(family):
     raise ConfigError("init_from", f"{init_from} holds a {type(model).__name__}; config.family "
@@ -166,7 +198,8 @@ def load_pretrained(params: Any, pretrained: dict, shardings: Any, family: model
   """params with the pretrained weights put in, each onto its sharding.
 
   Heads and, with reinit_layers=K, the top K encoder layers and the pooler
-  keep their fresh init (Zhang et al. 2021, "Revisiting few-sample BERT
+  keep their fresh init (a pretrained head of another shape, e.g. another
+  label count, too) (Zhang et al. 2021, "Revisiting few-sample BERT
   fine-tuning").
   """
   fresh_prefixes = tuple(family.layer_prefix.format(i=i)
@@ -184,6 +217,9 @@ def load_pretrained(params: Any, pretrained: dict, shardings: Any, family: model
       fresh.append(name)
       continue
     if tuple(value.shape) != tuple(flat[key].shape):
+      if family.carried_over is not None and key[0] not in family.carried_over:
+        fresh.append(name)  # a head of another size (label count): the run's own
+        continue
       raise ValueError(f"init_from: parameter {name} has shape {tuple(value.shape)}, the "
                        f"model expects {tuple(flat[key].shape)}")
     flat[key] = jax.device_put(np.asarray(value, np.float32), flat_shardings[key])

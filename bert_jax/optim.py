@@ -9,6 +9,9 @@ with `re.search`:
                   optimizer state),
   lr_multipliers  (regex, factor) pairs scaling the update of matching
                   parameters, first match wins (e.g. layer-wise LR decay).
+  unfreeze        (make_optimizer's argument, not a config field) (step, regex)
+                  stages of gradual unfreezing: a parameter trains from its
+                  stage's step on (`unfreeze_starts`, `gate_by_step`).
 
 Every regex must match at least one parameter, else `make_optimizer` fails
 naming it: a typo in a freeze rule must not silently freeze nothing.
@@ -323,15 +326,90 @@ def _decay_scaled_by_lr(rate: float, schedule: Schedule) -> optax.GradientTransf
   return optax.GradientTransformation(init, update)
 
 
+# ------------------------------------------------------- gradual unfreezing
+
+
+def unfreeze_starts(params: Any, stages: Sequence[tuple[int, str]]) -> Any:
+  """Int tree: the step from which each parameter trains.
+
+  A parameter starts at the smallest step of the stages whose regex matches
+  its path (re.search), at 0 when none does; each regex must match some
+  parameter. A parameter with start s is unchanged by the updates of steps
+  1..s and trains from step s + 1 (the update made at optimizer count s).
+  """
+  bad = [s for s in stages if not (isinstance(s, (tuple, list)) and len(s) == 2
+                                   and isinstance(s[0], int) and s[0] >= 0
+                                   and isinstance(s[1], str))]
+  if bad:
+    raise ValueError(f"unfreeze must be (step >= 0, regex) pairs; bad entries: {bad[:3]}")
+  _check_matches([r for _, r in stages], _paths(params), "unfreeze")
+  compiled = [(int(s), re.compile(r)) for s, r in stages]
+  return jax.tree.map(lambda p: min((s for s, r in compiled if r.search(p)), default=0),
+                      path_tree(params))
+
+
+class GateState(NamedTuple):
+  """State of `gate_by_step`: the updates made so far (the train step)."""
+  count: jax.Array
+
+
+def _map_starts(fn: Callable, starts: Any, *trees: Any) -> Any:
+  """fn(start, *leaves) over trees whose structure `starts` is a prefix of (a masked
+  group's MaskedNode or a box under a start is mapped through)."""
+  return jax.tree.map(lambda s, *xs: jax.tree.map(lambda *ys: fn(s, *ys), *xs), starts, *trees)
+
+
+def gate_by_step(starts: Any) -> optax.GradientTransformation:
+  """Zeroes the updates of every parameter whose start (see `unfreeze_starts`) is above
+  the update count: a pure function of the step, so a resumed run gates the same."""
+  def update(updates, state, params=None):
+    del params
+    out = _map_starts(lambda s, u: jnp.where(state.count >= s, u, jnp.zeros_like(u)),
+                      starts, updates)
+    return out, GateState(optax.safe_int32_increment(state.count))
+  return optax.GradientTransformation(lambda _: GateState(jnp.zeros([], jnp.int32)), update)
+
+
+def _scale_by_adam_staged(b1: float, b2: float, eps: float, starts: Any
+                          ) -> optax.GradientTransformation:
+  """optax.scale_by_adam with the bias correction of each parameter counted from its start:
+  a group unfrozen at step s (its moments zero until then, the gradients being gated)
+  takes Adam's first step at s + 1, not a step under a correction already near 1,
+  which would scale its first updates by up to (1 - b1) / sqrt(1 - b2) (3.2 at the
+  defaults)."""
+  def init(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros,
+                                  nu=jax.tree.map(jnp.copy, zeros))
+
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_int32_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
+
+    def step(start, m, v, g):
+      k = jnp.maximum(count - start, 1).astype(jnp.float32)  # this group's Adam steps
+      m_hat, v_hat = m / (1 - b1 ** k), v / (1 - b2 ** k)
+      return (m_hat / (jnp.sqrt(v_hat) + eps)).astype(g.dtype)
+    out = _map_starts(step, starts, mu, nu, updates)
+    return out, optax.ScaleByAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 # -------------------------------------------------------------- entry point
 
 
-def _core(cfg: Mapping[str, Any], schedule: Schedule, decay_mask: Any
+def _core(cfg: Mapping[str, Any], schedule: Schedule, decay_mask: Any, starts: Any = None
           ) -> optax.GradientTransformation:
-  """The optimizer proper, applied to trainable parameters only."""
+  """The optimizer proper, applied to trainable parameters only (`starts`: see
+  `_scale_by_adam_staged`)."""
   name, wd = cfg["name"], float(cfg["weight_decay"])
   if name in ("adamw", "lamb"):
-    if cfg["bias_correction"]:
+    if cfg["bias_correction"] and starts is not None:
+      adam = _scale_by_adam_staged(cfg["b1"], cfg["b2"], cfg["eps"], starts)
+    elif cfg["bias_correction"]:
       adam = optax.scale_by_adam(b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"])
     else:
       adam = _scale_by_adam_uncorrected(cfg["b1"], cfg["b2"], cfg["eps"])
@@ -400,6 +478,7 @@ def resolve_config(config: Any = None, **overrides) -> dict[str, Any]:
 
 
 def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
+                   unfreeze: Sequence[tuple[int, str]] = (),
                    **overrides) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the full optimizer from `config.optim`-style fields.
 
@@ -414,6 +493,11 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
     params: the parameter tree or its `jax.eval_shape` (only paths are read).
     num_steps: total training steps; overrides `num_steps` of the config
       (which, when 0, must be given here for linear/cosine schedules).
+    unfreeze: gradual unfreezing, (step, regex) stages (see `unfreeze_starts`):
+      the gradients going in and the updates coming out are zero for a
+      parameter before its stage, so it gets no update, no weight decay and
+      zero Adam moments, and Adam's bias correction counts its steps from its
+      stage (adamw / lamb with bias_correction).
     **overrides: config fields to replace.
 
   Returns:
@@ -431,12 +515,15 @@ def make_optimizer(config: Any, params: Any, *, num_steps: int | None = None,
   labels = jax.tree.map(lambda f: "frozen" if f else "trainable", frozen)
   if all(jax.tree.leaves(frozen)):
     raise ValueError(f"optim.freeze {patterns(cfg['freeze'])} freezes every parameter")
+  starts = unfreeze_starts(params, unfreeze) if unfreeze else None
   parts = [
       optax.masked(optax.set_to_zero(), frozen),
       clip_by_global_norm(float(cfg["clip_norm"] or 0.0)),
-      optax.multi_transform({"trainable": _core(cfg, schedule, decay_mask),
+      optax.multi_transform({"trainable": _core(cfg, schedule, decay_mask, starts),
                              "frozen": optax.set_to_zero()}, labels),
   ]
   if cfg["lr_multipliers"]:
     parts.append(_scale_by_tree(multiplier_tree(params, cfg["lr_multipliers"])))
+  if starts is not None:  # before clipping: the norm is over the unfrozen gradients
+    parts = [gate_by_step(starts)] + parts + [gate_by_step(starts)]
   return optax.chain(*parts), schedule

@@ -9,7 +9,9 @@
           head (classifier, ... -- fresh weights, as in the paper's GLUE setup
           and HF peft's modules_to_save) train.
   bitfit  Ben Zaken et al. 2021: only the carried-over biases (paths ending
-          in 'bias') and the task head train.
+          in 'bias') and the task head train. Carried-over weights without
+          any bias (T5; ModernBERT unless its attention_bias / mlp_bias /
+          norm_bias are on) are a ConfigError: only the head would train.
   prompt, houlsby, pfeiffer: soft prompts and bottleneck adapters, peft_modules.py.
 Layer-wise LR decay (optim.layerwise_lr_multipliers' `(^|/)layer_{i}/`) also
 matches the factors and adapters of layer i (lora/encoder/layer_i/...,
@@ -59,10 +61,11 @@ from flax import traverse_util
 
 from bert_jax.defaults import ConfigError
 
-METHODS = ("full", "lora", "bitfit", "prompt", "houlsby", "pfeiffer")
+METHODS = ("full", "lora", "bitfit", "prompt", "houlsby", "pfeiffer",
+           "scalar_mix")  # the last: frozen_features.py
 LORA = "lora"  # the top-level key of the factors in the params tree
 # Top-level keys a method adds to the model's params (peft_modules.py has the last two).
-ADDED = (LORA, "prompt", "adapters")
+ADDED = (LORA, "prompt", "adapters", "scalar_mix")  # the last: frozen_features.py
 # Methods that train the encoder's LayerNorms (and would be void under freeze_encoder).
 _TRAINS_ENCODER = {"bitfit": "biases", "houlsby": "LayerNorms", "pfeiffer": "LayerNorms"}
 
@@ -250,8 +253,8 @@ def wrap(config, model: nn.Module, init_shapes: dict) -> Any:
   """`model`, wrapped for the method: LoraModel, PromptModel or AdapterModel.
 
   Raises ConfigError naming finetune.lora_targets when it matches no kernel,
-  finetune.method when BitFit finds no bias or the model has no BERT encoder
-  for prompts / adapters.
+  finetune.method when BitFit finds no pretrained bias or the model has no
+  encoder stack (peft_modules.STACKS) for prompts / adapters.
   """
   validate(config)
   ft = config.finetune
@@ -262,6 +265,10 @@ def wrap(config, model: nn.Module, init_shapes: dict) -> Any:
   check_bitfit(config, shapes)
   if ft.method == "bitfit":
     return model
+  if ft.method == "scalar_mix":  # ELMo's mix of a frozen encoder's layers
+    from bert_jax import frozen_features  # pylint: disable=import-outside-toplevel
+    return frozen_features.wrap(config, model, steps.dummy_batch(init_shapes),
+                                lambda cls: _wrapper_class(cls, type(model)))
   if ft.method in ("prompt", "houlsby", "pfeiffer"):
     from bert_jax import peft_modules  # pylint: disable=import-outside-toplevel
     return peft_modules.wrap(config, model, steps.dummy_batch(init_shapes),
@@ -296,11 +303,19 @@ def freeze_rules(config, family) -> list[str]:
 
 
 def check_bitfit(config, params: Any) -> None:
-  """BitFit needs biases to train: a ConfigError when the model has none (T5)."""
-  if config.finetune.method == "bitfit" and not any(
-      p.endswith("bias") for p in _flat(params)):
+  """BitFit needs pretrained biases to train: a ConfigError when the carried-over weights
+  have none (T5; ModernBERT without attention_bias / mlp_bias / norm_bias), where only the
+  fresh head's biases would train -- a head-only run is method 'full' with
+  finetune.freeze_encoder."""
+  if config.finetune.method != "bitfit":
+    return
+  from bert_jax import models  # pylint: disable=import-outside-toplevel
+  carried = models.get(config.family).carried_over
+  if not any(p.endswith("bias") and (carried is None or p.split("/")[0] in carried)
+             for p in _flat(params) if p.split("/")[0] not in ADDED):
     raise ConfigError("finetune.method", f"'bitfit' trains biases; the {config.family!r} "
-                      "model has none")
+                      "model has none in its pretrained weights (for the head alone use "
+                      "method 'full' with finetune.freeze_encoder=True)")
 
 
 def count_trainable(params: Any, freeze: Sequence[str]) -> tuple[int, int]:

@@ -5,7 +5,9 @@ vocab.json + merges.txt is fine-tuned for two epochs on a tiny SST-2-like TSV
 with configs/glue.py: the run trains GlueTask's classification loss on
 BartForSequenceClassification (the head starts fresh), reports accuracy, and
 its best checkpoint re-evaluates to the same score and exports to a folder
-that transformers' BartForSequenceClassification loads with the same logits.
+that transformers' BartForSequenceClassification loads with the same logits
+(and AutoTokenizer with the same pieces), which restarts in bert_jax as
+classification with its head.
 """
 import json
 import math
@@ -108,7 +110,7 @@ def test_glue_trains_the_classification_head(run):
   assert built.model.num_labels == 2
 
 
-def test_best_checkpoint_reevaluates_and_exports_to_transformers(run, tmp_path):
+def test_best_checkpoint_reevaluates_and_exports_to_transformers(setup, run, tmp_path):
   config, workdir, out = run
   scores = finetune.evaluate(config, str(workdir))
   assert scores["dev/accuracy"] == pytest.approx(out["best"]["value"])
@@ -132,6 +134,20 @@ def test_best_checkpoint_reevaluates_and_exports_to_transformers(run, tmp_path):
   model, reloaded = bert_jax.from_pretrained(path)
   again = model.apply({"params": reloaded}, **steps.model_inputs(model, batch))["logits"]
   np.testing.assert_allclose(np.asarray(again), ours, atol=1e-5)
+
+  # The byte-level BPE files come along: transformers' AutoTokenizer reads the folder
+  # and tokenizes as ours does (<s> ... </s> around the same pieces).
+  assert {"vocab.json", "merges.txt"} <= {p.name for p in pathlib.Path(path).iterdir()}
+  theirs_tok = transformers.AutoTokenizer.from_pretrained(path)
+  text = "the tea , the heat ."
+  assert theirs_tok(text).input_ids[1:-1] == tokenizer.tokenize([text]).to_list()[0]
+  assert theirs_tok.pad_token_id == tokenizer.pad_id
+
+  # Fine-tuning from the exported folder restarts as classification, head included.
+  again_run = finetune._setup(_config(setup, init_from=path))
+  assert type(again_run.model).__name__ == "BartForSequenceClassification"
+  head = again_run.pretrained["classification_head"]
+  jax.tree.map(np.testing.assert_array_equal, head, reloaded["classification_head"])
 
 
 def test_heads_per_family_and_switch(setup):

@@ -1,24 +1,32 @@
 """DeBERTa-v3 pretraining: replaced-token detection with a DeBERTa generator and
 discriminator, gradient-disentangled embedding sharing (GDES), the enhanced
-mask decoder (EMD), the discriminator's export, and loading DeBERTa's spm.model.
+mask decoder (EMD), the discriminator's export and fine-tuning from a pretraining
+workdir, FLOPs, and loading DeBERTa's spm.model.
 """
 import dataclasses
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 import tensorflow as tf
 
 import bert_jax
+from bert_jax import checkpoint as checkpoint_lib
+from bert_jax import defaults
+from bert_jax import finetune_init
+from bert_jax import init_from
 from bert_jax import losses
 from bert_jax import models
+from bert_jax import recipe
 from bert_jax import sharding
 from bert_jax import steps
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.models import deberta
+from bert_jax.models import flops
 from bert_jax.models.deberta_config import DebertaConfig
 from conftest import sgd_step_on_mesh
 
@@ -169,39 +177,123 @@ def test_emd_changes_the_mlm_logits_and_is_off_for_hf_parity():
   np.testing.assert_array_equal(hidden(params), hidden(shifted))
 
 
-def test_rtd_objective_trains(gdes):
-  """A few Adam steps of objective 'electra' on one batch: finite, the loss falls."""
+LR = 0.1  # SGD: the loss falls on one batch within 8 steps (1.0 diverges)
+
+
+@pytest.fixture(scope="module")
+def dp_run(gdes):
+  """8 SGD(LR) steps of objective 'electra' on one batch, data-parallel over 8 devices:
+  (batch, first step's metrics, its parameter change, every step's loss, last params)."""
   model, _ = gdes
-  batch = _batch(seed=4, batch=8)
+  batch = _batch(seed=5, batch=8, length=16, slots=3)
   mesh = sharding.make_mesh(8, 1, 1)
   rules = sharding.get_rules("data_parallel")
-  tx = optax.adam(3e-3)
+  tx = optax.sgd(LR)
   state, shardings = steps.create_sharded_state(model, tx, batch, mesh, rules, rng=0)
   step = steps.make_train_step(model, tx, "electra", shardings, sharding.batch_sharding(mesh),
                                rules=rules)
   placed = jax.device_put(batch, sharding.batch_sharding(mesh))
-  history = []
+  before = jax.device_get(state.params)
+  history, first = [], None
   for _ in range(8):
     state, metrics = step(state, placed)
     history.append(float(metrics["loss"]))
+    if first is None:
+      first = (jax.device_get(metrics),
+               jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params)))
+  return batch, first[0], first[1], history, jax.device_get(state.params)
+
+
+def test_rtd_objective_trains(dp_run):
+  """A few SGD steps of objective 'electra' on one batch: finite, the loss falls."""
+  _, _, _, history, params = dp_run
   assert np.all(np.isfinite(history)), history
   assert np.mean(history[-2:]) < np.mean(history[:2]), history
   # The generator's table moved (MLM) and so did the delta (RTD).
-  params = jax.device_get(state.params)
   assert _largest(params["encoder"]["word_embeddings_delta"]) > 0
 
 
-@pytest.mark.slow  # two compiles of the three-model step: ~40 s alone on 2 CPU cores
-def test_sharded_rtd_step_equals_data_parallel():
+@pytest.mark.slow  # one more compile of the three-model step: ~25 s alone on 2 CPU cores
+def test_sharded_rtd_step_equals_data_parallel(gdes, dp_run):
   """FSDP + tensor sharding on (2, 2, 2) draws the same samples and gives the same update."""
-  batch = _batch(seed=5, batch=8, length=16, slots=3)
-  model = deberta.build(TINY, "electra")
-  plain, plain_delta, _ = sgd_step_on_mesh(model, "electra", batch, "data_parallel", (8, 1, 1))
-  metrics, delta, _ = sgd_step_on_mesh(model, "electra", batch, "fsdp_tensor", (2, 2, 2))
+  batch, plain, plain_delta, _, _ = dp_run
+  metrics, delta, _ = sgd_step_on_mesh(gdes[0], "electra", batch, "fsdp_tensor", (2, 2, 2))
   for key in ("loss", "mlm/loss_sum", "rtd/loss_sum", "rtd/positives"):
     assert float(metrics[key]) == pytest.approx(float(plain[key]), rel=1e-5), key
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+  # The helper steps SGD(1.0): its change is 1 / LR times the fixture's.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a * LR, b, rtol=1e-4, atol=1e-7),
                delta, plain_delta)
+
+
+def test_finetuning_from_a_gdes_workdir_starts_from_the_plain_discriminator(gdes, tmp_path):
+  """A `bert-jax train` workdir of objective 'electra' (GDES + EMD): finetune_init gives the
+  plain discriminator, word table = generator's + delta, as deberta.discriminator folds it."""
+  model, params = gdes
+  config = defaults.train_config()
+  config.family, config.train.objective = "deberta", "electra"
+  config.model = ml_collections.ConfigDict(dict(dataclasses.asdict(TINY), dtype="float32"))
+  config.data.tokenizer = str(tmp_path / "vocab.txt")  # recorded only; not read here
+  mesh, rules = sharding.make_mesh(8, 1, 1), sharding.get_rules("data_parallel")
+  shapes = steps.init_shapes(models.get("deberta").init_features)
+  tx, _ = recipe.make_optimizer(config, model, shapes)
+  # The fixture's params with a non-zero delta, as after RTD training, so a fold that
+  # drops it shows; the optimizer state the run's config makes (restore checks it).
+  delta = 0.1 * np.random.RandomState(0).standard_normal((VOCAB, 32)).astype(np.float32)
+  saved = dict(params, encoder=dict(params["encoder"],
+                                    word_embeddings_delta={"embedding": jnp.asarray(delta)}))
+  state = steps.TrainState(step=jnp.int32(1), params=saved, opt_state=tx.init(saved),
+                           rng=jax.random.PRNGKey(0))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=1,
+                                     async_save=False)
+  ckpt.save(1, state, data_position=None, config=config, force=True)
+  ckpt.close()
+
+  ft = defaults.finetune_config()
+  ft.family, ft.init_from = "deberta", str(tmp_path)
+  cfg, loaded = finetune_init.model_config(ft, mesh, rules)
+  assert not cfg.enhanced_mask_decoder and cfg.num_layers == TINY.num_layers
+  assert set(loaded) == {"encoder"}
+  assert not any(k.endswith("_delta") or k.startswith("position") for k in loaded["encoder"])
+  np.testing.assert_allclose(loaded["encoder"]["word_embeddings"]["embedding"],
+                             saved["generator"]["word_embeddings"]["embedding"] + delta)
+  # Into a fresh classification model (every encoder tensor replaced) and run forward.
+  family = models.get("deberta")
+  task_model = family.build(cfg, "sequence_classification", num_labels=2)
+  fresh = jax.tree.map(lambda x: np.full(x.shape, np.nan, x.dtype), flax.linen.unbox(
+      jax.eval_shape(task_model.init, jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+  )["params"])  # NaN: a tensor left unloaded shows in the forward below
+  filled = init_from.load_pretrained(fresh, loaded, jax.tree.map(lambda _: None, fresh), family,
+                                     cfg.num_layers)
+  _, merged = deberta.discriminator(model, saved)
+  jax.tree.map(np.testing.assert_array_equal, filled["encoder"], merged["encoder"])
+  # The fine-tuning encoder computes what the pretraining discriminator did (GDES tables).
+  tokens = _batch(seed=6)["encoder_input_tokens"]
+  got, _ = deberta.build(cfg, "encoder").apply({"params": {"encoder": filled["encoder"]}}, tokens)
+  gdes_encoder = deberta.DebertaEncoder(dataclasses.replace(TINY, enhanced_mask_decoder=False),
+                                        sharing="gdes")
+  want = gdes_encoder.apply({"params": saved["encoder"]}, tokens,
+                            tables={"word": saved["generator"]["word_embeddings"]["embedding"]})
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # Continued pretraining (finetuning=False) keeps the run's own tensors.
+  raw = init_from.load(str(tmp_path), "deberta", jnp.float32, mesh, rules, lower_case=True)
+  assert "word_embeddings_delta" in raw.params["encoder"] and "generator" in raw.params
+
+
+def test_flops_count_generator_emd_and_discriminator():
+  s, p, h = 16, 3, TINY.hidden_size
+  no_emd = dataclasses.replace(TINY, enhanced_mask_decoder=False)
+  one_layer = flops.deberta_train_flops(dataclasses.replace(no_emd, num_layers=1), s, 0)
+  # The EMD re-runs the last layer twice over the whole sequence.
+  assert flops.deberta_train_flops(TINY, s, p) == pytest.approx(
+      flops.deberta_train_flops(no_emd, s, p) + 2 * one_layer)
+  expected = (flops.deberta_train_flops(TINY.generator(), s, p)  # generator + EMD + MLM head
+              + flops.deberta_train_flops(no_emd, s, 0)  # discriminator layers, no EMD
+              + 3 * (2 * s * h * h + 2 * s * h))  # RTD head
+  assert flops.deberta_electra_train_flops(TINY, s, p) == pytest.approx(expected)
+  shapes = {"encoder_input_tokens": (1, s), "mlm_positions": (1, p)}
+  family = models.get("deberta")
+  assert family.train_flops(TINY, shapes, "electra") == pytest.approx(expected)
+  assert family.train_flops(TINY, shapes, "mlm") < expected
 
 
 def test_config_errors_name_the_field():

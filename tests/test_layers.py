@@ -78,3 +78,43 @@ def test_sharding_drops_axes_that_do_not_divide():
   shard = sharding.logical_to_sharding(boxed, mesh, sharding.get_rules("fsdp_tensor"))
   assert shard["w"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   assert shard["b"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+def test_keep_mask_rate_lanes_and_exact_scaling():
+  keep, p = layers.keep_mask(jax.random.key(0), 0.1, (64, 12, 129))  # an odd last axis
+  keep = np.asarray(keep)
+  assert keep.shape == (64, 12, 129) and p == pytest.approx(1 - 6554 / 65536)
+  n = keep.size
+  assert abs(keep.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+  # The two lanes of one word are independent: neighbours agree as often as chance says.
+  pairs = keep[..., 0:128:2] == keep[..., 1:128:2]
+  chance = p * p + (1 - p) * (1 - p)
+  assert abs(pairs.mean() - chance) < 5 * np.sqrt(chance * (1 - chance) / pairs.size)
+  # A function of the key alone; another key gives another mask.
+  np.testing.assert_array_equal(layers.keep_mask(jax.random.key(0), 0.1, (64, 12, 129))[0], keep)
+  assert (np.asarray(layers.keep_mask(jax.random.key(1), 0.1, (64, 12, 129))[0]) != keep).any()
+  assert not np.asarray(layers.keep_mask(jax.random.key(0), 1.0, (3, 4))[0]).any()
+  assert np.asarray(layers.keep_mask(jax.random.key(0), 0.0, (3, 4))[0]).all()
+  # Dropout keeps the expectation: kept values are scaled by exactly 1 / P(keep).
+  x = jnp.ones((256, 512))
+  drop = layers.Dropout(0.3)
+  out = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)}))
+  kept = out[out != 0]
+  _, p = layers.keep_mask(jax.random.key(3), 0.3, x.shape)
+  np.testing.assert_allclose(kept, 1 / p, rtol=1e-6)
+  assert abs(out.mean() - 1.0) < 0.01
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+
+
+def test_dropout_mask_is_the_same_on_a_sharded_mesh():
+  """The masks of a batch sharded over 8 devices equal the unsharded ones (exact resume and
+  N hosts = 1 host rest on this)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = jnp.ones((16, 8, 10))
+  run = lambda x, key: layers.Dropout(0.5).apply({}, x, deterministic=False,  # noqa: E731
+                                                 rngs={"dropout": key})
+  whole = jax.jit(run)(x, jax.random.key(4))
+  sharded = jax.jit(run, in_shardings=(spec, None), out_shardings=spec)(
+      jax.device_put(x, spec), jax.random.key(4))
+  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(whole))

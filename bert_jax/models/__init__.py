@@ -45,8 +45,10 @@ def _modernbert_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) 
 
 
 def _deberta_flops(config, shapes: Mapping[str, tuple[int, ...]], task: str) -> float:
-  del task  # the masked LM is the one pretraining model
   predictions = shapes["mlm_positions"][1] if "mlm_positions" in shapes else None
+  if task == "electra":  # DeBERTa-v3's RTD: generator + discriminator
+    return flops.deberta_electra_train_flops(config, shapes["encoder_input_tokens"][1],
+                                             predictions)
   return flops.deberta_train_flops(config, shapes["encoder_input_tokens"][1], predictions)
 
 
@@ -66,8 +68,12 @@ class Family:
     train_flops: (config, {feature: shape}, model task) -> training FLOPs of
       one example.
     finetune_task: the task `from_pretrained` loads for fine-tuning ('encoder':
-      a head is added; 'seq2seq': the whole model trains text-to-text).
-    encoder_decoder: tasks run text-to-text (tasks/adapters.Text2TextTask).
+      a head is added; 'seq2seq': the whole encoder-decoder, to which a task
+      may still add a head, as BART's classification head).
+    encoder_decoder: an encoder-decoder family. Its tasks may run text-to-text
+      (tasks/adapters.Text2TextTask); `finetune.head` picks: 'auto' (BART
+      runs GLUE through BartForSequenceClassification's head, T5 and other
+      tasks text-to-text), 'classification' or 'text2text'.
     carried_over: top-level parameter subtrees a fine-tuning model takes from
       a pretraining run (None: all of them).
     depth_field: the config field counting the (encoder) layers.
@@ -196,7 +202,8 @@ register(Family(
                       "|embeddings_norm|rel_embeddings|rel_norm)/",
     positions=lambda c: c.max_position_embeddings))
 
-# BART (bert_jax/models/bart.py): an encoder-decoder fine-tuned text-to-text.
+# BART (bert_jax/models/bart.py): an encoder-decoder; GLUE through its classification head,
+# other tasks text-to-text (finetune.head).
 from bert_jax.models.bart_config import BartConfig  # noqa: E402  (kept with its block)
 
 

@@ -130,7 +130,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, mask: Array, deterministic: bool) -> Array:
     """x [batch, length, d_model] -> [batch, length, d_model]."""
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     attention = BartAttention(c.encoder_attention_heads, c.encoder_head_dim, c.attention_dropout,
                               c.dtype, name="attention")
     x = _norm(c, "attention_norm")(x + drop(attention(x, x, mask=mask,
@@ -148,7 +148,7 @@ class DecoderLayer(nn.Module):
                deterministic: bool, decode: bool) -> Array:
     """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x."""
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     attention = functools.partial(BartAttention, c.decoder_attention_heads, c.decoder_head_dim,
                                   c.attention_dropout, c.dtype)
     h = attention(name="self_attention")(x, x, mask=self_mask, deterministic=deterministic,
@@ -188,7 +188,7 @@ class Encoder(nn.Module):
     c = self.config
     positions = _default_positions(tokens) if positions is None else positions
     x = _embed(c, self.shared_embedding, tokens, positions)
-    x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     mask = layers.segment_mask(segment_ids, segment_ids)  # [batch, 1, length, length]
     for i in range(c.num_encoder_layers):
       x = EncoderLayer(c, name=f"layers_{i}")(x, mask, deterministic)
@@ -236,7 +236,7 @@ class Decoder(nn.Module):
     query_segments = jnp.ones(tokens.shape, jnp.int32) if segment_ids is None else segment_ids
     cross_mask = layers.segment_mask(query_segments, encoder_segment_ids)
     x = _embed(c, self.shared_embedding, tokens, positions)
-    x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+    x = layers.Dropout(c.dropout_rate)(x, deterministic=deterministic)
     for i in range(c.num_decoder_layers):
       x = DecoderLayer(c, name=f"layers_{i}")(x, encoded, self_mask, cross_mask, deterministic,
                                               decode)
@@ -349,7 +349,7 @@ class ClassificationHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     c = self.config
-    drop = functools.partial(nn.Dropout(c.classifier_dropout), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.classifier_dropout), deterministic=deterministic)
     head = functools.partial(layers.DenseGeneral, dtype=c.dtype)
     x = jnp.tanh(head(c.d_model, kernel_axes=("embed", "mlp"), name="dense")(drop(x)))
     logits = head(self.num_labels, kernel_axes=("embed", "classes"), name="out_proj")(drop(x))

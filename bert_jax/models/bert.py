@@ -91,7 +91,7 @@ class BertEmbeddings(nn.Module):
     if cfg.type_vocab_size:  # 0: no table (DistilBERT); type ids are then ignored
       self.token_type_embeddings = embed(cfg.type_vocab_size, ("type", "embed"))
     self.layer_norm = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.dropout = layers.Dropout(cfg.dropout_rate)
     if cfg.embedding_size:
       self.projection = _square_dense(cfg.hidden_size, cfg.dtype, "projection")
 
@@ -138,13 +138,13 @@ class BertLayer(nn.Module):
           dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype, name="attention")(
               x, x, mask=mask, deterministic=deterministic)
       if cfg.model_type != "distilbert":  # DistilBERT adds its attention output undropped
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = layers.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
       x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="attention_norm")(x + h)
     if part in ("all", "ffn"):
       # BERT drops out only the MLP output, not its hidden layer (Mlp's own dropout).
       h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
                      dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
-      h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+      h = layers.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
       x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="mlp_norm")(x + h)
     # [batch, length, embed]
     return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -335,7 +335,7 @@ class _EncoderModel(nn.Module):
                    enable_dropout=enable_dropout)
 
   def _dropout(self, x: Array, enable_dropout: bool) -> Array:
-    return nn.Dropout(self.config.dropout_rate)(x, deterministic=not enable_dropout)
+    return layers.Dropout(self.config.dropout_rate)(x, deterministic=not enable_dropout)
 
 
 class BertForPreTraining(_EncoderModel):

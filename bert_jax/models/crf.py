@@ -270,7 +270,7 @@ class BertForCrfTokenClassification(nn.Module):
         encoder_segment_ids=encoder_segment_ids, encoder_positions=encoder_positions,
         encoder_mask=encoder_mask, enable_dropout=enable_dropout)
     # [batch, length, embed]
-    x = nn.Dropout(self.config.dropout_rate)(hidden, deterministic=not enable_dropout)
+    x = layers.Dropout(self.config.dropout_rate)(hidden, deterministic=not enable_dropout)
     emissions = layers.DenseGeneral(self.num_labels, kernel_axes=("embed", "classes"),
                                     dtype=self.config.dtype, name="classifier")(x)
     transitions, start, end = Crf(self.num_labels, self.label_names, name="crf")()

@@ -139,7 +139,7 @@ class DisentangledAttention(nn.Module):
     scale = float(cfg.head_dim * cfg.scale_factor) ** -0.5
     bias = None
     if cfg.relative_attention and cfg.pos_att_type:
-      rel = nn.Dropout(cfg.hidden_dropout)(rel_table, deterministic=deterministic)
+      rel = layers.Dropout(cfg.hidden_dropout)(rel_table, deterministic=deterministic)
       rows = relative_rows(x.shape[1], cfg)  # [q, k] numpy: a constant of the length
       q_idx = np.arange(x.shape[1])[:, None]
       score = 0.0
@@ -161,7 +161,7 @@ class DisentangledAttention(nn.Module):
         deterministic=deterministic, dtype=cfg.dtype)
     h = layers.DenseGeneral(cfg.hidden_size, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
                             dtype=cfg.dtype, name="out")(h)
-    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     return nn.with_logical_constraint(h, _ACT)
 
 
@@ -181,7 +181,7 @@ class DebertaLayer(nn.Module):
     x = _norm(cfg, "attention_norm")((x if query_states is None else query_states) + h)
     h = layers.Mlp(mlp_dim=cfg.intermediate_size, activations=(cfg.hidden_act,),
                    dtype=cfg.dtype, name="mlp")(x, deterministic=deterministic)
-    h = nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
     # [batch, length, embed]
     return nn.with_logical_constraint(_norm(cfg, "mlp_norm")(x + h), _ACT)
 
@@ -232,7 +232,7 @@ class DebertaEncoder(nn.Module):
     # `deterministic` (argument 5, counting self) is a Python value: static under remat.
     block = nn.remat(DebertaLayer, static_argnums=(4,)) if cfg.remat else DebertaLayer
     self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
-    self.embeddings_dropout = nn.Dropout(cfg.hidden_dropout)
+    self.embeddings_dropout = layers.Dropout(cfg.hidden_dropout)
 
   def tables(self) -> dict[str, Array]:
     """The tables it owns, {'word': [vocab, embed], 'position': [positions, embed]} (if any):
@@ -491,9 +491,9 @@ class DebertaForSequenceClassification(_TaskModel):
     deterministic = not enable_dropout
     _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
                              encoder_positions, encoder_mask, enable_dropout)
-    x = nn.Dropout(cfg.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
+    x = layers.Dropout(cfg.pooler_dropout)(hidden[:, 0], deterministic=deterministic)
     x = layers.get_activation(cfg.pooler_hidden_act)(_dense(cfg, "pooler")(x))  # [batch, embed]
-    x = nn.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
+    x = layers.Dropout(cfg.classifier_dropout)(x, deterministic=deterministic)
     return {"logits": _classifier(self.num_labels, cfg.dtype)(x)}
 
 
@@ -509,7 +509,7 @@ class DebertaForTokenClassification(_TaskModel):
     cfg = self.config
     _, hidden = self._encode(encoder_input_tokens, encoder_type_ids, encoder_segment_ids,
                              encoder_positions, encoder_mask, enable_dropout)
-    x = nn.Dropout(cfg.hidden_dropout)(hidden, deterministic=not enable_dropout)
+    x = layers.Dropout(cfg.hidden_dropout)(hidden, deterministic=not enable_dropout)
     return {"logits": _classifier(self.num_labels, cfg.dtype)(x)}
 
 

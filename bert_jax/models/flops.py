@@ -160,6 +160,27 @@ def modernbert_train_flops(config, seq_length: int, max_predictions: int | None)
   return 3.0 * forward
 
 
+def _deberta_layer_forward(config, s: int) -> float:
+  """One DeBERTa layer over S tokens: BERT's plus, per disentangled term (c2p, p2c;
+  R = 2 x attention_span relative rows), 2*R*H*H to project the relative table and
+  2*S*R*H for the content x position scores over the whole table."""
+  h, i = config.hidden_size, config.intermediate_size
+  terms = len(config.pos_att_type) if config.relative_attention else 0
+  r = 2 * config.attention_span
+  return (_matmul(s, h, 3 * h) + _matmul(s, h, h) + 2 * _matmul(s, h, s)
+          + _matmul(s, h, i) + _matmul(s, i, h)
+          + terms * (_matmul(r, h, h) + _matmul(s, h, r)))
+
+
+def _deberta_mlm_forward(config, s: int, p: int) -> float:
+  """A DeBERTa masked LM's forward: its layers, the EMD's two extra passes of the
+  last layer (config.enhanced_mask_decoder) and the MLM head at P positions."""
+  h = config.hidden_size
+  passes = config.num_layers + (2 if config.enhanced_mask_decoder else 0)
+  return (passes * _deberta_layer_forward(config, s) + _matmul(p, h, h)
+          + _matmul(p, h, config.vocab_size))
+
+
 def deberta_train_flops(config, seq_length: int, max_predictions: int | None) -> float:
   """Training FLOPs per example of a DeBERTa-v2/v3 masked LM (`DebertaForMaskedLM`).
 
@@ -167,16 +188,28 @@ def deberta_train_flops(config, seq_length: int, max_predictions: int | None) ->
   term (c2p, p2c; R = 2 x attention_span relative rows): 2*R*H*H to project
   the relative table (shared projections are still applied to it) and
   2*S*R*H for the content x position scores over the whole table (the
-  gather then picks S x S of them). training = 3 * forward.
+  gather then picks S x S of them). With the enhanced mask decoder the last
+  layer runs twice more over the whole sequence. training = 3 * forward.
   """
-  s, h, i = seq_length, config.hidden_size, config.intermediate_size
+  s = seq_length
   p = s if max_predictions is None else max_predictions
-  terms = len(config.pos_att_type) if config.relative_attention else 0
-  r = 2 * config.attention_span
-  layer = (_matmul(s, h, 3 * h) + _matmul(s, h, h) + 2 * _matmul(s, h, s)
-           + _matmul(s, h, i) + _matmul(s, i, h)
-           + terms * (_matmul(r, h, h) + _matmul(s, h, r)))
-  forward = config.num_layers * layer + _matmul(p, h, h) + _matmul(p, h, config.vocab_size)
+  return 3.0 * _deberta_mlm_forward(config, s, p)
+
+
+def deberta_electra_train_flops(config, seq_length: int, max_predictions: int) -> float:
+  """Training FLOPs per example of DeBERTa-v3's replaced-token detection
+  (`DebertaForReplacedTokenDetection`, task 'electra').
+
+  forward = the generator (config.generator(): its layers, the EMD if any,
+            its MLM head at P) + the discriminator's num_layers layers over S
+            (it never runs the EMD) + its RTD head (2*S*H*H + 2*S*H);
+  training = 3 * forward, as `electra_train_flops` (GDES's table sum, the
+  sample and the replacement are not matrix products).
+  """
+  s, h = seq_length, config.hidden_size
+  forward = (_deberta_mlm_forward(config.generator(), s, max_predictions)
+             + config.num_layers * _deberta_layer_forward(config, s)
+             + _matmul(s, h, h) + _matmul(s, h, 1))
   return 3.0 * forward
 
 

@@ -153,7 +153,7 @@ class ModernBertAttention(nn.Module):
         deterministic=deterministic, dtype=cfg.dtype)
     h = layers.DenseGeneral(cfg.hidden_size, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
                             use_bias=cfg.attention_bias, dtype=cfg.dtype, name="out")(h)
-    h = nn.Dropout(cfg.attention_dropout)(h, deterministic=deterministic)
+    h = layers.Dropout(cfg.attention_dropout)(h, deterministic=deterministic)
     return nn.with_logical_constraint(h, _ACT)
 
 
@@ -188,7 +188,7 @@ class ModernBertEncoder(nn.Module):
     block = nn.remat(ModernBertLayer, static_argnums=(5,)) if cfg.remat else ModernBertLayer
     self.layers = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = _norm(cfg, "final_norm")
-    self.embeddings_dropout = nn.Dropout(cfg.embedding_dropout)
+    self.embeddings_dropout = layers.Dropout(cfg.embedding_dropout)
 
   def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
                encoder_positions: Array | None = None, encoder_mask: Array | None = None,
@@ -277,7 +277,7 @@ class _TaskModel(nn.Module):
   def _head(self, x: Array, enable_dropout: bool) -> Array:
     """prediction head -> classifier dropout (the task heads' shared start)."""
     x = PredictionHead(self.config, name="head")(x)
-    return nn.Dropout(self.config.classifier_dropout)(x, deterministic=not enable_dropout)
+    return layers.Dropout(self.config.classifier_dropout)(x, deterministic=not enable_dropout)
 
 
 class ModernBertModel(_TaskModel):

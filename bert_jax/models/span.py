@@ -105,7 +105,7 @@ class SpanHead(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", None, "act_embed"))
     x = layers.LayerNorm(cfg.layer_norm_eps, dtype=cfg.dtype, name="norm")(
         layers.get_activation("gelu")(x))
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
+    x = layers.Dropout(cfg.dropout_rate)(x, deterministic=not enable_dropout)
     return layers.DenseGeneral(self.num_labels, kernel_axes=("embed", "classes"),
                                dtype=cfg.dtype, name="classifier")(x)
 
@@ -135,7 +135,7 @@ class BertForSpanClassification(nn.Module):
         encoder_segment_ids=encoder_segment_ids, encoder_positions=encoder_positions,
         encoder_mask=encoder_mask, enable_dropout=enable_dropout)
     # [batch, length, embed]
-    x = nn.Dropout(self.config.dropout_rate)(hidden, deterministic=not enable_dropout)
+    x = layers.Dropout(self.config.dropout_rate)(hidden, deterministic=not enable_dropout)
     bounds, _ = span_bounds(word_starts, encoder_input_tokens, self.config.pad_token_id)
     head = SpanHead(self.config, self.num_labels, self.max_span_length, name="span")
     return {"span_logits": head(x, bounds, enable_dropout)}

@@ -210,7 +210,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, x: Array, mask: Array, bias: Array, deterministic: bool) -> Array:
     """x [batch, length, d_model] -> [batch, length, d_model]."""
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     h = _norm(c, "pre_attention_norm")(x)
     x = x + drop(_attention(c, "attention")(h, h, mask=mask, bias=bias,
                                             deterministic=deterministic))
@@ -227,7 +227,7 @@ class DecoderLayer(nn.Module):
                cross_mask: Array, deterministic: bool, decode: bool) -> Array:
     """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x."""
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     h = _norm(c, "pre_self_attention_norm")(x)
     x = x + drop(_attention(c, "self_attention")(
         h, h, mask=self_mask, bias=self_bias, deterministic=deterministic, decode=decode))
@@ -253,7 +253,7 @@ class Encoder(nn.Module):
                positions: Array | None = None, deterministic: bool = True) -> Array:
     """tokens [batch, length] -> encoded [batch, length, d_model]."""
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     if segment_ids is None:
       segment_ids = (tokens != c.pad_token_id).astype(jnp.int32)
     if positions is None:
@@ -304,7 +304,7 @@ class Decoder(nn.Module):
     unpacked); cross-attention pairs decoder and encoder segments.
     """
     c = self.config
-    drop = functools.partial(nn.Dropout(c.dropout_rate), deterministic=deterministic)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     is_step = False
     if decode:
       query_pos, key_pos, is_step = self._step_positions(tokens, positions)
