@@ -47,7 +47,7 @@ import importlib.util
 import math
 import os
 import pathlib
-import platform
+import sys
 import tempfile
 import time
 
@@ -66,24 +66,14 @@ from bert_jax import sharding  # noqa: E402
 from bert_jax import steps  # noqa: E402
 from bert_jax.data import pipeline  # noqa: E402
 
+# The machine line is train_step.py's, so both benchmarks record the same fields.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import machine  # noqa: E402  pylint: disable=wrong-import-position
+
 VOCAB = 30522  # MiniLM's WordPiece vocabulary
 MINI = dict(num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024)
 GOAL_LOSS_GAP = 0.02  # |bert_jax - HF| / HF at equal tokens
 GOAL_TIME_RATIO = 0.5  # bert_jax's time to target / HF's
-
-
-def machine() -> str:
-  """CPU model, core count, load and versions, for the record."""
-  model = platform.processor()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-  return (f"{model}; {os.cpu_count()} CPUs; load {load[0]:.2f}; jax {jax.__version__} on "
-          f"{jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); transformers {transformers.__version__}")
 
 
 def minilm_vocab() -> str:
