@@ -266,8 +266,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rules = sharding.get_rules(config.mesh.rules)
   pretrained = None
   if config.init_from:
+    # Another objective than 'electra' continues from an ELECTRA/RTD run's
+    # discriminator as a plain encoder (its heads fresh), as fine-tuning does.
     pretrained = init_from.load(config.init_from, config.family, config.model.dtype, mesh, rules,
-                                lower_case=config.data.lower_case)
+                                lower_case=config.data.lower_case,
+                                finetuning=objective.name != "electra")
     config.model = ml_collections.ConfigDict(init_from.merged_model_fields(
         config.model.to_dict(), pretrained, config.init_from))
     if not config.data.tokenizer:

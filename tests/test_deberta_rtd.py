@@ -24,6 +24,7 @@ from bert_jax import models
 from bert_jax import recipe
 from bert_jax import sharding
 from bert_jax import steps
+from bert_jax import train
 from bert_jax.data import tokenizer as tokenizer_lib
 from bert_jax.models import deberta
 from bert_jax.models import flops
@@ -277,6 +278,26 @@ def test_finetuning_from_a_gdes_workdir_starts_from_the_plain_discriminator(gdes
   # Continued pretraining (finetuning=False) keeps the run's own tensors.
   raw = init_from.load(str(tmp_path), "deberta", jnp.float32, mesh, rules, lower_case=True)
   assert "word_embeddings_delta" in raw.params["encoder"] and "generator" in raw.params
+
+  # Continued MLM pretraining from the RTD workdir (`bert-jax train` with another objective)
+  # starts from the same plain discriminator, with a fresh MLM head. At learning rate 0
+  # its step-1 checkpoint holds exactly the folded discriminator.
+  vocab = tmp_path / "mlm_vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                             [f"w{i}" for i in range(VOCAB - 5)]) + "\n")
+  mlm = defaults.train_config()
+  mlm.family, mlm.train.objective, mlm.init_from = "deberta", "mlm", str(tmp_path)
+  mlm.model = ml_collections.ConfigDict(dict(dataclasses.asdict(TINY), dtype="float32",
+                                             enhanced_mask_decoder=False))
+  mlm.data.update(tokenizer=str(vocab), seq_length=16, max_predictions=3)
+  mlm.train.update(batch_size=8, num_steps=1)
+  mlm.optim.update(learning_rate=0.0, schedule="constant", warmup_steps=0)
+  mlm.log.progress, mlm.checkpoint.async_save = False, False
+  train.train_and_evaluate(mlm, str(tmp_path / "mlm"))
+  continued = init_from.load(str(tmp_path / "mlm"), "deberta", jnp.float32, mesh, rules,
+                             lower_case=True)
+  assert set(continued.params) == {"encoder", "mlm"}
+  jax.tree.map(np.testing.assert_array_equal, continued.params["encoder"], merged["encoder"])
 
 
 def test_flops_count_generator_emd_and_discriminator():
