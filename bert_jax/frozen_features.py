@@ -10,14 +10,16 @@ instead of the last layer's output h_L. w [L + 1] (init 0: the plain average)
 and gamma [1] (init 1) are params['scalar_mix'] {'weights', 'gamma'}; they and the
 task head train, every carried-over weight (the encoder, its pooler included)
 is frozen by peft.freeze_rules (optim freeze regexes: no update, no optimizer
-state). The mix replaces what `BertEncoder._apply_layers` returns, under flax
-method interception (no model code is edited), so the pooler, the
-classification, token-classification and QA heads all read it. The hidden
+state). The mix replaces the last encoder layer's output, under flax method
+interception (no model code is edited), so what follows the layers
+(ModernBERT's final norm), the pooler, the classification,
+token-classification and QA heads all read it. The hidden
 states are taken through `stop_gradient`: nothing upstream of them trains, so
 the frozen encoder's backward pass is skipped (and `model.remat` is turned
-off, having nothing to save). Any family built on
-bert.BertEncoder works (bert, roberta, albert, electra, distilbert); others
-are a one-line ConfigError naming finetune.method and the family.
+off, having nothing to save). Any encoder family whose layer stack
+peft_modules.STACKS names works: the BERT family (bert, roberta, albert,
+electra, distilbert), ModernBERT and DeBERTa; encoder-decoders (T5, BART) are
+a one-line ConfigError naming finetune.method and the family.
 
 Gradual unfreezing (ULMFiT, Howard & Ruder 2018; `finetune.unfreeze` or the
 preset `finetune.unfreeze_schedule`): (step, regex) stages; a parameter trains
@@ -40,8 +42,9 @@ import jax.numpy as jnp
 
 from bert_jax import optim
 from bert_jax import peft
+from bert_jax import peft_modules
+from bert_jax import models
 from bert_jax.defaults import ConfigError
-from bert_jax.models import bert
 
 MIX = "scalar_mix"  # the top-level key of {'weights', 'gamma'} in the params tree
 UNFREEZE_SCHEDULES = ("", "top_ln_all")
@@ -68,48 +71,69 @@ def scalar_mix(hidden: Sequence[jax.Array], weights: jax.Array, gamma: jax.Array
   return out.astype(hidden[-1].dtype)  # [batch, length, embed]
 
 
-def _recording_interceptor(on_encoder: Callable[[list, Any], Any]) -> Callable:
-  """A flax interceptor collecting, for every BertEncoder._apply_layers call, the states
-  [embedding output, layer 1 output, ..., layer L output] and returning
+def _layer_class(model: nn.Module) -> type | None:
+  """The encoder-layer class of `model`'s family (peft_modules.STACKS; encoders only)."""
+  try:
+    family = models.family_of(model)
+  except ValueError:
+    return None
+  stack = peft_modules.STACKS.get(family.name)
+  return None if stack is None or family.encoder_decoder else stack.layer
+
+
+def _recording_interceptor(layer_class: type, num_layers: int,
+                           on_encoder: Callable[[list, Any], Any]) -> Callable:
+  """A flax interceptor that, for every pass through an encoder's `num_layers` layers
+  (instances of `layer_class`), collects the states [input of the first layer (the
+  embedding output), layer 1 output, ..., layer L output] and returns
   on_encoder(states, last) in place of the last layer's output.
 
-  A layer's output is recorded after its 'ffn' part (ALBERT-style sharing calls a layer
-  once per sub-block, the FFN last) or its single 'all' call; calls nested inside a
-  layer's (a remat wrapper re-entering __call__) are not recorded twice.
+  So whatever the encoder does after its layers (ModernBERT's final norm) and every
+  head reads the replacement. A layer's output is recorded after its 'ffn' part
+  (ALBERT-style sharing calls a BERT layer once per sub-block, the FFN last) or its
+  single call; calls nested inside a layer's (a remat wrapper re-entering __call__)
+  are not recorded twice. Two passes (a two-tower model) are two mixes. DeBERTa's
+  optional ConvLayer adds to layer 1's output after the call, so there h_1 is the
+  layer's own output.
   """
-  stack, depth = [], [0]
+  states, depth = [], [0]
 
   def interceptor(next_fun, args, kwargs, context):
-    module, method = context.module, context.method_name
-    if method == "_apply_layers" and isinstance(module, bert.BertEncoder):
-      stack.append([args[0]])  # [batch, length, embed] embedding output
-      last = next_fun(*args, **kwargs)
-      return on_encoder(stack.pop(), last)
-    if method != "__call__" or not isinstance(module, bert.BertLayer) or not stack or depth[0]:
+    if (context.method_name != "__call__" or not isinstance(context.module, layer_class)
+        or depth[0]):
       return next_fun(*args, **kwargs)
+    if not states:
+      states.append(args[0])  # [batch, length, embed] the embedding output
     depth[0] += 1
     try:
       out = next_fun(*args, **kwargs)
     finally:
       depth[0] -= 1
-    part = args[3] if len(args) > 3 else kwargs.get("part", "all")
-    if part in ("all", "ffn"):
-      stack[-1].append(out)
-    return out
+    part = kwargs.get("part", args[3] if len(args) > 3 and isinstance(args[3], str) else "all")
+    if part not in ("all", "ffn"):
+      return out
+    states.append(out)
+    if len(states) < num_layers + 1:
+      return out
+    done = list(states)
+    states.clear()
+    return on_encoder(done, out)
 
   return interceptor
 
 
 @dataclasses.dataclass(frozen=True)
 class ScalarMixModel(peft.Wrapped):
-  """`model` whose BERT encoder returns the scalar mix of its hidden states."""
-  num_states: int = 1  # L + 1
+  """`model` whose encoder's last layer output is the scalar mix of its hidden states."""
+  layer_class: type = nn.Module  # the family's encoder layer (peft_modules.STACKS)
+  num_layers: int = 0  # L: the mix is over L + 1 states
   KEY = MIX
 
   def _added(self, params, key):
     del params, key
     # Replicated: L + 1 floats and gamma, stored [1] as in AllenNLP's ScalarMix.
-    return {"weights": nn.Partitioned(jnp.zeros((self.num_states,), jnp.float32), (None,)),
+    return {"weights": nn.Partitioned(jnp.zeros((self.num_layers + 1,), jnp.float32),
+                                      (None,)),
             "gamma": nn.Partitioned(jnp.ones((1,), jnp.float32), (None,))}
 
   def _apply(self, params, base, call):
@@ -119,51 +143,54 @@ class ScalarMixModel(peft.Wrapped):
       del last
       states = [jax.lax.stop_gradient(h) for h in states]  # the encoder is frozen
       return scalar_mix(states, peft.unbox(p["weights"]), peft.unbox(p["gamma"]))
-    with nn.intercept_methods(_recording_interceptor(mixed)):
+    with nn.intercept_methods(_recording_interceptor(self.layer_class, self.num_layers, mixed)):
       return call(base)
 
 
 def hidden_states(model: nn.Module, variables: dict, *args, **kwargs) -> list:
-  """[h_0, ..., h_L] of `model`'s (first) BERT encoder for one apply (tests, probing)."""
+  """[h_0, ..., h_L] of `model`'s (first) encoder pass for one apply (tests, probing)."""
   found = []
 
   def keep(states, last):
     found.append(states)
     return last
-  with nn.intercept_methods(_recording_interceptor(keep)):
+  family = models.family_of(model)
+  with nn.intercept_methods(_recording_interceptor(_layer_class(model),
+                                                   family.num_layers(model.config), keep)):
     model.apply(variables, *args, **kwargs)
   return found[0] if found else []
 
 
-def _count_states(model: nn.Module, batch: dict) -> list[int]:
-  """The number of hidden states of each BERT encoder `model` runs (an abstract init)."""
+def _count_passes(model: nn.Module, layer_class: type, num_layers: int, batch: dict) -> int:
+  """How many full passes through the encoder's layers `model` makes (an abstract init)."""
   from bert_jax import steps  # pylint: disable=import-outside-toplevel  (steps imports optim)
-  counts = []
+  passes = []
 
   def count(states, last):
-    counts.append(len(states))
+    passes.append(len(states))
     return last
-  with nn.intercept_methods(_recording_interceptor(count)):
+  with nn.intercept_methods(_recording_interceptor(layer_class, num_layers, count)):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                       **steps.model_inputs(model, batch)))
-  return counts
+  return len(passes)
 
 
 def wrap(config, model: nn.Module, batch: dict, subclass: Callable[[type], type]) -> Any:
   """`model` as a ScalarMixModel (`subclass` gives its class for the model's type, see
-  peft._wrapper_class); ConfigError naming finetune.method for a model without a BERT
-  encoder."""
+  peft._wrapper_class); ConfigError naming finetune.method for a model that is not an
+  encoder with a layer stack in peft_modules.STACKS, or that runs none."""
   if getattr(model.config, "remat", False):
     # Layer outputs under nn.remat live inside jax.checkpoint, out of the interceptor's
     # reach; and with no backward pass through the frozen encoder there is nothing to
     # rematerialise. Same params, same outputs.
     model = model.clone(config=dataclasses.replace(model.config, remat=False))
-  counts = _count_states(model, batch)
-  if len(set(counts)) != 1:
-    raise ConfigError("finetune.method", f"'scalar_mix' needs one BERT-family encoder "
-                      f"(models/bert.py BertEncoder); the {config.family!r} model has "
-                      f"{len(counts) or 'none'}")
-  return subclass(ScalarMixModel)(model, counts[0])
+  layer_class = _layer_class(model)
+  num_layers = models.family_of(model).num_layers(model.config) if layer_class else 0
+  if layer_class is None or not _count_passes(model, layer_class, num_layers, batch):
+    raise ConfigError("finetune.method", f"'scalar_mix' needs an encoder family whose layers "
+                      f"it can read (peft_modules.STACKS: bert, modernbert, deberta); "
+                      f"the {config.family!r} model has none")
+  return subclass(ScalarMixModel)(model, layer_class, num_layers)
 
 
 # -------------------------------------------------------- gradual unfreezing

@@ -118,7 +118,7 @@ def test_one_hot_weights_give_that_layers_hidden_state(j):
                           )["params"])
   base = {k: v for k, v in params.items() if k != frozen_features.MIX}
   states = frozen_features.hidden_states(model, {"params": base}, encoder_input_tokens=tokens)
-  assert len(states) == LAYERS + 1 == wrapped.num_states
+  assert len(states) == LAYERS + 1 == wrapped.num_layers + 1
   weights = jnp.zeros(LAYERS + 1).at[j].set(60.0)
   params[frozen_features.MIX] = {"weights": weights, "gamma": jnp.asarray([2.0])}
   hidden, _ = wrapped.apply({"params": params}, encoder_input_tokens=tokens)
@@ -166,14 +166,42 @@ def test_scalar_mix_trains_weights_gamma_and_head_only(mix_runs, head):
   assert sum(x.size for x in jax.tree.leaves((adam.mu, adam.nu))) == 2 * trainable
 
 
-def test_scalar_mix_needs_a_bert_encoder():
-  config = _config("scalar_mix", family="t5")
-  config.model = defaults.model_config("t5", "t5_v1_1_tiny", vocab_size=64)
-  family = models.get("t5")
-  model = family.build(finetune_init.model_config(config, None, None)[0], family.finetune_task)
-  with pytest.raises(ConfigError, match=r"^config.finetune.method: 'scalar_mix' needs one "
-                     r"BERT-family encoder .* the 't5' model") as e:
-    peft.wrap(config, model, steps.init_shapes(family.init_features))
+@pytest.mark.parametrize("family", ["modernbert", "deberta"])
+def test_scalar_mix_reads_the_layers_of_modernbert_and_deberta(family):
+  """The mix replaces the last layer's output: one-hot at L with gamma 1 is the plain model
+  (ModernBERT's final norm still follows); DeBERTa (post-norm, nothing after its layers)
+  returns gamma * h_j; and the states are the L + 1 the family's layers see."""
+  config = _config("scalar_mix", family=family)
+  config.model = defaults.model_config(family, "tiny", vocab_size=64, num_layers=LAYERS)
+  model, wrapped, _ = _model(config, "encoder")
+  tokens = jnp.asarray(_batch()["encoder_input_tokens"])
+  params = dict(meta.unbox(wrapped.init(jax.random.PRNGKey(0), encoder_input_tokens=tokens)
+                          )["params"])
+  base = {k: v for k, v in params.items() if k != frozen_features.MIX}
+  states = frozen_features.hidden_states(model, {"params": base}, encoder_input_tokens=tokens)
+  assert len(states) == LAYERS + 1 == wrapped.num_layers + 1
+
+  def mixed(j, gamma):
+    params[frozen_features.MIX] = {"weights": jnp.zeros(LAYERS + 1).at[j].set(60.0),
+                                   "gamma": jnp.asarray([gamma])}
+    return wrapped.apply({"params": params}, encoder_input_tokens=tokens)[0]
+  plain = model.apply({"params": base}, encoder_input_tokens=tokens)[0]
+  np.testing.assert_allclose(mixed(LAYERS, 1.0), plain, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(mixed(0, 1.0) - plain))) > 1e-2
+  if family == "deberta":
+    for j in range(LAYERS + 1):
+      np.testing.assert_allclose(mixed(j, 2.0), 2.0 * states[j], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, preset", [("t5", "t5_v1_1_tiny"), ("bart", "tiny")])
+def test_scalar_mix_refuses_encoder_decoders(family, preset):
+  config = _config("scalar_mix", family=family)
+  config.model = defaults.model_config(family, preset, vocab_size=64)
+  spec = models.get(family)
+  model = spec.build(finetune_init.model_config(config, None, None)[0], spec.finetune_task)
+  with pytest.raises(ConfigError, match=r"^config.finetune.method: 'scalar_mix' needs an "
+                     rf"encoder family .* the '{family}' model has none") as e:
+    peft.wrap(config, model, steps.init_shapes(spec.init_features))
   assert "\n" not in str(e.value)
 
 
