@@ -1,11 +1,12 @@
 """DeBERTa-v2/v3: parity with Hugging Face transformers (PyTorch, CPU), export, sharding,
 fine-tuning from an exported folder.
 
-Randomly initialised transformers DebertaV2* models in three configurations
+Randomly initialised transformers DebertaV2* models in four configurations
 (v3-style: shared position projections, 8 log buckets over +-32, LayerNorm on
 the relative table; v2-style: separate pos_key/pos_query projections, no
 buckets and a relative range of 12 shorter than the input, absolute
-positions and token types; c2p only), weights drawn at std 0.3 so the
+positions and token types; c2p only; v3 plus v2-xlarge's ConvLayer, kernel
+3, gelu, also with 2 channel groups and tanh), weights drawn at std 0.3 so the
 relative terms move the outputs, with padding in the batch; outputs compared
 at max abs diff <= 1e-4 on real tokens.
 """
@@ -46,6 +47,8 @@ CONFIGS = {
                 norm_rel_ebd="layer_norm", position_biased_input=False,
                 max_position_embeddings=40),
 }
+# v3's sizes, so its ops compiled already serve most of this one's (see _apply).
+CONFIGS["conv"] = dict(CONFIGS["v3"], conv_kernel_size=3, conv_act="gelu")
 HF_CLASSES = {
     "encoder": "DebertaV2Model", "mlm": "DebertaV2ForMaskedLM",
     "sequence_classification": "DebertaV2ForSequenceClassification",
@@ -140,7 +143,8 @@ def test_log_buckets_match_transformers():
     ("v3", "question_answering", {}),
     ("v2", "encoder", {}), ("v2", "mlm", {"legacy": False}),
     ("v2", "sequence_classification", {"num_labels": 3}), ("v2", "token_classification", {}),
-    ("c2p", "encoder", {})])
+    ("c2p", "encoder", {}), ("conv", "mlm", {"legacy": False}),
+    ("conv", "token_classification", {"conv_groups": 2, "conv_act": "tanh"})])
 def test_parity_with_transformers(hf_folders, name, task, extra):
   hf, folder = hf_folders(name, task, **extra)
   ids, mask, types = _batch()
@@ -178,7 +182,8 @@ def test_gathered_mlm_positions_match_full_logits(hf_folders):
 
 @pytest.mark.parametrize("name, task, extra", [
     ("v3", "mlm", {"legacy": True}), ("v2", "sequence_classification", {"num_labels": 3}),
-    ("v2", "token_classification", {}), ("v3", "question_answering", {})])
+    ("v2", "token_classification", {}), ("v3", "question_answering", {}),
+    ("conv", "token_classification", {"conv_groups": 2, "conv_act": "tanh"})])
 def test_export_round_trip_reloads_in_transformers(hf_folders, tmp_path, name, task, extra):
   hf, folder = hf_folders(name, task, **extra)
   model, params = bert_jax.from_pretrained(folder)
@@ -213,16 +218,33 @@ def test_unsupported_options_are_refused_naming_the_field(hf_folders, tmp_path):
   config = json.loads((folder / "config.json").read_text())
   state = hf_io.load_state_dict(folder)
   convert = models.get("deberta").converter()
-  for field, value in (("conv_kernel_size", 3), ("embedding_size", 16),
+  for field, value in (("conv_kernel_size", 2), ("embedding_size", 16),
                        ("norm_rel_ebd", "layer_norm|conv")):
     with pytest.raises(hf_io.CheckpointError, match=field):
       convert.load_hf({**config, field: value}, state)
+  with pytest.raises(hf_io.CheckpointError, match="conv_act"):
+    convert.load_hf({**config, "conv_kernel_size": 3, "conv_act": "sigmoid"}, state)
+
+
+def test_conv_layer_matters(hf_folders):
+  """The ConvLayer's parity is not won by a negligible term: without it the output moves."""
+  _, folder = hf_folders("conv", "mlm", legacy=False)
+  model, params = bert_jax.from_pretrained(folder)
+  ids, mask, _ = _batch()
+  plain = deberta.build(DebertaConfig.from_dict(
+      {**_fields(model.config), "conv_kernel_size": 0}), "mlm")
+  encoder = {k: v for k, v in params["encoder"].items() if k != "conv"}
+  a = np.asarray(_apply(model, params, ids, mask)["mlm_logits"])
+  b = np.asarray(_apply(plain, {**params, "encoder": encoder}, ids, mask)["mlm_logits"])
+  assert np.abs(a - b)[mask > 0].max() > 0.05
 
 
 @pytest.fixture(scope="module")
 def tiny(hf_folders):
-  """The "v3" MLM as bert_jax loads it: its ops are compiled already (see _apply)."""
-  model, params = bert_jax.from_pretrained(hf_folders("v3", "mlm", legacy=False)[1])
+  """The "conv" MLM (v3 + ConvLayer) as bert_jax loads it: its ops are compiled already
+  (see _apply), and packing and sharding are checked through the convolution too."""
+  model, params = bert_jax.from_pretrained(hf_folders("conv", "mlm", legacy=False)[1])
+  assert "conv" in params["encoder"]
   return model, params
 
 
@@ -279,6 +301,9 @@ def test_bad_config_is_a_one_line_error_naming_the_field():
     DebertaConfig.preset("tiny", position_buckets=256, max_relative_positions=64)
   with pytest.raises(ValueError, match=r"^DebertaConfig\.norm_rel_ebd: "):
     DebertaConfig.preset("tiny", norm_rel_ebd="rms")
+  for field, value in (("conv_kernel_size", 2), ("conv_groups", 3), ("conv_act", "sigmoid")):
+    with pytest.raises(ValueError, match=rf"^DebertaConfig\.{field}: "):
+      DebertaConfig.preset("tiny", **{"conv_kernel_size": 3, field: value})
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['hiden_size'\]"):
     models.model_config("deberta", "tiny", hiden_size=3)
 
@@ -298,6 +323,10 @@ def test_family_registry_presets_and_flops():
   without = family.train_flops(DebertaConfig.preset("base", relative_attention=False),
                                shapes, "mlm")
   assert with_rel > without > 0
+  # DeBERTa-v2's ConvLayer: 3 x (2 k H^2 / groups) per token, for training.
+  conv = family.train_flops(DebertaConfig.preset("base", conv_kernel_size=3, conv_groups=2),
+                            shapes, "mlm")
+  assert conv - with_rel == pytest.approx(3 * 512 * 2 * 3 * 768 * 768 / 2, rel=1e-9)
 
 
 @pytest.mark.slow

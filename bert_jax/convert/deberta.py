@@ -8,6 +8,9 @@ export walk it. Task models prefix the encoder's names with 'deberta.'.
                                           -> encoder/{word,position,token_type}_embeddings
     embeddings.LayerNorm                  -> encoder/embeddings_norm
     encoder.rel_embeddings, encoder.LayerNorm -> encoder/rel_embeddings, encoder/rel_norm
+    encoder.conv.{conv,LayerNorm}         -> encoder/conv/{kernel,bias}, encoder/conv/norm
+      (conv_kernel_size > 0; the Conv1d weight [out, in / groups, k] is read
+      as the Linear [out, k x in / groups] of our [k, in / groups, out] kernel)
     encoder.layer.N.attention.self.{query,key,value}_proj
                                           -> encoder/layer_N/attention/{query,key,value}
     ....self.pos_{key,query}_proj (share_att_key false) -> attention/pos_{key,query}
@@ -21,8 +24,8 @@ export walk it. Task models prefix the encoder's names with 'deberta.'.
 
 Both MLM layouts compute the same thing (the legacy decoder is tied to the
 word table); export writes the current one (legacy=false). Not supported,
-each refused naming the config field: the ConvLayer (conv_kernel_size > 0),
-embedding_size != hidden_size, attention_head_size != hidden / heads,
+each refused naming the config field: an even conv_kernel_size (it changes
+the length in the reference), embedding_size != hidden_size, attention_head_size != hidden / heads,
 pooler_hidden_size != hidden_size.
 """
 from __future__ import annotations
@@ -52,6 +55,9 @@ _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "gelu_new": "gelu_new", "relu": "relu",
               "silu": "silu", "linear": "linear"}
 # config.json field -> ours, copied as they are; the value is HF's default when absent.
+# conv_act names Hugging Face's ACT2FN accepts for ours (tanh: its default).
+_CONV_ACT_FROM_HF = {**_ACT_FROM_HF, "tanh": "tanh"}
+_CONV_ACT_TO_HF = {**_ACT_TO_HF, "tanh": "tanh"}
 _SAME_FIELDS = {
     "vocab_size": ("vocab_size", None), "hidden_size": ("hidden_size", None),
     "num_hidden_layers": ("num_layers", None), "num_attention_heads": ("num_heads", None),
@@ -86,6 +92,9 @@ def _entries(cfg: DebertaConfig, task: str, base: str, legacy: bool = False) -> 
                 1, False)
     if cfg.norm_rel_ebd == "layer_norm":
       yield from _layer_norm(enc + ("rel_norm",), f"{base}encoder.LayerNorm")
+  if cfg.conv_kernel_size:
+    yield from linear_entry(enc + ("conv",), f"{base}encoder.conv.conv", True, n_in=2)
+    yield from _layer_norm(enc + ("conv", "norm"), f"{base}encoder.conv.LayerNorm")
   for i in range(cfg.num_layers):
     ours, theirs = enc + (f"layer_{i}",), f"{base}encoder.layer.{i}"
     att = ours + ("attention",)
@@ -120,12 +129,36 @@ def _entries(cfg: DebertaConfig, task: str, base: str, legacy: bool = False) -> 
 # ---------------------------------------------------------------------------
 # config.json <-> DebertaConfig.
 # ---------------------------------------------------------------------------
+def _conv_as_linear(state: StateDict, name: str, cfg: DebertaConfig) -> None:
+  """Rewrites the Conv1d weight `name` [out, in / groups, k] in `state` as the
+  Linear [out, k x in / groups] that the table reads into our [k, in / groups, out]."""
+  if name not in state:
+    return  # the table reports it missing
+  value = np.asarray(state.tensors[name])
+  want = (cfg.hidden_size, cfg.hidden_size // cfg.conv_groups, cfg.conv_kernel_size)
+  if value.shape != want:
+    raise CheckpointError(f"{state.source}: parameter {name!r} has shape {value.shape}, "
+                          f"expected {want} from the config (conv_kernel_size, conv_groups)")
+  state.tensors[name] = np.swapaxes(value, 1, 2).reshape(value.shape[0], -1)
+
+
+def _conv_from_linear(tensors: dict[str, np.ndarray], name: str, cfg: DebertaConfig) -> None:
+  """Inverse of `_conv_as_linear`, on exported `tensors`."""
+  k, width = cfg.conv_kernel_size, cfg.hidden_size
+  tensors[name] = np.ascontiguousarray(
+      np.swapaxes(tensors[name].reshape(width, k, width // cfg.conv_groups), 1, 2))
+
+
 def _refuse_unsupported(hf: dict, source: str) -> None:
   """One-line errors for the options bert_jax's DeBERTa does not implement."""
   hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-  if (hf.get("conv_kernel_size") or 0) > 0:
-    raise CheckpointError(f"{source}: conv_kernel_size={hf['conv_kernel_size']} (DeBERTa-v2's "
-                          f"ConvLayer after layer 0) is not supported")
+  kernel = hf.get("conv_kernel_size") or 0
+  if kernel > 0 and kernel % 2 == 0:
+    raise CheckpointError(f"{source}: conv_kernel_size={kernel} is not supported (even kernels "
+                          f"change the length in transformers' ConvLayer; only odd ones)")
+  if kernel > 0 and hf.get("conv_act", "tanh") not in _CONV_ACT_FROM_HF:
+    raise CheckpointError(f"{source}: unsupported conv_act {hf['conv_act']!r}; supported: "
+                          f"{sorted(_CONV_ACT_FROM_HF)}")
   for field, want in (("embedding_size", hidden), ("pooler_hidden_size", hidden),
                       ("attention_head_size", hidden // heads)):
     if hf.get(field) not in (None, want):
@@ -161,6 +194,11 @@ def config_from_hf(hf: dict, dtype: Any = jnp.float32,
         classifier_dropout=(hidden_dropout if hf.get("cls_dropout") is None
                             else hf["cls_dropout"]),
         pad_token_id=int(hf["pad_token_id"]) if hf.get("pad_token_id") is not None else 0,
+        # transformers reads conv_groups / conv_act only with a kernel (defaults 1, tanh).
+        conv_kernel_size=max(0, hf.get("conv_kernel_size") or 0),
+        conv_groups=(hf.get("conv_groups") or 1) if hf.get("conv_kernel_size") else 1,
+        conv_act=(_CONV_ACT_FROM_HF[hf.get("conv_act", "tanh")] if hf.get("conv_kernel_size")
+                  else "tanh"),
         dtype=dtype)
   except ValueError as e:
     raise CheckpointError(f"{source}: {e}") from None
@@ -174,7 +212,9 @@ def hf_config_fields(cfg: DebertaConfig) -> dict:
       pooler_hidden_act=_ACT_TO_HF[cfg.pooler_hidden_act], pooler_hidden_size=cfg.hidden_size,
       pos_att_type=list(cfg.pos_att_type), norm_rel_ebd=cfg.norm_rel_ebd,
       cls_dropout=cfg.classifier_dropout, pad_token_id=cfg.pad_token_id, legacy=False,
-      conv_kernel_size=0, tie_word_embeddings=True, initializer_range=0.02)
+      conv_kernel_size=cfg.conv_kernel_size, tie_word_embeddings=True, initializer_range=0.02)
+  if cfg.conv_kernel_size:
+    hf.update(conv_groups=cfg.conv_groups, conv_act=_CONV_ACT_TO_HF[cfg.conv_act])
   return hf
 
 
@@ -205,6 +245,8 @@ def load_hf(hf_config: dict, state: StateDict, task: str | None = None,
   legacy = not any(k.startswith("lm_predictions.") for k in state.keys()) and \
       any(k.startswith("cls.predictions.") for k in state.keys())
   model = deberta.build(config, task, **head_kwargs(task, hf_config))
+  if config.conv_kernel_size:
+    _conv_as_linear(state, f"{base}encoder.conv.conv.weight", config)
   params = params_from_state(model, list(_entries(config, task, base, legacy)), state,
                               optional_heads=task != ckpt_task)
   if task == "mlm" and legacy:
@@ -227,8 +269,10 @@ def export_hf(model, params) -> tuple[dict, dict[str, np.ndarray]]:
   """
   cfg: DebertaConfig = model.config
   task = deberta.task_of(model)
-  tensors = tensors_from_params(_entries(cfg, task, "" if task == "encoder" else "deberta."),
-                                params)
+  base = "" if task == "encoder" else "deberta."
+  tensors = tensors_from_params(_entries(cfg, task, base), params)
+  if cfg.conv_kernel_size:
+    _conv_from_linear(tensors, f"{base}encoder.conv.conv.weight", cfg)
   hf = hf_config_fields(cfg)
   hf["architectures"] = [a for a, t in ARCHITECTURES.items() if t == task]
   hf.update(label_fields(task, getattr(model, "num_labels", 0)))

@@ -16,6 +16,9 @@ the query, bucket(j - i) negated; `bucket` is odd, so it is the same row.
 With share_att_key (v3) Pq and Pk come from the content query / key
 projections; otherwise from their own pos_query / pos_key projections (v2).
 
+With conv_kernel_size > 0 (DeBERTa-v2 xlarge / xxlarge) a 1-D convolution
+over the embeddings joins layer 0's output (ConvLayer).
+
 Models take the batch contract's names, as bert.py's do:
 
     outputs = model.apply(
@@ -186,6 +189,47 @@ class DebertaLayer(nn.Module):
     return nn.with_logical_constraint(_norm(cfg, "mlp_norm")(x + h), _ACT)
 
 
+class ConvLayer(nn.Module):
+  """DeBERTa-v2's convolution after the first layer (Hugging Face's ConvLayer):
+
+      out = norm(layer0_out + act(dropout(mask * conv(embeddings)))) * mask
+
+  conv: over the length, zero-padded (k - 1) // 2 each side, channel groups;
+  kernel [k, hidden / groups, hidden] as flax nn.Conv's. A tap reads only its
+  token's segment: a packed row equals its sequences run alone (zero-padded).
+  """
+  config: DebertaConfig
+
+  @nn.compact
+  def __call__(self, embeddings: Array, residual: Array, segments: Array,
+               deterministic: bool) -> Array:
+    """embeddings, residual [batch, length, embed]; segments int32 [batch, length]
+    (> 0 real tokens, equal within a sequence) -> [batch, length, embed]."""
+    cfg = self.config
+    k, groups, width = cfg.conv_kernel_size, cfg.conv_groups, cfg.hidden_size
+    kernel = self.param("kernel", nn.with_logical_partitioning(layers.bert_init, (
+        "conv_width", "embed", "mlp")), (k, width // groups, width), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                      (width,), jnp.float32)
+    pad = (k - 1) // 2
+    length = embeddings.shape[1]
+    x = jnp.pad(embeddings.astype(cfg.dtype), ((0, 0), (pad, pad), (0, 0)))
+    seg = jnp.pad(segments, ((0, 0), (pad, pad)))  # outside the row: segment 0, never read
+    x = x.reshape(*x.shape[:2], groups, width // groups)  # [batch, length + 2 pad, groups, in]
+    kernel = kernel.astype(cfg.dtype).reshape(k, width // groups, groups, width // groups)
+    out = 0.0
+    for j in range(k):  # tap j reads token t + j - pad: torch's cross-correlation
+      near = seg[:, j:j + length]
+      keep = ((near == segments) & (near > 0)).astype(cfg.dtype)[..., None, None]
+      out = out + jnp.einsum("blgi,igo->blgo", x[:, j:j + length] * keep, kernel[j])
+    out = out.reshape(*out.shape[:2], width) + bias.astype(cfg.dtype)  # [batch, length, embed]
+    valid = (segments > 0).astype(cfg.dtype)[..., None]
+    out = layers.Dropout(cfg.hidden_dropout)(out * valid, deterministic=deterministic)
+    out = jnp.tanh(out) if cfg.conv_act == "tanh" else layers.get_activation(cfg.conv_act)(out)
+    out = _norm(cfg, "norm")(residual + out) * valid
+    return nn.with_logical_constraint(out, _ACT)
+
+
 class DebertaEncoder(nn.Module):
   """Embeddings (+ norm), the relative table (+ norm), num_layers blocks.
 
@@ -232,6 +276,8 @@ class DebertaEncoder(nn.Module):
     # `deterministic` (argument 5, counting self) is a Python value: static under remat.
     block = nn.remat(DebertaLayer, static_argnums=(4,)) if cfg.remat else DebertaLayer
     self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    if cfg.conv_kernel_size:
+      self.conv = ConvLayer(cfg)
     self.embeddings_dropout = layers.Dropout(cfg.hidden_dropout)
 
   def tables(self) -> dict[str, Array]:
@@ -292,9 +338,15 @@ class DebertaEncoder(nn.Module):
       if cfg.norm_rel_ebd == "layer_norm":
         rel_table = self.rel_norm(rel_table)
       rel_table = rel_table.astype(cfg.dtype)
-    for layer in self.layers[:-1]:
-      x = layer(x, mask, rel_table, deterministic)
-    hidden = self.layers[-1](x, mask, rel_table, deterministic)
+    hidden = x
+    for i, layer in enumerate(self.layers):
+      x = hidden  # ends as the last layer's input, which the EMD reads
+      hidden = layer(x, mask, rel_table, deterministic)
+      if i == 0 and cfg.conv_kernel_size:
+        # Real tokens of one sequence share a segment id; without packing, all of a row's.
+        segments = (valid.astype(jnp.int32) if encoder_segment_ids is None
+                    else encoder_segment_ids * valid)
+        hidden = self.conv(x, hidden, segments, deterministic)
     if not return_emd:
       return hidden
     # EMD: raw absolute positions (no norm), as the reference's z_states.

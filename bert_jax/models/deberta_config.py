@@ -22,6 +22,8 @@ DEBERTA_PRESETS = {
 }
 POS_ATT_TYPES = ("c2p", "p2c")
 NORM_REL_EBD = ("none", "layer_norm")
+# The ConvLayer's activations: the FFN's, plus tanh (Hugging Face's default conv_act).
+CONV_ACTIVATIONS = ACTIVATION_NAMES + ("tanh",)
 # How the 'electra' task's discriminator shares the generator's embedding tables.
 EMBEDDING_SHARING = ("tied", "gdes")
 
@@ -51,6 +53,13 @@ class DebertaConfig:
     norm_rel_ebd: 'layer_norm' normalises the relative table (v3), 'none' not.
     position_biased_input: add an absolute position table to the input (v1
       style; False in v2/v3).
+    conv_kernel_size: DeBERTa-v2's ConvLayer after the first layer (0: none;
+      3 in the v2 xlarge / xxlarge checkpoints): a 1-D convolution over the
+      embeddings, masked, activated, added to layer 0's output and
+      LayerNormed. Odd only: Hugging Face pads (k - 1) // 2 on each side.
+    conv_groups: the convolution's channel groups (must divide hidden_size).
+    conv_act: the convolution's activation ('tanh', HF's default, or one of
+      hidden_act's; the v2 xlarge / xxlarge checkpoints use 'gelu').
     pooler_hidden_act, pooler_dropout: the sequence classifier's pooler
       (dense over the first token, activation) and the dropout before it.
     classifier_dropout: before the sequence classifier (HF's cls_dropout).
@@ -89,6 +98,9 @@ class DebertaConfig:
   share_att_key: bool = True
   norm_rel_ebd: str = "layer_norm"
   position_biased_input: bool = False
+  conv_kernel_size: int = 0
+  conv_groups: int = 1
+  conv_act: str = "tanh"
   pooler_hidden_act: str = "gelu"
   pooler_dropout: float = 0.0
   classifier_dropout: float = 0.1
@@ -126,6 +138,15 @@ class DebertaConfig:
       raise bad("generator_layers", f"must be in [0, num_layers={self.num_layers}] (0: half)")
     if self.norm_rel_ebd not in NORM_REL_EBD:
       raise bad("norm_rel_ebd", f"choose one of {list(NORM_REL_EBD)}")
+    if not isinstance(self.conv_kernel_size, int) or self.conv_kernel_size < 0 or (
+        self.conv_kernel_size % 2 == 0 and self.conv_kernel_size):
+      raise bad("conv_kernel_size", "must be 0 (no ConvLayer) or odd (padding (k - 1) // 2 "
+                "keeps the length only for odd k)")
+    if not isinstance(self.conv_groups, int) or self.conv_groups < 1 or (
+        self.hidden_size % self.conv_groups):
+      raise bad("conv_groups", f"must be a positive divisor of hidden_size {self.hidden_size}")
+    if self.conv_act not in CONV_ACTIVATIONS:
+      raise bad("conv_act", f"choose one of {list(CONV_ACTIVATIONS)}")
     for field in ("hidden_act", "pooler_hidden_act"):
       if getattr(self, field) not in ACTIVATION_NAMES:
         raise bad(field, f"choose one of {list(ACTIVATION_NAMES)}")

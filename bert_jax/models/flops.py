@@ -173,11 +173,13 @@ def _deberta_layer_forward(config, s: int) -> float:
 
 
 def _deberta_mlm_forward(config, s: int, p: int) -> float:
-  """A DeBERTa masked LM's forward: its layers, the EMD's two extra passes of the
+  """A DeBERTa masked LM's forward: its layers, DeBERTa-v2's ConvLayer (a k-wide
+  grouped convolution, 2*k*H*H/groups per token), the EMD's two extra passes of the
   last layer (config.enhanced_mask_decoder) and the MLM head at P positions."""
   h = config.hidden_size
   passes = config.num_layers + (2 if config.enhanced_mask_decoder else 0)
-  return (passes * _deberta_layer_forward(config, s) + _matmul(p, h, h)
+  conv = s * _matmul(config.conv_kernel_size, h // config.conv_groups, h)
+  return (passes * _deberta_layer_forward(config, s) + conv + _matmul(p, h, h)
           + _matmul(p, h, config.vocab_size))
 
 
