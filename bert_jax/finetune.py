@@ -146,10 +146,11 @@ def validate(config) -> tuple[int, int, int]:
                         f"the {config.family!r} family runs NER text-to-text ('softmax')")
   peft.validate(config)
   frozen_features.validate(config)
+  head = adapters.output_head(config)  # a task/family/head mismatch fails here, in one line
   smoothing = config.train.get("label_smoothing", 0.0)
   if not 0.0 <= smoothing < 1.0:
     raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing}")
-  if smoothing and adapters.output_head(config) != "text2text":
+  if smoothing and head != "text2text":
     raise ConfigError("train.label_smoothing", f"{smoothing}: only text-to-text heads smooth "
                       f"their labels; task {config.task!r} on {config.family!r} does not")
   if not 0.0 < config.finetune.layerwise_lr_decay <= 1.0:

@@ -169,7 +169,9 @@ def test_heads_per_family_and_switch(setup):
          ({"family": "bert", "finetune.head": "text2text"}, "finetune.head", "encoder-dec"),
          ({"finetune.head": "seq2seq"}, "finetune.head", "unknown head"),
          ({"finetune.head": "text2text", "finetune.method": "prompt"}, "finetune.method",
-          "text-to-text")]
+          "text-to-text"),
+         ({"task": "sbert"}, "task", "'bart' is an encoder-decoder"),
+         ({"task": "cloze", "family": "t5"}, "task", "'t5' is an encoder-decoder")]
   for fields, key, words in bad:
     with pytest.raises(ConfigError, match=f"^config.{key}: .*{words}") as e:
       adapters.make_task(_config(setup, **fields), tokenizer)

@@ -563,6 +563,9 @@ TASKS["cloze"] = _cloze_task
 
 
 HEADS = ("auto", "classification", "text2text")  # config.finetune.head
+# Tasks that read an encoder's token states (sentence embeddings) or its MLM head (PET's
+# cloze): they have no text-to-text form.
+ENCODER_TASKS = ("sbert", "cloze")
 # PEFT methods that run inside the model's apply (peft_modules.py): text-to-text decoding
 # applies the unwrapped model (finetune._make_predictor), which would drop them.
 _IN_MODEL_METHODS = ("prompt", "houlsby", "pfeiffer")
@@ -579,6 +582,9 @@ def output_head(config) -> str:
   """
   family = models.get(config.family)
   head = config.finetune.get("head", "auto")
+  if family.encoder_decoder and config.task in ENCODER_TASKS:
+    raise ConfigError("task", f"{config.task!r} needs an encoder family (bert, modernbert, "
+                      f"deberta, ...); {family.name!r} is an encoder-decoder")
   if head not in HEADS:
     raise ConfigError("finetune.head", f"unknown head {head!r}; choose one of {list(HEADS)}")
   if not family.encoder_decoder:
