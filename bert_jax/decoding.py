@@ -4,10 +4,13 @@
   tokens, scores = beam_search(model, params, enc_tokens, beam_size=4, max_decode_length=64,
                                alpha=0.6, min_length=0, no_repeat_ngram=0)
 
-The encoder runs once; then one decoder step per position from the model's
-key/value cache, inside one `lax.while_loop`, jit-compiled per (model, shapes,
-settings). `model` is any family model with `encode` / `decode(..., decode=True)`
-and `config.decoder_start_token_id` (T5Model, BartModel).
+The encoder runs once and so does the projection of its output to every
+decoder layer's cross-attention keys/values (`cross_cache`, the model's
+`prefill_cross`); then one decoder step per position from the model's
+self-attention key/value cache and those cross keys/values, inside one
+`lax.while_loop`, jit-compiled per (model, shapes, settings). `model` is
+any family model with `encode` / `prefill_cross` / `decode(..., decode=True)`
+and `config.decoder_start_token_id` (T5Model, BartForConditionalGeneration).
 
 Beam search follows GNMT / t5x: 2k candidates per step, the best k that did
 not end stay alive (the cache gathered by their parent beams), those ending
@@ -50,12 +53,30 @@ def _zero_cache(model, batch: int, encoder_length: int, max_decode_length: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
-def _decode_step(model, params, cache, encoded: Array, encoder_input_tokens: Array,
+def cross_cache(model, params, encoder_input_tokens: Array) -> dict:
+  """The encoder output projected to every decoder layer's cross-attention keys/values.
+
+  encoder_input_tokens [batch, enc_len] -> the model's 'cross_cache'
+  collection, leaves [batch, enc_len, heads, head_dim]: computed once per
+  decode, then read (never recomputed) by every step.
+  """
+  encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
+  _, state = model.apply({"params": params}, encoded, method=type(model).prefill_cross,
+                         mutable=["cross_cache"])
+  return state["cross_cache"]
+
+
+def _decode_step(model, params, cache, cross, encoder_input_tokens: Array,
                  tokens: Array) -> Tuple[Array, dict]:
-  """One cached step: tokens [batch] -> log-probs [batch, vocab] and the new cache."""
+  """One cached step: tokens [batch] -> log-probs [batch, vocab] and the new cache.
+
+  No encoder output goes in (encoded=None): the cross-attention reads its
+  keys/values from `cross` (read-only, so the loop does not carry it) and
+  `encoder_input_tokens` only give its mask.
+  """
   logits, state = model.apply(
-      {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens[:, None],
-      decode=True, method=type(model).decode, mutable=["cache"])
+      {"params": params, "cache": cache, "cross_cache": cross}, None, encoder_input_tokens,
+      tokens[:, None], decode=True, method=type(model).decode, mutable=["cache"])
   return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), state["cache"]
 
 
@@ -112,9 +133,9 @@ def greedy_decode(model, params, encoder_input_tokens: Array, *, max_decode_leng
     (tokens int32 [batch, max_decode_length], log_probs float32 [batch]: the sum
     of the chosen tokens' log-probabilities up to and including EOS).
   """
-  batch = encoder_input_tokens.shape[0]
-  encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
-  cache = _zero_cache(model, batch, encoder_input_tokens.shape[1], max_decode_length)
+  batch, enc_len = encoder_input_tokens.shape
+  cross = cross_cache(model, params, encoder_input_tokens)
+  cache = _zero_cache(model, batch, enc_len, max_decode_length)
   tokens = jnp.zeros((batch, max_decode_length + 1), jnp.int32)
   tokens = tokens.at[:, 0].set(model.config.decoder_start_token_id)
 
@@ -124,7 +145,7 @@ def greedy_decode(model, params, encoder_input_tokens: Array, *, max_decode_leng
 
   def body(state):
     i, cache, tokens, finished, log_probs = state
-    logp, cache = _decode_step(model, params, cache, encoded, encoder_input_tokens,
+    logp, cache = _decode_step(model, params, cache, cross, encoder_input_tokens,
                                tokens[:, i])  # [batch, vocab]
     logp = constrain(logp, tokens, i, eos_id=eos_id, min_length=min_length,
                      no_repeat_ngram=no_repeat_ngram)
@@ -174,12 +195,12 @@ jax.tree_util.register_dataclass(
     _Beams, data_fields=[f.name for f in dataclasses.fields(_Beams)], meta_fields=[])
 
 
-def _beam_step(model, params, encoded, encoder_tokens, alpha, s: _Beams, *,
+def _beam_step(model, params, cross, encoder_tokens, alpha, s: _Beams, *,
                max_decode_length: int, eos_id: int, min_length: int = 0,
                no_repeat_ngram: int = 0) -> _Beams:
   """Extends every alive beam by one token and updates the alive and finished sets."""
   batch, k = s.alive_log_probs.shape
-  logp, cache = _decode_step(model, params, s.cache, encoded, encoder_tokens,
+  logp, cache = _decode_step(model, params, s.cache, cross, encoder_tokens,
                              s.alive_seqs[:, :, s.i].reshape(batch * k))
   logp = constrain(logp, s.alive_seqs.reshape(batch * k, -1), s.i, eos_id=eos_id,
                    min_length=min_length, no_repeat_ngram=no_repeat_ngram)
@@ -216,9 +237,11 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
                 min_length: int = 0, no_repeat_ngram: int = 0) -> Tuple[Array, Array]:
   """Beam search of a batch from the key/value cache (see the module docstring).
 
-  The encoder runs once; its output and the cache are expanded to
-  batch * beam_size rows. With beam_size=1 and alpha=0 this is greedy decoding
-  (with alpha > 0 a finished beam may still lose to a longer one).
+  The encoder and the cross-attention key/value projection run once, on
+  `batch` rows, then are repeated for batch * beam_size rows; the beams of
+  an example share them, so only the self-attention cache is reordered.
+  With beam_size=1 and alpha=0 this is greedy decoding (with alpha > 0 a
+  finished beam may still lose to a longer one).
 
   Args:
     model: a T5Model or BartModel (static).
@@ -239,9 +262,10 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
   batch, enc_len = encoder_input_tokens.shape
   k, length = beam_size, max_decode_length
   alpha = jnp.asarray(alpha, jnp.float32)
-  encoded = model.apply({"params": params}, encoder_input_tokens, method=type(model).encode)
-  encoded = jnp.repeat(encoded, k, axis=0)  # [batch * k, enc_len, d_model]
-  encoder_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)
+  # Row b * k + j is beam j of example b.
+  cross = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0),
+                       cross_cache(model, params, encoder_input_tokens))
+  encoder_tokens = jnp.repeat(encoder_input_tokens, k, axis=0)  # [batch * k, enc_len]
   seqs = jnp.zeros((batch, k, length + 1), jnp.int32)
   seqs = seqs.at[:, :, 0].set(model.config.decoder_start_token_id)
   # Only beam 0 is real at first, so the first step does not pick k copies.
@@ -257,7 +281,7 @@ def beam_search(model, params, encoder_input_tokens: Array, *, beam_size: int = 
     done = s.finished_scores[:, -1] >= best_possible
     return (s.i < length) & ~jnp.all(done)
 
-  step = functools.partial(_beam_step, model, params, encoded, encoder_tokens, alpha,
+  step = functools.partial(_beam_step, model, params, cross, encoder_tokens, alpha,
                            max_decode_length=length, eos_id=eos_id, min_length=min_length,
                            no_repeat_ngram=no_repeat_ngram)
   state = jax.lax.while_loop(cond, step, state)

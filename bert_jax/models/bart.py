@@ -16,8 +16,11 @@ bert_jax/decoding.py (greedy_decode, beam_search) serves both:
     encoded = model.apply({"params": p}, enc_tokens, method=type(model).encode)
     cache = model.init(rng, enc_tokens, jnp.zeros((b, max_len), jnp.int32),
                        decode=True)["cache"]
-    logits, vars = model.apply({"params": p, "cache": cache}, encoded, enc_tokens,
-                               dec_token, decode=True, method=type(model).decode,
+    cross = model.apply({"params": p}, encoded, method=type(model).prefill_cross,
+                        mutable=["cross_cache"])[1]["cross_cache"]   # cross K/V, once
+    logits, vars = model.apply({"params": p, "cache": cache, "cross_cache": cross},
+                               None, enc_tokens, dec_token, decode=True,
+                               method=type(model).decode,
                                mutable=["cache"])   # one token [b, 1] per call
 
 Ids are the checkpoint's (RoBERTa BPE: <s>=0, <pad>=1, </s>=2): the encoder
@@ -58,7 +61,9 @@ class BartAttention(nn.Module):
   shape) creates `cached_key`/`cached_value`/`cache_index` in the 'cache'
   collection; later calls take one query token, write its key/value at
   `cache_index` and attend to every cached position up to it (as
-  t5.T5Attention does).
+  t5.T5Attention does). Cross-attention decoding, as there: inputs_q=None
+  stores the projected `inputs_kv` in the 'cross_cache' collection (the
+  prefill), inputs_kv=None attends to them.
   """
   num_heads: int
   head_dim: int
@@ -84,17 +89,40 @@ class BartAttention(nn.Module):
     index.value = i + 1
     return key, value, (jnp.arange(key.shape[1]) <= i)[None, None, None, :]
 
+  def _cross_cached(self, key: Array | None, value: Array | None) -> tuple[Array, Array]:
+    """Stores key/value [batch, kv_len, heads, kv] in 'cross_cache', or reads them if None."""
+    if key is None:
+      if not self.has_variable("cross_cache", "cached_key"):
+        raise ValueError(f"{self.name}: inputs_kv=None reads the 'cross_cache' collection; "
+                         "fill it with the model's prefill_cross first")
+      return (self.get_variable("cross_cache", "cached_key"),
+              self.get_variable("cross_cache", "cached_value"))
+    self.put_variable("cross_cache", "cached_key", key)
+    self.put_variable("cross_cache", "cached_value", value)
+    return key, value
+
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, *, mask: Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
-    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
+  def __call__(self, inputs_q: Array | None, inputs_kv: Array | None, *,
+               mask: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array | None:
+    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed].
+
+    Cross-attention decoding: inputs_q=None stores the projected inputs_kv
+    (returns None), inputs_kv=None reads them (see the class docstring).
+    """
     proj = functools.partial(layers.DenseGeneral, features=(self.num_heads, self.head_dim),
                              kernel_axes=("embed", "heads", "kv"), dtype=self.dtype)
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
     # [batch, length, heads, kv]
+    key = value = None
+    if inputs_kv is not None:
+      key = nn.with_logical_constraint(proj(name="key")(inputs_kv), axes)
+      value = nn.with_logical_constraint(proj(name="value")(inputs_kv), axes)
+    if inputs_q is None or inputs_kv is None:
+      key, value = self._cross_cached(key, value)
+      if inputs_q is None:  # the prefill: keys/values stored, nothing to attend
+        return None
     query = nn.with_logical_constraint(proj(name="query")(inputs_q), axes)
-    key = nn.with_logical_constraint(proj(name="key")(inputs_kv), axes)
-    value = nn.with_logical_constraint(proj(name="value")(inputs_kv), axes)
     if decode:
       key, value, cache_mask = self._cached(key, value)
       if cache_mask is not None:
@@ -144,18 +172,24 @@ class DecoderLayer(nn.Module):
   config: BartConfig
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_mask: Array | None, cross_mask: Array,
-               deterministic: bool, decode: bool) -> Array:
-    """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x."""
+  def __call__(self, x: Array | None, encoded: Array | None, self_mask: Array | None,
+               cross_mask: Array | None, deterministic: bool, decode: bool) -> Array | None:
+    """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x.
+
+    Cached decoding: x=None only stores the cross-attention keys/values of
+    `encoded` (the prefill); encoded=None reads them.
+    """
     c = self.config
-    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     attention = functools.partial(BartAttention, c.decoder_attention_heads, c.decoder_head_dim,
                                   c.attention_dropout, c.dtype)
+    cross = attention(name="encoder_decoder_attention")
+    if x is None:
+      return cross(None, encoded)
+    drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     h = attention(name="self_attention")(x, x, mask=self_mask, deterministic=deterministic,
                                          decode=decode)
     x = _norm(c, "self_attention_norm")(x + drop(h))
-    h = attention(name="encoder_decoder_attention")(x, encoded, mask=cross_mask,
-                                                    deterministic=deterministic)
+    h = cross(x, encoded, mask=cross_mask, deterministic=deterministic)
     x = _norm(c, "cross_attention_norm")(x + drop(h))
     x = _norm(c, "mlp_norm")(x + drop(_mlp(c, c.decoder_ffn_dim)(x, deterministic)))
     return nn.with_logical_constraint(x, _ACT)
@@ -199,7 +233,9 @@ class Decoder(nn.Module):
   """Embedding -> post-LN layers with cross-attention; [batch, dec_len] -> [..., d_model].
 
   With decode=True it keeps `cache_index` in the 'cache' collection: the
-  position of the single token each step embeds.
+  position of the single token each step embeds. tokens=None is the
+  prefill: every layer stores its cross-attention keys/values of `encoded`
+  ('cross_cache' collection), which steps with encoded=None then read.
   """
   config: BartConfig
   shared_embedding: nn.Module
@@ -215,11 +251,16 @@ class Decoder(nn.Module):
     return jnp.full(tokens.shape, i, jnp.int32), True
 
   @nn.compact
-  def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
-               segment_ids: Array | None = None, positions: Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
+  def __call__(self, encoded: Array | None, encoder_segment_ids: Array | None,
+               tokens: Array | None, segment_ids: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array | None:
     """encoded [batch, enc_len, d_model], tokens [batch, dec_len] -> [batch, dec_len, d_model]."""
     c = self.config
+    if tokens is None:  # the prefill
+      for i in range(c.num_decoder_layers):
+        DecoderLayer(c, name=f"layers_{i}")(None, encoded, None, None, True, False)
+      return None
     is_step = False
     if decode:
       step_positions, is_step = self._step_position(tokens)
@@ -267,11 +308,23 @@ class BartModel(nn.Module):
     return self.encoder(encoder_input_tokens, segments, encoder_positions,
                         deterministic=not enable_dropout)
 
-  def hidden(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
-             decoder_positions: Array | None = None, enable_dropout: bool = False,
-             decode: bool = False) -> Array:
-    """Decoder hidden states [batch, dec_len, d_model] (computation dtype)."""
+  def prefill_cross(self, encoded: Array) -> None:
+    """Decode mode: stores every decoder layer's cross-attention keys/values of `encoded`.
+
+    encoded [batch, enc_len, d_model]; call with mutable=['cross_cache'] and
+    pass the collection it returns to the decode steps, which take
+    encoded=None (the projection then runs once, not once per step).
+    """
+    self.decoder(encoded, None, None)
+
+  def hidden(self, encoded: Array | None, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
+             enable_dropout: bool = False, decode: bool = False) -> Array:
+    """Decoder hidden states [batch, dec_len, d_model] (computation dtype).
+
+    encoded=None (decode steps) reads the keys/values stored by `prefill_cross`.
+    """
     segments = _encoder_segments(self.config, encoder_input_tokens, encoder_segment_ids)
     return self.decoder(encoded, segments, decoder_input_tokens, decoder_segment_ids,
                         decoder_positions, deterministic=not enable_dropout, decode=decode)
@@ -296,13 +349,14 @@ class BartForConditionalGeneration(BartModel):
         "final_logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
         (self.config.vocab_size,), jnp.float32)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
-             decoder_positions: Array | None = None, enable_dropout: bool = False,
-             decode: bool = False) -> Array:
+  def decode(self, encoded: Array | None, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
+             enable_dropout: bool = False, decode: bool = False) -> Array:
     """Decoder + logits: [batch, dec_len] tokens -> float32 logits [batch, dec_len, vocab].
 
-    With decode=True call it with mutable=['cache'] and one token per call.
+    With decode=True call it with mutable=['cache'] and one token per call;
+    encoded=None reads the cross-attention keys/values of `prefill_cross`.
     """
     x = self.hidden(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                     decoder_segment_ids, decoder_positions, enable_dropout, decode)

@@ -22,15 +22,20 @@ Incremental decoding (t5x style):
     # Allocate the cache: a [batch, max_decode_length] shape, decode=True.
     cache = model.init(rng, enc_tokens, jnp.zeros((b, max_len), jnp.int32),
                        decode=True)["cache"]
+    # Project the encoder output to each layer's cross-attention keys/values once.
+    cross = model.apply({"params": p}, encoded, method=T5Model.prefill_cross,
+                        mutable=["cross_cache"])[1]["cross_cache"]
     for each step:   # dec_token: [batch, 1]
-      logits, vars = model.apply({"params": p, "cache": cache}, encoded, enc_tokens,
-                                 dec_token, decode=True, method=T5Model.decode,
-                                 mutable=["cache"])
+      logits, vars = model.apply({"params": p, "cache": cache, "cross_cache": cross},
+                                 None, enc_tokens, dec_token, decode=True,
+                                 method=T5Model.decode, mutable=["cache"])
       cache = vars["cache"]
 
 Step i's logits equal position i of the teacher-forced forward pass. The
 cache holds max_length steps; a step beyond it is not detected inside jit
-(the write index is clamped), so callers stop at max_length.
+(the write index is clamped), so callers stop at max_length. A step may
+also pass `encoded` instead of None (no prefill): the same logits, but every
+step projects the encoder output again.
 `T5EncoderModel` is the encoder half alone (same parameter names, so it loads
 the `shared` and `encoder` subtrees of a full checkpoint) and returns hidden
 states [batch, length, d_model].
@@ -121,6 +126,13 @@ class T5Attention(nn.Module):
   shape) creates `cached_key`/`cached_value`/`cache_index` in the 'cache'
   collection; later calls take one query token, write its key/value at
   `cache_index` and attend to every cached position up to it.
+
+  Cross-attention decoding keeps the projected encoder output instead, in
+  its own 'cross_cache' collection (the loop reads it but never updates it,
+  so beam search neither carries nor reorders it): a call with inputs_q=None
+  stores the keys/values of `inputs_kv` there as `cached_key`/`cached_value`
+  [batch, kv_len, heads, kv] (the prefill); a call with inputs_kv=None attends
+  to them, so decode steps do not project the encoder output again.
   """
   num_heads: int
   head_dim: int
@@ -147,24 +159,45 @@ class T5Attention(nn.Module):
     mask = (jnp.arange(key.shape[1]) <= i)[None, None, None, :]  # [1, 1, 1, max_length]
     return key, value, mask
 
+  def _cross_cached(self, key: Array | None, value: Array | None) -> tuple[Array, Array]:
+    """Stores key/value [batch, kv_len, heads, kv] in 'cross_cache', or reads them if None."""
+    if key is None:
+      if not self.has_variable("cross_cache", "cached_key"):
+        raise ValueError(f"{self.name}: inputs_kv=None reads the 'cross_cache' collection; "
+                         "fill it with the model's prefill_cross first")
+      return (self.get_variable("cross_cache", "cached_key"),
+              self.get_variable("cross_cache", "cached_value"))
+    self.put_variable("cross_cache", "cached_key", key)
+    self.put_variable("cross_cache", "cached_value", value)
+    return key, value
+
   @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, *, mask: Array | None = None,
-               bias: Array | None = None, deterministic: bool = True,
-               decode: bool = False) -> Array:
-    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed]."""
-    d_model = inputs_q.shape[-1]
+  def __call__(self, inputs_q: Array | None, inputs_kv: Array | None, *,
+               mask: Array | None = None, bias: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array | None:
+    """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed] -> [batch, q_len, embed].
+
+    Cross-attention decoding: inputs_q=None stores the projected inputs_kv
+    (returns None), inputs_kv=None reads them (see the class docstring).
+    """
     proj = functools.partial(layers.DenseGeneral, features=(self.num_heads, self.head_dim),
                              kernel_axes=("embed", "heads", "kv"), use_bias=False,
                              dtype=self.dtype)
     qkv_init = functools.partial(_kernel_init, in_axis=0, out_axis=(1, 2))
-    query = proj(kernel_init=qkv_init(1.0 / self.head_dim), name="query")(inputs_q)
-    key = proj(kernel_init=qkv_init(1.0), name="key")(inputs_kv)
-    value = proj(kernel_init=qkv_init(1.0), name="value")(inputs_kv)
     # [batch, length, heads, kv]
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
+    key = value = None
+    if inputs_kv is not None:
+      key = nn.with_logical_constraint(
+          proj(kernel_init=qkv_init(1.0), name="key")(inputs_kv), axes)
+      value = nn.with_logical_constraint(
+          proj(kernel_init=qkv_init(1.0), name="value")(inputs_kv), axes)
+    if inputs_q is None or inputs_kv is None:
+      key, value = self._cross_cached(key, value)
+      if inputs_q is None:  # the prefill: keys/values stored, nothing to attend
+        return None
+    query = proj(kernel_init=qkv_init(1.0 / self.head_dim), name="query")(inputs_q)
     query = nn.with_logical_constraint(query, axes)
-    key = nn.with_logical_constraint(key, axes)
-    value = nn.with_logical_constraint(value, axes)
     if decode:
       key, value, cache_mask = self._cached(key, value)
       if cache_mask is not None:
@@ -177,8 +210,8 @@ class T5Attention(nn.Module):
         dropout_rng=dropout_rng, deterministic=deterministic, dtype=self.dtype)
     # [batch, q_len, heads, kv] -> [batch, q_len, embed]
     out = layers.DenseGeneral(
-        features=d_model, kernel_axes=("heads", "kv", "embed"), axis=(-2, -1), use_bias=False,
-        kernel_init=_kernel_init(1.0, (0, 1), 2), dtype=self.dtype, name="out")(x)
+        features=inputs_q.shape[-1], kernel_axes=("heads", "kv", "embed"), axis=(-2, -1),
+        use_bias=False, kernel_init=_kernel_init(1.0, (0, 1), 2), dtype=self.dtype, name="out")(x)
     return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
 
 
@@ -223,18 +256,25 @@ class DecoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_mask: Array | None, self_bias: Array,
-               cross_mask: Array, deterministic: bool, decode: bool) -> Array:
-    """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x."""
+  def __call__(self, x: Array | None, encoded: Array | None, self_mask: Array | None,
+               self_bias: Array | None, cross_mask: Array | None, deterministic: bool,
+               decode: bool) -> Array | None:
+    """x [batch, dec_len, d_model], encoded [batch, enc_len, d_model] -> like x.
+
+    Cached decoding: x=None only stores the cross-attention keys/values of
+    `encoded` (the prefill); encoded=None reads them.
+    """
     c = self.config
+    cross = _attention(c, "encoder_decoder_attention")
+    if x is None:
+      return cross(None, encoded)
     drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     h = _norm(c, "pre_self_attention_norm")(x)
     x = x + drop(_attention(c, "self_attention")(
         h, h, mask=self_mask, bias=self_bias, deterministic=deterministic, decode=decode))
     h = _norm(c, "pre_cross_attention_norm")(x)
     # No position bias across the two sequences: only self-attention has one.
-    x = x + drop(_attention(c, "encoder_decoder_attention")(
-        h, encoded, mask=cross_mask, deterministic=deterministic))
+    x = x + drop(cross(h, encoded, mask=cross_mask, deterministic=deterministic))
     x = x + drop(_mlp(c)(_norm(c, "pre_mlp_norm")(x), deterministic))
     return nn.with_logical_constraint(x, _ACT)
 
@@ -275,7 +315,9 @@ class Decoder(nn.Module):
 
   With decode=True it keeps `cached_positions` [batch, max_length] and
   `cache_index` in the 'cache' collection, so the position bias of a single
-  query token can be computed against every cached key.
+  query token can be computed against every cached key. tokens=None is the
+  prefill: every layer stores its cross-attention keys/values of `encoded`
+  ('cross_cache' collection), which steps with encoded=None then read.
   """
   config: T5Config
   shared_embedding: nn.Module
@@ -295,15 +337,20 @@ class Decoder(nn.Module):
     return query, keys, True
 
   @nn.compact
-  def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
-               segment_ids: Array | None = None, positions: Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> Array:
+  def __call__(self, encoded: Array | None, encoder_segment_ids: Array | None,
+               tokens: Array | None, segment_ids: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True,
+               decode: bool = False) -> Array | None:
     """encoded [batch, enc_len, d_model], tokens [batch, dec_len] -> [batch, dec_len, d_model].
 
     `encoder_segment_ids` are the encoder's segments (its padding mask when
     unpacked); cross-attention pairs decoder and encoder segments.
     """
     c = self.config
+    if tokens is None:  # the prefill
+      for i in range(c.num_decoder_layers):
+        DecoderLayer(c, name=f"layers_{i}")(None, encoded, None, None, None, True, False)
+      return None
     drop = functools.partial(layers.Dropout(c.dropout_rate), deterministic=deterministic)
     is_step = False
     if decode:
@@ -363,14 +410,24 @@ class T5Model(nn.Module):
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                         deterministic=not enable_dropout)
 
-  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
-             decoder_positions: Array | None = None, enable_dropout: bool = False,
-             decode: bool = False) -> Array:
+  def prefill_cross(self, encoded: Array) -> None:
+    """Decode mode: stores every decoder layer's cross-attention keys/values of `encoded`.
+
+    encoded [batch, enc_len, d_model]; call with mutable=['cross_cache'] and
+    pass the collection it returns to the decode steps, which take
+    encoded=None (the projection then runs once, not once per step).
+    """
+    self.decoder(encoded, None, None)
+
+  def decode(self, encoded: Array | None, encoder_input_tokens: Array,
+             decoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
+             enable_dropout: bool = False, decode: bool = False) -> Array:
     """Decoder + logits: [batch, dec_len] tokens -> float32 logits [batch, dec_len, vocab].
 
     With decode=True call it with mutable=['cache'] and one token per call
-    (after allocating the cache, see the module docstring).
+    (after allocating the cache, see the module docstring); encoded=None
+    reads the cross-attention keys/values stored by `prefill_cross`.
     """
     c = self.config
     enc_segments = _encoder_segments(c, encoder_input_tokens, encoder_segment_ids)
