@@ -8,8 +8,8 @@ encoder stays frozen and the task head reads
 
 instead of the last layer's output h_L. w [L + 1] (init 0: the plain average)
 and gamma [1] (init 1) are params['scalar_mix'] {'weights', 'gamma'}; they and the
-task head train, every carried-over weight (the encoder, its pooler included)
-is frozen by peft.freeze_rules (optim freeze regexes: no update, no optimizer
+task head train (with the pooler, which reads the mix: the classification
+head's first layer), every other carried-over weight is frozen by peft.freeze_rules (optim freeze regexes: no update, no optimizer
 state). The mix replaces the last encoder layer's output, under flax method
 interception (no model code is edited), so what follows the layers
 (ModernBERT's final norm), the pooler, the classification,

@@ -299,6 +299,11 @@ def freeze_rules(config, family) -> list[str]:
     return [base + r"(?!.*bias$)"]
   if method in ("houlsby", "pfeiffer"):  # the adapters and every LayerNorm train
     return [base + r"(?!.*norm/)"]
+  if method == "scalar_mix" and family.pooler_prefix:
+    # The pooler reads the mix and is part of the classification head: it trains. (A
+    # sentence-embedding checkpoint's pooler was never trained; frozen, it starves the
+    # classifier.)
+    return [f"^(?!{re.escape(family.pooler_prefix)})" + base[1:]]
   return [base]
 
 

@@ -150,18 +150,21 @@ def test_mix_at_init_is_the_layer_average():
 
 @pytest.mark.parametrize("head", ["classification", "token_classification"])
 def test_scalar_mix_trains_weights_gamma_and_head_only(mix_runs, head):
-  """The encoder (pooler included) stays bit-identical; w, gamma, the head change; the
-  optimizer holds no moments for the encoder."""
+  """The encoder (but its pooler, the classifier's first layer) stays bit-identical; w,
+  gamma, the head (and the pooler, where the head reads it) change; the optimizer holds
+  no moments for the frozen encoder."""
   run = mix_runs[head]
   before, after = run["params"][0], run["params"][-1]
   assert run["losses"][-1] < run["losses"][0]
+  frozen = lambda p: p.startswith("encoder/") and not p.startswith("encoder/pooler/")  # noqa: E731
+  assert any(p.startswith("encoder/pooler/") for p in before) == (head == "classification")
   for path, value in before.items():
-    if path.startswith("encoder/"):
+    if frozen(path):
       np.testing.assert_array_equal(after[path], value, err_msg=path)
     else:
       assert not np.array_equal(after[path], value), path
   assert {"scalar_mix/weights", "scalar_mix/gamma", "classifier/kernel"} <= set(before)
-  trainable = sum(v.size for p, v in before.items() if not p.startswith("encoder/"))
+  trainable = sum(v.size for p, v in before.items() if not frozen(p))
   adam = _adam(run["opt_states"][-1])
   assert sum(x.size for x in jax.tree.leaves((adam.mu, adam.nu))) == 2 * trainable
 
