@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"quickstart": [None, "mlm_nsp", "mlm_sop", "span_corruption", "albert", "spanbert",
                           "electra", "distil", "modernbert", "bart"],
            "bert": [None, "large"], "roberta": [None], "t5": [None, "base"],
-           "albert": [None, "large"], "dapt": [None, "base"], "spanbert": [None, "large"],
+           "albert": [None, "large"], "dapt": [None, "base", "minilm_wiki"],
+           "spanbert": [None, "large"],
            "electra": [None, "base"], "distilbert": [None],
            "modernbert": [None, "large"], "deberta_v3": [None, "small"],
            "bart": [None, "large"]}
