@@ -358,14 +358,16 @@ def _init_and_best(config, workdir) -> tuple[dict, dict]:
 
 
 def test_scalar_mix_finetune_on_toy_sst2(toy_sst2, tmp_path):
-  """`finetune` with method='scalar_mix': best/ holds the mix and the head (a delta), and
-  completed by the rebuilt base, the encoder there is its init bit for bit."""
+  """`finetune` with method='scalar_mix': best/ holds the mix, the pooler and the head (a
+  delta), and completed by the rebuilt base, the rest of the encoder there is its init
+  bit for bit."""
   config = _loop_config(toy_sst2, **{"finetune.method": "scalar_mix"})
   workdir = str(tmp_path / "run")
   assert "eval/dev/accuracy" in finetune.finetune(config, workdir)
   init, best = _init_and_best(config, workdir)
+  assert any(p.startswith("encoder/pooler/") for p in init)
   for path, value in init.items():
-    if path.startswith("encoder/"):
+    if path.startswith("encoder/") and not path.startswith("encoder/pooler/"):
       np.testing.assert_array_equal(best[path], value, err_msg=path)
     else:
       assert not np.array_equal(best[path], value), path
