@@ -89,18 +89,6 @@ class BartAttention(nn.Module):
     index.value = i + 1
     return key, value, (jnp.arange(key.shape[1]) <= i)[None, None, None, :]
 
-  def _cross_cached(self, key: Array | None, value: Array | None) -> tuple[Array, Array]:
-    """Stores key/value [batch, kv_len, heads, kv] in 'cross_cache', or reads them if None."""
-    if key is None:
-      if not self.has_variable("cross_cache", "cached_key"):
-        raise ValueError(f"{self.name}: inputs_kv=None reads the 'cross_cache' collection; "
-                         "fill it with the model's prefill_cross first")
-      return (self.get_variable("cross_cache", "cached_key"),
-              self.get_variable("cross_cache", "cached_value"))
-    self.put_variable("cross_cache", "cached_key", key)
-    self.put_variable("cross_cache", "cached_value", value)
-    return key, value
-
   @nn.compact
   def __call__(self, inputs_q: Array | None, inputs_kv: Array | None, *,
                mask: Array | None = None, deterministic: bool = True,
@@ -119,7 +107,7 @@ class BartAttention(nn.Module):
       key = nn.with_logical_constraint(proj(name="key")(inputs_kv), axes)
       value = nn.with_logical_constraint(proj(name="value")(inputs_kv), axes)
     if inputs_q is None or inputs_kv is None:
-      key, value = self._cross_cached(key, value)
+      key, value = layers.cross_kv_cache(self, key, value)
       if inputs_q is None:  # the prefill: keys/values stored, nothing to attend
         return None
     query = nn.with_logical_constraint(proj(name="query")(inputs_q), axes)

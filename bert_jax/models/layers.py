@@ -231,6 +231,22 @@ def causal_mask(length: int) -> Array:
   return (idx[None, :] <= idx[:, None])[None, None]
 
 
+def cross_kv_cache(module: nn.Module, key: Array | None, value: Array | None
+                   ) -> tuple[Array, Array]:
+  """Encoder-decoder cached decoding: stores the cross-attention key/value [batch, kv_len,
+  heads, kv] in `module`'s 'cross_cache' collection (the prefill), or reads them when
+  key is None (the decode steps, which then never project the encoder output)."""
+  if key is None:
+    if not module.has_variable("cross_cache", "cached_key"):
+      raise ValueError(f"{module.name}: inputs_kv=None reads the 'cross_cache' collection; "
+                       "fill it with the model's prefill_cross first")
+    return (module.get_variable("cross_cache", "cached_key"),
+            module.get_variable("cross_cache", "cached_value"))
+  module.put_variable("cross_cache", "cached_key", key)
+  module.put_variable("cross_cache", "cached_value", value)
+  return key, value
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, *,
                           mask: Array | None = None, bias: Array | None = None,
                           scale: float | None = None, dropout_rate: float = 0.0,
