@@ -29,8 +29,8 @@ Launch (from the repository root, the shared data in ../shared/data):
   bert-jax multitask --config=configs/multitask.py:t5 --workdir=/tmp/mt_t5 \
     --config.init_from=T5_FOLDER
 A killed run resumes with the same command, at the same task and batch.
-Expected: not measured at full length here; a short run's per-task dev
-metrics are in the issue 15 report (train.num_steps=600, 8 minutes on one GPU).
+Expected: not measured at full length here; a 600-step run's per-task dev
+metrics next to single-task runs (bench/multitask_vs_single.py) are in the README.
 """
 import importlib.util
 import os
