@@ -10,12 +10,16 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import run_two_processes
 
 from bert_jax import embed
 from bert_jax import finetune
@@ -166,6 +170,62 @@ def test_mnr_uses_the_global_batch_when_sharded():
   shards = [float(loss({"u": u[i:i + 2], "v": v[i:i + 2]}, {"example_weights": weights[i:i + 2]}))
             for i in range(0, 14, 2)]
   assert abs(float(np.mean(shards)) - float(whole)) > 0.1
+
+
+# Run once per process: the global batch's rows from this host through the
+# trainer's feeding (batching.on_mesh) into the jitted mnr loss on the whole mesh.
+_MNR_SCRIPT = """
+import argparse, jax, numpy as np
+from bert_jax import distributed, sharding
+from bert_jax.tasks import batching, sentence
+parser = argparse.ArgumentParser()
+for flag in ("--coordinator_address", "--num_processes", "--process_id"):
+  parser.add_argument(flag, default=None)
+args = parser.parse_args()
+if args.coordinator_address:
+  distributed.initialize(args.coordinator_address, int(args.num_processes), int(args.process_id))
+rng = np.random.default_rng(0)
+u, v = rng.normal(size=(2, 16, 8)).astype(np.float32)
+weights = np.ones(16, np.float32)
+weights[-3:] = 0.0  # filler rows
+objective = sentence.make_objective("mnr", 20.0)
+loss = lambda o, b: objective.loss(objective.metrics(o, b), objective.normalizers(b))
+mesh = sharding.make_mesh(-1, 1, 1)
+batch = batching.on_mesh({"u": u, "v": v, "example_weights": weights},
+                         sharding.batch_sharding(mesh))
+assert len(batch["u"].addressable_shards) == jax.local_device_count()
+value = jax.jit(loss)({"u": batch["u"], "v": batch["v"]},
+                      {"example_weights": batch["example_weights"]})
+print(f"MNR {jax.process_count()} {jax.device_count()} {float(value)!r}")
+"""
+
+
+@pytest.mark.slow
+def test_mnr_on_two_processes_equals_one_process_of_eight():
+  """2 processes x 4 CPU devices (gloo), each feeding its half of the rows, give the 1 x 8 loss."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  command = [sys.executable, "-c", _MNR_SCRIPT]
+  one = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(
+      env, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = run_two_processes(lambda i: list(command), dict(
+      env, XLA_FLAGS="--xla_force_host_platform_device_count=4"), ROOT, timeout=120)
+  def result(stdout):  # "MNR processes devices loss", among whatever else was printed
+    return next(line.split()[1:] for line in stdout.splitlines() if line.startswith("MNR "))
+  processes, devices, expected = result(one.stdout)
+  assert (processes, devices) == ("1", "8")
+  for out, _ in two:
+    processes, devices, value = result(out)
+    assert (processes, devices) == ("2", "8")
+    assert float(value) == pytest.approx(float(expected), rel=1e-6)
+  # Each host's 8 rows alone would give another loss: the hosts' rows met.
+  objective = sentence.make_objective("mnr", 20.0)
+  rng = np.random.default_rng(0)
+  u, v = rng.normal(size=(2, 16, 8)).astype(np.float32)
+  half = {"example_weights": np.ones(8, np.float32)}
+  alone = objective.loss(objective.metrics({"u": u[:8], "v": v[:8]}, half),
+                         objective.normalizers(half))
+  assert abs(float(alone) - float(expected)) > 0.1
 
 
 @pytest.mark.parametrize("mode", ["mean", "cls", "max"])
