@@ -4,7 +4,8 @@ A tiny random BERT saved as a Hugging Face folder, and a tiny MRPC-format
 TSV written here (header with a UTF-8 BOM), train a siamese bi-encoder with
 each loss; the best checkpoint then embeds through `bert-jax embed`'s
 loader. The multiple-negatives loss is checked to see the whole global batch
-when the batch is split over the 8-device mesh.
+when the batch is split over the 8-device mesh, and to give on 2 processes x
+4 devices (gloo) the loss of 1 process x 8.
 """
 import importlib.util
 import json
