@@ -27,7 +27,8 @@ Both: batch 32, seed 0, float32; every dev split scored once at the end
 sentences, or the first --max_eval of each). --rule / --temperature / --cap
 replace the variant's mixing. Printed: one JSON line per run, then a
 markdown table. Not a test: run it by hand (bert: about 20 min on 2 idle
-cores at the defaults).
+cores at the defaults; t5 from a 7M-parameter model at --steps=400
+--max_eval=200: 16.5 min on 2 cores shared with other jobs).
 
   python bench/multitask_vs_single.py [--steps=600] [--rule=temperature]
       [--temperature=2] [--cap=0] [--data=../shared/data] [--only=sst2,mrpc]
@@ -129,7 +130,8 @@ def table(mixed: dict, singles: dict) -> str:
   return "\n".join(rows)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line (sys.argv[1:] when `argv` is None), paths made absolute."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="bert", choices=multitask_config.VARIANTS)
   parser.add_argument("--minilm", default="", help="bert: all-MiniLM-L6-v2 HF folder")
@@ -145,10 +147,15 @@ def main() -> None:
   parser.add_argument("--lr", type=float, default=None, help="default: bert 5e-5, t5 1e-3")
   parser.add_argument("--max_length", type=int, default=0, help="0: bert 64, t5 128")
   parser.add_argument("--max_eval", type=int, default=0, help="quick check: dev rows")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   args.data = os.path.abspath(args.data)
   if args.init_from:
     args.init_from = os.path.abspath(args.init_from)
+  return args
+
+
+def main() -> None:
+  args = parse_args()
   mixed = run(args, "multi-task", make_config(args))
   singles = {}
   for name, steps in mixed["task_steps"].items():

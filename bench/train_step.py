@@ -21,6 +21,13 @@ Shapes (issue "Training speed"):
 
 Each bert_jax row is timed once per dropout PRNG of --prng_impls
 (train.prng_impl); the first is the plain "bert_jax" row.
+
+--dtypes=float32,bfloat16 adds bf16-compute rows: bert_jax with the model's
+`dtype` (params and AdamW stay float32), Hugging Face under
+torch.autocast(bfloat16) (fp32 master weights too). Each bf16 row's ratio is
+against the Hugging Face row of its own dtype and also against the fp32 one
+(the issue's reference step), and its FLOP rate against a bf16 matmul timed
+in the same run.
 """
 import argparse
 import os
@@ -65,7 +72,8 @@ def matmul_rate(dtype=jnp.float32) -> float:
   """FLOP/s of a jitted [4096, 384] x [384, 1536] product (the MiniLM FFN's shape)."""
   a = jnp.ones((4096, 384), dtype)
   b = jnp.ones((384, 1536), dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  # bf16 inputs accumulate in fp32, as the model's dots do.
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   f(a, b).block_until_ready()
   best = 0.0
   for _ in range(5):
@@ -131,19 +139,25 @@ def ours(family: str, config, task: str, objective: str, batch: dict,
 # ------------------------------------------------------------ Hugging Face
 
 
-def _torch_step(model, inputs, labels):
-  """One training step of a Hugging Face model: loss, backward, AdamW (lr 1e-4, decay 0.01)."""
+def _torch_step(model, inputs, labels, bf16=False):
+  """One training step of a Hugging Face model: loss, backward, AdamW (lr 1e-4, decay 0.01).
+
+  bf16: the forward under torch.autocast (bf16 matmuls, fp32 weights and
+  optimizer), PyTorch's mixed-precision recipe.
+  """
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
   def run():
-    model(input_ids=inputs, labels=labels).loss.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      loss = model(input_ids=inputs, labels=labels).loss
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
   return run
 
 
-def hf_bert(config, batch: dict):
+def hf_bert(config, batch: dict, bf16=False):
   """One Hugging Face BertForMaskedLM step (sdpa attention, AdamW)."""
   hf = transformers.BertConfig(
       vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -160,10 +174,10 @@ def hf_bert(config, batch: dict):
   else:
     keep = torch.from_numpy(batch["mlm_weights"] > 0)
     labels[keep] = tokens[keep]
-  return _torch_step(model, tokens, labels)
+  return _torch_step(model, tokens, labels, bf16)
 
 
-def hf_t5(config, batch: dict):
+def hf_t5(config, batch: dict, bf16=False):
   """One Hugging Face T5ForConditionalGeneration step (v1.1: gated GELU, untied)."""
   hf = transformers.T5Config(
       vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
@@ -173,7 +187,7 @@ def hf_t5(config, batch: dict):
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   model = transformers.T5ForConditionalGeneration(hf)
   return _torch_step(model, torch.from_numpy(batch["encoder_input_tokens"]).long(),
-                     torch.from_numpy(batch["decoder_target_tokens"]).long())
+                     torch.from_numpy(batch["decoder_target_tokens"]).long(), bf16)
 
 
 # ------------------------------------------------------------------ timing
@@ -194,39 +208,51 @@ def timed_rounds(runs: dict, warmup: int, steps_per_round: int, rounds: int) -> 
   return best
 
 
-def _ours_name(impl: str, impls: list[str], form: str = "") -> str:
-  """'bert_jax' (the first PRNG) or 'bert_jax rbg', then ', form' if any."""
-  name = "bert_jax" if impl == impls[0] else f"bert_jax {impl}"
+def _name(who: str, dtype: str, form: str = "") -> str:
+  """'bert_jax' / 'bert_jax rbg' / 'HF PyTorch', then ' bf16' if so, then ', form' if any."""
+  name = f"{who} bf16" if dtype == "bfloat16" else who
   return f"{name}, {form}" if form else name
 
 
-def cases(shape: str, rng, impls: list[str]):
-  """(tokens per step, {name: (run, model FLOPs per step)}) of one shape."""
+def _ours_names(impls: list[str], dtype: str, form: str = "") -> dict:
+  """PRNG -> row name: 'bert_jax' for the first PRNG, 'bert_jax IMPL' for the others."""
+  return {impl: _name("bert_jax" if impl == impls[0] else f"bert_jax {impl}", dtype, form)
+          for impl in impls}
+
+
+def cases(shape: str, rng, impls: list[str], dtypes: list[str]):
+  """(tokens per step, {name: (run, model FLOPs per step, dtype)}) of one shape."""
+  out = {}
   if shape == "t5":
-    config = models.get("t5").preset("t5_v1_1_small", vocab_size=T5_VOCAB, dropout_rate=0.1)
     batch = _t5_batch(rng, 4, 512, 114)
-    per_step = 4 * flops.t5_train_flops(config, 512, 114)
-    out = {_ours_name(impl, impls): (ours("t5", config, "seq2seq", "span_corruption", batch,
-                                          impl), per_step) for impl in impls}
-    out["HF PyTorch"] = (hf_t5(config, batch), per_step)
+    for dtype in dtypes:
+      config = models.get("t5").preset("t5_v1_1_small", vocab_size=T5_VOCAB, dropout_rate=0.1,
+                                        dtype=jnp.dtype(dtype))
+      per_step = 4 * flops.t5_train_flops(config, 512, 114)
+      for impl, name in _ours_names(impls, dtype).items():
+        out[name] = (ours("t5", config, "seq2seq", "span_corruption", batch, impl), per_step,
+                     dtype)
+      out[_name("HF PyTorch", dtype)] = (hf_t5(config, batch, dtype == "bfloat16"), per_step,
+                                         dtype)
     return 4 * 512, out
   preset, size, overrides = {
       "minilm": ("small", 32, dict(num_layers=6, hidden_size=384, num_heads=12,
                                    intermediate_size=1536)),
       "base": ("base", 8, {})}[shape]
-  config = models.get("bert").preset(preset, vocab_size=VOCAB, **overrides)
-  out = {}
   for gathered in (True, False):
     batch = _bert_batch(rng, size, 128, gathered)
     form = "gathered" if gathered else "every position"
-    per_step = size * flops.bert_train_flops(config, 128, PREDICTIONS if gathered else None,
-                                             nsp=False)
-    for impl in impls:
-      out[_ours_name(impl, impls, form)] = (ours("bert", config, "mlm", "mlm", batch, impl),
-                                            per_step)
-    # Hugging Face runs its vocabulary head at every position either way.
-    out[f"HF PyTorch, {form}"] = (hf_bert(config, batch),
-                                  size * flops.bert_train_flops(config, 128, None, nsp=False))
+    for dtype in dtypes:
+      config = models.get("bert").preset(preset, vocab_size=VOCAB, dtype=jnp.dtype(dtype),
+                                         **overrides)
+      per_step = size * flops.bert_train_flops(config, 128, PREDICTIONS if gathered else None,
+                                               nsp=False)
+      for impl, name in _ours_names(impls, dtype, form).items():
+        out[name] = (ours("bert", config, "mlm", "mlm", batch, impl), per_step, dtype)
+      # Hugging Face runs its vocabulary head at every position either way.
+      out[_name("HF PyTorch", dtype, form)] = (
+          hf_bert(config, batch, dtype == "bfloat16"),
+          size * flops.bert_train_flops(config, 128, None, nsp=False), dtype)
   return size * 128, out
 
 
@@ -240,29 +266,42 @@ def main():
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--prng_impls", default="threefry2x32,rbg",
                       help="dropout PRNGs of the bert_jax rows (steps.PRNG_IMPLS)")
+  parser.add_argument("--dtypes", default="float32",
+                      help="compute dtypes, comma-separated: float32, bfloat16")
   args = parser.parse_args()
   impls = args.prng_impls.split(",")
+  dtypes = args.dtypes.split(",")
+  for dtype in dtypes:
+    if dtype not in ("float32", "bfloat16"):
+      parser.error(f"--dtypes: {dtype!r} is not float32 or bfloat16")
   for impl in impls:
     steps.resolve_prng_impl(impl, jax.default_backend())  # a bad name stops here
   torch.set_num_threads(args.threads)
   print(machine())
-  peak = matmul_rate()
-  print(f"fp32 matmul [4096,384]x[384,1536], jitted: {peak / 1e9:.1f} GFLOP/s")
+  peaks = {dtype: matmul_rate(jnp.dtype(dtype)) for dtype in dtypes}
+  for dtype, peak in peaks.items():
+    print(f"{dtype} matmul [4096,384]x[384,1536], jitted: {peak / 1e9:.1f} GFLOP/s")
   rng = np.random.default_rng(0)
   for shape in args.shapes.split(","):
-    tokens, runs = cases(shape, rng, impls)
+    tokens, runs = cases(shape, rng, impls, dtypes)
     best = timed_rounds({k: v[0] for k, v in runs.items()}, args.warmup, args.steps,
                         args.rounds)
     print(f"\n{shape}: {tokens} tokens per step, best of {args.rounds} rounds x "
           f"{args.steps} steps")
     for name, seconds in best.items():
-      form = name[name.index(","):] if "," in name else ""
-      reference = "HF PyTorch" + form
-      ratio = (f"  {best[reference] / seconds:.2f}x HF PyTorch"
-               if name.startswith("bert_jax") else "")
-      rate = runs[name][1] / seconds
-      print(f"  {name:36s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
-            f"{rate / 1e9:6.1f} GFLOP/s = {rate / peak:5.1%} of the matmul rate{ratio}")
+      _, per_step, dtype = runs[name]
+      form = name[name.index(",") + 2:] if "," in name else ""
+      ratio = ""
+      if name.startswith("bert_jax"):
+        # Against Hugging Face in the same dtype, and bf16 rows also against fp32.
+        for ref_dtype in dict.fromkeys((dtype, "float32")):
+          reference = _name("HF PyTorch", ref_dtype, form)
+          if reference in best:
+            ratio += f"  {best[reference] / seconds:.2f}x {reference.split(',')[0]}"
+      rate = per_step / seconds
+      print(f"  {name:41s} {seconds:7.3f} s/step {tokens / seconds:9,.0f} tokens/s  "
+            f"{rate / 1e9:6.1f} GFLOP/s = {rate / peaks[dtype]:5.1%} of the {dtype} matmul "
+            f"rate{ratio}")
 
 
 if __name__ == "__main__":
