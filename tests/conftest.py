@@ -48,6 +48,16 @@ def minilm_dir():
   return path
 
 
+def load_bench(name: str):
+  """The script bench/NAME.py as a module (bench/ is not a package)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def run_two_processes(args_of, env, cwd, timeout=300) -> list:
   """Runs the argv lists args_of(0), args_of(1) as two jax processes (gloo on CPU).
 

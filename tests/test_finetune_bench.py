@@ -1,18 +1,12 @@
 """bench/finetune_sst2.py: per-method settings and a two-method quick run on real SST-2 rows."""
-import importlib.util
-import pathlib
-
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "finetune_sst2.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("finetune_sst2", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_bench("finetune_sst2")
 
 
 def test_unfreeze_is_full_with_stages_at_thirds(bench):

@@ -1,20 +1,13 @@
 """bench/multitask_vs_single.py: the bert and t5 variants' configs (built, not run)."""
-import importlib.util
-import pathlib
-
 import pytest
 
 from bert_jax import multitask
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "multitask_vs_single.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("multitask_vs_single", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_bench("multitask_vs_single")
 
 
 def test_bert_variant_keeps_its_settings(bench):

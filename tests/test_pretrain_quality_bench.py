@@ -1,22 +1,16 @@
 """bench/pretrain_quality.py: the HF labels built from a gathered batch, and time to target."""
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
+
+from conftest import load_bench
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "pretrain_quality.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("pretrain_quality", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_bench("pretrain_quality")
 
 
 def test_hf_labels_only_at_weighted_positions(bench):

@@ -1,19 +1,13 @@
 """bench/sbert_mrpc.py: its options, and a one-step quick run on real MRPC rows from MiniLM."""
-import importlib.util
-import pathlib
-
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "sbert_mrpc.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("sbert_mrpc", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_bench("sbert_mrpc")
 
 
 def test_config_is_the_variant_with_quick_options(bench):
