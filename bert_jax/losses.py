@@ -10,7 +10,7 @@ Metric keys are `"<prefix>/<name>"` with names:
   loss_sum  sum over scored items of weight * loss (z-loss included for
             seq2seq, which also reports z_loss_sum on its own),
   count     sum of weights (tokens for MLM/seq2seq, examples otherwise),
-  correct   sum of weights where the argmax equals the target
+  correct   sum of weights where the target's logit is the row's maximum
             (span: start_correct and end_correct).
 
 All arithmetic is float32 whatever the logits dtype: bfloat16 has 8 bits of
@@ -97,7 +97,15 @@ def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0
 
 
 def _correct(logits: Array, targets: Array) -> Array:
-  return (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  """1.0 where the target's logit is the largest of its row (a tie counts as correct).
+
+  Not argmax == target: XLA:CPU's argmax, a variadic (value, index) reduce,
+  took 0.28 s of a 6 s BERT step over [4096, 30522] MLM logits, 15x a plain
+  max. The two differ only where logits tie exactly for the maximum. A target
+  out of range reads NaN (take_along_axis fills) and is never correct.
+  """
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), -1)[..., 0]
+  return (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
 
 
 def categorical(logits: Array, targets: Array, weights: Array | None,

@@ -118,3 +118,23 @@ def test_dropout_mask_is_the_same_on_a_sharded_mesh():
   sharded = jax.jit(run, in_shardings=(spec, None), out_shardings=spec)(
       jax.device_put(x, spec), jax.random.key(4))
   np.testing.assert_array_equal(np.asarray(sharded), np.asarray(whole))
+
+
+def test_add_bias_matches_a_plain_add_in_value_and_gradient():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+  bias = jax.random.normal(jax.random.key(1), (7,))
+  cot = jax.random.normal(jax.random.key(2), (3, 5, 7))
+
+  def loss(add, x, bias):
+    return jnp.sum(add(x, bias) * cot)
+
+  ours = jax.jit(jax.grad(lambda x, b: loss(layers.add_bias, x, b), argnums=(0, 1)))(x, bias)
+  plain = jax.grad(lambda x, b: loss(jnp.add, x, b), argnums=(0, 1))(x, bias)
+  np.testing.assert_allclose(layers.add_bias(x, bias), x + bias)
+  np.testing.assert_allclose(ours[0], plain[0])
+  np.testing.assert_allclose(ours[1], plain[1], rtol=1e-5)  # = cot summed over 15 rows
+  bf16 = jax.grad(lambda b: jnp.sum(layers.add_bias(x.astype(jnp.bfloat16), b)
+                                    .astype(jnp.float32)))(bias.astype(jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16 and np.all(np.asarray(bf16, np.float32) == 15.0)
+  with pytest.raises(ValueError, match="x is bfloat16 but bias is float32"):
+    layers.add_bias(x.astype(jnp.bfloat16), bias)

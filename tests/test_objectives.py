@@ -226,3 +226,18 @@ def test_seq2seq_constant_normalizing_factor():
   with pytest.raises(ValueError, match="loss_normalizing_factor"):
     losses.seq2seq_loss(*map(jnp.asarray, (logits, targets, weights)),
                         loss_normalizing_factor=0.0)
+
+
+def test_correct_is_the_target_at_the_row_maximum():
+  logits = jax.random.normal(jax.random.key(3), (4, 6, 50))
+  targets = jax.random.randint(jax.random.key(4), (4, 6), 0, 50)
+  targets = targets.at[0].set(jnp.argmax(logits[0], -1))  # a row of hits
+  np.testing.assert_array_equal(losses._correct(logits, targets),
+                                np.asarray(logits.argmax(-1) == targets, np.float32))
+  # An exact tie for the maximum counts as correct for every tied class;
+  # an out-of-range target (e.g. -100, "ignore") never does.
+  tied = jnp.zeros((1, 4)).at[0, 1].set(2.0).at[0, 3].set(2.0)
+  np.testing.assert_array_equal(losses._correct(tied, jnp.array([1])), [1.0])
+  np.testing.assert_array_equal(losses._correct(tied, jnp.array([3])), [1.0])
+  np.testing.assert_array_equal(losses._correct(tied, jnp.array([0])), [0.0])
+  np.testing.assert_array_equal(losses._correct(tied, jnp.array([-100])), [0.0])

@@ -348,7 +348,8 @@ class BartForConditionalGeneration(BartModel):
     """
     x = self.hidden(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                     decoder_segment_ids, decoder_positions, enable_dropout, decode)
-    logits = self.shared.attend(x) + self.final_logits_bias.astype(self.config.dtype)
+    logits = layers.add_bias(self.shared.attend(x),
+                             self.final_logits_bias.astype(self.config.dtype))
     logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
     return logits.astype(jnp.float32)
 

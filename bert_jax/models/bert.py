@@ -232,7 +232,7 @@ def _tied_logits(head: nn.Module, encoder: "BertEncoder", x: Array) -> Array:
   logits = encoder.attend(x)  # [batch, n, vocab]
   bias = head.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                     (head.config.vocab_size,), jnp.float32)
-  logits = logits + bias.astype(logits.dtype)
+  logits = layers.add_bias(logits, bias.astype(logits.dtype))
   return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 

@@ -386,7 +386,7 @@ class MlmHead(nn.Module):
     bias = self.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   ("vocab",)),
                       (cfg.vocab_size,), jnp.float32)
-    logits = encoder.attend(x) + bias.astype(cfg.dtype)
+    logits = layers.add_bias(encoder.attend(x), bias.astype(cfg.dtype))
     return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 

@@ -145,6 +145,42 @@ class DenseGeneral(nn.Module):
     return out
 
 
+@jax.custom_vjp
+def add_bias(x: Array, bias: Array) -> Array:
+  """x [..., *bias.shape] + bias, whose bias gradient is a matmul, not a reduce.
+
+  The bias gradient of a broadcast add is the cotangent summed over every
+  leading axis. XLA:CPU (jax 0.10) runs that column sum of a [rows, vocab]
+  array ~30x slower than the same sum as ones[rows] @ g (485 vs 17 ms at
+  4096 x 30522): in a BERT MLM step scored at every position it took about a
+  fifth of the step. The vocabulary heads add their bias through this; narrow
+  biases (DenseGeneral's) stay plain adds, where XLA's sum is as fast.
+  x and bias must have one dtype (cast the bias first).
+  """
+  _same_dtype(x, bias)
+  return x + bias
+
+
+def _same_dtype(x: Array, bias: Array) -> None:
+  if x.dtype != bias.dtype:  # the backward hands g back as x's cotangent
+    raise ValueError(f"add_bias: x is {x.dtype} but bias is {bias.dtype}; cast the bias first")
+
+
+def _add_bias_fwd(x: Array, bias: Array) -> tuple[Array, Array]:
+  _same_dtype(x, bias)
+  return x + bias, bias  # the bias only lends its shape and dtype to the backward
+
+
+def _add_bias_bwd(bias: Array, g: Array) -> tuple[Array, Array]:
+  rows = g.reshape(-1, bias.size)  # [rows, features]
+  grad = jnp.dot(jnp.ones(rows.shape[0], rows.dtype), rows,
+                 preferred_element_type=jnp.float32)  # [features]
+  return g, grad.reshape(bias.shape).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm with bias (BERT), computed in float32, axis name `norm` (replicated)."""
   epsilon: float = 1e-12

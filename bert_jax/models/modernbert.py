@@ -255,7 +255,7 @@ class MlmHead(nn.Module):
       bias = self.param("output_bias",
                         nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), jnp.float32)
-      logits = logits + bias.astype(logits.dtype)
+      logits = layers.add_bias(logits, bias.astype(logits.dtype))
     return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
 
