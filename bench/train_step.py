@@ -52,6 +52,12 @@ from bert_jax.models import flops  # noqa: E402
 VOCAB = 30522
 PREDICTIONS = 20
 T5_VOCAB = 32128
+# shape -> (bert preset, batch size, preset overrides); sequences of 128.
+BERT_SHAPES = {
+    "minilm": ("small", 32, dict(num_layers=6, hidden_size=384, num_heads=12,
+                                 intermediate_size=1536)),
+    "base": ("base", 8, {}),
+}
 
 
 def machine() -> str:
@@ -133,6 +139,8 @@ def ours(family: str, config, task: str, objective: str, batch: dict,
   def run():
     box["state"], metrics = step(box["state"], on_device)
     jax.block_until_ready(metrics["loss"])
+  # The compiled step's HLO, for bench/step_profile.py's op names.
+  run.hlo_text = lambda: step.lower(box["state"], on_device).compile().as_text()
   return run
 
 
@@ -235,10 +243,7 @@ def cases(shape: str, rng, impls: list[str], dtypes: list[str]):
       out[_name("HF PyTorch", dtype)] = (hf_t5(config, batch, dtype == "bfloat16"), per_step,
                                          dtype)
     return 4 * 512, out
-  preset, size, overrides = {
-      "minilm": ("small", 32, dict(num_layers=6, hidden_size=384, num_heads=12,
-                                   intermediate_size=1536)),
-      "base": ("base", 8, {})}[shape]
+  preset, size, overrides = BERT_SHAPES[shape]
   for gathered in (True, False):
     batch = _bert_batch(rng, size, 128, gathered)
     form = "gathered" if gathered else "every position"

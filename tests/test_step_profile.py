@@ -1,0 +1,62 @@
+"""bench/step_profile.py: op paths, matmul FLOPs read from HLO, and a one-layer profile."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import load_bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return load_bench("step_profile")
+
+
+def test_paths_fold_layers_and_tell_backward_from_forward(bench):
+  fwd = "jit(wrapped)/jvp(BertForMaskedLM)/BertForMaskedLM._encode/encoder/layer_3/mlp/wi/dot_general"
+  bwd = ("jit(wrapped)/transpose(jvp(T5Model))/T5Model.encode/encoder/layers_6/mlp/add_any")
+  assert bench.path_of(fwd) == "fwd BertForMaskedLM/encoder/layer_L/mlp/wi/dot_general"
+  assert bench.path_of(bwd) == "bwd T5Model/encoder/layer_L/mlp/add_any"
+  assert bench.path_of("") == "fwd (unnamed)"
+
+
+def test_matmul_flops_are_read_from_the_compiled_hlo(bench):
+  def f(x, w, v):
+    return jnp.tanh(x @ w) @ v  # [6, 5] x [5, 7], then [6, 7] x [7, 3]
+
+  args = (jnp.ones((6, 5)), jnp.ones((5, 7)), jnp.ones((7, 3)))
+  ops = bench.hlo_ops(jax.jit(f).lower(*args).compile().as_text())
+  flops = sorted(flops for _, flops in ops.values() if flops)
+  # Both dots are found, whether top-level or inside a fusion's body.
+  assert sorted(set(flops)) == [2 * 6 * 7 * 3, 2 * 6 * 5 * 7]
+
+
+
+# A library fusion as XLA:CPU prints it (names shortened): the dot sits in the
+# body the fusion calls, not on the fusion's own line.
+_FUSED_HLO = """\
+%fused_computation.7 (param_0.1: f32[64,16], param_1.2: f32[16,8]) -> f32[64,8] {
+  %param_0.1 = f32[64,16]{1,0} parameter(0)
+  %param_1.2 = f32[16,8]{1,0} parameter(1)
+  ROOT %dot.3 = f32[64,8]{1,0} dot(%param_0.1, %param_1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.9 (x: f32[64,16], w: f32[16,8]) -> f32[64,8] {
+  %x = f32[64,16]{1,0} parameter(0)
+  %w = f32[16,8]{1,0} parameter(1)
+  ROOT %ynn_fusion.7 = f32[64,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.7, metadata={op_name="jit(f)/layer_2/mlp/wi/dot_general"}
+}
+"""
+
+
+def test_a_dot_inside_a_library_fusion_is_rated(bench):
+  ops = bench.hlo_ops(_FUSED_HLO)
+  assert ops["ynn_fusion.7"] == ("jit(f)/layer_2/mlp/wi/dot_general", 2 * 64 * 8 * 16)
+  assert ops["x"][1] == 0  # a parameter is no matmul
+
+@pytest.mark.slow
+def test_one_layer_profile_names_the_model_paths(bench, capsys):
+  bench.main(["--shape=minilm", "--layers=1", "--steps=1", "--top=8"])
+  out = capsys.readouterr().out
+  assert "s/step unprofiled" in out and "matmuls" in out and "GFLOP/s" in out
+  assert "layer_L/" in out  # ops traced back to the encoder layer they belong to
+  assert "bwd " in out and "fwd " in out
