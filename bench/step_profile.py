@@ -62,7 +62,7 @@ def build_step(shape: str, form: str, dtype: str, layers: int | None = None):
 
 
 def hlo_ops(hlo: str) -> dict:
-  """Top-level instruction name -> (op_name metadata, dot FLOPs or 0)."""
+  """Instruction name -> (op_name metadata, dot FLOPs or 0); a fusion counts its body's dot."""
   shapes = {}
   for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo):
     shapes.setdefault(m.group(1), [int(d) for d in m.group(2).split(",") if d])

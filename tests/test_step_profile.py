@@ -1,4 +1,6 @@
 """bench/step_profile.py: op paths, matmul FLOPs read from HLO, and a one-layer profile."""
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,7 +32,6 @@ def test_matmul_flops_are_read_from_the_compiled_hlo(bench):
   assert sorted(set(flops)) == [2 * 6 * 7 * 3, 2 * 6 * 5 * 7]
 
 
-
 # A library fusion as XLA:CPU prints it (names shortened): the dot sits in the
 # body the fusion calls, not on the fusion's own line.
 _FUSED_HLO = """\
@@ -53,10 +54,15 @@ def test_a_dot_inside_a_library_fusion_is_rated(bench):
   assert ops["ynn_fusion.7"] == ("jit(f)/layer_2/mlp/wi/dot_general", 2 * 64 * 8 * 16)
   assert ops["x"][1] == 0  # a parameter is no matmul
 
+
 @pytest.mark.slow
 def test_one_layer_profile_names_the_model_paths(bench, capsys):
   bench.main(["--shape=minilm", "--layers=1", "--steps=1", "--top=8"])
   out = capsys.readouterr().out
-  assert "s/step unprofiled" in out and "matmuls" in out and "GFLOP/s" in out
+  assert "s/step unprofiled" in out
+  ops_s, dot_s = map(float, re.search(r"ops ([\d.]+) s \(matmuls ([\d.]+) s", out).groups())
+  # The step's matmuls are found and rated (about 70% of the op time on CPU);
+  # missing the ones inside library fusions would leave a few percent.
+  assert dot_s > 0.3 * ops_s
   assert "layer_L/" in out  # ops traced back to the encoder layer they belong to
   assert "bwd " in out and "fwd " in out
