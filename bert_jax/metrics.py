@@ -24,7 +24,7 @@ import time
 from typing import Any, Mapping, TextIO
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 from tensorflow.core.framework import summary_pb2
 
 JSONL_NAME = "metrics.jsonl"

@@ -463,7 +463,7 @@ def _read_tf_config(file: pathlib.Path, dtype) -> bert.BertConfig:
 
 
 def _tf_state(path: pathlib.Path) -> StateDict:
-  import tensorflow as tf
+  from bert_jax.host_tf import tf
   prefix = path / "bert_model.ckpt"
   if not pathlib.Path(str(prefix) + ".index").is_file():
     found = tf.train.latest_checkpoint(str(path))

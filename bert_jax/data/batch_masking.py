@@ -32,7 +32,7 @@ high 40 (order) / low 24 (outcome), stream 1 high 32 (random id) / low 32
 (span length).
 """
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import masking
 

@@ -52,7 +52,7 @@ import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import files as files_lib
 from bert_jax.data import tokenizer_base

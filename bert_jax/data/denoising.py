@@ -33,7 +33,7 @@ import dataclasses
 import math
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 # Poisson probabilities below this are dropped, as fairseq truncates its
 # categorical (it stops at the first k with P(k) < 1e-7).

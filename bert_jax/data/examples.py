@@ -49,7 +49,7 @@ join the mlm / span corruption streams.
 """
 from typing import Dict
 
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import denoising
 from bert_jax.data import masking

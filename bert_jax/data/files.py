@@ -11,7 +11,7 @@ import io
 import re
 from typing import List, Optional
 
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 
 

@@ -25,7 +25,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 # The schemes data.masking accepts; batch_masking.mask_tokens_batch implements them.
 MASKING_SCHEMES = ("token", "whole_word", "span", "ngram")

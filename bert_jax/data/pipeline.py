@@ -56,7 +56,7 @@ import logging
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import batch_masking
 from bert_jax.data import denoising

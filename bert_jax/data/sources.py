@@ -43,7 +43,7 @@ import os
 import re
 from typing import Callable, Iterator, List, Optional, Sequence
 
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import files as files_lib
 

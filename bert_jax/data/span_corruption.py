@@ -16,7 +16,7 @@ documents are concatenated WITHOUT separators and one EOS is appended after
 the corrupted inputs and after the targets. That is the +1 in the lengths.
 """
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 
 def _lengths_for(tokens_length: int, noise_density: float, mean_noise_span_length: float):

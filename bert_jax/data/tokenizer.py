@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
+from bert_jax.host_tf import tf
 import tensorflow_text as tf_text
 
 from bert_jax.data import bpe

@@ -25,7 +25,7 @@ summed over all calls, also inside tf.data). Nothing ever raises on bad bytes.
 from typing import Sequence, Union
 
 import numpy as np
-import tensorflow as tf
+from bert_jax.host_tf import tf
 
 from bert_jax.data import files as files_lib
 
