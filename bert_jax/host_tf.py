@@ -1,7 +1,8 @@
 """TensorFlow for the host side only: input pipelines, tokenisers, summaries.
 
 Every bert_jax module takes TensorFlow from here (`from bert_jax.host_tf
-import tf`), never with a plain `import tensorflow`. Importing this module
+import tf`, and tensorflow_datasets from `datasets()`), never with a plain
+`import tensorflow`. Importing this module
 hides the accelerators from TensorFlow before any TensorFlow op can run, as
 big_vision's trainer does first thing: a TensorFlow that sees a GPU claims
 nearly all of its memory on the first op (its default allocator grows to the
@@ -50,3 +51,9 @@ def hide_accelerators(config=None) -> list[str]:
 
 
 hide_accelerators()
+
+
+def datasets():
+  """tensorflow_datasets, imported on first use (a heavy import), after the hiding above."""
+  import tensorflow_datasets  # pylint: disable=import-outside-toplevel
+  return tensorflow_datasets

@@ -31,13 +31,15 @@ def test_every_module_takes_tensorflow_through_host_tf():
       continue
     rel = path.relative_to(ROOT)
     found = sorted(_imports(ast.parse(path.read_text(encoding="utf-8"))), key=lambda t: t[0])
-    hidden_at = min((line for line, name, _ in found if name == "bert_jax.host_tf"),
-                    default=None)
+    hidden_at = min((line for line, name, node in found if name == "bert_jax.host_tf" or (
+        name == "bert_jax" and any(a.name == "host_tf" for a in node.names))), default=None)
     for line, name, node in found:
       if name.split(".")[0] not in TF_FAMILY:
         continue
       if name == "tensorflow" and isinstance(node, ast.Import):
         bad.append(f"{rel}:{line}: `{ast.unparse(node)}` (use `from bert_jax.host_tf import tf`)")
+      elif name == "tensorflow_datasets":
+        bad.append(f"{rel}:{line}: `{ast.unparse(node)}` (use `host_tf.datasets()`)")
       elif hidden_at is None or hidden_at > line:
         bad.append(f"{rel}:{line}: `{ast.unparse(node)}` comes before any "
                    "`from bert_jax.host_tf import tf`")

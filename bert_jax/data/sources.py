@@ -43,6 +43,7 @@ import os
 import re
 from typing import Callable, Iterator, List, Optional, Sequence
 
+from bert_jax import host_tf
 from bert_jax.host_tf import tf
 
 from bert_jax.data import files as files_lib
@@ -283,7 +284,7 @@ def tfds_folder(name: str, data_dir: str) -> str:
                         key=lambda v: tuple(map(int, v.split("."))))
   if candidates:
     return os.path.join(base, candidates[-1])
-  import tensorflow_datasets as tfds
+  tfds = host_tf.datasets()
   known = name.split("/")[0] in tfds.list_builders(with_community_datasets=False)
   raise FileNotFoundError(
       f"tfds dataset {name}{':' + version if version else ''} is not prepared in data_dir "
@@ -307,7 +308,7 @@ def _open_tfds(spec: str, data_dir: Optional[str], split: str):
   data_dir = os.path.expanduser(
       data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
   folder = tfds_folder(name, data_dir)
-  import tensorflow_datasets as tfds
+  tfds = host_tf.datasets()
   builder = tfds.builder_from_directory(folder)
   if split not in builder.info.splits:
     raise ValueError(f"tfds dataset {name} in {folder} has no split {split!r}; it has "

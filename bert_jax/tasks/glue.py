@@ -349,10 +349,9 @@ def read_tfds(task: Union[str, GlueTask], split: str,
     FileNotFoundError when glue/<task> is not prepared there; ValueError for
     an unknown or empty split or a class name outside the label set.
   """
-  # Heavy imports: only when used. host_tf first, so that TensorFlow never sees a GPU.
-  from bert_jax.host_tf import tf  # noqa: F401  pylint: disable=unused-import
-  import tensorflow_datasets as tfds
+  from bert_jax import host_tf  # heavy import (TensorFlow): only when used
   from bert_jax.data import sources
+  tfds = host_tf.datasets()
   task = get_task(task)
   data_dir = os.path.expanduser(
       data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
