@@ -44,6 +44,7 @@ from bert_jax import optim
 from bert_jax import recipe
 from bert_jax import sharding
 from bert_jax import steps
+from bert_jax import throughput as throughput_lib
 from bert_jax.data import pipeline
 from bert_jax.data import position as position_lib
 from bert_jax.data import tokenizer as tokenizer_lib
@@ -202,20 +203,6 @@ def _evaluate(eval_step, params, batches: Iterable[Mapping[str, jax.Array]]) -> 
   return {f"eval/{k}": v for k, v in losses.summarize(jax.device_get(total)).items()}
 
 
-def _throughput(family: models.Family, model_config, task: str,
-                local: Mapping[str, np.ndarray], batch_size: int) -> metrics_lib.Throughput:
-  """Tokens and FLOPs of a step (from the first batch's shapes), against the devices' peak."""
-  shapes = {k: v.shape for k, v in local.items()}
-  tokens = sum(local[k].size for k in ("encoder_input_tokens", "decoder_input_tokens")
-               if k in local) * jax.process_count()
-  devices = jax.devices()
-  peak = metrics_lib.peak_flops_per_device(devices[0].device_kind)
-  return metrics_lib.Throughput(
-      tokens_per_step=tokens,
-      flops_per_step=family.train_flops(model_config, shapes, task) * batch_size,
-      peak_flops=peak * len(devices) if peak else None)
-
-
 def _describe_run(config, mesh, abstract_state, per_device_batch: int) -> str:
   """The start-up summary: devices, hosts, mesh, batch, parameters, memory."""
   def per_device_bytes(tree):
@@ -366,8 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for step in range(start + 1, num_steps + 1):
       local = {k: v for k, v in next(data).items() if k in features}
       if throughput is None:
-        throughput = _throughput(family, model.config, objective.model_task, local,
-                                 config.train.batch_size)
+        throughput = throughput_lib.for_train_step(
+            family, model.config, objective.model_task, local, config.train.batch_size,
+            jax.devices(), jax.process_count())
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, step_metrics = train_step(state, _global_batch(local, batch_sharding))
       log.add(step, step_metrics)

@@ -3,6 +3,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ from tensorflow.core.util import event_pb2
 
 from bert_jax import losses
 from bert_jax import metrics
+from bert_jax import models
+from bert_jax import throughput
 from bert_jax.models import bert
 from bert_jax.models import flops
 from bert_jax.models import t5
@@ -346,22 +350,22 @@ def test_flop_formulas_match_their_docstrings_at_base_size():
 # Peak FLOP/s and throughput.
 # ---------------------------------------------------------------------------
 def test_peak_flops_by_device_kind():
-  assert metrics.peak_flops_per_device("TPU v4") == 275e12
-  assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
-  assert metrics.peak_flops_per_device("TPU v5") == metrics.peak_flops_per_device("TPU v5p")
-  assert metrics.peak_flops_per_device("TPU v6 lite") == 918e12
-  assert metrics.peak_flops_per_device("TPU v3") == 123e12 / 2  # a JAX device is one core
-  assert metrics.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
-  assert metrics.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
-  assert metrics.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
-  assert metrics.peak_flops_per_device("NVIDIA H200") == 989e12
-  assert metrics.peak_flops_per_device("NVIDIA H100 NVL") is None
-  assert metrics.peak_flops_per_device(jax.devices()[0].device_kind) is None  # CPU
-  assert metrics.peak_flops_per_device("TPU v99") is None
+  assert throughput.peak_flops_per_device("TPU v4") == 275e12
+  assert throughput.peak_flops_per_device("TPU v5 lite") == 197e12
+  assert throughput.peak_flops_per_device("TPU v5") == throughput.peak_flops_per_device("TPU v5p")
+  assert throughput.peak_flops_per_device("TPU v6 lite") == 918e12
+  assert throughput.peak_flops_per_device("TPU v3") == 123e12 / 2  # a JAX device is one core
+  assert throughput.peak_flops_per_device("NVIDIA A100-SXM4-40GB") == 312e12
+  assert throughput.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+  assert throughput.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+  assert throughput.peak_flops_per_device("NVIDIA H200") == 989e12
+  assert throughput.peak_flops_per_device("NVIDIA H100 NVL") is None
+  assert throughput.peak_flops_per_device(jax.devices()[0].device_kind) is None  # CPU
+  assert throughput.peak_flops_per_device("TPU v99") is None
 
 
 def test_throughput_rates_and_mfu_with_a_fake_clock(clock):
-  meter = metrics.Throughput(tokens_per_step=4096, flops_per_step=2e12, peak_flops=8e12)
+  meter = throughput.Throughput(tokens_per_step=4096, flops_per_step=2e12, peak_flops=8e12)
   meter.start(1)
   clock.now += 5.0
   first = meter.measure(11)  # 10 steps in 5 s
@@ -373,12 +377,36 @@ def test_throughput_rates_and_mfu_with_a_fake_clock(clock):
 
 
 def test_throughput_without_a_known_peak_reports_no_mfu(clock):
-  meter = metrics.Throughput(tokens_per_step=100, flops_per_step=1e9, peak_flops=None)
+  meter = throughput.Throughput(tokens_per_step=100, flops_per_step=1e9, peak_flops=None)
   with pytest.raises(ValueError, match="before start"):
     meter.measure(1)
   meter.start(0)
   clock.now += 2.0
   assert meter.measure(4) == {"steps_per_sec": 2.0, "tokens_per_sec": 200.0, "mfu": None}
+
+
+def test_for_train_step_counts_tokens_flops_and_the_peak_of_every_device():
+  class Device:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  family = models.get("bert")
+  config = family.preset("small", vocab_size=1000)
+  local = {"encoder_input_tokens": np.zeros((4, 16), np.int32),
+           "mlm_positions": np.zeros((4, 3), np.int32)}
+  meter = throughput.for_train_step(family, config, "mlm", local, batch_size=8,
+                                    devices=[Device()] * 2, process_count=2)
+  assert meter.tokens_per_step == 4 * 16 * 2
+  shapes = {k: v.shape for k, v in local.items()}
+  assert meter.flops_per_step == family.train_flops(config, shapes, "mlm") * 8 > 0
+  assert meter.peak_flops == 2 * 989e12
+  cpu = throughput.for_train_step(family, config, "mlm", local, 8, jax.devices())
+  assert cpu.peak_flops is None and cpu.tokens_per_step == 4 * 16
+
+
+def test_throughput_imports_no_tensorflow():
+  # bench/gpu_step.py reports MFU on accelerator images without TensorFlow.
+  code = ("import sys; import bert_jax.throughput, bert_jax.steps, bert_jax.models.flops; "
+          "sys.exit('tensorflow' in sys.modules)")
+  assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # ---------------------------------------------------------------------------
