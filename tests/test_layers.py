@@ -138,3 +138,19 @@ def test_add_bias_matches_a_plain_add_in_value_and_gradient():
   assert bf16.dtype == jnp.bfloat16 and np.all(np.asarray(bf16, np.float32) == 15.0)
   with pytest.raises(ValueError, match="x is bfloat16 but bias is float32"):
     layers.add_bias(x.astype(jnp.bfloat16), bias)
+
+
+def test_attention_implementation_asks_for_cudnn_only_where_it_applies():
+  h100 = "NVIDIA H100 80GB HBM3"
+  pick = layers.attention_implementation
+  assert pick(64, jnp.bfloat16, h100) == "cudnn"
+  assert pick(128, jnp.float16, h100) == "cudnn"
+  assert pick(64, jnp.float32, h100) == "xla"  # cuDNN's flash kernel is half precision only
+  assert pick(36, jnp.bfloat16, h100) == "xla"  # not a multiple of 8
+  assert pick(256, jnp.bfloat16, h100) == "xla"
+  assert pick(64, jnp.bfloat16, "TPU v4") == "xla"
+  assert pick(64, jnp.bfloat16) == "xla"  # this CPU
+  assert pick(64, jnp.float32, "TPU v4", setting="cudnn") == "cudnn"
+  assert pick(64, jnp.bfloat16, h100, setting="xla") == "xla"
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    pick(64, jnp.bfloat16, h100, setting="flash")

@@ -283,6 +283,38 @@ def cross_kv_cache(module: nn.Module, key: Array | None, value: Array | None
   return key, value
 
 
+# The kernel behind jax.nn.dot_product_attention when attention dropout is off.
+# JAX's own default (implementation=None) is always XLA's unfused form; 'auto'
+# asks for cuDNN's fused (flash) attention where it applies (NVIDIA GPUs, bf16
+# or fp16, head dim a multiple of 8 up to 128) and XLA's elsewhere. 'xla' and
+# 'cudnn' force one; bench/gpu_step.py sets 'xla' to time the unfused baseline.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+attention_implementation_setting = "auto"
+
+
+def attention_implementation(head_dim: int, dtype, device_kind: str | None = None,
+                             setting: str | None = None) -> str:
+  """'cudnn' or 'xla': what `dot_product_attention` asks jax.nn for.
+
+  Args:
+    head_dim: the per-head size of query and key.
+    dtype: the attention's compute dtype.
+    device_kind: `jax.devices()[0].device_kind` (default: this process's).
+    setting: 'auto', 'xla' or 'cudnn' (default: `attention_implementation_setting`).
+  """
+  setting = setting or attention_implementation_setting
+  if setting not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {setting!r} is not one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  if setting != "auto":
+    return setting
+  device_kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
+  fused = (device_kind.startswith("NVIDIA")
+           and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused else "xla"
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, *,
                           mask: Array | None = None, bias: Array | None = None,
                           scale: float | None = None, dropout_rate: float = 0.0,
@@ -297,8 +329,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     scale: logit scale; None means 1/sqrt(head_dim) (BERT), T5 passes 1.0.
     dropout_rate: dropout on the attention probabilities (BERT's 0.1 in training).
 
-  Without dropout this is `jax.nn.dot_product_attention`, which picks a fused
-  kernel (cuDNN flash attention on GPU) where one applies; with dropout the
+  Without dropout this is `jax.nn.dot_product_attention`, with cuDNN's fused
+  kernel where `attention_implementation` picks it; with dropout the
   probabilities must be materialised, so the einsum form runs instead.
   Returns [batch, q_len, heads, head_dim].
   """
@@ -306,15 +338,18 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     scale = query.shape[-1] ** -0.5
   use_dropout = dropout_rate > 0.0 and not deterministic
   if not use_dropout:
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (query.shape[0], query.shape[2], query.shape[1],
-                                     key.shape[1]))
-    if bias is not None:
-      bias = jnp.broadcast_to(bias, (query.shape[0], query.shape[2], query.shape[1],
-                                     key.shape[1])).astype(dtype)
+    implementation = attention_implementation(query.shape[-1], dtype)
+    if implementation == "xla":
+      # XLA's form wants both at full size; cuDNN takes them unbroadcast (it
+      # folds the mask into the bias) and then returns a bias gradient of the
+      # bias's own shape.
+      full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+      mask = None if mask is None else jnp.broadcast_to(mask, full)
+      bias = None if bias is None else jnp.broadcast_to(bias, full)
     return jax.nn.dot_product_attention(
         query.astype(dtype), key.astype(dtype), value.astype(dtype),
-        bias=bias, mask=mask, scale=scale)
+        bias=None if bias is None else bias.astype(dtype), mask=mask, scale=scale,
+        implementation=implementation)
   # [batch, heads, q_len, kv_len]
   logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype)) * scale
   logits = logits.astype(jnp.float32)
