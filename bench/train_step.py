@@ -137,8 +137,10 @@ def ours(family: str, config, task: str, objective: str, batch: dict,
   box = {"state": state}
 
   def run():
-    box["state"], metrics = step(box["state"], on_device)
-    jax.block_until_ready(metrics["loss"])
+    box["state"], box["metrics"] = step(box["state"], on_device)
+    jax.block_until_ready(box["metrics"]["loss"])
+  # The last step's loss, to compare runs that took the same steps.
+  run.loss = lambda: float(box["metrics"]["loss"])
   # The compiled step's HLO, for bench/step_profile.py's op names.
   run.hlo_text = lambda: step.lower(box["state"], on_device).compile().as_text()
   return run
@@ -147,25 +149,29 @@ def ours(family: str, config, task: str, objective: str, batch: dict,
 # ------------------------------------------------------------ Hugging Face
 
 
-def _torch_step(model, inputs, labels, bf16=False):
+def _torch_step(model, inputs, labels, bf16=False, device="cpu"):
   """One training step of a Hugging Face model: loss, backward, AdamW (lr 1e-4, decay 0.01).
 
   bf16: the forward under torch.autocast (bf16 matmuls, fp32 weights and
-  optimizer), PyTorch's mixed-precision recipe.
+  optimizer), PyTorch's mixed-precision recipe. device: 'cpu' or 'cuda'; on a
+  GPU each step waits for the device, so that wall time is compute time.
   """
-  model.train()
+  model.to(device).train()
+  inputs, labels = inputs.to(device), labels.to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
   def run():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
       loss = model(input_ids=inputs, labels=labels).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if torch.device(device).type == "cuda":
+      torch.cuda.synchronize()
   return run
 
 
-def hf_bert(config, batch: dict, bf16=False):
+def hf_bert(config, batch: dict, bf16=False, device="cpu"):
   """One Hugging Face BertForMaskedLM step (sdpa attention, AdamW)."""
   hf = transformers.BertConfig(
       vocab_size=config.vocab_size, hidden_size=config.hidden_size,
@@ -182,10 +188,10 @@ def hf_bert(config, batch: dict, bf16=False):
   else:
     keep = torch.from_numpy(batch["mlm_weights"] > 0)
     labels[keep] = tokens[keep]
-  return _torch_step(model, tokens, labels, bf16)
+  return _torch_step(model, tokens, labels, bf16, device)
 
 
-def hf_t5(config, batch: dict, bf16=False):
+def hf_t5(config, batch: dict, bf16=False, device="cpu"):
   """One Hugging Face T5ForConditionalGeneration step (v1.1: gated GELU, untied)."""
   hf = transformers.T5Config(
       vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
@@ -195,7 +201,7 @@ def hf_t5(config, batch: dict, bf16=False):
       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
   model = transformers.T5ForConditionalGeneration(hf)
   return _torch_step(model, torch.from_numpy(batch["encoder_input_tokens"]).long(),
-                     torch.from_numpy(batch["decoder_target_tokens"]).long(), bf16)
+                     torch.from_numpy(batch["decoder_target_tokens"]).long(), bf16, device)
 
 
 # ------------------------------------------------------------------ timing
