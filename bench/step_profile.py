@@ -104,6 +104,30 @@ def path_of(op_name: str) -> str:
   return f"{direction} {path or '(unnamed)'}"
 
 
+# Model components, first match wins: (name, pattern on the folded path).
+COMPONENTS = (
+    ("attention projections", r"/attention/(query|key|value|out|qkv)/dot_general"),
+    ("FFN matmuls", r"/mlp/w\w*/dot_general"),
+    ("attention core", r"/attention/|relpos|relative"),
+    ("dropout", r"[Dd]ropout"),
+    ("FFN elementwise", r"/mlp/"),
+    ("norms", r"norm"),
+    ("vocabulary head", r"/mlm/|logits|lm_head"),
+    ("loss", r"^(fwd|bwd) /"),
+    ("embeddings", r"embed|/shared/"),
+    # No model path at all: AdamW's update (add, square, sqrt) and the like.
+    ("optimizer and unnamed", r"^(fwd|bwd) [^/]*$"),
+)
+
+
+def component_of(path: str) -> str:
+  """The model component a folded path belongs to ('other' when none matches)."""
+  for name, pattern in COMPONENTS:
+    if re.search(pattern, path):
+      return name
+  return "other"
+
+
 def profile(run, steps: int) -> dict:
   """Op name -> microseconds per step, from a jax.profiler trace of `steps` steps."""
   with tempfile.TemporaryDirectory() as logdir:
@@ -140,6 +164,12 @@ def report(per_op: dict, ops: dict, seconds: float, top: int) -> list[str]:
   lines.append(f"\ntop {top} model paths (all layers together):")
   for path, s in by_path.most_common(top):
     lines.append(f"  {s:7.3f} {s / total:6.1%}  {path[-100:]}")
+  by_component = collections.Counter()
+  for path, s in by_path.items():
+    by_component[component_of(path)] += s
+  lines.append("\nby component (op time; ops that overlap count in full):")
+  for name, s in by_component.most_common():
+    lines.append(f"  {s:7.3f} {s / total:6.1%}  {name}")
   return lines
 
 

@@ -154,3 +154,39 @@ def test_attention_implementation_asks_for_cudnn_only_where_it_applies():
   assert pick(64, jnp.bfloat16, h100, setting="xla") == "xla"
   with pytest.raises(ValueError, match="'flash' is not one of"):
     pick(64, jnp.bfloat16, h100, setting="flash")
+
+
+def test_attention_operand_keeps_batch_and_heads_unbroadcast_for_cudnn_only():
+  full = (4, 12, 128, 128)
+  padding = jnp.ones((4, 1, 1, 128), bool)  # [batch, 1, 1, kv]
+  position_bias = jnp.zeros((1, 12, 128, 128))  # T5's, shared by the batch
+  assert layers.attention_operand(padding, "xla", full).shape == full
+  assert layers.attention_operand(padding, "cudnn", full).shape == (4, 1, 128, 128)
+  assert layers.attention_operand(position_bias, "cudnn", full).shape == (1, 12, 128, 128)
+  assert layers.attention_operand(jnp.ones((128, 128)), "cudnn", full).shape == (1, 1, 128, 128)
+  assert layers.attention_operand(None, "cudnn", full) is None
+
+
+def test_one_token_decoding_stays_on_xla():
+  h100 = "NVIDIA H100 80GB HBM3"
+  assert layers.attention_implementation(64, jnp.bfloat16, h100, q_len=1, kv_len=64) == "xla"
+  assert layers.attention_implementation(64, jnp.bfloat16, h100, q_len=128, kv_len=127) == "xla"
+  assert layers.attention_implementation(64, jnp.bfloat16, h100, q_len=128, kv_len=128) == "cudnn"
+
+
+def test_auto_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, caplog):
+  # Pretend this CPU qualifies: jax.nn's cuDNN path then fails (no cuDNN here)
+  # and 'auto' must still attend, with XLA, saying why.
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 8, 2, 16)), jnp.bfloat16) for _ in range(3))
+  mask = jnp.asarray(rng.random((2, 1, 1, 8)) > 0.3)
+  expected = layers.dot_product_attention(q, k, v, mask=mask, dtype=jnp.bfloat16)
+  monkeypatch.setattr(layers, "attention_implementation", lambda *a, **k: "cudnn")
+  with caplog.at_level("WARNING"):
+    out = layers.dot_product_attention(q, k, v, mask=mask, dtype=jnp.bfloat16)
+  assert "cuDNN attention unavailable" in caplog.text
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+  # Forced, the failure is not hidden.
+  monkeypatch.setattr(layers, "attention_implementation_setting", "cudnn")
+  with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
+    layers.dot_product_attention(q, k, v, mask=mask, dtype=jnp.bfloat16)

@@ -66,3 +66,31 @@ def test_one_layer_profile_names_the_model_paths(bench, capsys):
   assert dot_s > 0.3 * ops_s
   assert "layer_L/" in out  # ops traced back to the encoder layer they belong to
   assert "bwd " in out and "fwd " in out
+  components = dict((m.group(2), float(m.group(1))) for m in
+                    re.finditer(r"^\s+([\d.]+)\s+[\d.]+%\s+(.+)$",
+                                out.split("by component")[1], re.M))
+  # The dense layers are found, and the components add up to all op time.
+  assert components["FFN matmuls"] > 0 and components["attention projections"] > 0
+  assert sum(components.values()) == pytest.approx(ops_s, rel=0.01)
+
+
+@pytest.mark.parametrize("path, component", [
+    ("fwd BertForMaskedLM/encoder/layer_L/attention/query/dot_general", "attention projections"),
+    ("bwd T5Model/encoder/layer_L/attention/out/dot_general", "attention projections"),
+    ("bwd T5Model/encoder/layer_L/mlp/wi_0/dot_general", "FFN matmuls"),
+    ("fwd BertForMaskedLM/encoder/layer_L/attention/bqhd,bkhd->bhqk/dot_general",
+     "attention core"),
+    ("bwd T5Model/encoder/relpos_bias/transpose", "attention core"),
+    ("fwd T5Model/encoder/layer_L/mlp/Dropout_0/add", "dropout"),
+    ("bwd T5Model/encoder/layer_L/mlp/add_any", "FFN elementwise"),
+    ("fwd BertForMaskedLM/encoder/layer_L/attention_norm/mul", "norms"),
+    ("fwd BertForMaskedLM/mlm/encoder.attend/embeddings.attend/...e,ve->...v/dot_general",
+     "vocabulary head"),
+    ("fwd T5Model/logits_dense/dot_general", "vocabulary head"),
+    ("fwd /exp", "loss"),
+    ("fwd add", "optimizer and unnamed"),
+    ("bwd T5Model/decoder/shared/broadcast_in_dim", "embeddings"),
+    ("fwd BertForMaskedLM/pooler/dense/dot_general", "other"),
+])
+def test_paths_fall_into_model_components(bench, path, component):
+  assert bench.component_of(path) == component

@@ -13,6 +13,7 @@ norm scales) use names with no sharding rule and are replicated.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -293,12 +294,16 @@ attention_implementation_setting = "auto"
 
 
 def attention_implementation(head_dim: int, dtype, device_kind: str | None = None,
-                             setting: str | None = None) -> str:
+                             setting: str | None = None, q_len: int = 2,
+                             kv_len: int = 2) -> str:
   """'cudnn' or 'xla': what `dot_product_attention` asks jax.nn for.
 
   Args:
     head_dim: the per-head size of query and key.
     dtype: the attention's compute dtype.
+    q_len, kv_len: query and key lengths; cuDNN trains with a bias (every
+      model's mask becomes one) only when both are even, which also keeps
+      one-token decoding steps on XLA.
     device_kind: `jax.devices()[0].device_kind` (default: this process's).
     setting: 'auto', 'xla' or 'cudnn' (default: `attention_implementation_setting`).
   """
@@ -311,8 +316,25 @@ def attention_implementation(head_dim: int, dtype, device_kind: str | None = Non
   device_kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
   fused = (device_kind.startswith("NVIDIA")
            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-           and head_dim % 8 == 0 and head_dim <= 128)
+           and head_dim % 8 == 0 and head_dim <= 128
+           and q_len % 2 == 0 and kv_len % 2 == 0)
   return "cudnn" if fused else "xla"
+
+
+def attention_operand(x: Array | None, implementation: str,
+                      full: tuple[int, int, int, int]) -> Array | None:
+  """A mask or bias shaped for `implementation`; full = [batch, heads, q_len, kv_len].
+
+  XLA's form wants it at full size. cuDNN folds the mask into the bias, which
+  must span [q_len, kv_len] but may keep batch and heads at 1 (T5's shared
+  position bias), so that its gradient stays that small.
+  """
+  if x is None:
+    return None
+  if implementation == "xla":
+    return jnp.broadcast_to(x, full)
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  return jnp.broadcast_to(x, x.shape[:2] + full[2:])
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, *,
@@ -338,18 +360,26 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     scale = query.shape[-1] ** -0.5
   use_dropout = dropout_rate > 0.0 and not deterministic
   if not use_dropout:
-    implementation = attention_implementation(query.shape[-1], dtype)
-    if implementation == "xla":
-      # XLA's form wants both at full size; cuDNN takes them unbroadcast (it
-      # folds the mask into the bias) and then returns a bias gradient of the
-      # bias's own shape.
-      full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
-      mask = None if mask is None else jnp.broadcast_to(mask, full)
-      bias = None if bias is None else jnp.broadcast_to(bias, full)
-    return jax.nn.dot_product_attention(
-        query.astype(dtype), key.astype(dtype), value.astype(dtype),
-        bias=None if bias is None else bias.astype(dtype), mask=mask, scale=scale,
-        implementation=implementation)
+    q_len, kv_len = query.shape[1], key.shape[1]
+    implementation = attention_implementation(query.shape[-1], dtype, q_len=q_len,
+                                              kv_len=kv_len)
+    full = (query.shape[0], query.shape[2], q_len, kv_len)
+
+    def attend(implementation):
+      b = attention_operand(bias, implementation, full)
+      return jax.nn.dot_product_attention(
+          query.astype(dtype), key.astype(dtype), value.astype(dtype),
+          bias=None if b is None else b.astype(dtype),
+          mask=attention_operand(mask, implementation, full), scale=scale,
+          implementation=implementation)
+    if implementation == "cudnn" and attention_implementation_setting == "auto":
+      try:
+        return attend("cudnn")
+      except (NotImplementedError, RuntimeError, ValueError) as e:
+        # cuDNN missing or a shape it rejects: 'auto' means the best that runs.
+        logging.warning("cuDNN attention unavailable (%s); using XLA's", e)
+        return attend("xla")
+    return attend(implementation)
   # [batch, heads, q_len, kv_len]
   logits = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype)) * scale
   logits = logits.astype(jnp.float32)
