@@ -2,9 +2,9 @@
 
 Every bert_jax module takes TensorFlow from here (`from bert_jax.host_tf
 import tf`, and tensorflow_datasets from `datasets()`), never with a plain
-`import tensorflow`. Importing this module
-hides the accelerators from TensorFlow before any TensorFlow op can run, as
-big_vision's trainer does first thing: a TensorFlow that sees a GPU claims
+`import tensorflow`. Importing this module hides the accelerators from
+TensorFlow before any TensorFlow op can run, as big_vision's trainer does
+first thing: a TensorFlow that sees a GPU claims
 nearly all of its memory on the first op (its default allocator grows to the
 whole card) and leaves JAX to run out. tf.data, tf.text and the summary
 writer need only the CPU.

@@ -287,8 +287,9 @@ def cross_kv_cache(module: nn.Module, key: Array | None, value: Array | None
 # The kernel behind jax.nn.dot_product_attention when attention dropout is off.
 # JAX's own default (implementation=None) is always XLA's unfused form; 'auto'
 # asks for cuDNN's fused (flash) attention where it applies (NVIDIA GPUs, bf16
-# or fp16, head dim a multiple of 8 up to 128) and XLA's elsewhere. 'xla' and
-# 'cudnn' force one; bench/gpu_step.py sets 'xla' to time the unfused baseline.
+# or fp16, head dim a multiple of 8 up to 128, even lengths) and XLA's
+# elsewhere. 'xla' and 'cudnn' force one; bench/gpu_step.py sets 'xla' to time
+# the unfused baseline.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 attention_implementation_setting = "auto"
 
@@ -301,11 +302,11 @@ def attention_implementation(head_dim: int, dtype, device_kind: str | None = Non
   Args:
     head_dim: the per-head size of query and key.
     dtype: the attention's compute dtype.
+    device_kind: `jax.devices()[0].device_kind` (default: this process's).
+    setting: 'auto', 'xla' or 'cudnn' (default: `attention_implementation_setting`).
     q_len, kv_len: query and key lengths; cuDNN trains with a bias (every
       model's mask becomes one) only when both are even, which also keeps
       one-token decoding steps on XLA.
-    device_kind: `jax.devices()[0].device_kind` (default: this process's).
-    setting: 'auto', 'xla' or 'cudnn' (default: `attention_implementation_setting`).
   """
   setting = setting or attention_implementation_setting
   if setting not in ATTENTION_IMPLEMENTATIONS:
