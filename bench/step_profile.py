@@ -106,9 +106,10 @@ def path_of(op_name: str) -> str:
 
 # Model components, first match wins: (name, pattern on the folded path).
 COMPONENTS = (
-    ("attention projections", r"/attention/(query|key|value|out|qkv)/dot_general"),
+    # self_attention/, encoder_decoder_attention/ (T5, BART) and BERT's attention/.
+    ("attention projections", r"attention/(query|key|value|out|qkv)/dot_general"),
     ("FFN matmuls", r"/mlp/w\w*/dot_general"),
-    ("attention core", r"/attention/|relpos|relative"),
+    ("attention core", r"attention/|relpos|relative"),
     ("dropout", r"[Dd]ropout"),
     ("FFN elementwise", r"/mlp/"),
     ("norms", r"norm"),

@@ -77,6 +77,10 @@ def test_one_layer_profile_names_the_model_paths(bench, capsys):
 @pytest.mark.parametrize("path, component", [
     ("fwd BertForMaskedLM/encoder/layer_L/attention/query/dot_general", "attention projections"),
     ("bwd T5Model/encoder/layer_L/attention/out/dot_general", "attention projections"),
+    ("fwd T5Model/decoder/layer_L/encoder_decoder_attention/key/dot_general",
+     "attention projections"),
+    ("bwd T5Model/decoder/layer_L/self_attention/bqhd,bkhd->bhqk/dot_general",
+     "attention core"),
     ("bwd T5Model/encoder/layer_L/mlp/wi_0/dot_general", "FFN matmuls"),
     ("fwd BertForMaskedLM/encoder/layer_L/attention/bqhd,bkhd->bhqk/dot_general",
      "attention core"),
