@@ -65,8 +65,14 @@ def machine() -> str:
   model = platform.processor()
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
+      info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                  if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    # A cloud "AMD EPYC" may be a Zen 4 or a Zen 5 (family 25 or 26), whose
+    # matmul rates differ 2x: the family and model say which one ran.
+    model = (f"{info.get('model name', model)} (family {info.get('cpu family', '?')}, "
+             f"model {info.get('model', '?')})")
+  except OSError:
     pass
   load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
   return (f"{model}; {os.cpu_count()} CPUs; load {load[0]:.2f}; jax {jax.__version__} on "

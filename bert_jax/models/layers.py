@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bert_jax.models import threefry
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -45,7 +47,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 # resolved to 2**-16 (0.1 drops with probability 6554/65536 = 0.100006) and
 # the kept values are scaled by the exact keep probability, so the expected
 # output is the input. Masks stay a function of the key alone: resumes and
-# multi-host runs are as exact as with bernoulli.
+# multi-host runs are as exact as with bernoulli. The words come from
+# threefry.bits32: jax.random.bits' own words, with the hash fused on CPU too.
 _LANES = 1 << 16
 
 
@@ -63,7 +66,7 @@ def keep_mask(rng: Array, rate: float, shape: Sequence[int]) -> tuple[Array, flo
   if threshold >= _LANES:
     return jnp.zeros(shape, bool), 0.0
   last = shape[-1]
-  words = jax.random.bits(rng, shape[:-1] + ((last + 1) // 2,), jnp.uint32)
+  words = threefry.bits32(rng, shape[:-1] + ((last + 1) // 2,))  # = jax.random.bits
   lanes = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., ceil(last / 2), 2]
   lanes = lanes.reshape(shape[:-1] + (2 * ((last + 1) // 2),))[..., :last]
   return lanes >= threshold, 1.0 - threshold / _LANES
