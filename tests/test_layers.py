@@ -190,3 +190,26 @@ def test_auto_falls_back_to_xla_where_cudnn_cannot_run(monkeypatch, caplog):
   monkeypatch.setattr(layers, "attention_implementation_setting", "cudnn")
   with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
     layers.dot_product_attention(q, k, v, mask=mask, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_gated_mlp_stacks_its_kernels_but_keeps_their_paths(use_bias):
+  """One dot over [embed, 2, mlp] gives act(x @ wi_0 + b0) * (x @ wi_1 + b1) @ wo, with
+  the params of separate DenseGenerals (wi_0/kernel, wi_1/kernel: checkpoints load as
+  before) and their logical axes."""
+  mlp = layers.Mlp(16, activations=("gelu_tanh", "linear"), use_bias=use_bias)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  variables = mlp.init(jax.random.key(1), x)
+  params = nn.unbox(variables["params"])
+  expected_keys = {"kernel", "bias"} if use_bias else {"kernel"}
+  for name in ("wi_0", "wi_1"):
+    assert set(params[name]) == expected_keys and params[name]["kernel"].shape == (8, 16)
+    assert variables["params"][name]["kernel"].names == ("embed", "mlp")
+  if use_bias:
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
+  b = lambda name: params[name]["bias"] if use_bias else 0.0  # noqa: E731
+  gate = jax.nn.gelu(x @ params["wi_0"]["kernel"] + b("wi_0"), approximate=True)
+  hidden = gate * (x @ params["wi_1"]["kernel"] + b("wi_1"))
+  want = hidden @ params["wo"]["kernel"] + b("wo")
+  np.testing.assert_allclose(np.asarray(mlp.apply({"params": params}, x)), np.asarray(want),
+                             rtol=1e-5, atol=1e-5)

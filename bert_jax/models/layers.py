@@ -446,6 +446,33 @@ class MultiHeadAttention(nn.Module):
     return nn.with_logical_constraint(out, ("act_batch", "act_length", "act_embed"))
 
 
+class Kernel(nn.Module):
+  """A DenseGeneral's parameters without its product, under the same names.
+
+  `kernel` (and `bias`) with DenseGeneral's logical axes, initialisers and
+  scope, so a module that multiplies by several kernels in one dot (the gated
+  Mlp) keeps the checkpoint paths of separate DenseGenerals. Returns
+  (kernel, bias or None).
+  """
+  shape: Sequence[int]
+  kernel_axes: Sequence[str]
+  use_bias: bool = True
+  kernel_init: Initializer = bert_init
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array | None]:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+        tuple(self.shape), self.param_dtype)
+    if not self.use_bias:
+      return kernel, None
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           (self.kernel_axes[-1],)),
+                      (self.shape[-1],), self.param_dtype)
+    return kernel, bias
+
+
 class Mlp(nn.Module):
   """Position-wise feed-forward block, plain (BERT, T5 v1.0) or gated (T5 v1.1).
 
@@ -467,13 +494,28 @@ class Mlp(nn.Module):
     """x [batch, length, embed] -> [batch, length, embed]."""
     dense = functools.partial(DenseGeneral, use_bias=self.use_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype)
-    hidden = None
-    for i, act in enumerate(self.activations):
-      name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-      h = dense(features=self.mlp_dim, kernel_axes=("embed", "mlp"),
-                kernel_init=self.kernel_init, name=name)(x)
-      h = get_activation(act)(h)
-      hidden = h if hidden is None else hidden * h
+    if len(self.activations) == 1:
+      hidden = get_activation(self.activations[0])(
+          dense(features=self.mlp_dim, kernel_axes=("embed", "mlp"),
+                kernel_init=self.kernel_init, name="wi")(x))
+    else:
+      # The gated projections as one dot with the kernels stacked, [embed, n, mlp]:
+      # the backward then has one input-gradient matmul (not n and their sum) and
+      # one transposed copy of the cotangent, which took 4-10% off a T5
+      # v1.1-small step on XLA:CPU (bench/train_step.py). Params stay wi_0, wi_1.
+      parts = [Kernel((x.shape[-1], self.mlp_dim), ("embed", "mlp"), self.use_bias,
+                      self.kernel_init, self.param_dtype, name=f"wi_{i}")()
+               for i in range(len(self.activations))]
+      kernel = jnp.stack([k for k, _ in parts], axis=1).astype(self.dtype)
+      h = jax.lax.dot_general(x.astype(self.dtype), kernel,
+                              (((x.ndim - 1,), (0,)), ((), ())))  # [batch, length, n, mlp]
+      if self.use_bias:
+        h = h + jnp.stack([b for _, b in parts]).astype(self.dtype)
+      h = nn.with_logical_constraint(h, ("act_batch", "act_length", None, "act_mlp"))
+      hidden = None
+      for i, act in enumerate(self.activations):
+        a = get_activation(act)(h[..., i, :])
+        hidden = a if hidden is None else hidden * a
     # [batch, length, mlp]
     hidden = nn.with_logical_constraint(hidden, ("act_batch", "act_length", "act_mlp"))
     hidden = Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
