@@ -108,7 +108,8 @@ def path_of(op_name: str) -> str:
 COMPONENTS = (
     # self_attention/, encoder_decoder_attention/ (T5, BART) and BERT's attention/.
     ("attention projections", r"attention/(query|key|value|out|qkv)/dot_general"),
-    ("FFN matmuls", r"/mlp/w\w*/dot_general"),
+    # mlp/dot_general: the gated FFN's one dot over its stacked wi_0 and wi_1.
+    ("FFN matmuls", r"/mlp/(w\w*/)?dot_general"),
     ("attention core", r"attention/|relpos|relative"),
     ("dropout", r"[Dd]ropout"),
     ("FFN elementwise", r"/mlp/"),

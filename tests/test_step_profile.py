@@ -82,6 +82,7 @@ def test_one_layer_profile_names_the_model_paths(bench, capsys):
     ("bwd T5Model/decoder/layer_L/self_attention/bqhd,bkhd->bhqk/dot_general",
      "attention core"),
     ("bwd T5Model/encoder/layer_L/mlp/wi_0/dot_general", "FFN matmuls"),
+    ("bwd T5Model/decoder/layer_L/mlp/dot_general", "FFN matmuls"),  # stacked wi_0, wi_1
     ("fwd BertForMaskedLM/encoder/layer_L/attention/bqhd,bkhd->bhqk/dot_general",
      "attention core"),
     ("bwd T5Model/encoder/relpos_bias/transpose", "attention core"),
