@@ -501,8 +501,8 @@ class Mlp(nn.Module):
     else:
       # The gated projections as one dot with the kernels stacked, [embed, n, mlp]:
       # the backward then has one input-gradient matmul (not n and their sum) and
-      # one transposed copy of the cotangent, which took 4-10% off a T5
-      # v1.1-small step on XLA:CPU (bench/train_step.py). Params stay wi_0, wi_1.
+      # one transposed copy of the cotangent: a T5 v1.1-small CPU step went from
+      # 2.30 to 2.10 s (both forms built in one process). Params stay wi_0, wi_1.
       parts = [Kernel((x.shape[-1], self.mlp_dim), ("embed", "mlp"), self.use_bias,
                       self.kernel_init, self.param_dtype, name=f"wi_{i}")()
                for i in range(len(self.activations))]
