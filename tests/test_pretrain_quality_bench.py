@@ -43,3 +43,13 @@ def test_torch_schedule_matches_optim_linear(bench):
   theirs = bench._torch_schedule(4, 20)
   for step in range(0, 22):
     assert theirs(step) == pytest.approx(float(ours(step)), abs=1e-6), step
+
+
+def test_seed_statistics_mean_and_spread_per_evaluation(bench):
+  runs = {1: {"bert_jax": {"loss": [10.0, 8.0]}, "HF PyTorch": {"loss": [10.0, 6.0]}},
+          2: {"bert_jax": {"loss": [10.0, 6.0]}, "HF PyTorch": {"loss": [10.0, 6.0]}}}
+  mean, spread = bench.seed_statistics(runs)
+  np.testing.assert_allclose(mean["bert_jax"], [10.0, 7.0])
+  np.testing.assert_allclose(mean["HF PyTorch"], [10.0, 6.0])
+  np.testing.assert_allclose(spread["bert_jax"], [0.0, 2.0 / 7.0])
+  np.testing.assert_allclose(spread["HF PyTorch"], [0.0, 0.0])
