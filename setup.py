@@ -56,6 +56,8 @@ EXTRAS = {
     # multi-GB CUDA build.
     "test": [
         "pytest>=8",
+        # The README's test command runs the files on two workers (-n 2 --dist loadfile).
+        "pytest-xdist>=3.8,<4",  # 3.8: --no-loadscope-reorder
         "torch==2.13.0",
         "transformers>=5,<6",
         # ROUGE parity (tasks/summarization.py is tested equal to it; nltk: its stemmer).

@@ -59,6 +59,7 @@ def _params(workdir, step) -> dict:
   return _flat(restored["params"])
 
 
+@pytest.mark.slow
 def test_continued_from_minilm_keeps_its_encoder_at_lr_0(minilm_dir, tmp_path):
   _corpus(tmp_path)
   config = _config(tmp_path, **MINILM)
@@ -89,6 +90,7 @@ def test_init_from_a_config_that_disagrees_names_the_fields(minilm_dir, tmp_path
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_continued_from_a_workdir_then_resume_restores_its_own_checkpoint(tmp_path):
   _corpus(tmp_path)
   base = _config(tmp_path)

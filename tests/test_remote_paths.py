@@ -114,10 +114,10 @@ def _error(spec: str) -> str:
     ("sub/x.txt", b"x\n", "sub"),
     ("empty.txt", b"", "empty.txt"),
     ("blank.txt", b"\n \r\n\t\n", "blank.txt"),
-    ("empty.txt.gz", gzip.compress(b""), "empty.txt.gz"),
+    ("empty.txt.gz", gzip.compress(b"", mtime=0), "empty.txt.gz"),
     ("broken.txt.gz", b"\x1f\x8b\x08garbage", "broken.txt.gz"),
-    ("cut.txt.gz", gzip.compress(b"some text\n")[:5], "cut.txt.gz"),
-])
+    ("cut.txt.gz", gzip.compress(b"some text\n", mtime=0)[:5], "cut.txt.gz"),
+], ids=["missing", "no-match", "folder", "empty", "blank", "empty-gz", "broken-gz", "cut-gz"])
 def test_missing_or_empty_ram_files_give_the_local_errors(tmp_path, ram_dir, name, data, spec):
   local_dir = str(tmp_path)
   if name:

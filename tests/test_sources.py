@@ -65,8 +65,8 @@ def test_missing_inputs_are_clear_errors(tmp_path, make, match):
 
 
 @pytest.mark.parametrize("name, content", [
-    ("empty.txt", b""), ("blank.txt", b"\n \n\t\n"), ("empty.txt.gz", gzip.compress(b"")),
-    ("broken.txt.gz", b"\x1f\x8b\x08garbage")])
+    ("empty.txt", b""), ("blank.txt", b"\n \n\t\n"), ("empty.txt.gz", gzip.compress(b"", mtime=0)),
+    ("broken.txt.gz", b"\x1f\x8b\x08garbage")], ids=["empty", "blank", "empty-gz", "broken-gz"])
 def test_empty_or_unreadable_files_are_clear_errors(tmp_path, name, content):
   (tmp_path / name).write_bytes(content)
   (tmp_path / "good.txt").write_text("fine\n")
