@@ -27,9 +27,13 @@ TOOL = ROOT / "tpu_scripts" / "tpu.py"
 WHERE = ["--project=proj", "--zone=us-central2-b"]
 
 FAKE_GCLOUD = """#!{python} -S
-import json, os, shutil, sys
+import fcntl, json, os, shutil, sys
 root = os.environ["FAKE_GCLOUD_DIR"]
 args = sys.argv[1:]
+# One call at a time: a watcher (`recover`) and a `stop` can call gcloud at
+# once, and counts.json is read, bumped and rewritten by each call.
+lock = open(os.path.join(root, "gcloud.lock"), "w")
+fcntl.flock(lock, fcntl.LOCK_EX)
 with open(os.path.join(root, "calls.jsonl"), "a") as f:
   f.write(json.dumps(args) + "\\n")
 for a in args:  # keep what scp uploads, so the test can open it
@@ -48,7 +52,9 @@ for i, rule in enumerate(rules):
   if all(m in line for m in rule["match"]):
     n = counts.get(str(i), 0)
     counts[str(i)] = n + 1
-    json.dump(counts, open(counts_path, "w"))
+    with open(counts_path + ".tmp", "w") as f:
+      json.dump(counts, f)
+    os.replace(counts_path + ".tmp", counts_path)
     r = rule["responses"][min(n, len(rule["responses"]) - 1)]
     sys.stdout.write(r.get("out", ""))
     sys.stderr.write(r.get("err", ""))
