@@ -178,7 +178,7 @@ def report(per_op: dict, ops: dict, seconds: float, top: int) -> list[str]:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shape", default="minilm", choices=["minilm", "base", "t5"])
+  parser.add_argument("--shape", default="minilm", choices=[*train_step.BERT_SHAPES, "t5"])
   parser.add_argument("--form", default="gathered", choices=["gathered", "every"],
                       help="BERT MLM head at 20 gathered positions or at every position")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -13,6 +13,8 @@ Shapes (issue "Training speed"):
            MLM gathered at 20 positions (original BERT) and at every position
            (Hugging Face's work)
   base     BERT-base, 8 x 128, both MLM forms
+  mini     BERT-mini (4 layers, hidden 256), 16 x 128, both MLM forms: the
+           model and batch of bench/pretrain_quality.py (not in the default)
   t5       T5 v1.1-small, 4 x 512 inputs -> 114 targets
 
   python bench/train_step.py                       # all shapes (~15 min on 2 cores)
@@ -57,6 +59,8 @@ BERT_SHAPES = {
     "minilm": ("small", 32, dict(num_layers=6, hidden_size=384, num_heads=12,
                                  intermediate_size=1536)),
     "base": ("base", 8, {}),
+    # bench/pretrain_quality.py's model and batch, to time its step on its own.
+    "mini": ("mini", 16, {}),
 }
 
 
@@ -276,7 +280,8 @@ def cases(shape: str, rng, impls: list[str], dtypes: list[str]):
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default="minilm,base,t5")
+  parser.add_argument("--shapes", default="minilm,base,t5",
+                      help=f"comma-separated, of {[*BERT_SHAPES, 't5']}")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
   parser.add_argument("--warmup", type=int, default=2)

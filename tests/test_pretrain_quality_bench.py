@@ -1,4 +1,6 @@
 """bench/pretrain_quality.py: the HF labels built from a gathered batch, and time to target."""
+import argparse
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,15 @@ def test_seed_statistics_mean_and_spread_per_evaluation(bench):
   np.testing.assert_allclose(mean["HF PyTorch"], [10.0, 6.0])
   np.testing.assert_allclose(spread["bert_jax"], [0.0, 2.0 / 7.0])
   np.testing.assert_allclose(spread["HF PyTorch"], [0.0, 0.0])
+
+
+def test_train_step_mini_shape_is_this_benchmarks_model_and_batch(bench):
+  """bench/train_step.py --shapes=mini times this benchmark's step on its own."""
+  from bert_jax import models  # pylint: disable=import-outside-toplevel
+  preset, batch, overrides = load_bench("train_step").BERT_SHAPES["mini"]
+  ours = models.get("bert").preset(preset, vocab_size=bench.VOCAB, **overrides)
+  defaults = bench.recipe_flags(argparse.ArgumentParser()).parse_args([])
+  assert batch == defaults.batch
+  for field, value in bench.MINI.items():
+    assert getattr(ours, field) == value, field
+  assert ours.dropout_rate == ours.attention_dropout_rate == defaults.dropout
