@@ -2,6 +2,7 @@
 import json
 import random
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -429,6 +430,18 @@ def test_shard_without_examples_raises(minilm_dir, tmp_path):
     next(pipeline.make_eval_iterator(cfg, seed=0, batch_size=4, num_batches=2))
 
 
+def _settled_stats(it, timeout: float = 120.0) -> dict:
+  """it.stats once they stayed the same over three reads 0.5 s apart."""
+  seen = [it.stats]
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    time.sleep(0.5)
+    seen = seen[-2:] + [it.stats]
+    if len(seen) == 3 and seen[0] == seen[1] == seen[2]:
+      return seen[-1]
+  raise AssertionError(f"pipeline stats still changing after {timeout} s: {seen}")
+
+
 def test_stats_count_overlong_paragraphs_and_one_token_documents(minilm_dir, tmp_path):
   rng = random.Random(3)
   docs = [[" ".join(rng.choice(_WORDS) for _ in range(8))] for _ in range(6)]
@@ -438,12 +451,14 @@ def test_stats_count_overlong_paragraphs_and_one_token_documents(minilm_dir, tmp
   docs += [["the"], ["of"]]  # 2 one-token documents
   source = _write_corpus(tmp_path / "stats.txt", docs)
   # One shard, one group: the counters advance by whole epochs (prefetching
-  # may have run several), so each is a multiple of the corpus' count.
+  # may have run several), so each is a multiple of the corpus' count. They
+  # advance one after the other, so they are read once prefetching has
+  # filled its buffers and stopped.
   cfg = _config(_vocab(minilm_dir), source, objective="mlm_nsp", num_shards=1,
                 group_size=16)
   it = pipeline.make_train_iterator(cfg, seed=0, batch_size=2)
   next(it)
-  stats = it.stats
+  stats = _settled_stats(it)
   assert stats["overlong_paragraphs"] > 0
   assert stats["overlong_paragraphs"] % 3 == 0
   assert stats["skipped_one_token_documents"] == stats["overlong_paragraphs"] // 3 * 2

@@ -513,7 +513,8 @@ class TrainIterator:
       `skipped_one_token_documents` (mlm_nsp / mlm_sop: documents of one id,
       which make no example) and the source's `invalid_utf8_bytes`. They
       count what the pipeline has processed, prefetching included, and every
-      epoch counts again.
+      epoch counts again. Each is read on its own while prefetching runs, so
+      one may already include a group of documents that another does not.
   """
 
   def __init__(self, plan: _Plan, shards: List[int], per_shard: int,
