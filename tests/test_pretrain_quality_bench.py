@@ -1,4 +1,4 @@
-"""bench/pretrain_quality.py: the HF labels built from a gathered batch, and time to target."""
+"""bench/pretrain_quality.py: HF labels from a gathered batch, time to target, train_step's mini shape."""
 import argparse
 
 import numpy as np
